@@ -1,0 +1,152 @@
+"""Shared pieces of the token-level losses: shifting, per-token log-probabilities, checks and
+the token-mean reduction (DESIGN.md §2).
+
+Conventions
+-----------
+``logits`` are (B, T, V) and unshifted; ``labels`` are (B, T) with -100 on ignored positions.
+Position t of the logits predicts ``labels[:, t + 1]``, as in Hugging Face. Per-token
+quantities are returned *aligned with labels*: entry [b, t] belongs to ``labels[b, t]`` (so
+column 0 is never valid), which is also how ``ref_logprobs`` are given.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+NumItems = Optional[Union[int, torch.Tensor]]
+
+
+class AllMaskedError(ValueError):
+    """Raised when a batch has no valid (non -100) label to average over."""
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs are computed in fp32; fp32/fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, name: str = "logits") -> None:
+    if logits.dim() != 3:
+        raise ValueError(f"{name} must be (batch, seq, vocab), got shape {tuple(logits.shape)}")
+    if labels.dim() != 2 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match {name} shape {tuple(logits.shape)} "
+            "(expected labels of shape (batch, seq))"
+        )
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+
+
+def check_aligned(x: torch.Tensor, labels: torch.Tensor, name: str) -> None:
+    if x.shape != labels.shape:
+        raise ValueError(
+            f"{name} shape {tuple(x.shape)} does not match labels shape {tuple(labels.shape)}; "
+            f"{name}[b, t] must be the log-probability of labels[b, t]"
+        )
+
+
+def valid_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool mask of positions whose label is predicted: not -100 and not column 0."""
+    mask = labels != IGNORE_INDEX
+    mask[:, 0] = False
+    return mask
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels[b, t] | prefix) aligned with labels, 0 where the position is not valid.
+
+    Computed as ``-cross_entropy`` (one fused log-softmax + gather per row) in at least fp32.
+    """
+    check_logits_labels(logits, labels)
+    B, T, V = logits.shape
+    shift_logits = _upcast(logits[:, :-1, :]).reshape(-1, V)
+    shift_labels = labels[:, 1:].reshape(-1).long()
+    bad = (shift_labels != IGNORE_INDEX) & ((shift_labels < 0) | (shift_labels >= V))
+    if bool(bad.any()):
+        raise ValueError(f"labels contain ids outside the vocabulary [0, {V})")
+    nll = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
+    out = torch.zeros(B, T, dtype=nll.dtype, device=logits.device)
+    out[:, 1:] = -nll.view(B, T - 1)
+    return out
+
+
+def count_valid(mask: torch.Tensor, num_items_in_batch: NumItems = None) -> torch.Tensor:
+    """The token-mean divisor: the batch's valid-token count, or ``num_items_in_batch``
+    (the count over a whole accumulated batch) when given."""
+    n = mask.sum()
+    if num_items_in_batch is None:
+        if int(n) == 0:
+            raise AllMaskedError(
+                "all labels are -100: the batch has no answer token to average over "
+                "(check the collator's question masking and max length)"
+            )
+        return n
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(mask.device)
+    if int(num_items_in_batch) <= 0:
+        raise AllMaskedError("num_items_in_batch must be positive: the accumulated batch has no valid token")
+    return torch.as_tensor(num_items_in_batch, device=mask.device)
+
+
+def check_finite(x: torch.Tensor, mask: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(x[mask]).all()):
+        raise FloatingPointError(f"non-finite {what} at valid positions (NaN or inf in the inputs)")
+
+
+def token_mean(values: torch.Tensor, mask: torch.Tensor, num_items_in_batch: NumItems = None) -> torch.Tensor:
+    """Sum of ``values`` over valid positions divided by the valid count (DESIGN.md §2)."""
+    denom = count_valid(mask, num_items_in_batch)
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum() / denom
+
+
+def sequence_logprobs(tok_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) sum of per-token log-probabilities over each sequence's valid positions."""
+    return torch.where(mask, tok_logp, torch.zeros((), dtype=tok_logp.dtype, device=tok_logp.device)).sum(-1)
+
+
+def sequence_mean(values: torch.Tensor, num_seqs_in_batch: NumItems = None) -> torch.Tensor:
+    """Mean over sequences; ``num_seqs_in_batch`` is the accumulated batch's sequence count."""
+    if num_seqs_in_batch is None:
+        return values.mean()
+    return values.sum() / num_seqs_in_batch
+
+
+def check_sequences_valid(mask: torch.Tensor) -> None:
+    empty = ~mask.any(-1)
+    if bool(empty.any()):
+        idx = empty.nonzero().flatten().tolist()
+        raise AllMaskedError(f"sequences {idx} have no valid label: a sequence-level loss needs at least one")
+
+
+def weighted_token_loss(
+    tok_logp: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    num_items_in_batch: NumItems,
+    return_details: bool,
+):
+    """token-mean of ``w_t · logp_t`` with ``w`` detached; the shared tail of GA/WGA/TNPO/WTNPO."""
+    weights = weights.detach()
+    loss = token_mean(weights * tok_logp, mask, num_items_in_batch)
+    if not return_details:
+        return loss
+    with torch.no_grad():
+        nll = -tok_logp[mask].mean()
+    return loss, {"weights": weights.masked_fill(~mask, 0.0), "logprobs": tok_logp.detach(), "mask": mask, "nll": nll}
+
+
+def prepare(logits: torch.Tensor, labels: torch.Tensor, ref_logprobs: Optional[torch.Tensor] = None):
+    """Checked per-token log-probs, valid mask and (optionally) upcast reference log-probs."""
+    tok_logp = token_logprobs(logits, labels)
+    mask = valid_mask(labels)
+    check_finite(tok_logp, mask, "log-probabilities (logits)")
+    if ref_logprobs is None:
+        return tok_logp, mask, None
+    check_aligned(ref_logprobs, labels, "ref_logprobs")
+    ref = ref_logprobs.to(device=tok_logp.device, dtype=tok_logp.dtype)
+    check_finite(ref, mask, "ref_logprobs")
+    return tok_logp, mask, ref
