@@ -1,0 +1,85 @@
+"""Objective objects: a forget term plus an optional retain regulariser, with their defaults.
+
+A forget term is a small function ``term(ctx, batch, hp) -> (loss, details)`` where ``ctx`` is the
+:class:`StepContext` of the call (model, reference, accumulation counts). An :class:`Objective`
+combines it with a regulariser and weight λ and returns an :class:`ObjectiveOutput`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from ..reference import RefLogprobCache, ReferenceModel
+
+Batch = Mapping[str, torch.Tensor]
+TermFn = Callable[["StepContext", Mapping[str, Batch], Dict[str, float]], Tuple[torch.Tensor, dict]]
+
+
+@dataclass(frozen=True)
+class ForgetTerm:
+    name: str
+    fn: TermFn
+    defaults: Dict[str, float]
+    formula: str
+    needs_ref_logprobs: bool = False  # forget-answer reference log-probs (cache or reference model)
+    needs_batches: Tuple[str, ...] = ("forget",)
+    default_regularizer: str = "none"
+
+
+@dataclass
+class StepContext:
+    """What a term may use besides the batch."""
+
+    model: torch.nn.Module
+    reference: Optional[ReferenceModel] = None
+    ref_cache: Optional[RefLogprobCache] = None
+    num_items: Mapping[str, object] = field(default_factory=dict)  # e.g. forget_tokens, retain_tokens, forget_seqs
+    fused: bool = False
+
+    def forward(self, batch: Batch, hidden_layer: Optional[int] = None):
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                          output_hidden_states=hidden_layer is not None)
+
+    def ref_logprobs(self, batch: Batch) -> torch.Tensor:
+        """Reference log-probs aligned with ``batch['labels']``: from the batch, the cache or θ_o."""
+        if "ref_logprobs" in batch:
+            return batch["ref_logprobs"]
+        if self.ref_cache is not None and "index" in batch:
+            return self.ref_cache.gather(batch["index"], batch["labels"])
+        if self.reference is not None:
+            return self.reference.token_logprobs(batch)
+        raise ValueError("this objective needs reference log-probabilities: put 'ref_logprobs' in the batch, "
+                         "or give the objective a RefLogprobCache (batches with 'index') or a reference model")
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor
+    forget_loss: torch.Tensor
+    reg_loss: Optional[torch.Tensor]
+    details: dict
+
+    def logs(self) -> Dict[str, float]:
+        out = {"loss": float(self.loss.detach()), "forget_loss": float(self.forget_loss.detach())}
+        if self.reg_loss is not None:
+            out["reg_loss"] = float(self.reg_loss.detach())
+        for k in ("nll", "weight_mean"):
+            if k in self.details:
+                out[f"forget_{k}"] = float(self.details[k])
+        return out
+
+
+def forget_forward_logits(ctx: StepContext, batch: Batch) -> torch.Tensor:
+    return ctx.forward(batch).logits
+
+
+def weight_stats(details: dict) -> dict:
+    """Add the mean token (or sequence) weight over valid tokens to ``details`` for logging."""
+    if "weights" in details:
+        w = details["weights"][details["mask"]]
+        details["weight_mean"] = w.mean()
+    elif "seq_weights" in details:
+        details["weight_mean"] = details["seq_weights"].mean()
+    return details

@@ -1,0 +1,71 @@
+"""The :class:`Objective`: forget term + λ·regulariser, with validated hyper-parameters."""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import torch
+
+from ..reference import RefLogprobCache, ReferenceModel
+from .base import Batch, ForgetTerm, ObjectiveOutput, StepContext, weight_stats
+from .regularizers import REGULARIZER_DEFAULTS, REGULARIZERS
+
+
+class Objective:
+    """``loss = forget_term + lam · regulariser(retain)``; call it on a dict of batches
+    (``forget``, ``retain``, and ``forget_idk`` / ``forget_win`` where the term needs them)."""
+
+    def __init__(self, term: ForgetTerm, regularizer: Optional[str] = None, lam: float = 1.0, *,
+                 reference: Optional[ReferenceModel] = None, ref_cache: Optional[RefLogprobCache] = None,
+                 fused: bool = False, **hparams):
+        regularizer = term.default_regularizer if regularizer is None else regularizer
+        if regularizer not in REGULARIZER_DEFAULTS:
+            raise ValueError(f"unknown regularizer {regularizer!r}; valid: {', '.join(REGULARIZER_DEFAULTS)}")
+        valid = {**term.defaults, **REGULARIZER_DEFAULTS[regularizer]}
+        unknown = sorted(set(hparams) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown hyper-parameter(s) {unknown} for {term.name} with regularizer "
+                             f"{regularizer!r}; valid: {sorted(valid) or 'none'}")
+        self.term = term
+        self.regularizer = regularizer
+        self.lam = float(lam)
+        self.hparams: Dict[str, object] = {**valid, **hparams}
+        self.reference = reference
+        self.ref_cache = ref_cache
+        self.fused = fused
+
+    @property
+    def name(self) -> str:
+        return self.term.name
+
+    @property
+    def needs_batches(self):
+        return self.term.needs_batches + (("retain",) if self.regularizer != "none" else ())
+
+    def __repr__(self) -> str:
+        hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
+        return f"Objective({self.name}, regularizer={self.regularizer}, lam={self.lam}{', ' + hp if hp else ''})"
+
+    def context(self, model: torch.nn.Module, num_items: Optional[Mapping[str, object]] = None) -> StepContext:
+        return StepContext(model, self.reference, self.ref_cache, dict(num_items or {}), self.fused)
+
+    def forget_loss(self, model: torch.nn.Module, batches: Mapping[str, Batch],
+                    num_items: Optional[Mapping[str, object]] = None):
+        """The forget term alone: ``(loss, details)``."""
+        return self.term.fn(self.context(model, num_items), batches, self.hparams)
+
+    def __call__(self, model: torch.nn.Module, batches: Mapping[str, Batch],
+                 num_items: Optional[Mapping[str, object]] = None) -> ObjectiveOutput:
+        missing = [k for k in self.needs_batches if k not in batches]
+        if missing:
+            raise KeyError(f"{self.name} (regularizer {self.regularizer}) needs batches {missing}; got {sorted(batches)}")
+        ctx = self.context(model, num_items)
+        forget, details = self.term.fn(ctx, batches, self.hparams)
+        reg = None
+        loss = forget
+        if self.regularizer != "none":
+            reg = REGULARIZERS[self.regularizer](ctx, batches["retain"], self.hparams)
+            loss = forget + self.lam * reg
+        if not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError(f"non-finite {self.name} loss: forget term {float(forget.detach())}, "
+                                     f"regulariser {None if reg is None else float(reg.detach())}")
+        return ObjectiveOutput(loss, forget, reg, weight_stats(details))
