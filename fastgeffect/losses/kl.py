@@ -3,14 +3,15 @@ from typing import Optional
 
 import torch
 
-from ._common import AllMaskedError, _upcast, check_logits_labels, valid_mask
+from ._common import AllMaskedError, NumItems, _upcast, check_logits_labels, valid_mask
 
 KL_DIRECTIONS = ("forward", "reverse")
 KL_POSITIONS = ("all", "answer")
 
 
 def kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-       direction: str = "forward", positions: str = "all", return_details: bool = False):
+       direction: str = "forward", positions: str = "all", num_items_in_batch: NumItems = None,
+       return_details: bool = False):
     """``forward``: KL(p_ref ‖ p_θ) (TOFU's choice); ``reverse``: KL(p_θ ‖ p_ref).
 
     ``positions="all"`` averages over every position of the (B, T) logits, padding included,
@@ -30,7 +31,7 @@ def kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: Optional[torch.Te
     else:
         per_pos = (logq.exp() * (logq - logr)).sum(-1)
     if positions == "all":
-        loss = per_pos.mean()
+        loss = per_pos.sum() / (per_pos.numel() if num_items_in_batch is None else num_items_in_batch)
     else:
         if labels is None:
             raise ValueError('positions="answer" needs labels')
@@ -39,7 +40,7 @@ def kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: Optional[torch.Te
         mask = valid_mask(labels)[:, 1:]
         if not bool(mask.any()):
             raise AllMaskedError("all labels are -100: no answer position for the KL")
-        loss = per_pos[:, :-1][mask].mean()
+        loss = per_pos[:, :-1][mask].sum() / (mask.sum() if num_items_in_batch is None else num_items_in_batch)
     if not bool(torch.isfinite(loss)):
         raise FloatingPointError("non-finite KL (NaN or inf in logits)")
     if not return_details:

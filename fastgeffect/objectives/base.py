@@ -54,6 +54,20 @@ class StepContext:
                          "or give the objective a RefLogprobCache (batches with 'index') or a reference model")
 
 
+def count_items(batches: Mapping[str, Batch]) -> Dict[str, torch.Tensor]:
+    """The divisors every reduction uses, per sub-batch ``k``: ``k_tokens`` (valid shifted labels),
+    ``k_positions`` (labels != -100, for hidden-state losses), ``k_seqs`` and ``k_rows`` (all
+    positions, for TOFU's KL). Summed over micro-batches they make accumulation exact."""
+    out = {}
+    for k, b in batches.items():
+        labels = b["labels"]
+        out[f"{k}_tokens"] = (labels[:, 1:] != -100).sum()
+        out[f"{k}_positions"] = (labels != -100).sum()
+        out[f"{k}_seqs"] = torch.tensor(labels.shape[0])
+        out[f"{k}_rows"] = torch.tensor(labels.numel())
+    return out
+
+
 @dataclass
 class ObjectiveOutput:
     loss: torch.Tensor

@@ -16,8 +16,9 @@ def gd_reg(ctx: StepContext, batch, hp):
 def kl_reg(ctx: StepContext, batch, hp):
     if ctx.reference is None:
         raise ValueError("the KL regulariser needs the original model: pass reference=ReferenceModel(...)")
+    key = "retain_rows" if hp["kl_positions"] == "all" else "retain_tokens"
     return kl(ctx.forward(batch).logits, ctx.reference.logits(batch), batch["labels"],
-              direction=hp["kl_direction"], positions=hp["kl_positions"])
+              direction=hp["kl_direction"], positions=hp["kl_positions"], num_items_in_batch=ctx.num_items.get(key))
 
 
 def rr_reg(ctx: StepContext, batch, hp):
@@ -25,7 +26,8 @@ def rr_reg(ctx: StepContext, batch, hp):
         raise ValueError("the RR regulariser needs the original model: pass reference=ReferenceModel(...)")
     k = resolve_layer(ctx.model, hp["rr_layer"])
     h = ctx.forward(batch, hidden_layer=k).hidden_states[k + 1]
-    return rr(h, ctx.reference.hidden_states(batch, k), batch["labels"])
+    return rr(h, ctx.reference.hidden_states(batch, k), batch["labels"],
+              num_items_in_batch=ctx.num_items.get("retain_positions"))
 
 
 REGULARIZERS: Dict[str, Callable] = {"gd": gd_reg, "kl": kl_reg, "rr": rr_reg}

@@ -1,0 +1,147 @@
+"""Registry, objective objects, reference caching and the exactness of accumulation."""
+import copy
+
+import pytest
+import torch
+
+import fastgeffect.losses as L
+from fastgeffect.objectives import OBJECTIVES, REGULARIZER_NAMES, get_objective
+from fastgeffect.objectives.base import count_items
+from fastgeffect.reference import RefLogprobCache, ReferenceModel
+from tiny import paired_batches, qa_batch, tiny_llama
+
+EXPECTED = {"ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu", "graddiff", "simnpo", "dpo", "idkdpo"}
+
+
+def test_registry_names_and_defaults():
+    assert set(OBJECTIVES) == EXPECTED
+    assert set(REGULARIZER_NAMES) == {"none", "gd", "kl", "rr"}
+    assert get_objective("wga").hparams["alpha"] == 5.0
+    assert get_objective("npo").hparams["beta"] == 0.5
+    assert get_objective("tnpo").hparams["beta"] == 4.0
+    w = get_objective("wtnpo").hparams
+    assert (w["alpha"], w["beta"], w["form"]) == (1.5, 4.0, "eq16")
+    assert get_objective("graddiff").regularizer == "gd"
+    assert get_objective("ga").regularizer == "none"
+    assert get_objective("TNPO", regularizer="kl").hparams["kl_positions"] == "all"
+
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(ValueError, match="unknown objective 'bogus'; valid: ga, wga"):
+        get_objective("bogus")
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['gamma'\].*valid: \['alpha'\]"):
+        get_objective("wga", gamma=1.0)
+    with pytest.raises(ValueError, match="unknown regularizer 'l2'"):
+        get_objective("ga", regularizer="l2")
+
+
+def test_missing_batches_are_named():
+    model = tiny_llama()
+    with pytest.raises(KeyError, match=r"needs batches \['forget_idk'\]"):
+        get_objective("po")(model, {"forget": qa_batch(0)})
+    with pytest.raises(ValueError, match="reference log-probabilities"):
+        get_objective("tnpo")(model, {"forget": {k: v for k, v in qa_batch(0).items() if k != "index"}})
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("reg", ["none", "gd", "kl", "rr"])
+def test_every_objective_and_regularizer_backpropagates(name, reg):
+    model = tiny_llama()
+    ref = ReferenceModel(copy.deepcopy(model))
+    out = get_objective(name, regularizer=reg, reference=ref)(model, paired_batches())
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert (out.reg_loss is None) == (reg == "none")
+
+
+def test_objective_matches_functional_loss():
+    model = tiny_llama()
+    ref = ReferenceModel(copy.deepcopy(model))
+    b = paired_batches(1)
+    with torch.no_grad():
+        logits = model(input_ids=b["forget"]["input_ids"]).logits
+        ref_lp = L.token_logprobs(ref.logits(b["forget"]), b["forget"]["labels"])
+        r_logits = model(input_ids=b["retain"]["input_ids"]).logits
+    out = get_objective("tnpo", regularizer="gd", lam=0.5, beta=2.0, reference=ref)(model, b)
+    expect = L.tnpo(logits, b["forget"]["labels"], ref_lp, beta=2.0) + 0.5 * L.gd(r_logits, b["retain"]["labels"])
+    torch.testing.assert_close(out.loss.detach(), expect)
+
+
+def test_tnpo_with_reference_equal_to_model_is_ga():
+    model = tiny_llama()
+    b = paired_batches(2)
+    tnpo = get_objective("tnpo", reference=ReferenceModel(copy.deepcopy(model)))(model, b).loss
+    ga = get_objective("ga")(model, b).loss
+    torch.testing.assert_close(tnpo, ga)
+
+
+def test_ref_cache_matches_reference_model_under_other_padding():
+    model = tiny_llama()
+    ref = ReferenceModel(copy.deepcopy(model))
+    b = qa_batch(3, b=4, t=12)
+    cache = RefLogprobCache.compute(ref, [b])
+    assert len(cache) == 4
+    # the same samples in another order and with extra right padding
+    perm = torch.tensor([2, 0, 3, 1])
+    pad = 3
+    b2 = {k: v[perm] for k, v in b.items()}
+    b2["input_ids"] = torch.cat([b2["input_ids"], torch.zeros(4, pad, dtype=torch.long)], 1)
+    b2["attention_mask"] = torch.cat([b2["attention_mask"], torch.zeros(4, pad, dtype=torch.long)], 1)
+    b2["labels"] = torch.cat([b2["labels"], torch.full((4, pad), -100)], 1)
+    gathered = cache.gather(b2["index"], b2["labels"])
+    direct = ref.token_logprobs(b)[perm]
+    torch.testing.assert_close(gathered[:, :12], direct.float())
+    assert (gathered[:, 12:] == 0).all()
+    with pytest.raises(KeyError, match="no cached reference"):
+        cache.gather(torch.tensor([99]), b["labels"][:1])
+
+
+def test_ref_cache_roundtrip_and_objective_use(tmp_path):
+    model = tiny_llama()
+    ref = ReferenceModel(copy.deepcopy(model))
+    b = paired_batches(4)
+    cache = RefLogprobCache.compute(ref, [b["forget"]])
+    cache.save(tmp_path / "ref.pt")
+    loaded = RefLogprobCache.load(tmp_path / "ref.pt")
+    with_cache = get_objective("npo", ref_cache=loaded)(model, b).loss
+    with_model = get_objective("npo", reference=ref)(model, b).loss
+    torch.testing.assert_close(with_cache, with_model)
+
+
+def test_peft_reference_is_base_model():
+    peft = pytest.importorskip("peft")
+    model = tiny_llama()
+    base_copy = copy.deepcopy(model)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    b = qa_batch(5)
+    ref = ReferenceModel.from_peft(lora)
+    with torch.no_grad():
+        expect = L.token_logprobs(base_copy(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        adapted = L.token_logprobs(lora(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+    torch.testing.assert_close(ref.token_logprobs(b), expect)
+    assert not torch.allclose(adapted, expect)  # the adapters do change the model
+    out = get_objective("tnpo", reference=ref)(lora, {"forget": b})
+    out.loss.backward()
+    assert all(p.grad is None for n, p in lora.named_parameters() if "lora" not in n)
+
+
+@pytest.mark.parametrize("name,reg", [("ga", "gd"), ("npo", "kl"), ("rmu", "rr"), ("tnpo", "none"),
+                                      ("po", "none"), ("idkdpo", "gd"), ("simnpo", "gd")])
+def test_objective_accumulation_is_exact(name, reg):
+    model = tiny_llama()
+    ref = ReferenceModel(copy.deepcopy(model))
+    obj = get_objective(name, regularizer=reg, reference=ref)
+    full = paired_batches(6, b=4)
+    halves = [{k: {f: v[s] for f, v in sub.items()} for k, sub in full.items()} for s in (slice(0, 2), slice(2, 4))]
+    obj(model, full).loss.backward()
+    g_full = [p.grad for p in model.parameters()]  # RMU leaves blocks after its layer without a grad
+    model.zero_grad(set_to_none=True)
+    counts = count_items(full)
+    for h in halves:
+        obj(model, h, num_items=counts).loss.backward()
+    assert any(a is not None for a in g_full)
+    for a, p in zip(g_full, model.parameters()):
+        assert (a is None) == (p.grad is None)
+        if a is not None:
+            torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)
