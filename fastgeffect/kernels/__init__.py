@@ -1,0 +1,12 @@
+"""Fused LM-head losses (issue #6, DESIGN.md §7-§8): token-weighted log-likelihoods
+(GA/WGA/TNPO/WTNPO/NLL) and the KL regulariser computed from hidden states in token chunks,
+never holding (tokens × vocab) logits. CUDA tensors use the Triton kernels, CPU tensors a
+chunked PyTorch path with the same numerics; ``backend=`` or ``FASTGEFFECT_BACKEND`` forces one.
+"""
+from .dispatch import BACKENDS, resolve_backend
+from .hf import decoder_and_head, fused_causal_lm_kl, fused_causal_lm_loss
+from .kl import fused_linear_kl
+from .weighted_nll import fused_linear_weighted_nll
+
+__all__ = ["fused_linear_weighted_nll", "fused_linear_kl", "fused_causal_lm_loss", "fused_causal_lm_kl",
+           "decoder_and_head", "resolve_backend", "BACKENDS"]

@@ -1,0 +1,210 @@
+"""Pieces shared by the fused losses: input checks, objective codes, masked-token compaction,
+chunk sizing and the fp32 weight-gradient accumulation.
+
+Shapes: ``hidden`` (N, H), ``weight`` (V, H), ``labels`` (N,) *aligned* (row i predicts
+``labels[i]``; -100 ignored). Everything here is plain torch and backend-independent.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Tuple
+
+import torch
+
+from .. import losses
+from ..losses import IGNORE_INDEX, AllMaskedError
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Objective -> integer code used by both backends (the Triton kernel takes it as a constexpr).
+OBJECTIVES = {"ga": 0, "nll": 1, "wga": 2, "tnpo": 3, "wtnpo": 4, "weighted": 6}
+WTNPO_PRODUCT = 5  # wtnpo with wtnpo_form="product"
+NEEDS_REF = ("tnpo", "wtnpo")
+
+
+def _default(fn, name: str) -> float:
+    return float(inspect.signature(fn).parameters[name].default)
+
+
+def objective_code(objective: str, alpha: Optional[float], beta: Optional[float], wtnpo_form: str):
+    """(code, alpha, beta) with the defaults of the matching ``fastgeffect.losses`` function."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    code = OBJECTIVES[objective]
+    if objective == "wga":
+        alpha = _default(losses.wga, "alpha") if alpha is None else float(alpha)
+    elif objective == "tnpo":
+        beta = _default(losses.tnpo, "beta") if beta is None else float(beta)
+    elif objective == "wtnpo":
+        if wtnpo_form not in losses.WTNPO_FORMS:
+            raise ValueError(f"unknown WTNPO form {wtnpo_form!r}; valid: {', '.join(losses.WTNPO_FORMS)}")
+        alpha = _default(losses.wtnpo, "alpha") if alpha is None else float(alpha)
+        beta = _default(losses.wtnpo, "beta") if beta is None else float(beta)
+        if wtnpo_form == "product":
+            code = WTNPO_PRODUCT
+    return code, float(alpha or 0.0), float(beta or 0.0)
+
+
+def token_weights(logp: torch.Tensor, ref: Optional[torch.Tensor], explicit: Optional[torch.Tensor],
+                  code: int, alpha: float, beta: float) -> torch.Tensor:
+    """Detached per-token weights ``w_t`` (the torch twin of the Triton kernel's branch)."""
+    if code == 0:
+        return torch.ones_like(logp)
+    if code == 1:
+        return torch.full_like(logp, -1.0)
+    if code == 2:
+        return torch.exp(alpha * logp)
+    if code == 3:
+        return 2.0 * torch.sigmoid(beta * (logp - ref))
+    if code == 4:
+        return 2.0 * torch.sigmoid((beta + alpha) * logp - beta * ref)
+    if code == 5:
+        return 2.0 * torch.sigmoid(beta * (logp - ref)) * torch.exp(alpha * logp)
+    if code == 6:
+        return explicit.to(logp.dtype)
+    raise ValueError(f"bad objective code {code}")
+
+
+def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], what: str = "hidden"):
+    if hidden.dim() != 2:
+        raise ValueError(f"{what} must be (tokens, hidden_size), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"LM-head weight must be (vocab, hidden_size), got shape {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{what} hidden size {hidden.shape[1]} does not match the LM-head weight "
+                         f"{tuple(weight.shape)} (expected (vocab, {hidden.shape[1]}))")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{what} must be floating point, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"{what} dtype {hidden.dtype} does not match LM-head weight dtype {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{what} is on {hidden.device} but the LM-head weight is on {weight.device}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias shape {tuple(bias.shape)} does not match vocab size {weight.shape[0]}")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise ValueError(f"bias must have the LM-head weight's dtype/device ({weight.dtype}, {weight.device})")
+
+
+def check_labels(labels: torch.Tensor, n: int, device: torch.device):
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden's {n} rows "
+                         "(expected aligned labels of shape (tokens,))")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but hidden is on {device}")
+
+
+def check_per_token(x: Optional[torch.Tensor], n: int, device: torch.device, name: str):
+    if x is None:
+        return
+    if x.shape != (n,):
+        raise ValueError(f"{name} shape {tuple(x.shape)} does not match hidden's {n} rows (expected ({n},))")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but hidden is on {device}")
+
+
+def compact_valid(labels: torch.Tensor, vocab: int, num_items=None) -> Tuple[torch.Tensor, int, Optional[float]]:
+    """Row indices of the valid labels, their count, and ``num_items_in_batch`` as a float.
+
+    This is the one host synchronisation of a fused call: the number of valid rows decides how
+    many chunks run. The vocabulary-range check and a tensor ``num_items_in_batch`` ride along
+    in the same ``tolist()``."""
+    valid = labels != IGNORE_INDEX
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    stats = [valid.sum(), bad.sum()]
+    if isinstance(num_items, torch.Tensor):
+        stats.append(num_items.to(labels.device, torch.float64).reshape(()))
+    values = torch.stack([s.to(torch.float64) for s in stats]).tolist()
+    n_valid, n_bad = int(values[0]), int(values[1])
+    if n_bad:
+        raise ValueError(f"labels contain {n_bad} ids outside the vocabulary [0, {vocab})")
+    items = values[2] if len(values) > 2 else (None if num_items is None else float(num_items))
+    if items is None and n_valid == 0:
+        raise AllMaskedError("all labels are -100: the batch has no answer token to average over "
+                             "(check the collator's question masking and max length)")
+    if items is not None and items <= 0:
+        raise AllMaskedError("num_items_in_batch must be positive: the accumulated batch has no valid token")
+    idx = torch.nonzero_static(valid, size=n_valid).flatten() if n_valid else valid.new_zeros(0, dtype=torch.long)
+    return idx, n_valid, items
+
+
+def chunk_rows(n_rows: int, vocab: int, device: torch.device, buffers: int = 1,
+               chunk_size: Optional[int] = None) -> int:
+    """Rows per chunk: a fixed budget of logits elements per buffer (power-of-two rows), so the
+    (chunk × vocab) buffers stay small next to the LM-head weight while the matmuls stay large."""
+    if chunk_size is not None:
+        if int(chunk_size) <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        return int(chunk_size)
+    budget = (1 << 25) if device.type == "cuda" else (1 << 22)
+    rows = max(16, budget // (vocab * buffers))
+    rows = 1 << (rows.bit_length() - 1)
+    return max(1, min(rows, n_rows))
+
+
+_MM_FP32_OUT = {}
+
+
+def _probe_out_dtype(device: torch.device, dtype: torch.dtype) -> str:
+    """How this torch/GPU can add a half-precision matmul into an fp32 buffer: ``"out"``
+    (``addmm(out_dtype=fp32, out=acc)``, accumulation fused in the GEMM), ``"functional"``, or
+    ``"upcast"`` (matmul in the input dtype, then an fp32 add). Checked once on tiny tensors."""
+    key = (device, dtype)
+    if key in _MM_FP32_OUT:
+        return _MM_FP32_OUT[key]
+    mode = "upcast"
+    if device.type == "cuda":
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        a = torch.randn(8, 16, generator=gen).to(device, dtype)
+        b = torch.randn(16, 24, generator=gen).to(device, dtype)
+        acc0 = torch.randn(8, 24, generator=gen).to(device)
+        want = acc0 + a.float() @ b.float()
+        for cand in ("out", "functional"):
+            try:
+                acc = acc0.clone()
+                if cand == "out":
+                    torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                else:
+                    acc = torch.addmm(acc, a, b, out_dtype=torch.float32)
+                if acc.dtype == torch.float32 and torch.allclose(acc, want, atol=1e-2, rtol=1e-2):
+                    mode = cand
+                    break
+            except (RuntimeError, TypeError, NotImplementedError):
+                continue
+    _MM_FP32_OUT[key] = mode
+    return mode
+
+
+def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc += a @ b`` with ``acc`` fp32 (or fp64) and ``a``, ``b`` in the model dtype."""
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    mode = _probe_out_dtype(a.device, a.dtype)
+    if mode == "out":
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    if mode == "functional":
+        return acc.copy_(torch.addmm(acc, a, b, out_dtype=torch.float32))
+    return acc.add_(a @ b)
+
+
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator dtype for weight/bias gradients: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scale_grads(grads, grad_output: torch.Tensor, dtypes):
+    """Multiply the forward-computed gradients by the upstream scalar and cast to the inputs'
+    dtypes; no host synchronisation (the multiply runs even when grad_output is 1)."""
+    out = []
+    for g, dt in zip(grads, dtypes):
+        if g is None:
+            out.append(None)
+        elif g.dtype == dt:
+            out.append(g * grad_output.to(dt))
+        else:
+            out.append(g.to(dt).mul_(grad_output.to(dt)))
+    return tuple(out)

@@ -1,0 +1,96 @@
+"""Triton chunk op of the fused weighted log-likelihood (GA/WGA/TNPO/WTNPO/NLL).
+
+One program per row of a (chunk × vocab) logits block that the LM-head matmul just wrote:
+pass 1 runs an online log-sum-exp over vocab blocks; the token's log-prob and its weight are
+then computed in registers; pass 2 overwrites the row with the logits gradient
+``scale · w · (onehot(y) − softmax(z))`` so the backward needs no recompute.
+Contract identical to :func:`.weighted_nll_torch.weighted_nll_chunk_torch`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Start of the running max: finite so that exp(m_old - m_new) never sees (-inf) - (-inf).
+NEG_BIG = tl.constexpr(-3.0e38)
+
+
+@triton.jit
+def _weighted_nll_rows(logits_ptr, stride_row, labels_ptr, ref_ptr, explicit_ptr, scale_ptr,
+                       logp_ptr, wlogp_ptr, V, alpha, beta,
+                       CODE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    cols0 = tl.arange(0, BLOCK_V)
+
+    # pass 1: online log-sum-exp over vocab blocks
+    m = tl.full((), NEG_BIG, tl.float32)
+    s = tl.zeros((), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + cols0
+        z = tl.load(base + cols, mask=cols < V, other=NEG_BIG).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+
+    y = tl.load(labels_ptr + row).to(tl.int64)
+    logp = tl.load(base + y).to(tl.float32) - lse
+
+    # token weight, detached (DESIGN.md §3); CODE as in common.OBJECTIVES
+    if CODE == 0:
+        w = logp * 0.0 + 1.0
+    elif CODE == 1:
+        w = logp * 0.0 - 1.0
+    elif CODE == 2:
+        w = tl.exp(alpha * logp)
+    elif CODE == 3:
+        ref = tl.load(ref_ptr + row).to(tl.float32)
+        w = 2.0 * tl.sigmoid(beta * (logp - ref))
+    elif CODE == 4:
+        ref = tl.load(ref_ptr + row).to(tl.float32)
+        w = 2.0 * tl.sigmoid((beta + alpha) * logp - beta * ref)
+    elif CODE == 5:
+        ref = tl.load(ref_ptr + row).to(tl.float32)
+        w = 2.0 * tl.sigmoid(beta * (logp - ref)) * tl.exp(alpha * logp)
+    else:
+        w = tl.load(explicit_ptr + row).to(tl.float32)
+    tl.store(logp_ptr + row, logp)
+    tl.store(wlogp_ptr + row, w * logp)
+
+    # pass 2: logits gradient in place
+    if WRITE_GRAD:
+        c = w * tl.load(scale_ptr).to(tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + cols0
+            msk = cols < V
+            z = tl.load(base + cols, mask=msk, other=NEG_BIG).to(tl.float32)
+            g = -c * tl.exp(z - lse)
+            g = tl.where(cols == y, g + c, g)
+            tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=msk)
+
+
+def block_v(vocab: int) -> int:
+    return min(triton.next_power_of_2(vocab), 4096)
+
+
+def weighted_nll_chunk_triton(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
+                              explicit: Optional[torch.Tensor], scale: torch.Tensor, code: int,
+                              alpha: float, beta: float, write_grad: bool):
+    """Triton twin of :func:`.weighted_nll_torch.weighted_nll_chunk_torch`."""
+    if logits.dtype == torch.float64:
+        raise ValueError("the Triton kernels take fp32/bf16/fp16 logits; use backend='torch' for fp64")
+    C, V = logits.shape
+    assert logits.stride(1) == 1, "logits chunk must be row-contiguous"
+    logp = torch.empty(C, dtype=torch.float32, device=logits.device)
+    wlogp = torch.empty_like(logp)
+    dummy = logp  # never read when the objective has no such input (constexpr branch)
+    _weighted_nll_rows[(C,)](
+        logits, logits.stride(0), labels, dummy if ref is None else ref,
+        dummy if explicit is None else explicit, scale, logp, wlogp, V, float(alpha), float(beta),
+        CODE=code, WRITE_GRAD=write_grad, BLOCK_V=block_v(V), num_warps=8 if V >= 4096 else 4,
+    )
+    return logp, wlogp
