@@ -11,7 +11,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ..reference import RefLogprobCache, ReferenceModel
+from ..reference import ReferenceModel
 
 Batch = Mapping[str, torch.Tensor]
 TermFn = Callable[["StepContext", Mapping[str, Batch], Dict[str, float]], Tuple[torch.Tensor, dict]]
@@ -34,7 +34,6 @@ class StepContext:
 
     model: torch.nn.Module
     reference: Optional[ReferenceModel] = None
-    ref_cache: Optional[RefLogprobCache] = None
     num_items: Mapping[str, object] = field(default_factory=dict)  # e.g. forget_tokens, retain_tokens, forget_seqs
     fused: bool = False
 
@@ -43,11 +42,10 @@ class StepContext:
                           output_hidden_states=hidden_layer is not None)
 
     def ref_logprobs(self, batch: Batch) -> torch.Tensor:
-        """Reference log-probs aligned with ``batch['labels']``: from the batch, the cache or θ_o."""
+        """Reference log-probs aligned with ``batch['labels']``: from the batch (where the objective put
+        cached values) or from θ_o."""
         if "ref_logprobs" in batch:
             return batch["ref_logprobs"]
-        if self.ref_cache is not None and "index" in batch:
-            return self.ref_cache.gather(batch["index"], batch["labels"])
         if self.reference is not None:
             return self.reference.token_logprobs(batch)
         raise ValueError("this objective needs reference log-probabilities: put 'ref_logprobs' in the batch, "

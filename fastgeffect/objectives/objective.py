@@ -1,7 +1,7 @@
 """The :class:`Objective`: forget term + λ·regulariser, with validated hyper-parameters."""
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Union
 
 import torch
 
@@ -15,7 +15,8 @@ class Objective:
     (``forget``, ``retain``, and ``forget_idk`` / ``forget_win`` where the term needs them)."""
 
     def __init__(self, term: ForgetTerm, regularizer: Optional[str] = None, lam: float = 1.0, *,
-                 reference: Optional[ReferenceModel] = None, ref_cache: Optional[RefLogprobCache] = None,
+                 reference: Optional[ReferenceModel] = None,
+                 ref_cache: Union[None, RefLogprobCache, Mapping[str, RefLogprobCache]] = None,
                  fused: bool = False, **hparams):
         regularizer = term.default_regularizer if regularizer is None else regularizer
         if regularizer not in REGULARIZER_DEFAULTS:
@@ -30,7 +31,10 @@ class Objective:
         self.lam = float(lam)
         self.hparams: Dict[str, object] = {**valid, **hparams}
         self.reference = reference
-        self.ref_cache = ref_cache
+        # cached reference log-probs per sub-batch name; a bare cache belongs to "forget"
+        self.ref_caches: Dict[str, RefLogprobCache] = (
+            {} if ref_cache is None else {"forget": ref_cache} if isinstance(ref_cache, RefLogprobCache)
+            else dict(ref_cache))
         self.fused = fused
 
     @property
@@ -46,12 +50,22 @@ class Objective:
         return f"Objective({self.name}, regularizer={self.regularizer}, lam={self.lam}{', ' + hp if hp else ''})"
 
     def context(self, model: torch.nn.Module, num_items: Optional[Mapping[str, object]] = None) -> StepContext:
-        return StepContext(model, self.reference, self.ref_cache, dict(num_items or {}), self.fused)
+        return StepContext(model, self.reference, dict(num_items or {}), self.fused)
+
+    def with_cached_refs(self, batches: Mapping[str, Batch]) -> Dict[str, Batch]:
+        """``batches`` with ``ref_logprobs`` gathered from the caches where a sub-batch has none."""
+        out = dict(batches)
+        if self.term.needs_ref_logprobs:
+            for key, cache in self.ref_caches.items():
+                b = out.get(key)
+                if b is not None and "ref_logprobs" not in b and "index" in b:
+                    out[key] = {**b, "ref_logprobs": cache.gather(b["index"], b["labels"])}
+        return out
 
     def forget_loss(self, model: torch.nn.Module, batches: Mapping[str, Batch],
                     num_items: Optional[Mapping[str, object]] = None):
         """The forget term alone: ``(loss, details)``."""
-        return self.term.fn(self.context(model, num_items), batches, self.hparams)
+        return self.term.fn(self.context(model, num_items), self.with_cached_refs(batches), self.hparams)
 
     def __call__(self, model: torch.nn.Module, batches: Mapping[str, Batch],
                  num_items: Optional[Mapping[str, object]] = None) -> ObjectiveOutput:
@@ -59,7 +73,7 @@ class Objective:
         if missing:
             raise KeyError(f"{self.name} (regularizer {self.regularizer}) needs batches {missing}; got {sorted(batches)}")
         ctx = self.context(model, num_items)
-        forget, details = self.term.fn(ctx, batches, self.hparams)
+        forget, details = self.term.fn(ctx, self.with_cached_refs(batches), self.hparams)
         reg = None
         loss = forget
         if self.regularizer != "none":
