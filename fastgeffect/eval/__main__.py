@@ -1,0 +1,76 @@
+"""CLI: ``python -m fastgeffect.eval aggregate --logs PATH [--retain-log FILE] [--out FILE]`` and
+``python -m fastgeffect.eval tofu --model PATH --split forget05 [--data-dir DIR] [--template phi]
+[--retain-log FILE] [--out DIR]``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .aggregate import aggregate, format_table, load_logs, load_retain_log
+
+
+def _aggregate(args) -> int:
+    logs = load_logs(args.logs)
+    retain = load_retain_log(args.retain_log) if args.retain_log else None
+    metrics = aggregate(logs, retain, require_all=not args.partial)
+    print(format_table(metrics))
+    out = Path(args.out) if args.out else (Path(args.logs) if Path(args.logs).is_dir() else Path(args.logs).parent) / "metrics.json"
+    out.write_text(json.dumps(metrics, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def _tofu(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..data.templates import get_template
+    from .tofu import evaluate_tofu, load_tofu_sets
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    sets = load_tofu_sets(args.split, args.data_dir)
+    out_dir = Path(args.out or Path(args.model) / "eval_results" / f"ds_size{args.ds_size}")
+    res = evaluate_tofu(model, tokenizer, get_template(args.template), sets, out_dir=out_dir,
+                        retain_log=args.retain_log, ds_size=args.ds_size, max_length=args.max_length,
+                        batch_size=args.batch_size)
+    print(format_table(res["metrics"]))
+    print(f"logs written to {out_dir}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastgeffect.eval", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("aggregate", help="aggregate TOFU per-sample logs (TOFU's aggregate_eval_stat)")
+    a.add_argument("--logs", required=True, help="folder with the four TOFU logs, or eval_log_aggregated.json")
+    a.add_argument("--retain-log", help="a retain-only model's eval_log_forget.json (for Forget Quality)")
+    a.add_argument("--out", help="output JSON (default: metrics.json next to the logs)")
+    a.add_argument("--partial", action="store_true", help="allow fewer than four log files")
+    t = sub.add_parser("tofu", help="evaluate a model on TOFU and write TOFU's logs")
+    t.add_argument("--model", required=True, help="local folder or hub name of a causal LM")
+    t.add_argument("--tokenizer", help="tokenizer (default: the model's)")
+    t.add_argument("--split", default="forget05", help="forget01 | forget05 | forget10")
+    t.add_argument("--data-dir", help="folder of TOFU JSON-lines files (default: the hub, locuslab/TOFU)")
+    t.add_argument("--template", default="phi", choices=["phi", "llama2", "chat"])
+    t.add_argument("--retain-log", help="a retain-only model's eval_log_forget.json (for Forget Quality)")
+    t.add_argument("--out", help="output folder (default: MODEL/eval_results/ds_sizeN)")
+    t.add_argument("--ds-size", type=int, default=300)
+    t.add_argument("--max-length", type=int, default=200)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    t.add_argument("--device")
+    args = p.parse_args(argv)
+    try:
+        return _aggregate(args) if args.cmd == "aggregate" else _tofu(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""TOFU evaluator: per-sample logs with TOFU's file names and keys (DESIGN.md §5).
+
+For each evaluation set this reproduces TOFU's ``get_all_evals``:
+
+* ``avg_gt_loss`` / ``gt_loss`` / ``num_token_gt``: answer loss of (question, answer);
+* ``generated_text`` (``[prompt, greedy continuation, ground truth]``), ``rouge1_recall`` and
+  ``rougeL_recall`` (``rouge_score``, stemming, ground truth as target);
+* ``avg_paraphrased_loss`` / ``paraphrased_loss`` / ``num_token_paraphrased``: loss of the base
+  answer (``paraphrased_answer`` on retain/forget, ``answer`` on real authors / world facts);
+* ``average_perturb_loss`` / ``perturb_loss`` / ``num_token_perturb``: the perturbed answers;
+* ``truth_ratio`` = exp(avg_paraphrased_loss − mean avg perturbed loss), TOFU's per-sample value;
+* ``normalized_gt_loss`` on real authors / world facts.
+
+Indices are the string positions "0", "1", ... of the (first ``ds_size``) records. Differences
+from TOFU's script, none of which changes a number: the ground truth in ``generated_text`` and for
+ROUGE is the record's answer string (TOFU decodes it back from tokens; ROUGE tokenisation makes
+the two agree), and batches are length-sorted.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Union
+
+import torch
+
+from ..data.templates import Template
+from ._common import as_list, check_records
+from .generate import greedy_generate
+from .losses import answer_losses
+
+# set name -> (TOFU log file, answer key used for the truth ratio's base, forget set?)
+TASKS = {
+    "retain": ("eval_log.json", "paraphrased_answer"),
+    "real_authors": ("eval_real_author_wo_options.json", "answer"),
+    "world_facts": ("eval_real_world_wo_options.json", "answer"),
+    "forget": ("eval_log_forget.json", "paraphrased_answer"),
+}
+# TOFU split that feeds each set (the forget one depends on the chosen split)
+TOFU_SPLITS = {"retain": "retain_perturbed", "real_authors": "real_authors_perturbed",
+               "world_facts": "world_facts_perturbed"}
+
+
+def _rouge(generated: Sequence[str], truths: Sequence[str]):
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    r1, rl = {}, {}
+    for i, (gen, gt) in enumerate(zip(generated, truths)):
+        s = scorer.score(gt, gen)
+        r1[str(i)], rl[str(i)] = s["rouge1"].recall, s["rougeL"].recall
+    return r1, rl
+
+
+def _idx(values) -> Dict[str, object]:
+    return {str(i): v for i, v in enumerate(values)}
+
+
+def evaluate_set(model, tokenizer, template: Template, records: Sequence[dict], task: str, *,
+                 ds_size: Optional[int] = 300, max_length: int = 200, max_new_tokens: Optional[int] = None,
+                 batch_size: int = 32, generate: bool = True, progress=None) -> dict:
+    """TOFU's per-sample log of one set. ``task`` is one of ``retain``, ``forget``,
+    ``real_authors``, ``world_facts`` (it picks the base answer key and whether
+    ``normalized_gt_loss`` is written). Only the first ``ds_size`` records are used, as TOFU's
+    ``ds_size=300``; ``generate=False`` skips generation and ROUGE (losses only)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+    base_key = TASKS[task][1]
+    records = list(records[:ds_size] if ds_size else records)
+    check_records(records, ("question", "answer", base_key, "perturbed_answer"), task)
+    perturbed = [as_list(r["perturbed_answer"]) for r in records]
+    k = len(perturbed[0])
+    ragged = [i for i, p in enumerate(perturbed) if len(p) != k or k == 0]
+    if ragged:
+        raise ValueError(f"{task}: every record needs the same (non-zero) number of perturbed answers; "
+                         f"records {ragged[:5]} differ from record 0 ({k})")
+    qs = [r["question"] for r in records]
+    step = (lambda: progress.update(1)) if progress is not None else (lambda: None)
+    log: Dict[str, dict] = {}
+
+    gt_loss, gt_n = answer_losses(model, tokenizer, template, qs, [r["answer"] for r in records],
+                                  max_length=max_length, batch_size=batch_size)
+    log["avg_gt_loss"] = _idx((gt_loss / gt_n).tolist())
+    log["gt_loss"] = _idx(gt_loss.tolist())
+    log["num_token_gt"] = _idx(gt_n.tolist())
+    step()
+    if generate:
+        prompts = [template.prompt(q, tokenizer) for q in qs]
+        gens = greedy_generate(model, tokenizer, prompts, max_length=max_length, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, add_special_tokens=not template.chat)
+        truths = [r["answer"] for r in records]
+        log["generated_text"] = _idx([[p, g, t] for p, g, t in zip(prompts, gens, truths)])
+        log["rouge1_recall"], log["rougeL_recall"] = _rouge(gens, truths)
+    step()
+    # every perturbed answer of the set in one batched pass
+    flat_q = [q for q, p in zip(qs, perturbed) for _ in p]
+    flat_a = [a for p in perturbed for a in p]
+    pl, pn = answer_losses(model, tokenizer, template, flat_q, flat_a, max_length=max_length, batch_size=batch_size)
+    pl, pn = pl.view(len(records), k), pn.view(len(records), k)
+    bl, bn = answer_losses(model, tokenizer, template, qs, [r[base_key] for r in records],
+                           max_length=max_length, batch_size=batch_size)
+    avg_pert = pl / pn
+    avg_base = bl / bn
+    log["average_perturb_loss"] = _idx(avg_pert.tolist())
+    log["avg_paraphrased_loss"] = _idx(avg_base.tolist())
+    log["truth_ratio"] = _idx(torch.exp(avg_base - avg_pert.mean(-1)).tolist())
+    log["paraphrased_loss"] = _idx(bl.tolist())
+    log["perturb_loss"] = _idx(pl.tolist())
+    log["num_token_paraphrased"] = _idx(bn.tolist())
+    log["num_token_perturb"] = _idx(pn.tolist())
+    if task in ("real_authors", "world_facts"):
+        # -log( p_true / (p_true + Σ p_perturbed) ), p = exp(-avg loss)
+        all_l = torch.cat([(gt_loss / gt_n)[:, None], avg_pert], dim=1)
+        log["normalized_gt_loss"] = _idx(((gt_loss / gt_n) + torch.logsumexp(-all_l, dim=1)).tolist())
+    step()
+    return log
+
+
+def write_logs(logs: Mapping[str, dict], out_dir: Union[str, Path]) -> Path:
+    """Write each log under its TOFU file name, plus ``eval_log_aggregated.json`` nesting them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for fname, log in logs.items():
+        with open(out / fname, "w") as f:
+            json.dump(log, f, indent=4)
+    with open(out / "eval_log_aggregated.json", "w") as f:
+        json.dump(dict(logs), f, indent=4)
+    return out
+
+
+def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Sequence[dict]], *,
+                  out_dir: Optional[Union[str, Path]] = None, retain_log=None, ds_size: Optional[int] = 300,
+                  max_length: int = 200, max_new_tokens: Optional[int] = None, batch_size: int = 32,
+                  progress: bool = True) -> dict:
+    """Evaluate the TOFU sets and aggregate them.
+
+    ``sets`` maps task names (``retain``, ``forget``, ``real_authors``, ``world_facts``) to
+    record lists in TOFU's schema. Returns ``{"metrics": aggregated metrics, "logs": {file name:
+    per-sample log}}``; with ``out_dir`` the logs are written there under TOFU's names.
+    ``retain_log`` (a path or an ``eval_log_forget.json`` dict of a retain-only model) adds
+    Forget Quality. Model Utility needs the three non-forget sets; with fewer, only the
+    available sub-metrics are reported.
+    """
+    from tqdm.auto import tqdm
+
+    from .aggregate import aggregate, load_retain_log
+
+    unknown = [s for s in sets if s not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown set names {unknown}; valid: {', '.join(TASKS)}")
+    if not sets:
+        raise ValueError("no set to evaluate")
+    was_training = model.training
+    model.eval()
+    logs = {}
+    try:
+        with tqdm(total=3 * len(sets), desc="TOFU eval", disable=not progress) as bar:
+            for name in TASKS:  # TOFU's order
+                if name in sets:
+                    bar.set_postfix_str(name)
+                    logs[TASKS[name][0]] = evaluate_set(model, tokenizer, template, sets[name], name, ds_size=ds_size,
+                                                        max_length=max_length, max_new_tokens=max_new_tokens,
+                                                        batch_size=batch_size, progress=bar)
+    finally:
+        model.train(was_training)
+    if out_dir is not None:
+        write_logs(logs, out_dir)
+    retain = load_retain_log(retain_log) if retain_log is not None else None
+    metrics = aggregate(logs, retain, require_all=False)
+    if out_dir is not None:
+        with open(Path(out_dir) / "metrics.json", "w") as f:
+            json.dump(metrics, f, indent=2)
+    return {"metrics": metrics, "logs": logs}
+
+
+def load_tofu_sets(split: str, data_dir=None) -> Dict[str, list]:
+    """The four TOFU evaluation sets of a forget split (``forget01/05/10``, with or without
+    ``_perturbed``) from ``data_dir`` (a folder of TOFU JSON-lines files) or the hub."""
+    from ..data.tofu import load_tofu_split
+
+    split = split.replace("_perturbed", "")
+    if split not in ("forget01", "forget05", "forget10"):
+        raise ValueError(f"unknown forget split {split!r}; valid: forget01, forget05, forget10")
+    sets = {name: load_tofu_split(s, data_dir) for name, s in TOFU_SPLITS.items()}
+    sets["forget"] = load_tofu_split(split + "_perturbed", data_dir)
+    return sets

@@ -1,0 +1,129 @@
+"""UWC calibration (DESIGN.md §5): θ_mix = (1 − α)·θ_o + α·θ_u, the largest α ∈ [0, 1] whose
+retain PS stays ≥ (1 − tolerance)·PS(θ_o), and the forget metrics at that α.
+
+No third model copy: :func:`mixed_weights` swaps each module's own parameters for their mixture
+just before the module runs (forward pre-hook) and puts the unlearned tensors back right after
+(forward hook), so at most one module's mixed parameters exist at a time; θ_o may stay on the
+CPU. α = 0 uses θ_o's tensors and α = 1 leaves θ_u untouched, so both ends are exact.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+from ..data.templates import Template
+from .ps import ps_report, ps_scores
+
+TOLERANCE = {"phi": 0.10, "llama2": 0.05}  # the paper's retain-PS tolerance per model family
+
+
+@contextlib.contextmanager
+def mixed_weights(unlearned: torch.nn.Module, original: torch.nn.Module, alpha: float):
+    """Run ``unlearned`` as θ_mix = (1 − α)·θ_o + α·θ_u inside the ``with`` block.
+
+    Parameters are matched by name; every parameter must be used inside the forward of the
+    module that owns it (true of Hugging Face models, tied embeddings included)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    orig = dict(original.named_parameters(remove_duplicate=False))
+    names = {id(p): n for n, p in unlearned.named_parameters(remove_duplicate=False)}
+    missing = [n for n in names.values() if n not in orig]
+    if missing:
+        raise ValueError(f"the original model lacks parameters {missing[:5]}: the two models differ in structure")
+    for n, p in unlearned.named_parameters(remove_duplicate=False):
+        if orig[n].shape != p.shape:
+            raise ValueError(f"parameter {n}: shape {tuple(p.shape)} vs original {tuple(orig[n].shape)}")
+    if alpha == 1.0:
+        yield unlearned
+        return
+    handles, stash = [], {}
+
+    def pre(module, args, kwargs=None):
+        saved = []
+        for key, p in module._parameters.items():
+            if p is None:
+                continue
+            o = orig[names[id(p)]].detach().to(device=p.device, dtype=p.dtype, non_blocking=True)
+            saved.append((p, p.data))
+            p.data = o if alpha == 0.0 else torch.lerp(o, p.data, alpha)
+        stash.setdefault(id(module), []).append(saved)
+
+    def post(module, args, output):
+        for p, data in stash[id(module)].pop():
+            p.data = data
+
+    try:
+        for m in unlearned.modules():
+            if any(p is not None for p in m._parameters.values()):
+                handles.append(m.register_forward_pre_hook(pre))
+                handles.append(m.register_forward_hook(post, always_call=True))
+        yield unlearned
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def calibrate_alpha(score: Callable[[float], float], reference: float, tolerance: float, *,
+                    alpha_tol: float = 1 / 64) -> Dict[str, object]:
+    """Largest α ∈ [0, 1] with ``score(α) ≥ (1 − tolerance)·reference``, by bisection.
+
+    Assumes ``score`` falls as α grows (it is the retain PS of θ_mix). α = 1 is tried first; the
+    result α satisfies the bar and lies within ``alpha_tol`` below the crossing. Each α is scored
+    once. Returns ``{"alpha", "threshold", "history": [(α, score)]}``.
+    """
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
+    if alpha_tol <= 0:
+        raise ValueError(f"alpha_tol must be positive, got {alpha_tol}")
+    bar = (1 - tolerance) * reference
+    history = []
+
+    def ok(a):
+        s = float(score(a))
+        history.append((a, s))
+        return s >= bar
+
+    if ok(1.0):
+        return {"alpha": 1.0, "threshold": bar, "history": history}
+    lo, hi = 0.0, 1.0  # score(0) = reference >= bar by definition
+    while hi - lo > alpha_tol:
+        mid = (lo + hi) / 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return {"alpha": lo, "threshold": bar, "history": history}
+
+
+def uwc_calibrate(original_model, unlearned_model, tokenizer, template: Template, retain_records: Sequence[dict],
+                  forget_records: Sequence[dict], *, tolerance: Optional[float] = None, preset: str = "phi",
+                  alpha_tol: float = 1 / 64, batch_size: int = 32, reference_ps: Optional[float] = None,
+                  report_fn: Optional[Callable] = None) -> Dict[str, object]:
+    """UWC-calibrate an unlearned model against its original.
+
+    Retain PS-exact of θ_o is computed once (or passed as ``reference_ps``, e.g. cached from an
+    earlier run); the search evaluates θ_mix at ~log2(1/alpha_tol) values of α. At the chosen α
+    ``report_fn(model)`` (default: PS-exact/PS-perturb on retain and forget) gives the metrics.
+    """
+    if tolerance is None:
+        if preset not in TOLERANCE:
+            raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(TOLERANCE)} (or pass tolerance=)")
+        tolerance = TOLERANCE[preset]
+    if reference_ps is None:
+        reference_ps = ps_scores(original_model, tokenizer, template, retain_records, batch_size=batch_size)["ps"]
+
+    def score(alpha):
+        with mixed_weights(unlearned_model, original_model, alpha) as m:
+            return ps_scores(m, tokenizer, template, retain_records, batch_size=batch_size)["ps"]
+
+    res = calibrate_alpha(score, reference_ps, tolerance, alpha_tol=alpha_tol)
+    if report_fn is None:
+        def report_fn(m):
+            return ps_report(m, tokenizer, template, {"retain": retain_records, "forget": forget_records},
+                             batch_size=batch_size)
+    with mixed_weights(unlearned_model, original_model, res["alpha"]) as m:
+        report = report_fn(m)
+    return {"alpha": res["alpha"], "tolerance": tolerance, "reference_ps": reference_ps,
+            "threshold": res["threshold"], "history": res["history"], "metrics": report}
