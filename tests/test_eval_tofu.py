@@ -1,0 +1,161 @@
+"""TOFU evaluator on a tiny random Llama: per-sample losses, truth ratio and generation
+recomputed independently; log files; bad input; loading the real TOFU files."""
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastgeffect.data.templates import get_template
+from fastgeffect.eval import (FILES, aggregate, answer_losses, evaluate_set, evaluate_tofu, greedy_generate,
+                              load_logs, load_tofu_sets)
+from fastgeffect.eval.tiny import tiny_llama, toy_qa_records, toy_tokenizer_for
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "tofu"
+TPL = get_template("phi")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    recs = toy_qa_records(4)
+    tok = toy_tokenizer_for(recs, TPL)
+    model = tiny_llama(len(tok), hidden_size=24, layers=2, heads=2, seed=3, tokenizer=tok).double()
+    return model, tok, recs
+
+
+def ref_loss(model, tok, q, a):
+    """Sum of NLLs of 'Answer: a' + EOS given 'Question: q\\n', one sample, no padding, float64."""
+    prompt = tok(TPL.prompt(q))["input_ids"]
+    full = tok(TPL.full(q, a))["input_ids"] + [tok.eos_token_id]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([full[:-1]])).logits[0].double()
+    lp = F.log_softmax(logits, -1)
+    targets = range(len(prompt), len(full))  # positions of answer tokens and EOS
+    return -sum(lp[t - 1, full[t]].item() for t in targets), len(targets)
+
+
+def test_answer_losses_match_reference(toy):
+    model, tok, recs = toy
+    qs = [r["question"] for r in recs] + [recs[0]["question"]]
+    ans = [r["answer"] for r in recs] + [recs[1]["paraphrased_answer"]]
+    for bs in (1, 3, 64):
+        loss, n = answer_losses(model, tok, TPL, qs, ans, batch_size=bs)
+        for i, (q, a) in enumerate(zip(qs, ans)):
+            rl, rn = ref_loss(model, tok, q, a)
+            assert int(n[i]) == rn
+            assert float(loss[i]) == pytest.approx(rl, rel=1e-9)
+
+
+def test_evaluate_set_logs(toy):
+    model, tok, recs = toy
+    for task in ("forget", "real_authors"):
+        log = evaluate_set(model, tok, TPL, recs[:5], task, max_new_tokens=6, batch_size=3)
+        base = "paraphrased_answer" if task == "forget" else "answer"
+        keys = {"avg_gt_loss", "gt_loss", "num_token_gt", "generated_text", "rouge1_recall", "rougeL_recall",
+                "average_perturb_loss", "avg_paraphrased_loss", "truth_ratio", "paraphrased_loss", "perturb_loss",
+                "num_token_paraphrased", "num_token_perturb"}
+        assert keys <= set(log) and ("normalized_gt_loss" in log) == (task == "real_authors")
+        assert len(log["gt_loss"]) == 5
+        for i, r in enumerate(recs[:5]):
+            s = str(i)
+            gl, gn = ref_loss(model, tok, r["question"], r["answer"])
+            bl, bn = ref_loss(model, tok, r["question"], r[base])
+            pert = [ref_loss(model, tok, r["question"], p) for p in r["perturbed_answer"]]
+            assert log["gt_loss"][s] == pytest.approx(gl, rel=1e-9) and log["num_token_gt"][s] == gn
+            assert log["avg_gt_loss"][s] == pytest.approx(gl / gn, rel=1e-9)
+            assert log["paraphrased_loss"][s] == pytest.approx(bl, rel=1e-9)
+            assert log["num_token_perturb"][s] == [n for _, n in pert]
+            avg_pert = [l / n for l, n in pert]
+            assert log["average_perturb_loss"][s] == pytest.approx(avg_pert, rel=1e-9)
+            assert log["truth_ratio"][s] == pytest.approx(math.exp(bl / bn - sum(avg_pert) / len(avg_pert)), rel=1e-9)
+            if task == "real_authors":
+                pt = math.exp(-gl / gn)
+                ref = -math.log(pt / (pt + sum(math.exp(-x) for x in avg_pert)))
+                assert log["normalized_gt_loss"][s] == pytest.approx(ref, rel=1e-9)
+            prompt, gen, truth = log["generated_text"][s]
+            assert prompt == TPL.prompt(r["question"]) and truth == r["answer"]
+        json.dumps(log)  # serialisable as TOFU writes it
+
+
+def test_batched_generation_equals_single(toy):
+    model, tok, recs = toy
+    prompts = [TPL.prompt(r["question"]) for r in recs] + [TPL.prompt("Who ?")]
+    batched = greedy_generate(model, tok, prompts, max_new_tokens=7, batch_size=8)
+    single = [greedy_generate(model, tok, [p], max_new_tokens=7, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    # the greedy continuation, recomputed with a plain argmax loop
+    ids = tok(prompts[1])["input_ids"]
+    out = []
+    for _ in range(7):
+        with torch.no_grad():
+            nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        if nxt == tok.eos_token_id:
+            break
+        ids.append(nxt)
+        out.append(nxt)
+    assert single[1] == tok.decode(out, skip_special_tokens=True)
+    # TOFU's budget: prompt + continuation <= max_length
+    assert greedy_generate(model, tok, prompts[:1], max_length=len(tok(prompts[0])["input_ids"])) == [""]
+
+
+def test_evaluate_tofu_writes_logs(toy, tmp_path):
+    model, tok, recs = toy
+    sets = {"retain": recs[:4], "forget": recs[4:], "real_authors": recs[:3], "world_facts": recs[5:]}
+    res = evaluate_tofu(model, tok, TPL, sets, out_dir=tmp_path, max_new_tokens=5, batch_size=4, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == sorted(list(FILES) + ["eval_log_aggregated.json", "metrics.json"])
+    logs = load_logs(tmp_path)
+    assert aggregate(logs) == pytest.approx(res["metrics"])
+    assert aggregate(load_logs(tmp_path / "eval_log_aggregated.json")) == pytest.approx(res["metrics"])
+    assert "Model Utility" in res["metrics"] and 0 <= res["metrics"]["Model Utility"] <= 1
+    again = evaluate_tofu(model, tok, TPL, {"forget": recs[4:]}, retain_log=tmp_path / "eval_log_forget.json",
+                          max_new_tokens=5, progress=False)
+    assert again["metrics"]["Forget Quality"] == 1.0 and "Model Utility" not in again["metrics"]
+    assert model.training is False
+
+
+def test_bad_input(toy):
+    model, tok, recs = toy
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_set(model, tok, TPL, [], "forget")
+    with pytest.raises(ValueError, match="paraphrased_answer"):
+        evaluate_set(model, tok, TPL, [{"question": "q", "answer": "a", "perturbed_answer": ["b"]}], "retain")
+    ragged = [dict(recs[0]), dict(recs[1], perturbed_answer=recs[1]["perturbed_answer"][:2])]
+    with pytest.raises(ValueError, match="same .*number of perturbed"):
+        evaluate_set(model, tok, TPL, ragged, "forget", generate=False)
+    with pytest.raises(ValueError, match="unknown set names"):
+        evaluate_tofu(model, tok, TPL, {"retain_perturbed": recs}, progress=False)
+    with pytest.warns(UserWarning, match="truncated"):
+        answer_losses(model, tok, TPL, [recs[0]["question"]], [recs[0]["answer"]], max_length=12)
+
+
+def test_tokenizer_without_pad_token(toy):
+    model, tok, recs = toy
+    nopad = copy.deepcopy(tok)
+    nopad.pad_token = None
+    assert nopad.pad_token_id is None
+    a = evaluate_set(model, nopad, TPL, recs[:3], "forget", max_new_tokens=4)
+    b = evaluate_set(model, tok, TPL, recs[:3], "forget", max_new_tokens=4)
+    assert a["gt_loss"] == pytest.approx(b["gt_loss"]) and a["generated_text"] == b["generated_text"]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/tofu (the TOFU data) is not present")
+def test_load_real_tofu_files():
+    from fastgeffect.data.tofu import SPLIT_FIELDS, load_tofu_split
+
+    sizes = {}
+    for split in SPLIT_FIELDS:
+        rows = load_tofu_split(split, SHARED)
+        assert all(f in rows[0] for f in SPLIT_FIELDS[split])
+        sizes[split] = len(rows)
+    assert sizes["full"] == 4000 and sizes["forget05"] == 200 and sizes["retain_perturbed"] == 400
+    assert sizes["real_authors_perturbed"] == 100 and sizes["world_facts_perturbed"] == 117
+    for split, n in (("forget01", 40), ("forget05", 200), ("forget10", 400)):
+        sets = load_tofu_sets(split, SHARED)
+        assert set(sets) == {"retain", "real_authors", "world_facts", "forget"} and len(sets["forget"]) == n
+        assert all(len(r["perturbed_answer"]) == 5 for r in sets["forget"])
+    assert all(len(r["perturbed_answer"]) == 3 for r in load_tofu_sets("forget01", SHARED)["real_authors"])
+    with pytest.raises(ValueError, match="unknown forget split"):
+        load_tofu_sets("forget07", SHARED)
