@@ -1,0 +1,289 @@
+"""Fused LM head + token-weighted log-likelihood against an independent float64 reference.
+
+Both backends run: the chunked torch path and the Triton kernels (under TRITON_INTERPRET=1 on
+CPU, see conftest.py). Shapes are small and odd; chunk sizes are forced small so that several
+chunks run and the last one is partial.
+"""
+import math
+
+import pytest
+import torch
+
+from fastgeffect import losses
+from fastgeffect.kernels import fused_linear_weighted_nll
+from fastgeffect.kernels.dispatch import resolve_backend
+from fastgeffect.losses import AllMaskedError
+
+BACKENDS = ["torch", "triton"]
+OBJECTIVES = ["ga", "nll", "wga", "tnpo", "wtnpo", "wtnpo_product", "weighted"]
+TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
+
+
+def make_inputs(N, H, V, dtype, seed=0, masked=0.3, bias=True, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(N, H, generator=gen) * scale).to(dtype)
+    weight = (torch.randn(V, H, generator=gen) / math.sqrt(H)).to(dtype)
+    b = (torch.randn(V, generator=gen) * 0.1).to(dtype) if bias else None
+    labels = torch.randint(0, V, (N,), generator=gen)
+    labels[torch.rand(N, generator=gen) < masked] = -100
+    labels[0] = 3  # at least one valid row
+    ref = -torch.rand(N, generator=gen) * 8.0
+    explicit = torch.randn(N, generator=gen)
+    return hidden, weight, b, labels, ref, explicit
+
+
+def reference(hidden, weight, bias, labels, objective, ref, explicit, alpha, beta, denom=None, reduction="mean"):
+    """Independent float64 reference: materialised logits, log_softmax, explicit weight formulas."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    params = [h, w]
+    logits = h @ w.t()
+    if bias is not None:
+        b = bias.detach().double().requires_grad_()
+        params.append(b)
+        logits = logits + b
+    mask = labels != -100
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all[mask].gather(1, labels[mask].unsqueeze(1)).squeeze(1)
+    lp = logp.detach()
+    r = None if ref is None else ref.double()[mask]
+    weights = {
+        "ga": lambda: torch.ones_like(lp), "nll": lambda: -torch.ones_like(lp),
+        "wga": lambda: torch.exp(alpha * lp),
+        "tnpo": lambda: 2 * torch.sigmoid(beta * (lp - r)),
+        "wtnpo": lambda: 2 * torch.sigmoid((beta + alpha) * lp - beta * r),
+        "wtnpo_product": lambda: 2 * torch.sigmoid(beta * (lp - r)) * torch.exp(alpha * lp),
+        "weighted": lambda: explicit.double()[mask],
+    }[objective]()
+    total = (weights * logp).sum()
+    loss = total if reduction == "sum" else total / (mask.sum() if denom is None else denom)
+    grads = torch.autograd.grad(loss, params)
+    full_logp = torch.zeros(labels.shape[0], dtype=torch.float64)
+    full_logp[mask] = lp
+    return loss.detach(), grads, full_logp
+
+
+def call(objective, hidden, weight, bias, labels, ref, explicit, backend, **kw):
+    obj = {"wtnpo_product": "wtnpo"}.get(objective, objective)
+    if objective == "wtnpo_product":
+        kw["wtnpo_form"] = "product"
+    if obj in ("tnpo", "wtnpo"):
+        kw["ref_logprobs"] = ref
+    if obj == "weighted":
+        kw["weights"] = explicit
+    return fused_linear_weighted_nll(hidden, weight, labels, objective=obj, bias=bias, backend=backend, **kw)
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def default_ab(objective):
+    return {"wga": (5.0, 0.0), "tnpo": (0.0, 4.0), "wtnpo": (1.5, 4.0), "wtnpo_product": (1.5, 4.0)}.get(objective, (0.0, 0.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("N,H,V,dtype", [(37, 16, 97, torch.float32), (45, 48, 1000, torch.float32),
+                                          (19, 256, 5000, torch.float32), (29, 40, 777, torch.bfloat16)])
+def test_matches_float64_reference(backend, objective, N, H, V, dtype):
+    hidden, weight, bias, labels, ref, explicit = make_inputs(N, H, V, dtype, seed=N + V)
+    if objective == "wga":  # make p^alpha weights non-negligible
+        hidden = hidden * 0.2
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss, logp = call(objective, *params, labels, ref, explicit, backend, chunk_size=8, return_logprobs=True)
+    loss.backward()
+    alpha, beta = default_ab(objective)
+    ref_loss, ref_grads, ref_logp = reference(*params, labels, objective, ref, explicit, alpha, beta)
+    tol = TOL[dtype]
+    assert loss.dtype == torch.float32 and logp.shape == (N,)
+    assert rel_err(loss.reshape(1), ref_loss.reshape(1)) < tol
+    assert rel_err(logp, ref_logp) < tol
+    assert bool((logp[labels == -100] == 0).all())
+    for p, g in zip(params, ref_grads):
+        assert p.grad is not None and p.grad.dtype == dtype and p.grad.shape == p.shape
+        assert rel_err(p.grad, g) < tol * 3, objective
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("objective", ["ga", "nll", "wga", "tnpo", "wtnpo", "wtnpo_product"])
+def test_matches_losses_module(backend, objective):
+    """Same value and gradient as fastgeffect.losses on the materialised (1, N+1, V) logits."""
+    N, H, V = 23, 20, 131
+    hidden, weight, bias, labels, ref, _ = make_inputs(N, H, V, torch.float32, seed=7)
+    hidden = hidden * 0.3
+    h1, h2 = hidden.clone().requires_grad_(), hidden.double().requires_grad_()
+    loss = call(objective, h1, weight, bias, labels, ref, None, backend, chunk_size=5)
+    loss.backward()
+    # losses take unshifted logits (logits[t] predicts lab[t+1]): prepend -100 to the labels and
+    # append an unused logits row
+    logits = torch.cat([h2 @ weight.double().t() + bias.double(), torch.zeros(1, V, dtype=torch.float64)])[None]
+    lab = torch.cat([torch.tensor([-100]), labels])[None]
+    refa = torch.cat([torch.zeros(1), ref]).double()[None]
+    name = "wtnpo" if objective == "wtnpo_product" else objective
+    fn = getattr(losses, name)
+    kw = {"form": "product"} if objective == "wtnpo_product" else {}
+    want = fn(logits, lab, refa, **kw) if name in ("tnpo", "wtnpo") else fn(logits, lab)
+    want.backward()
+    assert rel_err(loss.reshape(1), want.reshape(1)) < 2e-5
+    assert rel_err(h1.grad, h2.grad) < 5e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_items_sum_and_grad_output(backend):
+    N, H, V = 30, 16, 211
+    hidden, weight, bias, labels, ref, _ = make_inputs(N, H, V, torch.float32, seed=3)
+    n = int((labels != -100).sum())
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    loss = call("tnpo", h, w, None, labels, ref, None, backend, num_items_in_batch=torch.tensor(4 * n))
+    (3.0 * loss).backward()
+    ref_loss, (gh, gw), _ = reference(h, w, None, labels, "tnpo", ref, None, 0.0, 4.0, denom=4 * n)
+    assert rel_err(loss.reshape(1), ref_loss.reshape(1)) < 2e-5
+    assert rel_err(h.grad, 3 * gh) < 5e-5 and rel_err(w.grad, 3 * gw) < 5e-5
+    s = call("ga", hidden, weight, None, labels, ref, None, backend, reduction="sum")
+    ref_s, _, _ = reference(hidden, weight, None, labels, "ga", ref, None, 0, 0, reduction="sum")
+    assert rel_err(s.reshape(1), ref_s.reshape(1)) < 2e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_size_and_no_grad_do_not_change_the_result(backend):
+    hidden, weight, bias, labels, ref, _ = make_inputs(41, 24, 300, torch.float32, seed=5)
+    outs = [call("wtnpo", hidden, weight, bias, labels, ref, None, backend, chunk_size=c) for c in (1, 7, 64, None)]
+    for o in outs[1:]:
+        assert torch.allclose(o, outs[0], rtol=1e-6, atol=1e-7)
+    h = hidden.clone().requires_grad_()
+    with torch.no_grad():
+        o = call("wtnpo", h, weight, bias, labels, ref, None, backend)
+    assert not o.requires_grad and torch.allclose(o, outs[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_requested_gradients(backend):
+    hidden, weight, bias, labels, _, _ = make_inputs(17, 16, 97, torch.float32, seed=11)
+    h = hidden.clone().requires_grad_()
+    loss = call("nll", h, weight, bias, labels, None, None, backend)  # frozen head (e.g. LoRA)
+    loss.backward()
+    _, (gh, _, _), _ = reference(h, weight, bias, labels, "nll", None, None, 0, 0)
+    assert rel_err(h.grad, gh) < 5e-5 and weight.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_masked(backend):
+    hidden, weight, bias, labels, _, _ = make_inputs(9, 16, 97, torch.float32)
+    labels[:] = -100
+    with pytest.raises(AllMaskedError):
+        call("ga", hidden, weight, bias, labels, None, None, backend)
+    # under gradient accumulation an all-masked micro-batch contributes exactly zero
+    h = hidden.clone().requires_grad_()
+    loss = call("ga", h, weight, bias, labels, None, None, backend, num_items_in_batch=12)
+    loss.backward()
+    assert float(loss) == 0.0 and bool((h.grad == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_extreme_logits_stay_finite(backend, dtype):
+    N, H, V = 13, 32, 500
+    hidden, weight, bias, labels, ref, _ = make_inputs(N, H, V, dtype, seed=2, bias=False)
+    big = 1e4 if dtype != torch.float16 else 1e3  # logits up to ~±1e4 (fp16: ~±1e3, its range is 6.5e4)
+    hidden = (hidden.float() * big / hidden.float().abs().max()).to(dtype).requires_grad_()
+    weight = (weight.float() / weight.float().abs().max()).to(dtype).requires_grad_()
+    for obj in ("ga", "wga", "tnpo", "wtnpo"):
+        loss = call(obj, hidden, weight, None, labels, ref, None, backend)
+        gh, gw = torch.autograd.grad(loss, (hidden, weight))
+        assert torch.isfinite(loss) and bool(torch.isfinite(gh).all()) and bool(torch.isfinite(gw).all()), obj
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    hidden, weight, bias, labels, ref, _ = make_inputs(20, 16, 97, torch.float32, seed=4)
+    want = call("tnpo", hidden, weight, bias, labels, ref, None, backend)
+    wide = torch.zeros(20, 32)
+    wide[:, ::2] = hidden
+    wt = weight.t().contiguous().t()  # same values, column-major
+    lab2 = torch.stack([labels, labels], 1)[:, 0]
+    ref2 = torch.stack([ref, ref], 1)[:, 1]
+    got = call("tnpo", wide[:, ::2], wt, bias, lab2, ref2, None, backend)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_inputs_raise_clear_errors(monkeypatch):
+    hidden, weight, bias, labels, ref, _ = make_inputs(10, 16, 97, torch.float32)
+    f = fused_linear_weighted_nll
+    with pytest.raises(ValueError, match="hidden size"):
+        f(hidden[:, :8], weight, labels)
+    with pytest.raises(ValueError, match="dtype"):
+        f(hidden.double(), weight, labels)
+    with pytest.raises(ValueError, match="labels shape"):
+        f(hidden, weight, labels[:5])
+    with pytest.raises(ValueError, match="integer"):
+        f(hidden, weight, labels.float())
+    bad = labels.clone()
+    bad[1] = 97
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        f(hidden, weight, bad)
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        f(hidden, weight, labels, objective="tnpo")
+    with pytest.raises(ValueError, match="ref_logprobs shape"):
+        f(hidden, weight, labels, objective="tnpo", ref_logprobs=ref[:3])
+    with pytest.raises(ValueError, match="only used by"):
+        f(hidden, weight, labels, objective="ga", ref_logprobs=ref)
+    with pytest.raises(ValueError, match="unknown objective"):
+        f(hidden, weight, labels, objective="npo")
+    with pytest.raises(ValueError, match="WTNPO form"):
+        f(hidden, weight, labels, objective="wtnpo", ref_logprobs=ref, wtnpo_form="x")
+    with pytest.raises(ValueError, match="bias shape"):
+        f(hidden, weight, labels, bias=bias[:5])
+    with pytest.raises(ValueError, match="reduction"):
+        f(hidden, weight, labels, reduction="none")
+    with pytest.raises(ValueError, match="unknown backend"):
+        f(hidden, weight, labels, backend="cuda")
+    with pytest.raises(ValueError, match="fp64"):
+        f(hidden.double(), weight.double(), labels, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        f(hidden, weight, labels, backend="triton")
+
+
+def test_backend_dispatch(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("FASTGEFFECT_BACKEND", raising=False)
+    assert resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("auto", cuda) == "triton"
+    assert resolve_backend("triton", cpu) == "triton"  # the interpreter is on in the tests
+    monkeypatch.setenv("FASTGEFFECT_BACKEND", "triton")
+    assert resolve_backend("auto", cpu) == "triton"
+    assert resolve_backend("torch", cuda) == "torch"  # an explicit argument wins over the env
+    monkeypatch.setenv("FASTGEFFECT_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FASTGEFFECT_BACKEND"):
+        resolve_backend("auto", cpu)
+
+
+def test_env_backend_reaches_the_triton_kernel(monkeypatch):
+    import fastgeffect.kernels.weighted_nll_triton as wt
+    calls = []
+    real = wt.weighted_nll_chunk_triton
+    monkeypatch.setattr(wt, "weighted_nll_chunk_triton", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("FASTGEFFECT_BACKEND", "triton")
+    hidden, weight, _, labels, _, _ = make_inputs(10, 16, 97, torch.float32)
+    fused_linear_weighted_nll(hidden, weight, labels)
+    assert calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels compiled for the device)")
+@pytest.mark.parametrize("objective", ["ga", "wga", "tnpo", "wtnpo"])
+def test_gpu_triton_matches_reference(objective):
+    N, H, V = 300, 512, 32000
+    hidden, weight, bias, labels, ref, explicit = make_inputs(N, H, V, torch.bfloat16, seed=1)
+    params = [t.cuda().requires_grad_() for t in (hidden, weight, bias)]
+    loss, logp = call(objective, *params, labels.cuda(), ref.cuda(), None, "triton", chunk_size=128,
+                      return_logprobs=True)
+    loss.backward()
+    cpu_params = [p.detach().cpu() for p in params]
+    ref_loss, ref_grads, ref_logp = reference(*cpu_params, labels, objective, ref, explicit, *default_ab(objective))
+    assert rel_err(loss.cpu().reshape(1), ref_loss.reshape(1)) < 4e-2
+    assert rel_err(logp.cpu(), ref_logp) < 4e-2
+    for p, g in zip(params, ref_grads):
+        assert rel_err(p.grad.cpu(), g) < 1e-1
