@@ -1,0 +1,142 @@
+"""The G-effect tracker (DESIGN.md §4): ``e = <∇R, ∇L_u>`` for named risks R, split by group.
+
+Usage in any training loop::
+
+    loss.backward()                                   # objective gradient now in p.grad
+    res = ge.measure({"unlearn": lambda: nll(forget), "retain": lambda: nll(retain)})
+    optimizer.step()                                  # unchanged: p.grad was restored
+
+Sign: a gradient step on L_u changes R by about ``-lr * e``; GA on the same batch gives
+``e = -||∇R||²``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .groups import GroupSpec, build_grouping
+from .stream import DEFAULT_CHUNK_NUMEL, DEFAULT_MAX_PENDING_BYTES, GradientDotStream
+
+RiskFn = Callable[[], torch.Tensor]
+
+
+@dataclass
+class GEffectResult:
+    """One measurement: ``total`` = Σ ``groups``; ``risk`` the risk value; ``tied`` when the input
+    embedding and LM head share a weight (it is then counted once, in ``embed``)."""
+    total: float
+    groups: Dict[str, float]
+    risk: float
+    tied: bool = False
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "groups": dict(self.groups), "risk": self.risk, "tied": self.tied}
+
+
+def check_risk_value(name: str, value) -> torch.Tensor:
+    """A risk must be a finite scalar tensor attached to the autograd graph."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"risk {name!r} must return a tensor, got {type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(f"risk {name!r} must return a scalar, got a tensor of shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"risk {name!r} must return a floating tensor, got {value.dtype}")
+    if not value.requires_grad:
+        raise ValueError(f"risk {name!r} does not depend on any trainable parameter (its value has no "
+                         "autograd graph; was it computed under torch.no_grad()?)")
+    return value.reshape(())
+
+
+class GEffect:
+    """Streaming G-effects of the gradient currently in ``p.grad`` against named risks.
+
+    ``groups``: ``"paper"`` (embed/shallow/middle/deep/lm), ``"blocks"``, ``"params"``, a mapping
+    group -> parameter names, or a callable ``model -> mapping``. ``accumulate_dtype`` defaults to
+    fp64 on CPU and fp32 on accelerators. Only trainable parameters count.
+    """
+
+    def __init__(self, model: nn.Module, groups: GroupSpec = "paper", accumulate_dtype: Optional[torch.dtype] = None,
+                 *, chunk_numel: int = DEFAULT_CHUNK_NUMEL, max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES):
+        self.model = model
+        self.grouping = build_grouping(model, groups)
+        self.accumulate_dtype = accumulate_dtype
+        self.chunk_numel = chunk_numel
+        self.max_pending_bytes = max_pending_bytes
+        if accumulate_dtype is not None and accumulate_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"accumulate_dtype must be torch.float32 or torch.float64, got {accumulate_dtype}")
+
+    @property
+    def group_names(self) -> List[str]:
+        return list(self.grouping.names)
+
+    @property
+    def tied(self) -> bool:
+        return self.grouping.tied
+
+    def __repr__(self) -> str:
+        return (f"GEffect({type(self.model).__name__}, groups={self.group_names}, "
+                f"params={len(self.grouping.params)}, tied={self.tied})")
+
+    def _check_params_unchanged(self) -> None:
+        now = {id(p) for p in self.model.parameters() if p.requires_grad}
+        if now != {id(p) for p in self.grouping.params}:
+            raise RuntimeError("the set of trainable parameters changed since this GEffect was built "
+                               "(parameters frozen/unfrozen or added); build a new GEffect")
+
+    def measure(self, risks: Mapping[str, RiskFn]) -> Dict[str, GEffectResult]:
+        """G-effect of the objective gradient in ``p.grad`` for each named risk callable.
+
+        Each callable is run (forward) and back-propagated in turn; the objective gradients are put
+        back afterwards (same tensors, same values), also when a risk raises.
+        """
+        if not isinstance(risks, Mapping) or not risks:
+            raise ValueError("risks must be a non-empty dict mapping a name to a zero-argument callable")
+        for name, fn in risks.items():
+            if not callable(fn):
+                raise TypeError(f"risk {name!r} must be a zero-argument callable returning a scalar tensor, "
+                                f"got {type(fn).__name__}")
+        self._check_params_unchanged()
+        params = self.grouping.params
+        if all(p.grad is None for p in params):
+            raise RuntimeError("measure() found no objective gradient: every trainable p.grad is None. "
+                               "Call loss.backward() on the objective before measuring")
+        values: List[torch.Tensor] = []
+        stream = GradientDotStream(params, self.grouping.group_ids, len(self.grouping.names), len(risks),
+                                   accumulate_dtype=self.accumulate_dtype, chunk_numel=self.chunk_numel,
+                                   max_pending_bytes=self.max_pending_bytes)
+        with stream:
+            for row, (name, fn) in enumerate(risks.items()):
+                with torch.enable_grad():
+                    value = check_risk_value(name, fn())
+                # one host sync per risk (not per parameter) to refuse NaN/inf before back-propagating
+                v = float(value.detach())
+                if not math.isfinite(v):
+                    raise FloatingPointError(f"risk {name!r} is not finite ({v})")
+                stream.backward(value, row=row)
+                values.append(v)
+                del value
+            table = stream.result()
+        out = {}
+        for row, name in enumerate(risks):
+            groups = {g: float(x) for g, x in zip(self.grouping.names, table[row].tolist())}
+            out[name] = GEffectResult(math.fsum(groups.values()), groups, values[row], self.tied,
+                                      list(self.grouping.notes))
+        return out
+
+    def per_sample(self, risk_fn: RiskFn, per_sample_losses_fn: Callable[[], torch.Tensor], *,
+                   return_details: bool = False):
+        """PG-effects ``<∇R, ∇ℓ_i>`` for each sample (DESIGN.md §4.3); see
+        :func:`fastgeffect.geffect.per_sample.per_sample_geffects`. Leaves ``p.grad`` untouched."""
+        from .per_sample import per_sample_geffects
+
+        self._check_params_unchanged()
+        return per_sample_geffects(self.model, risk_fn, per_sample_losses_fn, groups=self.grouping,
+                                   accumulate_dtype=self.accumulate_dtype, return_details=return_details)
+
+
+__all__ = ["GEffect", "GEffectResult", "RiskFn", "check_risk_value"]

@@ -1,0 +1,192 @@
+"""Parameter groups for G-effects, derived from module structure (DESIGN.md §4).
+
+The decoder blocks are found generically as the largest ``nn.ModuleList`` of same-class modules
+(``model.layers``, ``transformer.h``, ``gpt_neox.layers``, ...). Parameters registered before the
+block list join ``embed``, those after it (final norm) join ``deep`` / ``final_norm``; the input
+and output embeddings come from ``get_input_embeddings()`` / ``get_output_embeddings()``.
+Only trainable parameters (``requires_grad``) count; a tied embedding / LM head tensor is counted
+once, in ``embed``, and the grouping says ``tied=True``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Mapping, Tuple, Union
+
+import torch
+from torch import nn
+
+GROUPINGS = ("paper", "blocks", "params")
+PAPER_GROUPS = ("embed", "shallow", "middle", "deep", "lm")
+
+GroupSpec = Union[str, Mapping[str, Iterable], Callable[[nn.Module], Mapping[str, Iterable]]]
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """Trainable parameters (each once, in model order) and the group id of each."""
+    names: List[str]
+    params: List[nn.Parameter]
+    param_names: List[str]
+    group_ids: List[int]
+    tied: bool = False
+    notes: List[str] = field(default_factory=list)
+
+    def members(self, group: str) -> List[str]:
+        gid = self.names.index(group)
+        return [n for n, g in zip(self.param_names, self.group_ids) if g == gid]
+
+
+def trainable_named_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    """(name, param) for every distinct trainable parameter; raises when there is none."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    out = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not out:
+        raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False); "
+                         "a G-effect needs at least one")
+    return out
+
+
+def find_block_list(model: nn.Module) -> Tuple[str, nn.ModuleList]:
+    """The decoder block list: the ``nn.ModuleList`` of two or more same-class modules holding the
+    most parameters (a one-block model's single-entry list is accepted when nothing else qualifies)."""
+    best, best_size = None, -1
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(m) for m in mod}) != 1:
+            continue
+        size = sum(p.numel() for p in mod.parameters())
+        if size == 0:
+            continue
+        key = (len(mod) >= 2, size)
+        if best is None or key > best_size:
+            best, best_size = (name, mod), key
+    if best is None:
+        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: no nn.ModuleList of "
+                         "same-class modules with parameters; use groups='params' or a custom grouping")
+    return best
+
+
+def _module_params(getter) -> List[nn.Parameter]:
+    try:
+        mod = getter()
+    except (AttributeError, NotImplementedError):
+        return []
+    return list(mod.parameters()) if isinstance(mod, nn.Module) else []
+
+
+def _thirds(n: int) -> List[int]:
+    """Block index -> 0/1/2 for three contiguous thirds, the first thirds taking the remainder."""
+    sizes = [n // 3 + (1 if i < n % 3 else 0) for i in range(3)]
+    return [third for third, size in enumerate(sizes) for _ in range(size)]
+
+
+def _structural(model: nn.Module, per_block: bool) -> Grouping:
+    named = trainable_named_parameters(model)
+    blocks_name, blocks = find_block_list(model)
+    block_of: Dict[int, int] = {}
+    for i, block in enumerate(blocks):
+        for p in block.parameters():
+            block_of.setdefault(id(p), i)
+    embed_ids = {id(p) for p in _module_params(model.get_input_embeddings)} if hasattr(
+        model, "get_input_embeddings") else set()
+    head_ids = {id(p) for p in _module_params(model.get_output_embeddings)} if hasattr(
+        model, "get_output_embeddings") else set()
+    tied = bool(embed_ids & head_ids)
+    # registration order decides whether a parameter outside the blocks sits before or after them
+    order = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
+    first_block = min(order[id(p)] for p in blocks.parameters())
+
+    n = len(blocks)
+    if per_block:
+        names = ["embed"] + [f"block.{i}" for i in range(n)] + ["final_norm", "lm"]
+        post, lm = n + 1, n + 2
+        block_gid = [1 + i for i in range(n)]
+    else:
+        names = list(PAPER_GROUPS)
+        post, lm = 3, 4
+        block_gid = [1 + t for t in _thirds(n)]
+
+    params, pnames, gids = [], [], []
+    for name, p in named:
+        if id(p) in embed_ids:
+            g = 0
+        elif id(p) in head_ids:
+            g = lm
+        elif id(p) in block_of:
+            g = block_gid[block_of[id(p)]]
+        elif order[id(p)] < first_block:
+            g = 0
+        else:
+            g = post
+        params.append(p)
+        pnames.append(name)
+        gids.append(g)
+    notes = [f"decoder blocks: {blocks_name} ({n})"]
+    if tied:
+        notes.append("input embedding and LM head share their weight: counted once, in 'embed'")
+    return Grouping(names, params, pnames, gids, tied, notes)
+
+
+def _custom(model: nn.Module, spec: Mapping[str, Iterable]) -> Grouping:
+    named = trainable_named_parameters(model)
+    if not isinstance(spec, Mapping) or not spec:
+        raise ValueError(f"a custom grouping must be a non-empty mapping group name -> parameters, got "
+                         f"{type(spec).__name__}")
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    canonical = {id(p): n for n, p in named}
+    group_of: Dict[int, str] = {}
+    names = [str(g) for g in spec]
+    for gname, members in spec.items():
+        if isinstance(members, (str, nn.Parameter)):
+            members = [members]
+        for m in members:
+            if isinstance(m, str):
+                if m not in by_name:
+                    raise ValueError(f"custom grouping: group {gname!r} names unknown parameter {m!r}")
+                p = by_name[m]
+            elif isinstance(m, torch.Tensor):
+                p = m
+            else:
+                raise TypeError(f"custom grouping: group {gname!r} has a member of type {type(m).__name__}; "
+                                "use parameter names or Parameter objects")
+            if not p.requires_grad:
+                continue  # frozen parameters do not count; listing them is harmless
+            if id(p) not in canonical:
+                raise ValueError(f"custom grouping: group {gname!r} has a tensor that is not a parameter of the model")
+            prev = group_of.get(id(p))
+            if prev is not None and prev != str(gname):
+                raise ValueError(f"custom grouping double-counts parameter {canonical[id(p)]!r}: in groups "
+                                 f"{prev!r} and {str(gname)!r}")
+            group_of[id(p)] = str(gname)
+    missing = [n for n, p in named if id(p) not in group_of]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise ValueError(f"custom grouping misses {len(missing)} trainable parameter(s): {shown}")
+    gid = {g: i for i, g in enumerate(names)}
+    return Grouping(names, [p for _, p in named], [n for n, _ in named],
+                    [gid[group_of[id(p)]] for _, p in named], False, ["custom grouping"])
+
+
+def build_grouping(model: nn.Module, groups: GroupSpec = "paper") -> Grouping:
+    """``"paper"`` (embed/shallow/middle/deep/lm), ``"blocks"`` (embed, block.i, final_norm, lm),
+    ``"params"`` (one group per trainable tensor), a mapping group -> parameter names/objects, or a
+    callable ``model -> mapping``. Every trainable parameter ends up in exactly one group."""
+    if isinstance(groups, str):
+        if groups == "paper":
+            return _structural(model, per_block=False)
+        if groups == "blocks":
+            return _structural(model, per_block=True)
+        if groups == "params":
+            named = trainable_named_parameters(model)
+            return Grouping([n for n, _ in named], [p for _, p in named], [n for n, _ in named],
+                            list(range(len(named))), False, ["one group per parameter tensor"])
+        raise ValueError(f"unknown grouping {groups!r}; valid: {', '.join(GROUPINGS)}, a mapping or a callable")
+    if callable(groups) and not isinstance(groups, Mapping):
+        return _custom(model, groups(model))
+    return _custom(model, groups)
+
+
+__all__ = ["Grouping", "GroupSpec", "GROUPINGS", "PAPER_GROUPS", "build_grouping", "find_block_list",
+           "trainable_named_parameters"]

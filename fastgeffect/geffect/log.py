@@ -1,0 +1,161 @@
+"""JSON-lines log of G-effect measurements: one line per (step, risk), flushed as it goes.
+
+Resume-safe: a torn last line left by a crash is dropped when the file is opened, and the first
+step logged after (re)opening drops every earlier record with a step >= that step, so a run
+restarted from a checkpoint re-measures those steps without duplicating or losing lines.
+:func:`read_geffect_log` also keeps only the last record per (step, risk).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import torch
+
+from .engine import GEffectResult
+
+
+def weight_stats(weights: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Dict[str, float]:
+    """mean / std / min / max / count of objective weights over ``mask`` (e.g. the ``weights`` and
+    ``mask`` an objective returns with ``return_details=True``)."""
+    w = weights.detach()
+    if mask is not None:
+        if mask.shape != w.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match weights {tuple(w.shape)}")
+        w = w[mask.bool()]
+    w = w.reshape(-1).double()
+    if w.numel() == 0:
+        return {"count": 0}
+    return {"mean": float(w.mean()), "std": float(w.std(unbiased=False)), "min": float(w.min()),
+            "max": float(w.max()), "count": int(w.numel())}
+
+
+def _read_lines(path: str) -> List[dict]:
+    records = []
+    with open(path, "r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.endswith("\n"):
+                break  # torn last line (crash while writing): ignore
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON record ({e})") from None
+    return records
+
+
+def read_geffect_log(path: Union[str, os.PathLike], dedupe: bool = True) -> List[dict]:
+    """All records of a G-effect log in order; ``dedupe`` keeps the last record per (step, risk)."""
+    records = _read_lines(os.fspath(path))
+    if not dedupe:
+        return records
+    last: Dict[Any, int] = {}
+    for i, r in enumerate(records):
+        last[(r.get("step"), r.get("risk"))] = i
+    keep = sorted(last.values())
+    return [records[i] for i in keep]
+
+
+class GEffectLogger:
+    """Appends one JSON line per measurement to ``path``::
+
+        {"step": 12, "risk": "unlearn", "total": -3.1, "groups": {...}, "risk_value": 2.4,
+         "tied": false, "weights": {"mean": ..., ...}, ...extra}
+
+    ``resume_step``: drop records with step >= it right away (otherwise this happens at the first
+    :meth:`log` call, with that call's step).
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], resume_step: Optional[int] = None, fsync: bool = False):
+        self.path = os.fspath(path)
+        self.fsync = fsync
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        self._truncated = False
+        if os.path.exists(self.path):
+            self._repair()
+        if resume_step is not None:
+            self._truncate_from(int(resume_step))
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def _rewrite(self, records: List[dict]) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)  # atomic: a crash leaves either the old or the new file
+
+    def _repair(self) -> None:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        if data and not data.endswith(b"\n"):
+            self._rewrite(_read_lines(self.path))
+
+    def _truncate_from(self, step: int) -> None:
+        self._truncated = True
+        if not os.path.exists(self.path):
+            return
+        records = _read_lines(self.path)
+        kept = [r for r in records if not (isinstance(r.get("step"), (int, float)) and r["step"] >= step)]
+        if len(kept) != len(records):
+            reopen = getattr(self, "_f", None) is not None and not self._f.closed
+            if reopen:
+                self._f.close()
+            self._rewrite(kept)
+            if reopen:
+                self._f = open(self.path, "a", encoding="utf-8")
+
+    def log(self, step: int, results: Union[Mapping[str, GEffectResult], GEffectResult], risk: Optional[str] = None,
+            *, weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+            stats: Optional[Mapping[str, float]] = None, **extra) -> List[dict]:
+        """Write one line per risk of ``results`` (the dict from ``GEffect.measure``, or one result
+        with its ``risk`` name). ``weights``/``mask`` (or ready ``stats``) add objective weight statistics; ``extra``
+        entries (JSON-serialisable: epoch, objective name, loss terms, ...) go into every line."""
+        if self._f.closed:
+            raise ValueError("the logger is closed")
+        if isinstance(results, GEffectResult):
+            if risk is None:
+                raise ValueError("logging a single GEffectResult needs its risk name (risk=...)")
+            results = {risk: results}
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        if not self._truncated:
+            self._truncate_from(step)
+        if stats is None and weights is not None:
+            stats = weight_stats(weights, mask)
+        lines = []
+        for name, res in results.items():
+            if not isinstance(res, GEffectResult):
+                raise TypeError(f"result for risk {name!r} is a {type(res).__name__}, not a GEffectResult")
+            rec = {"step": step, "risk": str(name), "total": res.total, "groups": dict(res.groups),
+                   "risk_value": res.risk, "tied": res.tied}
+            if stats is not None:
+                rec["weights"] = dict(stats)
+            for k, v in extra.items():
+                if k in rec:
+                    raise ValueError(f"extra field {k!r} collides with a standard field")
+                rec[k] = v
+            lines.append(rec)
+        self._f.write("".join(json.dumps(r) + "\n" for r in lines))
+        self._f.flush()
+        if self.fsync:
+            os.fsync(self._f.fileno())
+        return lines
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self) -> "GEffectLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["GEffectLogger", "read_geffect_log", "weight_stats"]

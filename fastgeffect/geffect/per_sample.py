@@ -1,0 +1,329 @@
+"""Per-sample G-effects (PG-effects, DESIGN.md §4.3) without per-sample gradients.
+
+PG-effect of sample i: ``<∇R(D), ∇ℓ_i>``. With G = ∇R fixed, each parameter's share is a "ghost"
+dot product computed from what one batched backward of Σ_i ℓ_i sees anyway, for every sample at
+once (a = module input, δ = gradient at the module output, rows of sample i summed):
+
+* Linear ``y = a Wᵀ + b``:  Σ_t δ_tᵀ G_W a_t + Σ_t δ_t·G_b   (one extra matmul per layer)
+* HF Conv1D ``y = a W + b``: the same with W transposed
+* Embedding ``y = W[ids]``:  Σ_t G_W[ids_t]·δ_t             (padding_idx rows get no gradient)
+* LayerNorm ``y = x̂ ⊙ w + b``: Σ_t δ_t·(x̂_t ⊙ G_w) + Σ_t δ_t·G_b
+* any other leaf module (RMSNorm variants, ...): Σ_t δ_t·J_t G, the module's Jacobian-vector
+  product along G (one forward-mode pass of that module)
+
+Exactness needs ℓ_i to depend on sample i only (true for causal LMs) and each parameter to act
+only through its module's forward. The second is checked: for every parameter the closed-form
+values must sum to ``<G, ∇Σℓ>`` from the batched backward; a parameter that fails (or whose module
+output is not batch-first) is computed by the exact fallback, one backward per sample.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops as _ops
+from .engine import check_risk_value
+from .groups import GroupSpec, Grouping, build_grouping
+from .stream import GradientDotStream, default_accumulate_dtype, grouped_dots
+
+try:  # GPT-2 style "Conv1D" (a transposed Linear); transformers is a dependency but keep this soft
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+except Exception:  # pragma: no cover
+    _HFConv1D = None
+
+
+@dataclass
+class PerSampleResult:
+    values: torch.Tensor          # (B,) PG-effect per sample (accumulate dtype, CPU)
+    groups: torch.Tensor          # (G, B) split by group; sums over groups to ``values``
+    group_names: List[str]
+    batch: float                  # <∇R, ∇Σ_i ℓ_i> from the batched backward (≈ values.sum())
+    risk: float
+    fallback: List[str]           # parameters computed by the exact per-sample loop
+
+
+def _ct(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """Compute dtype of the ghost products: fp64 if any input is fp64, else fp32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _per_row_sum(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).sum(1, dtype=acc)
+
+
+def linear_weight_contrib(x: torch.Tensor, dy: torch.Tensor, gw: torch.Tensor, acc: torch.dtype,
+                          weight_is_in_out: bool = False) -> torch.Tensor:
+    """(B,) Σ_t δ_tᵀ G_W a_t for ``y = a Wᵀ`` (``weight_is_in_out``: ``y = a W``, HF Conv1D)."""
+    B = dy.shape[0]
+    ct = _ct(x, dy, gw)
+    w = (gw.t() if weight_is_in_out else gw).to(ct)  # (out, in)
+    a = x.reshape(B, -1, x.shape[-1]).to(ct)
+    d = dy.reshape(B, -1, dy.shape[-1]).to(ct)
+    # contract over the larger side so the temporary is (B, T, min(in, out))
+    prod = (a @ w.t()) * d if w.shape[0] <= w.shape[1] else (d @ w) * a
+    return _per_row_sum(prod, acc)
+
+
+def bias_contrib(dy: torch.Tensor, gb: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """(B,) Σ_t δ_t·G_b for a bias added along the last dimension."""
+    ct = _ct(dy, gb)
+    return _per_row_sum(dy.to(ct) * gb.to(ct), acc)
+
+
+def embedding_contrib(ids: torch.Tensor, dy: torch.Tensor, gw: torch.Tensor, padding_idx: Optional[int],
+                      acc: torch.dtype) -> torch.Tensor:
+    """(B,) Σ_t G_W[ids_t]·δ_t; positions holding ``padding_idx`` get no gradient in nn.Embedding."""
+    ct = _ct(dy, gw)
+    prod = F.embedding(ids, gw.to(ct)) * dy.to(ct)
+    if padding_idx is not None:
+        prod = prod * (ids != padding_idx).unsqueeze(-1).to(ct)
+    return _per_row_sum(prod, acc)
+
+
+def layer_norm_weight_contrib(mod: nn.LayerNorm, x: torch.Tensor, dy: torch.Tensor, gw: torch.Tensor,
+                              acc: torch.dtype) -> torch.Tensor:
+    """(B,) Σ_t δ_t·(x̂_t ⊙ G_w) with x̂ the normalised input of ``mod``."""
+    ct = _ct(x, dy, gw)
+    xhat = F.layer_norm(x.to(ct), mod.normalized_shape, None, None, mod.eps)
+    return _per_row_sum(dy.to(ct) * xhat * gw.to(ct), acc)
+
+
+def module_jvp_contrib(mod: nn.Module, name: str, tangent: torch.Tensor, args, kwargs, dy: torch.Tensor,
+                       acc: torch.dtype) -> torch.Tensor:
+    """(B,) Σ_t δ_t·(J_t G): forward-mode derivative of the output of ``mod`` along G for its
+    parameter ``name`` (the module's other parameters held fixed)."""
+    from torch.func import functional_call, jvp
+
+    p = dict(mod.named_parameters(recurse=False))[name]
+
+    def f(w):
+        return functional_call(mod, {name: w}, args, kwargs)
+
+    _, ydot = jvp(f, (p.detach(),), (tangent.to(p.dtype),))
+    if not isinstance(ydot, torch.Tensor) or ydot.shape != dy.shape:
+        raise RuntimeError("module output changed shape in the forward-mode recomputation")
+    ct = _ct(ydot, dy)
+    return _per_row_sum(ydot.to(ct) * dy.to(ct), acc)
+
+
+def _is_linear(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or (_HFConv1D is not None and isinstance(mod, _HFConv1D))
+
+
+class _Capture:
+    """Forward hooks that register, on the output of every module owning trainable parameters, a
+    tensor hook computing that call's per-sample contributions as soon as δ is known (so δ is
+    never stored)."""
+
+    def __init__(self, model: nn.Module, params: List[nn.Parameter], G: List[Optional[torch.Tensor]],
+                 acc_dtype_of: Callable[[torch.device], torch.dtype]):
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self.G = G
+        self.acc_dtype_of = acc_dtype_of
+        self.contrib: Dict[int, torch.Tensor] = {}
+        self.bad: Dict[int, str] = {}
+        self.batch_size: Optional[int] = None
+        self.seen_batch = 0  # largest leading dimension of a hooked output so far in the forward
+        self.active = True
+        self.recomputing = False
+        self.handles = []
+        for mod in model.modules():
+            owned = [(n, p) for n, p in mod.named_parameters(recurse=False) if id(p) in self.index]
+            if owned:
+                self.handles.append(mod.register_forward_hook(self._forward_hook(mod, owned), with_kwargs=True))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _mark_bad(self, owned, why: str) -> None:
+        for _, p in owned:
+            self.bad.setdefault(self.index[id(p)], why)
+
+    def _forward_hook(self, mod: nn.Module, owned):
+        def hook(module, args, kwargs, output):
+            if self.recomputing or not torch.is_grad_enabled():
+                return None
+            if not isinstance(output, torch.Tensor):
+                self._mark_bad(owned, f"{type(mod).__name__} returns {type(output).__name__}, not a tensor")
+                return None
+            if not output.requires_grad:
+                return None
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            x = x.detach() if isinstance(x, torch.Tensor) else x
+            B = self.seen_batch
+            if (output.dim() >= 2 and output.shape[0] == 1 and B > 1 and isinstance(x, torch.Tensor)
+                    and x.dim() >= 1 and x.shape[0] == 1 and self._closed_form(mod)):
+                # a batch-broadcast call (e.g. GPT-2 position embeddings on (1, T) ids): hand the model
+                # an expanded view, identical after broadcasting, so δ arrives per sample
+                output = output.expand(B, *output.shape[1:])
+                x = x.expand(B, *x.shape[1:])
+            elif output.dim() >= 1:
+                self.seen_batch = max(self.seen_batch, output.shape[0])
+            output.register_hook(self._tensor_hook(mod, owned, (x, args, kwargs)))
+            return output
+        return hook
+
+    @staticmethod
+    def _closed_form(mod: nn.Module) -> bool:
+        return _is_linear(mod) or isinstance(mod, (nn.Embedding, nn.LayerNorm))
+
+    def _tensor_hook(self, mod: nn.Module, owned, saved):
+        def hook(dy: torch.Tensor) -> None:
+            if not self.active:
+                return None
+            try:
+                with torch.no_grad():
+                    parts = self._contributions(mod, owned, saved, dy)
+            except Exception as e:  # anything unexpected: exact fallback for this module's parameters
+                self._mark_bad(owned, f"{type(mod).__name__}: {type(e).__name__}: {e}")
+                return None
+            for p, c in parts:
+                i = self.index[id(p)]
+                self.contrib[i] = c if i not in self.contrib else self.contrib[i] + c
+            return None
+        return hook
+
+    def _contributions(self, mod: nn.Module, owned, saved, dy: torch.Tensor):
+        """[(param, (B,) contribution)] for one call of ``mod``."""
+        x, args, kwargs = saved
+        if dy.dim() == 0 or dy.shape[0] != self.batch_size:
+            self._mark_bad(owned, f"{type(mod).__name__} output is not batch-first (shape {tuple(dy.shape)})")
+            return []
+        acc = self.acc_dtype_of(dy.device)
+        todo = [(n, p, self.G[self.index[id(p)]]) for n, p in owned]
+        todo = [(n, p, g) for n, p, g in todo if g is not None]  # no risk gradient: contributes 0
+        out = []
+        if _is_linear(mod):
+            for n, p, g in todo:
+                if n == "weight":
+                    out.append((p, linear_weight_contrib(x, dy, g, acc, not isinstance(mod, nn.Linear))))
+                elif n == "bias":
+                    out.append((p, bias_contrib(dy, g, acc)))
+                else:
+                    raise RuntimeError(f"unexpected parameter {n!r}")
+        elif isinstance(mod, nn.Embedding) and mod.max_norm is None and not mod.scale_grad_by_freq:
+            out = [(p, embedding_contrib(x, dy, g, mod.padding_idx, acc)) for n, p, g in todo]
+        elif isinstance(mod, nn.LayerNorm):
+            for n, p, g in todo:
+                out.append((p, layer_norm_weight_contrib(mod, x, dy, g, acc) if n == "weight"
+                            else bias_contrib(dy, g, acc)))
+        elif next(mod.children(), None) is None:
+            self.recomputing = True  # the recomputation must not trigger our own forward hooks
+            try:
+                out = [(p, module_jvp_contrib(mod, n, g, args, kwargs, dy, acc)) for n, p, g in todo]
+            finally:
+                self.recomputing = False
+        else:
+            self._mark_bad(owned, f"{type(mod).__name__} owns parameters and has sub-modules")
+        return out
+
+
+def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
+                        per_sample_losses_fn: Callable[[], torch.Tensor], *,
+                        groups: Union[GroupSpec, Grouping] = "params", accumulate_dtype: Optional[torch.dtype] = None,
+                        check_rtol: Optional[float] = None, return_details: bool = False):
+    """(B,) tensor of PG-effects ``<∇R, ∇ℓ_i>`` (accumulate dtype, CPU).
+
+    ``risk_fn()`` returns the scalar risk R; ``per_sample_losses_fn()`` the (B,) objective terms ℓ_i
+    (Σ_i ℓ_i is the batch objective, e.g. each sample's share of a token mean). Costs one backward
+    for R and one for Σ_i ℓ_i, plus one matmul per Linear; holds one extra gradient (∇R). ``p.grad``
+    is left exactly as it was. ``return_details=True`` returns a :class:`PerSampleResult` with the
+    split by group (``groups`` as in :class:`GEffect`, default one group per tensor)."""
+    grouping = groups if isinstance(groups, Grouping) else build_grouping(model, groups)
+    params = grouping.params
+    P = len(params)
+
+    def acc_of(dev: torch.device) -> torch.dtype:
+        return default_accumulate_dtype(dev, accumulate_dtype)
+
+    with torch.enable_grad():
+        risk = check_risk_value("risk_fn", risk_fn())
+    risk_value = float(risk.detach())
+    if not math.isfinite(risk_value):
+        raise FloatingPointError(f"risk is not finite ({risk_value})")
+    G = list(torch.autograd.grad(risk, params, allow_unused=True))
+    del risk
+
+    cap = _Capture(model, params, G, acc_of)
+    try:
+        with torch.enable_grad():
+            losses = per_sample_losses_fn()
+    finally:
+        cap.close()
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
+        got = f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(f"per_sample_losses_fn must return a non-empty 1-D (batch,) tensor, got {got}")
+    if not losses.requires_grad:
+        raise ValueError("per-sample losses do not depend on any trainable parameter (no autograd graph)")
+    if not bool(torch.isfinite(losses.detach()).all()):
+        raise FloatingPointError("per-sample losses contain NaN or inf")
+    cap.batch_size = B = losses.shape[0]
+
+    # One batched backward of Σℓ: the closed forms fire from tensor hooks, while the stream dots each
+    # parameter's batch gradient with G (row 0) and with itself (row 1) for the consistency check.
+    with GradientDotStream(params, list(range(P)), P, 2, partners=G, accumulate_dtype=accumulate_dtype,
+                           self_row=1) as stream:
+        stream.backward(losses.sum(), row=0, retain_graph=True)
+        batch_dots, grad_norm2 = stream.result()
+    cap.active = False
+
+    # consistency check, with one host transfer per device: Σ_i closed form vs <G, ∇Σℓ>
+    sums = grouped_dots([cap.contrib.get(i) for i in range(P)],
+                        [None if i not in cap.contrib else torch.ones_like(cap.contrib[i]) for i in range(P)],
+                        range(P), P, accumulate_dtype)
+    g_norm2 = grouped_dots(G, G, range(P), P, accumulate_dtype)
+    fallback = dict(cap.bad)
+    for i in range(P):
+        if i in fallback or G[i] is None:
+            continue
+        rtol = check_rtol if check_rtol is not None else _default_rtol(params[i].dtype)
+        scale = math.sqrt(float(g_norm2[i]) * float(grad_norm2[i]))
+        if abs(float(sums[i]) - float(batch_dots[i])) > rtol * scale:
+            fallback[i] = "closed form does not sum to the batch value (parameter used outside its module?)"
+    fallback = {i: why for i, why in fallback.items() if G[i] is not None}
+    if fallback:
+        warnings.warn("PG-effects: exact per-sample fallback (one backward per sample) for "
+                      + "; ".join(f"{grouping.param_names[i]} ({why})" for i, why in fallback.items()),
+                      stacklevel=2)
+        _exact_fallback(losses, params, G, sorted(fallback), cap.contrib, acc_of)
+    del losses
+
+    table = torch.zeros(len(grouping.names), B, dtype=torch.float64)
+    for i, c in cap.contrib.items():
+        table[grouping.group_ids[i]] += c.to("cpu", torch.float64)
+    values = table.sum(0)
+    if not return_details:
+        return values
+    return PerSampleResult(values, table, list(grouping.names), float(batch_dots.sum()), risk_value,
+                           [grouping.param_names[i] for i in sorted(fallback)])
+
+
+def _default_rtol(dtype: torch.dtype) -> float:
+    """Allowed |Σ_i closed form − batch dot| relative to ||G||·||∇Σℓ|| (rounding of the two routes)."""
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)
+
+
+def _exact_fallback(losses: torch.Tensor, params, G, idx: List[int], contrib: Dict[int, torch.Tensor],
+                    acc_of) -> None:
+    """Exact per-sample values for parameters ``idx``: one backward of ℓ_i per sample."""
+    sub = [params[i] for i in idx]
+    B = losses.shape[0]
+    for i in idx:
+        contrib[i] = torch.zeros(B, dtype=acc_of(params[i].device), device=params[i].device)
+    for b in range(B):
+        grads = torch.autograd.grad(losses[b], sub, retain_graph=True, allow_unused=True)
+        for i, g in zip(idx, grads):
+            if g is not None:
+                _ops.dot_accumulate_(contrib[i], [g], [G[i]], [b])
+
+
+__all__ = ["PerSampleResult", "per_sample_geffects", "linear_weight_contrib", "bias_contrib", "embedding_contrib",
+           "layer_norm_weight_contrib", "module_jvp_contrib"]
