@@ -30,8 +30,7 @@ extras_require = {
 def compiled_extensions():
     """``fastgeffect._C`` (CPU, C++) everywhere; ``fastgeffect._C_cuda`` where torch has CUDA and
     nvcc is found. Opt out with ``FASTGEFFECT_NO_EXT=1`` (all) or ``FASTGEFFECT_NO_CUDA_EXT=1``.
-    The extensions are ``optional``: a failed compile is reported and the package installs
-    with the torch fallback."""
+    A failed compile is reported and the package installs with the torch fallback."""
     if os.environ.get("FASTGEFFECT_NO_EXT") == "1":
         return [], {}
     try:
@@ -39,15 +38,22 @@ def compiled_extensions():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:  # torch not importable at build time (build isolation): pure-python install
         return [], {}
-    cxx = ["-O3"]
+    cxx = ["-O3", "-g0"]  # -g0: the default -g from sysconfig makes a 5 MB .so
     exts = [CppExtension("fastgeffect._C", ["csrc/bindings.cpp", "csrc/dot_core.cpp"],
                          extra_compile_args={"cxx": cxx})]
     if torch.version.cuda and CUDA_HOME and os.environ.get("FASTGEFFECT_NO_CUDA_EXT") != "1":
         exts.append(CUDAExtension("fastgeffect._C_cuda", ["csrc/bindings_cuda.cpp", "csrc/dot_cuda.cu"],
                                   extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}))
-    for ext in exts:
-        ext.optional = True
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    class OptionalBuildExtension(BuildExtension):
+        # setuptools' ``optional`` flag does not catch torch's ninja errors (RuntimeError).
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # noqa: BLE001 - any compile failure falls back to torch
+                print(f"WARNING: could not build {ext.name}; fastgeffect will use its torch fallback.\n{e}")
+
+    return exts, {"build_ext": OptionalBuildExtension}
 
 
 ext_modules, cmdclass = compiled_extensions()

@@ -4,11 +4,15 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <string>
 #include <vector>
 
 #include "dot_core.h"
 
 namespace fastgeffect {
+
+// "torch.int64" rather than c10's "Long": the name Python users know.
+inline std::string dtype_name(at::ScalarType t) { return std::string("torch.") + std::string(c10::getDtypeNames(t).first); }
 
 inline DType dtype_tag(const at::Tensor& t, size_t pair, const char* side) {
   switch (t.scalar_type()) {
@@ -18,7 +22,7 @@ inline DType dtype_tag(const at::Tensor& t, size_t pair, const char* side) {
     case at::kDouble: return kF64;
     default:
       TORCH_CHECK_TYPE(false, "dot_accumulate_: pair ", pair, ": tensor ", side, " has dtype ",
-                       t.scalar_type(), "; supported: float32, float16, bfloat16, float64");
+                       dtype_name(t.scalar_type()), "; supported: float32, float16, bfloat16, float64");
   }
   return kF32;  // unreachable
 }
@@ -27,7 +31,7 @@ inline void check_acc(const at::Tensor& acc) {
   TORCH_CHECK_VALUE(acc.defined() && acc.dim() == 1, "dot_accumulate_: acc must be a 1-D tensor, got ",
                     acc.defined() ? acc.dim() : -1, " dimensions");
   TORCH_CHECK_TYPE(acc.scalar_type() == at::kFloat || acc.scalar_type() == at::kDouble,
-                   "dot_accumulate_: acc must be float32 or float64, got ", acc.scalar_type());
+                   "dot_accumulate_: acc must be float32 or float64, got ", dtype_name(acc.scalar_type()));
   TORCH_CHECK_VALUE(acc.is_contiguous(), "dot_accumulate_: acc must be contiguous");
 }
 
