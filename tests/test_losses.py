@@ -359,3 +359,20 @@ def test_weights_monotone_in_p(a, b, lr, beta, alpha):
     assert L.tnpo_weights(t(lo), t(lr), beta) <= L.tnpo_weights(t(hi), t(lr), beta)
     assert L.wtnpo_weights(t(lo), t(lr), alpha, beta) <= L.wtnpo_weights(t(hi), t(lr), alpha, beta)
     assert L.wga_weights(t(lo), alpha) <= L.wga_weights(t(hi), alpha)
+
+
+def test_per_sample_contributions_sum_to_the_loss():
+    logits, labels, ref = make_batch(22)
+    for fn in (lambda **k: L.ga(logits, labels, **k), lambda **k: L.wga(logits, labels, alpha=1.0, **k),
+               lambda **k: L.tnpo(logits, labels, ref, **k), lambda **k: L.wtnpo(logits, labels, ref, **k),
+               lambda **k: L.nll(logits, labels, **k), lambda **k: L.npo(logits, labels, ref, **k),
+               lambda **k: L.simnpo(logits, labels, **k), lambda **k: L.dpo(logits, labels, ref, logits, labels, ref, **k)):
+        parts = fn(per_sample=True)
+        assert parts.shape == (B,)
+        assert_close(parts.sum(), fn())
+    # each part depends on its own sequence only
+    g = grads(L.tnpo(logits, labels, ref, per_sample=True)[1], logits)
+    assert g[0].abs().sum() == 0 and g[2].abs().sum() == 0 and g[1].abs().sum() > 0
+    h = torch.randn(B, T, 8, dtype=torch.float64)
+    c = L.control_vector(8, 2.0, dtype=torch.float64)
+    assert_close(L.rmu(h, labels, c, per_sample=True).sum(), L.rmu(h, labels, c))

@@ -145,3 +145,14 @@ def test_objective_accumulation_is_exact(name, reg):
         assert (a is None) == (p.grad is None)
         if a is not None:
             torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu", "simnpo", "idkdpo"])
+def test_per_sample_forget_terms_sum_to_batch(name):
+    model = tiny_llama()
+    obj = get_objective(name, reference=ReferenceModel(copy.deepcopy(model)))
+    b = paired_batches(7)
+    parts, _ = obj.forget_loss(model, b, per_sample=True)
+    whole, _ = obj.forget_loss(model, b)
+    assert parts.shape == (3,)
+    torch.testing.assert_close(parts.sum(), whole)

@@ -97,10 +97,13 @@ def check_finite(x: torch.Tensor, mask: torch.Tensor, what: str) -> None:
         raise FloatingPointError(f"non-finite {what} at valid positions (NaN or inf in the inputs)")
 
 
-def token_mean(values: torch.Tensor, mask: torch.Tensor, num_items_in_batch: NumItems = None) -> torch.Tensor:
-    """Sum of ``values`` over valid positions divided by the valid count (DESIGN.md §2)."""
+def token_mean(values: torch.Tensor, mask: torch.Tensor, num_items_in_batch: NumItems = None,
+               per_sample: bool = False) -> torch.Tensor:
+    """Sum of ``values`` over valid positions divided by the valid count (DESIGN.md §2).
+    ``per_sample=True`` gives the (B,) contributions of each sequence, which sum to the loss."""
     denom = count_valid(mask, num_items_in_batch)
-    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum() / denom
+    masked = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return masked.sum(-1) / denom if per_sample else masked.sum() / denom
 
 
 def sequence_logprobs(tok_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -108,11 +111,11 @@ def sequence_logprobs(tok_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return torch.where(mask, tok_logp, torch.zeros((), dtype=tok_logp.dtype, device=tok_logp.device)).sum(-1)
 
 
-def sequence_mean(values: torch.Tensor, num_seqs_in_batch: NumItems = None) -> torch.Tensor:
-    """Mean over sequences; ``num_seqs_in_batch`` is the accumulated batch's sequence count."""
-    if num_seqs_in_batch is None:
-        return values.mean()
-    return values.sum() / num_seqs_in_batch
+def sequence_mean(values: torch.Tensor, num_seqs_in_batch: NumItems = None, per_sample: bool = False) -> torch.Tensor:
+    """Mean over sequences; ``num_seqs_in_batch`` is the accumulated batch's sequence count.
+    ``per_sample=True`` gives the (B,) contributions, which sum to the mean."""
+    denom = values.shape[0] if num_seqs_in_batch is None else num_seqs_in_batch
+    return values / denom if per_sample else values.sum() / denom
 
 
 def check_sequences_valid(mask: torch.Tensor) -> None:
@@ -128,10 +131,11 @@ def weighted_token_loss(
     mask: torch.Tensor,
     num_items_in_batch: NumItems,
     return_details: bool,
+    per_sample: bool = False,
 ):
     """token-mean of ``w_t · logp_t`` with ``w`` detached; the shared tail of GA/WGA/TNPO/WTNPO."""
     weights = weights.detach()
-    loss = token_mean(weights * tok_logp, mask, num_items_in_batch)
+    loss = token_mean(weights * tok_logp, mask, num_items_in_batch, per_sample)
     if not return_details:
         return loss
     with torch.no_grad():

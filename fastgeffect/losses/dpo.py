@@ -17,7 +17,8 @@ def _log_ratio(logits, labels, ref_logprobs):
 
 def dpo(win_logits: torch.Tensor, win_labels: torch.Tensor, win_ref_logprobs: torch.Tensor,
         lose_logits: torch.Tensor, lose_labels: torch.Tensor, lose_ref_logprobs: torch.Tensor,
-        beta: float = 0.1, *, num_seqs_in_batch: NumItems = None, return_details: bool = False):
+        beta: float = 0.1, *, num_seqs_in_batch: NumItems = None, return_details: bool = False,
+        per_sample: bool = False):
     """``−(2/β)·mean_s logσ(β·((logp_w − logp_ref_w) − (logp_l − logp_ref_l)))`` (sequence sums;
     open-unlearning's form and default beta = 0.1)."""
     if win_logits.shape[0] != lose_logits.shape[0]:
@@ -26,7 +27,7 @@ def dpo(win_logits: torch.Tensor, win_labels: torch.Tensor, win_ref_logprobs: to
     win = _log_ratio(win_logits, win_labels, win_ref_logprobs)
     lose = _log_ratio(lose_logits, lose_labels, lose_ref_logprobs)
     margin = win - lose
-    loss = sequence_mean(-(2.0 / beta) * F.logsigmoid(beta * margin), num_seqs_in_batch)
+    loss = sequence_mean(-(2.0 / beta) * F.logsigmoid(beta * margin), num_seqs_in_batch, per_sample)
     if not return_details:
         return loss
     return loss, {"margin": margin.detach(), "seq_weights": 2.0 * torch.sigmoid(-beta * margin.detach())}

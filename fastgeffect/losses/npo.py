@@ -11,13 +11,14 @@ def npo_weights(seq_logp: torch.Tensor, seq_ref_logp: torch.Tensor, beta: float)
 
 
 def npo(logits: torch.Tensor, labels: torch.Tensor, ref_logprobs: torch.Tensor, beta: float = 0.5, *,
-        num_seqs_in_batch: NumItems = None, return_details: bool = False):
+        num_seqs_in_batch: NumItems = None, return_details: bool = False,
+        per_sample: bool = False):
     """``−(2/β)·mean_s logσ(β·(logp_ref(s) − logp(s)))`` with sequence sums (paper default beta = 0.5)."""
     tok_logp, mask, ref = prepare(logits, labels, ref_logprobs)
     check_sequences_valid(mask)
     seq_logp = sequence_logprobs(tok_logp, mask)
     seq_ref = sequence_logprobs(ref, mask)
-    loss = sequence_mean(-(2.0 / beta) * F.logsigmoid(beta * (seq_ref - seq_logp)), num_seqs_in_batch)
+    loss = sequence_mean(-(2.0 / beta) * F.logsigmoid(beta * (seq_ref - seq_logp)), num_seqs_in_batch, per_sample)
     if not return_details:
         return loss
     return loss, {"seq_weights": npo_weights(seq_logp, seq_ref, beta), "seq_logprobs": seq_logp.detach(),

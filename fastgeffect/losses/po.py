@@ -14,9 +14,10 @@ from .nll import nll
 
 
 def po(logits: torch.Tensor, labels: torch.Tensor, *, num_items_in_batch: NumItems = None,
-       return_details: bool = False):
+       return_details: bool = False, per_sample: bool = False):
     """token-mean NLL of refusal answers to the forget questions (labels are the refusal tokens)."""
-    return nll(logits, labels, num_items_in_batch=num_items_in_batch, return_details=return_details)
+    return nll(logits, labels, num_items_in_batch=num_items_in_batch, return_details=return_details,
+               per_sample=per_sample)
 
 
 def load_refusals(path: Optional[Union[str, Path]] = None) -> List[str]:

@@ -32,24 +32,26 @@ def hidden_mask(hidden_states: torch.Tensor, labels: Optional[torch.Tensor]) -> 
     return mask
 
 
-def masked_mse(diff: torch.Tensor, mask: torch.Tensor, num_items_in_batch: NumItems = None) -> torch.Tensor:
+def masked_mse(diff: torch.Tensor, mask: torch.Tensor, num_items_in_batch: NumItems = None,
+               per_sample: bool = False) -> torch.Tensor:
     """mean over masked positions of mean_d diff², in at least fp32; ``num_items_in_batch`` replaces
     the position count under gradient accumulation."""
     diff = diff.float() if diff.dtype in (torch.float16, torch.bfloat16) else diff
     per_pos = diff.pow(2).mean(-1)
     denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
-    loss = per_pos[mask].sum() / denom
-    if not bool(torch.isfinite(loss)):
+    masked = torch.where(mask, per_pos, torch.zeros((), dtype=per_pos.dtype, device=per_pos.device))
+    loss = (masked.sum(-1) if per_sample else masked.sum()) / denom
+    if not bool(torch.isfinite(loss).all()):
         raise FloatingPointError("non-finite hidden-state loss (NaN or inf in hidden states)")
     return loss
 
 
 def rmu(hidden_states: torch.Tensor, labels: Optional[torch.Tensor], control: torch.Tensor, *,
-        num_items_in_batch: NumItems = None) -> torch.Tensor:
+        num_items_in_batch: NumItems = None, per_sample: bool = False) -> torch.Tensor:
     """mean over valid positions of ``mean_d (h_k − c·u)²``; ``control`` is (hidden,) from
     :func:`control_vector`."""
     mask = hidden_mask(hidden_states, labels)
     if control.shape != hidden_states.shape[-1:]:
         raise ValueError(f"control vector shape {tuple(control.shape)} does not match hidden size "
                          f"{hidden_states.shape[-1]}")
-    return masked_mse(hidden_states - control.to(hidden_states), mask, num_items_in_batch)
+    return masked_mse(hidden_states - control.to(hidden_states), mask, num_items_in_batch, per_sample)

@@ -21,8 +21,9 @@ def wtnpo_weights(tok_logp: torch.Tensor, ref_logprobs: torch.Tensor, alpha: flo
 
 def wtnpo(logits: torch.Tensor, labels: torch.Tensor, ref_logprobs: torch.Tensor, alpha: float = 1.5,
           beta: float = 4.0, *, form: str = "eq16", num_items_in_batch: NumItems = None,
-          return_details: bool = False):
+          return_details: bool = False, per_sample: bool = False):
     """token-mean of ``w_t · logp_t`` with the WTNPO weight (defaults alpha = 1.5, beta = 4)."""
     tok_logp, mask, ref = prepare(logits, labels, ref_logprobs)
     w = wtnpo_weights(tok_logp, ref, alpha, beta, form)
-    return weighted_token_loss(tok_logp, w, mask, num_items_in_batch, return_details)
+    return weighted_token_loss(tok_logp, w, mask, num_items_in_batch,
+                               return_details, per_sample)

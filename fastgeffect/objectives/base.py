@@ -36,6 +36,7 @@ class StepContext:
     reference: Optional[ReferenceModel] = None
     num_items: Mapping[str, object] = field(default_factory=dict)  # e.g. forget_tokens, retain_tokens, forget_seqs
     fused: bool = False
+    per_sample: bool = False  # terms return (B,) contributions that sum to the loss (PG-effects)
 
     def forward(self, batch: Batch, hidden_layer: Optional[int] = None):
         return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),

@@ -12,7 +12,8 @@ def _dpo(ctx, batches, hp, win_key):
     win, lose = batches[win_key], batches["forget"]
     return dpo(ctx.forward(win).logits, win["labels"], ctx.ref_logprobs(win),
                ctx.forward(lose).logits, lose["labels"], ctx.ref_logprobs(lose), hp["beta"],
-               num_seqs_in_batch=ctx.num_items.get("forget_seqs"), return_details=True)
+               num_seqs_in_batch=ctx.num_items.get("forget_seqs"), return_details=True,
+               per_sample=ctx.per_sample)
 
 
 def dpo_term(ctx, batches, hp):

@@ -49,8 +49,9 @@ class Objective:
         hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
         return f"Objective({self.name}, regularizer={self.regularizer}, lam={self.lam}{', ' + hp if hp else ''})"
 
-    def context(self, model: torch.nn.Module, num_items: Optional[Mapping[str, object]] = None) -> StepContext:
-        return StepContext(model, self.reference, dict(num_items or {}), self.fused)
+    def context(self, model: torch.nn.Module, num_items: Optional[Mapping[str, object]] = None,
+                per_sample: bool = False) -> StepContext:
+        return StepContext(model, self.reference, dict(num_items or {}), self.fused, per_sample)
 
     def with_cached_refs(self, batches: Mapping[str, Batch]) -> Dict[str, Batch]:
         """``batches`` with ``ref_logprobs`` gathered from the caches where a sub-batch has none."""
@@ -63,9 +64,11 @@ class Objective:
         return out
 
     def forget_loss(self, model: torch.nn.Module, batches: Mapping[str, Batch],
-                    num_items: Optional[Mapping[str, object]] = None):
-        """The forget term alone: ``(loss, details)``."""
-        return self.term.fn(self.context(model, num_items), self.with_cached_refs(batches), self.hparams)
+                    num_items: Optional[Mapping[str, object]] = None, *, per_sample: bool = False):
+        """The forget term alone: ``(loss, details)``; ``per_sample=True`` gives (B,) contributions
+        ℓ_i that sum to the batch loss (the per-sample terms of PG-effects)."""
+        ctx = self.context(model, num_items, per_sample)
+        return self.term.fn(ctx, self.with_cached_refs(batches), self.hparams)
 
     def __call__(self, model: torch.nn.Module, batches: Mapping[str, Batch],
                  num_items: Optional[Mapping[str, object]] = None) -> ObjectiveOutput:

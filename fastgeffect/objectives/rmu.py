@@ -24,7 +24,8 @@ def rmu_term(ctx, batches, hp):
     k = resolve_layer(ctx.model, hp["layer"])
     h = ctx.forward(batch, hidden_layer=k).hidden_states[k + 1]
     control = control_vector(h.shape[-1], hp["steering_coeff"], int(hp["seed"]), dtype=h.dtype, device=h.device)
-    return rmu(h, batch["labels"], control, num_items_in_batch=ctx.num_items.get("forget_positions")), {}
+    return rmu(h, batch["labels"], control, num_items_in_batch=ctx.num_items.get("forget_positions"),
+               per_sample=ctx.per_sample), {}
 
 
 RMU = ForgetTerm("rmu", rmu_term, {"layer": -1, "steering_coeff": 4.0, "seed": 0},

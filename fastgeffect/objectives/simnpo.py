@@ -6,7 +6,8 @@ def simnpo_term(ctx, batches, hp):
     batch = batches["forget"]
     logits = ctx.forward(batch).logits
     return simnpo(logits, batch["labels"], hp["beta"], hp["delta"],
-                  num_seqs_in_batch=ctx.num_items.get("forget_seqs"), return_details=True)
+                  num_seqs_in_batch=ctx.num_items.get("forget_seqs"), return_details=True,
+               per_sample=ctx.per_sample)
 
 
 SIMNPO = ForgetTerm("simnpo", simnpo_term, {"beta": 4.5, "delta": 0.0},

@@ -17,7 +17,7 @@ def token_weighted_loss(ctx: StepContext, batch: Batch, loss_fn: Callable, kerne
     kwargs = {k: hp[k] for k in hp_names}
     ref: Optional[torch.Tensor] = ctx.ref_logprobs(batch) if needs_ref else None
     n_items = ctx.num_items.get(num_items_key)
-    if ctx.fused:
+    if ctx.fused and not ctx.per_sample:
         from ..kernels import fused_causal_lm_loss
 
         renamed = {(kernel_names or {}).get(k, k): v for k, v in kwargs.items()}
@@ -27,5 +27,6 @@ def token_weighted_loss(ctx: StepContext, batch: Batch, loss_fn: Callable, kerne
         return loss, {}
     logits = ctx.forward(batch).logits
     args = (logits, batch["labels"]) if ref is None else (logits, batch["labels"], ref)
-    loss, details = loss_fn(*args, **kwargs, num_items_in_batch=n_items, return_details=True)
+    loss, details = loss_fn(*args, **kwargs, num_items_in_batch=n_items, return_details=True,
+                            per_sample=ctx.per_sample)
     return loss, details
