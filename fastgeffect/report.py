@@ -1,0 +1,288 @@
+"""Reports of unlearning runs: paper-style plots, a markdown summary, and run comparison.
+
+    python -m fastgeffect.report show DIR            # (re)draw plots and summary.md of one run
+    python -m fastgeffect.report compare DIR1 DIR2   # one table and overlaid curves
+
+A run folder holds ``geffect.jsonl`` (one line per step and risk), ``train_log.jsonl``,
+``pg_effects.jsonl`` (optional), ``token_weights.jsonl`` (optional), ``metrics_before.json`` /
+``metrics_after.json`` / ``metrics_uwc.json`` (optional) and ``config.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .geffect import read_geffect_log  # noqa: E402
+
+GROUP_ORDER = ("embed", "shallow", "middle", "deep", "lm")
+HEADLINE_METRICS = ("Model Utility", "Forget Quality", "Prob. Forget", "ROUGE Forget", "Prob. Retain", "ROUGE Retain",
+                    "PS-exact forget", "PS-perturb forget", "PS-exact retain", "PS-perturb retain")
+
+
+def read_jsonl(path: Path) -> List[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def series(records: Sequence[dict], risk: str, key: Optional[str] = None) -> tuple:
+    """(steps, values) of one risk: the total, or group ``key``."""
+    rows = [r for r in records if r["risk"] == risk]
+    steps = [r["step"] for r in rows]
+    vals = [r["total"] if key is None else r["groups"].get(key, float("nan")) for r in rows]
+    return steps, vals
+
+
+def groups_of(records: Sequence[dict]) -> List[str]:
+    seen = []
+    for r in records:
+        for g in r["groups"]:
+            if g not in seen:
+                seen.append(g)
+    return [g for g in GROUP_ORDER if g in seen] + [g for g in seen if g not in GROUP_ORDER]
+
+
+def cumulative(values: Sequence[float]) -> List[float]:
+    out, s = [], 0.0
+    for v in values:
+        s += v
+        out.append(s)
+    return out
+
+
+def plot_geffects(records: Sequence[dict], path: Path, title: str) -> None:
+    """Per-step and cumulative unlearning / retaining G-effects, total and per layer group."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    for col, risk in enumerate(("unlearn", "retain")):
+        for g in groups_of(records):
+            steps, vals = series(records, risk, g)
+            axes[0, col].plot(steps, vals, label=g, lw=1)
+            axes[1, col].plot(steps, cumulative(vals), label=g, lw=1)
+        steps, vals = series(records, risk)
+        axes[0, col].plot(steps, vals, label="total", color="k", lw=1.6)
+        axes[1, col].plot(steps, cumulative(vals), label="total", color="k", lw=1.6)
+        axes[0, col].set_title(f"{'unlearning' if risk == 'unlearn' else 'retaining'} G-effect per step")
+        axes[1, col].set_title("cumulative")
+        axes[1, col].set_xlabel("step")
+        for ax in axes[:, col]:
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set_yscale("symlog", linthresh=1e-3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_risks(records: Sequence[dict], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for risk, label in (("unlearn", "forget NLL"), ("retain", "held-out retain NLL")):
+        rows = [r for r in records if r["risk"] == risk]
+        ax.plot([r["step"] for r in rows], [r["risk_value"] for r in rows], label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("risk (token-mean NLL)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_weights(train_log: Sequence[dict], path: Path, title: str) -> bool:
+    """Objective weights (mean with min–max band) and GA's inverse confidence 1/p over steps."""
+    rows = [r for r in train_log if "weights" in r]
+    inv = [r for r in train_log if "inv_conf" in r]
+    if not rows and not inv:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if rows:
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["weights"]["mean"] for r in rows], label="mean objective weight")
+        ax.fill_between(steps, [r["weights"]["min"] for r in rows], [r["weights"]["max"] for r in rows], alpha=0.2,
+                        label="min–max")
+    if inv:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in inv], [r["inv_conf"] for r in inv], color="tab:red", lw=1,
+                 label="mean 1/p (GA inverse confidence)")
+        ax2.set_yscale("log")
+        ax2.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_pg_effects(pg: Sequence[dict], path: Path, title: str) -> bool:
+    """PG-effect of each sample against its objective (sequence) weight, one colour per step (Fig. 5b)."""
+    if not pg:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in pg:
+        if "seq_weights" in r:
+            ax.scatter(r["seq_weights"], r["pg_effect"], s=12, label=f"step {r['step']}")
+    ax.set_xlabel("objective weight of the sample")
+    ax.set_ylabel("PG-effect ⟨∇R, ∇ℓ_i⟩")
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def token_weights_html(rows: Sequence[dict], path: Path, title: str) -> bool:
+    """Heat-map of per-token objective weights of a few forget samples, one line per epoch."""
+    if not rows:
+        return False
+    top = max(max(r["weights"]) for r in rows) or 1.0
+    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>",
+             f"<h2>{html.escape(title)}</h2><p>colour: token weight / {top:.3g} (white 0, red max)</p>"]
+    for index in sorted({r["index"] for r in rows}):
+        parts.append(f"<h3>forget sample {index}</h3><table>")
+        for r in sorted((r for r in rows if r["index"] == index), key=lambda r: r["epoch"]):
+            cells = []
+            for tok, w in zip(r["tokens"], r["weights"]):
+                a = max(0.0, min(1.0, w / top))
+                cells.append(f"<span title='{w:.3g}' style='background:rgba(220,30,30,{a:.3f})'>"
+                             f"{html.escape(tok)}</span>")
+            parts.append(f"<tr><td>epoch {r['epoch']}</td><td style='font-family:monospace'>{' '.join(cells)}</td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return True
+
+
+def fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def metrics_table(columns: Dict[str, Optional[dict]]) -> str:
+    cols = {k: v for k, v in columns.items() if v}
+    if not cols:
+        return "(no metrics)\n"
+    keys = [k for k in HEADLINE_METRICS if any(k in v for v in cols.values())]
+    keys += sorted({k for v in cols.values() for k in v if k not in keys and isinstance(v[k], (int, float))})
+    lines = ["| metric | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(fmt(v.get(k)) for v in cols.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def geffect_totals(records: Sequence[dict]) -> str:
+    """Cumulative G-effect per group over the run (the area under the paper's curves)."""
+    groups = groups_of(records)
+    lines = ["| risk | " + " | ".join(groups) + " | total |", "| --- |" + " --- |" * (len(groups) + 1)]
+    for risk in ("unlearn", "retain"):
+        rows = [r for r in records if r["risk"] == risk]
+        if rows:
+            sums = [sum(r["groups"].get(g, 0.0) for r in rows) for g in groups]
+            lines.append(f"| {risk} | " + " | ".join(fmt(s) for s in sums) + f" | {fmt(sum(r['total'] for r in rows))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path) -> Path:
+    """Plots and ``summary.md`` of one run folder; returns the summary's path."""
+    run_dir = Path(run_dir)
+    cfg = read_json(run_dir / "config.json") or {}
+    name = cfg.get("method", run_dir.name)
+    records = read_geffect_log(run_dir / "geffect.jsonl") if (run_dir / "geffect.jsonl").exists() else []
+    train_log = read_jsonl(run_dir / "train_log.jsonl")
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    made = []
+    if records:
+        plot_geffects(records, plots / "geffect.png", f"G-effects of {name}")
+        plot_risks(records, plots / "risk.png", f"risks during {name}")
+        made += ["plots/geffect.png", "plots/risk.png"]
+    if plot_weights(train_log, plots / "weights.png", f"objective weights of {name}"):
+        made.append("plots/weights.png")
+    if plot_pg_effects(read_jsonl(run_dir / "pg_effects.jsonl"), plots / "pg_effects.png", f"PG-effects of {name}"):
+        made.append("plots/pg_effects.png")
+    if token_weights_html(read_jsonl(run_dir / "token_weights.jsonl"), run_dir / "token_weights.html",
+                          f"token weights of {name} across epochs"):
+        made.append("token_weights.html")
+    before, after, uwc = (read_json(run_dir / f"metrics_{k}.json") for k in ("before", "after", "uwc"))
+    parts = [f"# {name} run\n", f"Config: `{json.dumps({k: cfg[k] for k in sorted(cfg) if k != 'argv'})}`\n",
+             "## Metrics\n", metrics_table({"before": before, "after": after, "UWC-calibrated": uwc})]
+    if uwc and "alpha" in uwc:
+        parts.append(f"UWC: α = {fmt(uwc['alpha'])} (largest mix keeping retain PS within tolerance)\n")
+    if records:
+        parts += ["## Cumulative G-effects\n", geffect_totals(records),
+                  "Negative unlearning G-effect: the step removes targeted knowledge; negative retaining "
+                  "G-effect: it damages retained knowledge.\n"]
+    parts += ["## Files\n"] + [f"- [{m}]({m})" for m in made]
+    out = run_dir / "summary.md"
+    out.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return out
+
+
+def compare(run_dirs: Sequence[Path], out_dir: Optional[Path] = None) -> Path:
+    """One metrics table and overlaid total G-effect curves of several runs."""
+    run_dirs = [Path(d) for d in run_dirs]
+    for d in run_dirs:
+        if not (d / "config.json").exists():
+            raise FileNotFoundError(f"{d} is not a run folder (no config.json)")
+    out_dir = Path(out_dir) if out_dir else run_dirs[0].parent / "compare"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    label = {d: f"{(read_json(d / 'config.json') or {}).get('method', d.name)} ({d.name})" for d in run_dirs}
+    table = metrics_table({label[d]: read_json(d / "metrics_after.json") for d in run_dirs})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for d in run_dirs:
+        p = d / "geffect.jsonl"
+        records = read_geffect_log(p) if p.exists() else []
+        for ax, risk in zip(axes, ("unlearn", "retain")):
+            steps, vals = series(records, risk)
+            ax.plot(steps, cumulative(vals), label=label[d])
+    for ax, risk in zip(axes, ("unlearning", "retaining")):
+        ax.set_title(f"cumulative {risk} G-effect")
+        ax.set_xlabel("step")
+        ax.set_yscale("symlog", linthresh=1e-3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "compare.png", dpi=110)
+    plt.close(fig)
+    (out_dir / "compare.md").write_text("# Comparison (after unlearning)\n\n" + table + "\n![curves](compare.png)\n",
+                                        encoding="utf-8")
+    return out_dir / "compare.md"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastgeffect.report", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    one = sub.add_parser("show", help="(re)draw the plots and summary.md of one run folder")
+    one.add_argument("run_dir", type=Path)
+    cmp_ = sub.add_parser("compare", help="compare several run folders: one table, overlaid curves")
+    cmp_.add_argument("run_dirs", type=Path, nargs="+")
+    cmp_.add_argument("--out", type=Path, default=None, help="output folder (default: <parent>/compare)")
+    args = ap.parse_args(argv)
+    if args.cmd == "show":
+        path = write_report(args.run_dir)
+    else:
+        path = compare(args.run_dirs, args.out)
+    print(path.read_text(encoding="utf-8"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
