@@ -32,8 +32,9 @@ def _kl_rows(q_ptr, stride_q, r_ptr, stride_r, scale_ptr, kl_ptr, V,
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + cols0
         msk = cols < V
-        zq = tl.load(qbase + cols, mask=msk, other=NEG_BIG).to(tl.float32)
-        zr = tl.load(rbase + cols, mask=msk, other=NEG_BIG).to(tl.float32)
+        # masked lanes read as a huge negative finite logit: zero mass, no inf - inf
+        zq = tl.where(msk, tl.load(qbase + cols, mask=msk, other=0.0).to(tl.float32), NEG_BIG)
+        zr = tl.where(msk, tl.load(rbase + cols, mask=msk, other=0.0).to(tl.float32), NEG_BIG)
         mq_new = tl.maximum(mq, tl.max(zq, axis=0))
         mr_new = tl.maximum(mr, tl.max(zr, axis=0))
         eq = tl.exp(zq - mq_new)

@@ -31,7 +31,8 @@ def _weighted_nll_rows(logits_ptr, stride_row, labels_ptr, ref_ptr, explicit_ptr
     s = tl.zeros((), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + cols0
-        z = tl.load(base + cols, mask=cols < V, other=NEG_BIG).to(tl.float32)
+        msk = cols < V
+        z = tl.where(msk, tl.load(base + cols, mask=msk, other=0.0).to(tl.float32), NEG_BIG)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
@@ -67,7 +68,7 @@ def _weighted_nll_rows(logits_ptr, stride_row, labels_ptr, ref_ptr, explicit_ptr
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + cols0
             msk = cols < V
-            z = tl.load(base + cols, mask=msk, other=NEG_BIG).to(tl.float32)
+            z = tl.load(base + cols, mask=msk, other=0.0).to(tl.float32)
             g = -c * tl.exp(z - lse)
             g = tl.where(cols == y, g + c, g)
             tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=msk)

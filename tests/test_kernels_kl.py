@@ -1,0 +1,144 @@
+"""Fused KL regulariser against an independent float64 reference and fastgeffect.losses.kl."""
+import math
+
+import pytest
+import torch
+
+from fastgeffect import losses
+from fastgeffect.kernels import fused_linear_kl
+from fastgeffect.losses import AllMaskedError
+
+BACKENDS = ["torch", "triton"]
+TOL = {torch.float32: 3e-5, torch.bfloat16: 5e-2}
+
+
+def make_inputs(N, H, V, dtype, seed=0, ref_h=None):
+    gen = torch.Generator().manual_seed(seed)
+    ref_h = ref_h or H
+    hidden = torch.randn(N, H, generator=gen).to(dtype)
+    weight = (torch.randn(V, H, generator=gen) / math.sqrt(H)).to(dtype)
+    bias = (torch.randn(V, generator=gen) * 0.1).to(dtype)
+    ref_hidden = torch.randn(N, ref_h, generator=gen).to(dtype)
+    ref_weight = (torch.randn(V, ref_h, generator=gen) / math.sqrt(ref_h)).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=gen)
+    labels[torch.rand(N, generator=gen) < 0.4] = -100
+    labels[1] = 0
+    return hidden, weight, bias, ref_hidden, ref_weight, labels
+
+
+def reference(hidden, weight, bias, ref_hidden, ref_weight, labels, direction, positions):
+    h, w, b = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    logq = torch.log_softmax(h @ w.t() + b, -1)
+    logr = torch.log_softmax(ref_hidden.double() @ ref_weight.double().t(), -1)
+    if direction == "forward":
+        per_row = (logr.exp() * (logr - logq)).sum(-1)
+    else:
+        per_row = (logq.exp() * (logq - logr)).sum(-1)
+    loss = per_row.mean() if positions == "all" else per_row[labels != -100].mean()
+    return loss.detach(), torch.autograd.grad(loss, (h, w, b))
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("positions", ["all", "answer"])
+@pytest.mark.parametrize("N,H,V,dtype", [(27, 16, 97, torch.float32), (21, 64, 5000, torch.float32),
+                                          (19, 40, 1001, torch.bfloat16)])
+def test_matches_float64_reference(backend, direction, positions, N, H, V, dtype):
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(N, H, V, dtype, seed=V)
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    ref_weight.requires_grad_()  # the reference side must stay detached
+    loss = fused_linear_kl(params[0], params[1], ref_hidden, ref_weight, labels=labels, direction=direction,
+                           positions=positions, bias=params[2], backend=backend, chunk_size=8)
+    loss.backward()
+    want, grads = reference(*params, ref_hidden, ref_weight, labels, direction, positions)
+    assert loss.dtype == torch.float32 and float(loss.detach()) > 0
+    assert rel_err(loss.reshape(1), want.reshape(1)) < TOL[dtype]
+    for p, g in zip(params, grads):
+        assert p.grad.dtype == dtype and rel_err(p.grad, g) < 3 * TOL[dtype]
+    assert ref_weight.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("positions", ["all", "answer"])
+def test_matches_losses_kl(backend, direction, positions):
+    """(B, T) rows given to fused_linear_kl with labels shifted left give losses.kl on (B, T, V) logits."""
+    B, T, H, V = 3, 7, 16, 113
+    hidden, weight, bias, ref_hidden, ref_weight, _ = make_inputs(B * T, H, V, torch.float32, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    labels[:, :3] = -100
+    labels[1, 5:] = -100
+    aligned = torch.cat([labels[:, 1:], torch.full((B, 1), -100)], 1).reshape(-1)
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_kl(h, weight, ref_hidden, ref_weight, labels=aligned, direction=direction,
+                           positions=positions, bias=bias, backend=backend, chunk_size=4)
+    loss.backward()
+    h2 = hidden.double().requires_grad_()
+    logits = (h2 @ weight.double().t() + bias.double()).view(B, T, V)
+    ref_logits = (ref_hidden.double() @ ref_weight.double().t()).view(B, T, V)
+    want = losses.kl(logits, ref_logits, labels, direction=direction, positions=positions)
+    want.backward()
+    assert rel_err(loss.reshape(1), want.reshape(1)) < 3e-5
+    assert rel_err(h.grad, h2.grad) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_identical_models_give_zero_and_mixed_widths_work(backend):
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(15, 24, 200, torch.float32, seed=3, ref_h=8)
+    zero = fused_linear_kl(hidden, weight, hidden, weight, backend=backend)
+    assert abs(float(zero)) < 1e-5
+    loss = fused_linear_kl(hidden, weight, ref_hidden, ref_weight, backend=backend)  # ref is narrower
+    h = hidden.double()
+    want = torch.nn.functional.kl_div(torch.log_softmax(h @ weight.double().t(), -1),
+                                      torch.log_softmax(ref_hidden.double() @ ref_weight.double().t(), -1),
+                                      reduction="batchmean", log_target=True)  # TOFU's form
+    assert rel_err(loss.reshape(1), want.reshape(1)) < 3e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits_and_errors(backend):
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(11, 32, 300, torch.bfloat16, seed=4)
+    h = (hidden.float() * 2e3).to(torch.bfloat16).requires_grad_()
+    for direction in ("forward", "reverse"):
+        loss = fused_linear_kl(h, weight, ref_hidden * 500, ref_weight, direction=direction, backend=backend)
+        (g,) = torch.autograd.grad(loss, (h,))
+        assert torch.isfinite(loss) and bool(torch.isfinite(g).all())
+    with pytest.raises(AllMaskedError):
+        fused_linear_kl(hidden, weight, ref_hidden, ref_weight, labels=torch.full((11,), -100),
+                        positions="answer", backend=backend)
+
+
+def test_bad_inputs():
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(11, 16, 97, torch.float32)
+    with pytest.raises(ValueError, match="direction"):
+        fused_linear_kl(hidden, weight, ref_hidden, ref_weight, direction="sym")
+    with pytest.raises(ValueError, match="positions"):
+        fused_linear_kl(hidden, weight, ref_hidden, ref_weight, positions="some")
+    with pytest.raises(ValueError, match="needs labels"):
+        fused_linear_kl(hidden, weight, ref_hidden, ref_weight, positions="answer")
+    with pytest.raises(ValueError, match="rows"):
+        fused_linear_kl(hidden, weight, ref_hidden[:5], ref_weight)
+    with pytest.raises(ValueError, match="vocab"):
+        fused_linear_kl(hidden, weight, ref_hidden, ref_weight[:50])
+    with pytest.raises(ValueError, match="hidden size"):
+        fused_linear_kl(hidden, weight, ref_hidden[:, :4], ref_weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels compiled for the device)")
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_gpu_triton_matches_reference(direction):
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(200, 256, 32000, torch.bfloat16, seed=5)
+    params = [t.cuda().requires_grad_() for t in (hidden, weight, bias)]
+    loss = fused_linear_kl(params[0], params[1], ref_hidden.cuda(), ref_weight.cuda(), bias=params[2],
+                           direction=direction, backend="triton", chunk_size=64)
+    loss.backward()
+    want, grads = reference(*[p.detach().cpu() for p in params], ref_hidden, ref_weight, labels, direction, "all")
+    assert rel_err(loss.cpu().reshape(1), want.reshape(1)) < 5e-2
+    for p, g in zip(params, grads):
+        assert rel_err(p.grad.cpu(), g) < 1e-1
