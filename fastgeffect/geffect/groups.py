@@ -1,16 +1,18 @@
 """Parameter groups for G-effects, derived from module structure (DESIGN.md §4).
 
 The decoder blocks are found generically as the largest ``nn.ModuleList`` of same-class modules
-(``model.layers``, ``transformer.h``, ``gpt_neox.layers``, ...). Parameters registered before the
-block list join ``embed``, those after it (final norm) join ``deep`` / ``final_norm``; the input
-and output embeddings come from ``get_input_embeddings()`` / ``get_output_embeddings()``.
+(``model.layers``, ``transformer.h``, ``gpt_neox.layers``, ...); the input and output embeddings
+come from ``get_input_embeddings()`` / ``get_output_embeddings()``. Other parameters that act
+before the first block (position embeddings) join ``embed``, those acting after it (final norm)
+join ``deep`` / ``final_norm``; "before/after" is read from a 2-token trace forward (registration
+order when the model cannot be traced: OPT, for one, registers its final norm before its blocks).
 Only trainable parameters (``requires_grad``) count; a tied embedding / LM head tensor is counted
 once, in ``embed``, and the grouping says ``tied=True``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -76,6 +78,62 @@ def _module_params(getter) -> List[nn.Parameter]:
     return list(mod.parameters()) if isinstance(mod, nn.Module) else []
 
 
+def embeddings_tied(model: nn.Module) -> bool:
+    """Whether the input embedding and the output embedding (LM head) share a parameter."""
+    embed = {id(p) for p in _module_params(getattr(model, "get_input_embeddings", lambda: None))}
+    head = {id(p) for p in _module_params(getattr(model, "get_output_embeddings", lambda: None))}
+    return bool(embed & head)
+
+
+def _tied_note(tied: bool, where: str) -> List[str]:
+    return [f"input embedding and LM head share their weight: counted once, in {where}"] if tied else []
+
+
+def _first_calls(model: nn.Module) -> Optional[Dict[int, int]]:
+    """id(module) -> rank of its first forward call in a 2-token no-grad trace of ``model``
+    (RNG state preserved); None when the model cannot be called as ``model(input_ids=...)``."""
+    order: Dict[int, int] = {}
+
+    def pre(mod, args):
+        order.setdefault(id(mod), len(order))
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    try:
+        weight = model.get_input_embeddings().weight
+        ids = torch.zeros(1, 2, dtype=torch.long, device=weight.device)
+        devices = [weight.device] if weight.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            model(input_ids=ids)
+    except Exception:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _before_blocks(model: nn.Module, blocks: nn.ModuleList, outside: List[nn.Parameter]) -> Dict[int, bool]:
+    """For parameters outside the blocks and embeddings: do they act before the first block
+    (position embeddings, an embedding norm) or after it (final norm)? Decided by the order of
+    forward calls in a tiny trace, falling back to registration order."""
+    calls = _first_calls(model)
+    owners: Dict[int, List[nn.Module]] = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(mod)
+    reg = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
+    first_block_reg = min(reg[id(p)] for p in blocks.parameters())
+    first_block_call = calls.get(id(blocks[0])) if calls else None
+    out = {}
+    for p in outside:
+        ranks = [calls[id(m)] for m in owners.get(id(p), []) if calls and id(m) in calls]
+        if ranks and first_block_call is not None:
+            out[id(p)] = min(ranks) < first_block_call
+        else:
+            out[id(p)] = reg[id(p)] < first_block_reg
+    return out
+
+
 def _thirds(n: int) -> List[int]:
     """Block index -> 0/1/2 for three contiguous thirds, the first thirds taking the remainder."""
     sizes = [n // 3 + (1 if i < n % 3 else 0) for i in range(3)]
@@ -89,14 +147,11 @@ def _structural(model: nn.Module, per_block: bool) -> Grouping:
     for i, block in enumerate(blocks):
         for p in block.parameters():
             block_of.setdefault(id(p), i)
-    embed_ids = {id(p) for p in _module_params(model.get_input_embeddings)} if hasattr(
-        model, "get_input_embeddings") else set()
-    head_ids = {id(p) for p in _module_params(model.get_output_embeddings)} if hasattr(
-        model, "get_output_embeddings") else set()
+    embed_ids = {id(p) for p in _module_params(getattr(model, "get_input_embeddings", lambda: None))}
+    head_ids = {id(p) for p in _module_params(getattr(model, "get_output_embeddings", lambda: None))}
     tied = bool(embed_ids & head_ids)
-    # registration order decides whether a parameter outside the blocks sits before or after them
-    order = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
-    first_block = min(order[id(p)] for p in blocks.parameters())
+    outside = [p for _, p in named if id(p) not in embed_ids | head_ids and id(p) not in block_of]
+    before = _before_blocks(model, blocks, outside) if outside else {}
 
     n = len(blocks)
     if per_block:
@@ -116,16 +171,14 @@ def _structural(model: nn.Module, per_block: bool) -> Grouping:
             g = lm
         elif id(p) in block_of:
             g = block_gid[block_of[id(p)]]
-        elif order[id(p)] < first_block:
+        elif before[id(p)]:
             g = 0
         else:
             g = post
         params.append(p)
         pnames.append(name)
         gids.append(g)
-    notes = [f"decoder blocks: {blocks_name} ({n})"]
-    if tied:
-        notes.append("input embedding and LM head share their weight: counted once, in 'embed'")
+    notes = [f"decoder blocks: {blocks_name} ({n})"] + _tied_note(tied, "'embed'")
     return Grouping(names, params, pnames, gids, tied, notes)
 
 
@@ -165,8 +218,10 @@ def _custom(model: nn.Module, spec: Mapping[str, Iterable]) -> Grouping:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         raise ValueError(f"custom grouping misses {len(missing)} trainable parameter(s): {shown}")
     gid = {g: i for i, g in enumerate(names)}
+    tied = embeddings_tied(model)
     return Grouping(names, [p for _, p in named], [n for n, _ in named],
-                    [gid[group_of[id(p)]] for _, p in named], False, ["custom grouping"])
+                    [gid[group_of[id(p)]] for _, p in named], tied,
+                    ["custom grouping"] + _tied_note(tied, "its group"))
 
 
 def build_grouping(model: nn.Module, groups: GroupSpec = "paper") -> Grouping:
@@ -180,13 +235,15 @@ def build_grouping(model: nn.Module, groups: GroupSpec = "paper") -> Grouping:
             return _structural(model, per_block=True)
         if groups == "params":
             named = trainable_named_parameters(model)
+            tied = embeddings_tied(model)
             return Grouping([n for n, _ in named], [p for _, p in named], [n for n, _ in named],
-                            list(range(len(named))), False, ["one group per parameter tensor"])
+                            list(range(len(named))), tied,
+                            ["one group per parameter tensor"] + _tied_note(tied, "the embedding's entry"))
         raise ValueError(f"unknown grouping {groups!r}; valid: {', '.join(GROUPINGS)}, a mapping or a callable")
     if callable(groups) and not isinstance(groups, Mapping):
         return _custom(model, groups(model))
     return _custom(model, groups)
 
 
-__all__ = ["Grouping", "GroupSpec", "GROUPINGS", "PAPER_GROUPS", "build_grouping", "find_block_list",
+__all__ = ["Grouping", "GroupSpec", "embeddings_tied", "GROUPINGS", "PAPER_GROUPS", "build_grouping", "find_block_list",
            "trainable_named_parameters"]
