@@ -97,7 +97,7 @@ def memorise(model, tokenizer, template, records, *, steps: int = 150, lr: float
         loss.backward()
         opt.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def toy_tokenizer_for(records, template, **kw):
