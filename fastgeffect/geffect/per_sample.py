@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, jvp
 
 from .. import ops as _ops
 from .engine import check_risk_value
@@ -98,8 +99,6 @@ def module_jvp_contrib(mod: nn.Module, name: str, tangent: torch.Tensor, args, k
                        acc: torch.dtype) -> torch.Tensor:
     """(B,) Σ_t δ_t·(J_t G): forward-mode derivative of the output of ``mod`` along G for its
     parameter ``name`` (the module's other parameters held fixed)."""
-    from torch.func import functional_call, jvp
-
     p = dict(mod.named_parameters(recurse=False))[name]
 
     def f(w):
