@@ -66,8 +66,8 @@ FGE_HD uint32_t f32_to_bits(float f) {
 // bf16 is the upper half of an fp32: exact.
 FGE_HD float to_float(bf16_raw h) { return bits_to_f32(static_cast<uint32_t>(h.x) << 16); }
 
-// IEEE fp16 -> fp32, exact for normals, subnormals, inf and nan. Branch-free (a select), so
-// the host loop auto-vectorises; after M. Dukhan's FP16 library (fp16_ieee_to_fp32_value).
+// IEEE fp16 -> fp32, exact for normals, subnormals, inf and nan. Branch-free, so the host loop
+// auto-vectorises; after M. Dukhan's FP16 library (fp16_ieee_to_fp32_value).
 FGE_HD float to_float(f16_raw h) {
 #if defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half(h.x));  // one hardware conversion on the GPU
@@ -79,7 +79,9 @@ FGE_HD float to_float(f16_raw h) {
   const float normalized = bits_to_f32((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
   // Subnormal: build 0.5 + m * 2^-24 style value and subtract the magic bias.
   const float denormalized = bits_to_f32((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t bits = two_w < (1u << 27) ? f32_to_bits(denormalized) : f32_to_bits(normalized);
+  // Select with a mask, not ?:, so the compiler if-converts and vectorises the loop.
+  const uint32_t is_sub = 0u - static_cast<uint32_t>(two_w < (1u << 27));
+  const uint32_t bits = (f32_to_bits(denormalized) & is_sub) | (f32_to_bits(normalized) & ~is_sub);
   return bits_to_f32(sign | bits);
 #endif
 }
