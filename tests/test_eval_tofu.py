@@ -168,3 +168,20 @@ def test_load_real_tofu_files():
     assert all(len(r["perturbed_answer"]) == 3 for r in load_tofu_sets("forget01", SHARED)["real_authors"])
     with pytest.raises(ValueError, match="unknown forget split"):
         load_tofu_sets("forget07", SHARED)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/tofu (the TOFU data) is not present")
+def test_cli_tofu_on_a_saved_tiny_model(toy, tmp_path):
+    from fastgeffect.eval.__main__ import main
+
+    model, tok, _ = toy
+    copy.deepcopy(model).float().save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out = tmp_path / "out"
+    args = ["tofu", "--model", str(tmp_path / "m"), "--split", "forget01", "--data-dir", str(SHARED), "--ds-size", "3",
+            "--dtype", "fp32", "--device", "cpu", "--max-new-tokens", "4", "--out", str(out)]
+    assert main(args) == 0
+    logs = load_logs(out)
+    assert set(logs) == set(FILES) and all(len(v["avg_gt_loss"]) == 3 for v in logs.values())
+    assert main(["aggregate", "--logs", str(out), "--retain-log", str(out / "eval_log_forget.json")]) == 0
+    assert json.loads((out / "metrics.json").read_text())["Forget Quality"] == 1.0

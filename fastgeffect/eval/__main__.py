@@ -37,7 +37,7 @@ def _tofu(args) -> int:
     out_dir = Path(args.out or Path(args.model) / "eval_results" / f"ds_size{args.ds_size}")
     res = evaluate_tofu(model, tokenizer, get_template(args.template), sets, out_dir=out_dir,
                         retain_log=args.retain_log, ds_size=args.ds_size, max_length=args.max_length,
-                        batch_size=args.batch_size)
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     print(format_table(res["metrics"]))
     print(f"logs written to {out_dir}")
     return 0
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     t.add_argument("--out", help="output folder (default: MODEL/eval_results/ds_sizeN)")
     t.add_argument("--ds-size", type=int, default=300)
     t.add_argument("--max-length", type=int, default=200)
+    t.add_argument("--max-new-tokens", type=int, help="generation budget (default: TOFU's max_length rule)")
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     t.add_argument("--device")
