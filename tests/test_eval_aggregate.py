@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fastgeffect.eval import aggregate, forget_quality, load_logs, load_retain_log
+from fastgeffect.eval import aggregate, load_logs, load_retain_log
 from fastgeffect.eval.__main__ import main as cli
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "tofu"

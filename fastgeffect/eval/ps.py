@@ -63,8 +63,7 @@ class _Job:
         self.ids = tokenizer(self.context, add_special_tokens=add_special)["input_ids"]
         self.tail = self.ids[-_TAIL:]
         self.words = words
-        tail_text = tokenizer.decode(self.tail, skip_special_tokens=True)
-        self.tail_text = tail_text
+        self.tail_text = tokenizer.decode(self.tail, skip_special_tokens=True)
         target = " ".join(words[m:])
         self.budget = 2 * len(tokenizer(" " + target, add_special_tokens=False)["input_ids"]) + 8
 
@@ -86,8 +85,8 @@ def _make_stopper(tokenizer, jobs: List[_Job], eos: Optional[int]):
             done = []
             for r, i in enumerate(self.rows):
                 new = input_ids[r, self.T:].tolist()
-                if eos is not None and eos in new:
-                    done.append(True)
+                if (eos is not None and eos in new) or len(new) >= jobs[i].budget:
+                    done.append(True)  # finished, or out of this row's own budget
                     continue
                 ok, complete = _words_state(jobs[i].reconstructed(tokenizer, new), jobs[i].words)
                 done.append((not ok) or complete)
@@ -99,15 +98,12 @@ def _make_stopper(tokenizer, jobs: List[_Job], eos: Optional[int]):
 def _run_jobs(model, tokenizer, jobs: List[_Job], batch_size: int, add_special: bool) -> List[bool]:
     """Whether greedy decoding reproduces the rest of the answer, for every job (batched)."""
     prompts = [j.context for j in jobs]
-    out: List[bool] = [False] * len(jobs)
-    # one generate call per budget group keeps budgets tight; budgets are sorted with lengths
+    # one budget for the call: rows stop on their own as soon as they leave their target
     new_ids = greedy_generate(model, tokenizer, prompts, max_new_tokens=max(j.budget for j in jobs),
                               batch_size=batch_size, add_special_tokens=add_special, return_ids=True,
                               stopping_criteria_fn=_make_stopper(tokenizer, jobs, tokenizer.eos_token_id))
-    for k, (job, ids) in enumerate(zip(jobs, new_ids)):
-        text = job.reconstructed(tokenizer, ids).partition("\n")[0]
-        out[k] = text.split() == job.words
-    return out
+    return [job.reconstructed(tokenizer, ids).partition("\n")[0].split() == job.words
+            for job, ids in zip(jobs, new_ids)]
 
 
 @torch.no_grad()

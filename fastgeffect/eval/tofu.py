@@ -19,7 +19,6 @@ the two agree), and batches are length-sorted.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Union
 
