@@ -57,9 +57,10 @@ def paper_copy_to_host(acc, ta, tb, gids):
     acc += sums.to(acc.device, acc.dtype)
 
 
-def time_it(fn: Callable[[], None], device: str, reps: int) -> float:
-    """Best wall time in seconds over ``reps`` runs after one warm-up."""
-    fn()
+def time_it(fn: Callable[[], None], device: str, reps: int, warmup: bool = True) -> float:
+    """Best wall time in seconds over ``reps`` runs (after one warm-up run if ``warmup``)."""
+    if warmup:
+        fn()
     best = math.inf
     for _ in range(reps):
         if device == "cuda":
@@ -106,7 +107,8 @@ def run(device: str = "cpu", scale: float | None = None, reps: int | None = None
                 if name == "ext" and not ops.extension_available(device):
                     continue
                 acc = torch.zeros(5, dtype=acc_dtype, device=device)
-                times[name] = time_it(lambda: fn(acc), device, 1 if name.startswith("paper") else reps)
+                slow = name.startswith("paper")  # seconds per call at 7B on a GPU: one cold run
+                times[name] = time_it(lambda: fn(acc), device, 1 if slow else reps, warmup=not slow)
         finally:
             ops.set_backend(previous)
         for name, t in times.items():
