@@ -24,6 +24,9 @@ install_requires = [
 extras_require = {
     "test": ["pytest", "hypothesis", "pytest-benchmark", "peft"],
     "peft": ["peft"],
+    # the alternatives benchmarks/bench_losses.py compares against (their kernels need CUDA)
+    "bench": ["liger-kernel", "cut-cross-entropy", "psutil"],
+    "dist": ["deepspeed"],
 }
 
 
