@@ -156,3 +156,20 @@ def test_per_sample_forget_terms_sum_to_batch(name):
     whole, _ = obj.forget_loss(model, b)
     assert parts.shape == (3,)
     torch.testing.assert_close(parts.sum(), whole)
+
+
+@pytest.mark.parametrize("name,reg", [("ga", "gd"), ("wga", "none"), ("tnpo", "gd"), ("wtnpo", "none"), ("po", "none")])
+def test_fused_path_matches_materialised_logits(name, reg):
+    model = tiny_llama()
+    ref = ReferenceModel(copy.deepcopy(model))
+    b = paired_batches(8)
+    grads = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        hp = {"form": "product"} if name == "wtnpo" else {}
+        out = get_objective(name, regularizer=reg, reference=ref, fused=fused, **hp)(model, b)
+        out.loss.backward()
+        grads.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    for a, c in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
