@@ -282,3 +282,30 @@ def test_trainable_set_changed(trained):
     model.lm_head.requires_grad_(False)
     with pytest.raises(RuntimeError, match="changed"):
         engine.measure({"r": lambda: L.nll(logits_of(model, batch), batch["labels"])})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp32 accumulation on device)")
+def test_cuda_matches_cpu_float64():
+    from fastgeffect.geffect import per_sample_geffects
+
+    cpu = tiny_model("llama", layers=3, dtype=torch.float64)
+    gpu = copy.deepcopy(cpu).float().cuda()
+    batch = qa_batch(13)
+    gbatch = {k: v.cuda() for k, v in batch.items()}
+    results = []
+    for model, b in ((cpu, batch), (gpu, gbatch)):
+        model.zero_grad(set_to_none=True)
+        L.wga(logits_of(model, b), b["labels"]).backward()
+        results.append(GEffect(model).measure({"r": lambda: L.nll(logits_of(model, b), b["labels"])})["r"])
+    for g in results[0].groups:
+        assert results[1].groups[g] == pytest.approx(results[0].groups[g], rel=1e-4, abs=1e-6)
+
+    def terms(model, b):
+        lp = L.token_logprobs(logits_of(model, b), b["labels"])
+        m = L.valid_mask(b["labels"])
+        return (lp * m).sum(1) / m.sum()
+
+    v_cpu = per_sample_geffects(cpu, lambda: L.nll(logits_of(cpu, batch), batch["labels"]), lambda: terms(cpu, batch))
+    v_gpu = per_sample_geffects(gpu, lambda: L.nll(logits_of(gpu, gbatch), gbatch["labels"]),
+                                lambda: terms(gpu, gbatch))
+    torch.testing.assert_close(v_gpu.double(), v_cpu, rtol=1e-4, atol=1e-6)

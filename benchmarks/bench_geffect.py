@@ -1,0 +1,400 @@
+"""G-effect engine benchmark (DESIGN.md §4.1, §4.3, §7).
+
+One measurement = the G-effects of the objective gradient (in p.grad) against two risks (forget
+and retain NLL), split into the paper groups. Compared in one run:
+
+  ref     risk forward + backward only, each gradient dropped as soon as it is made (the floor:
+          activations and one transient parameter gradient; no G-effect)
+  naive   flat copies: cat(objective grads), zero_grad, risk backward, cat(risk grads), dot
+  paper   the paper's code: three gradient copies kept on the host (objective, two risks), moved
+          there every step, dotted there
+  engine  fastgeffect.GEffect.measure (streaming hooks + dot_accumulate_)
+
+and per-sample PG-effects at B=16: ghost dot products (closed forms) vs two naive loops
+(``loop-retain``: one backward per sample through the batch graph; ``loop-b1``: one forward and
+backward per sample at batch size 1).
+
+Memory: on CUDA, torch.cuda.max_memory_allocated; on CPU, the process peak RSS (VmHWM, reset
+through /proc/self/clear_refs, with glibc told to mmap every allocation >= 1 MiB so freed tensors
+leave RSS at once). "extra" is the peak during the measurement minus the memory held before it
+(model, objective gradients); host copies kept between steps by the paper style are added as
+counted bytes. Run ``python benchmarks/bench_geffect.py --help`` for size flags;
+``--preset llama7b`` is the Llama-2-7B shape (use on a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import fastgeffect.losses as L  # noqa: E402
+import fastgeffect.ops as ops  # noqa: E402
+from fastgeffect.geffect import GEffect, GradientDotStream, grouped_dots, per_sample_geffects  # noqa: E402
+
+PRESETS = {
+    # ~100M parameters, Llama-shaped, with the vocabulary share of a 7B model's order (8k x 768)
+    "cpu100m": dict(hidden=768, layers=12, inter=2048, heads=12, vocab=8192, batch=4, seq=64, ps_seq=32,
+                    dtype="float32"),
+    "llama7b": dict(hidden=4096, layers=32, inter=11008, heads=32, vocab=32000, batch=4, seq=512, ps_seq=128,
+                    dtype="bfloat16"),
+}
+
+
+# ---- memory probes ---------------------------------------------------------------------------------
+
+def _tune_malloc():
+    """Make freed large CPU tensors leave RSS at once (glibc: fixed mmap threshold 1 MiB)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
+        return True
+    except OSError:
+        return False
+
+
+class Peak:
+    """Peak memory above the level at entry, in bytes (device memory on CUDA, RSS on CPU)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    @staticmethod
+    def _rss_kb(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+        raise RuntimeError(field)
+
+    def __enter__(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            self.base = self._rss_kb("VmRSS:") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.extra = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.extra = self._rss_kb("VmHWM:") * 1024 - self.base
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- model and data ----------------------------------------------------------------------------------
+
+def build(args, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.heads, max_position_embeddings=max(args.seq, args.ps_seq) + 8)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+def batch(b, t, vocab, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    labels = ids.clone()
+    labels[:, : t // 4] = -100  # question tokens
+    return ids.to(device), labels.to(device)
+
+
+def nll_of(model, ids, labels):
+    return L.nll(model(input_ids=ids).logits, labels)
+
+
+# ---- the four ways to measure ------------------------------------------------------------------------
+
+def paper_groups(engine):
+    return engine.grouping.group_ids, len(engine.group_names)
+
+
+def run_ref(model, risks, params):
+    """Risk forward + backward with every gradient dropped at once: the activation floor."""
+    with GradientDotStream(params, [0] * len(params), 1, partners=[None] * len(params)) as s:
+        for fn in risks.values():
+            s.backward(fn())
+    return None
+
+
+def run_naive(model, risks, params, gids, n_groups):
+    sizes = [p.numel() for p in params]
+    g_u = torch.cat([p.grad.reshape(-1) for p in params])
+    for p in params:
+        p.grad = None
+    out = {}
+    for name, fn in risks.items():
+        fn().backward()
+        g_r = torch.cat([p.grad.reshape(-1) for p in params])
+        for p in params:
+            p.grad = None
+        dots = torch.stack([a.double() @ b.double() for a, b in zip(g_r.split(sizes), g_u.split(sizes))])
+        out[name] = torch.zeros(n_groups, dtype=torch.float64, device=dots.device).index_add_(
+            0, torch.tensor(gids, device=dots.device), dots).cpu()
+        del g_r
+    for p, g in zip(params, g_u.split(sizes)):
+        p.grad = g.view_as(p).clone()
+    return out
+
+
+class PaperStyle:
+    """Three gradient copies on the host (objective, forget risk, retain risk), EMA-smoothed, as
+    in the paper's code; the copies persist between steps."""
+
+    def __init__(self, params, names, momentum=0.0):
+        self.params, self.names, self.m = params, names, momentum
+        self.bufs = {}
+
+    def host_bytes(self):
+        return sum(b.numel() * b.element_size() for b in self.bufs.values())
+
+    def _update(self, key):
+        flat = torch.cat([p.grad.detach().reshape(-1).to("cpu") for p in self.params])
+        if key not in self.bufs:
+            self.bufs[key] = flat.clone() if flat.device.type == "cpu" else flat
+        else:
+            self.bufs[key].mul_(self.m).add_(flat, alpha=1 - self.m)
+
+    def __call__(self, risks, gids, n_groups):
+        sizes = [p.numel() for p in self.params]
+        self._update("objective")
+        saved = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        out = {}
+        for name, fn in risks.items():
+            fn().backward()
+            self._update(name)
+            for p in self.params:
+                p.grad = None
+            dots = torch.stack([a.double() @ b.double() for a, b in
+                                zip(self.bufs[name].split(sizes), self.bufs["objective"].split(sizes))])
+            out[name] = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, torch.tensor(gids), dots)
+        for p, g in zip(self.params, saved):
+            p.grad = g
+        return out
+
+
+class TimedOps:
+    """Wraps fastgeffect.ops.dot_accumulate_ to time the accumulation itself (synchronised)."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.calls = device, 0.0, 0
+        self.inner = ops.dot_accumulate_
+
+    def __call__(self, *a, **k):
+        sync(self.device)
+        t = time.perf_counter()
+        r = self.inner(*a, **k)
+        sync(self.device)
+        self.seconds += time.perf_counter() - t
+        self.calls += 1
+        return r
+
+    def __enter__(self):
+        ops.dot_accumulate_ = self
+        return self
+
+    def __exit__(self, *exc):
+        ops.dot_accumulate_ = self.inner
+
+
+def timed(device, fn, repeats):
+    best = math.inf
+    out = None
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+# ---- per-sample ------------------------------------------------------------------------------------
+
+def per_sample_terms(model, ids, labels, denom):
+    lp = L.token_logprobs(model(input_ids=ids).logits, labels)
+    mask = L.valid_mask(labels)
+    return (lp * mask).sum(1) / denom
+
+
+def loop_retain(model, params, risk, ids, labels, denom, acc_dtype):
+    G = torch.autograd.grad(risk(), params, allow_unused=True)
+    terms = per_sample_terms(model, ids, labels, denom)
+    vals = []
+    for i in range(terms.shape[0]):
+        g = torch.autograd.grad(terms[i], params, retain_graph=True, allow_unused=True)
+        vals.append(grouped_dots(g, G, [0] * len(params), 1, acc_dtype)[0])
+    return torch.stack(vals)
+
+
+def loop_b1(model, params, risk, ids, labels, denom, acc_dtype):
+    G = torch.autograd.grad(risk(), params, allow_unused=True)
+    vals = []
+    for i in range(ids.shape[0]):
+        term = per_sample_terms(model, ids[i:i + 1], labels[i:i + 1], denom)[0]
+        g = torch.autograd.grad(term, params, allow_unused=True)
+        vals.append(grouped_dots(g, G, [0] * len(params), 1, acc_dtype)[0])
+    return torch.stack(vals)
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="model/batch sizes (default: llama7b on CUDA, cpu100m otherwise)")
+    for k in ("hidden", "layers", "inter", "heads", "vocab", "batch", "seq", "ps_seq"):
+        ap.add_argument("--" + k.replace("_", "-"), type=int, default=None)
+    ap.add_argument("--ps-batch", type=int, default=16, help="batch size of the per-sample comparison")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    ap.add_argument("--repeats", type=int, default=3, help="timing repeats (best of, round-robin)")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: naive,paper,per-sample,loop-retain,loop-b1")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = PRESETS[args.preset or ("llama7b" if device.type == "cuda" else "cpu100m")]
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    skip = set(filter(None, args.skip.split(",")))
+    dtype = getattr(torch, args.dtype)
+    malloc_tuned = device.type == "cpu" and _tune_malloc()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 16)))
+
+    model = build(args, device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    grad_bytes = sum(p.numel() * p.element_size() for p in params)
+    largest = max(p.numel() * p.element_size() for p in params)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"# bench_geffect on {card}: Llama-shaped {n_params / 1e6:.1f}M params {args.dtype}, hidden {args.hidden}, "
+          f"{args.layers} blocks, vocab {args.vocab}; measure batch {args.batch}x{args.seq}, two risks")
+    print(f"# one gradient copy = {grad_bytes / 2**20:.0f} MiB; largest parameter = {largest / 2**20:.1f} MiB "
+          f"({100 * largest / grad_bytes:.1f}%); memory probe: "
+          + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+             f"peak RSS (VmHWM){' with malloc mmap threshold 1 MiB' if malloc_tuned else ''}"))
+
+    forget, retain = batch(args.batch, args.seq, args.vocab, device, 1), batch(args.batch, args.seq, args.vocab,
+                                                                               device, 2)
+    risks = {"unlearn": lambda: nll_of(model, *forget), "retain": lambda: nll_of(model, *retain)}
+    engine = GEffect(model)
+    gids, n_groups = paper_groups(engine)
+
+    def objective_backward():
+        model.zero_grad(set_to_none=True)
+        L.tnpo(model(input_ids=forget[0]).logits, forget[1], torch.full(forget[1].shape, -3.0, device=device)).backward()
+
+    objective_backward()
+    methods = [("ref (fwd+bwd only)", lambda: run_ref(model, risks, params), lambda: 0),
+               ("engine", lambda: engine.measure(risks), lambda: 0)]
+    if "naive" not in skip:
+        methods.append(("naive flat copies", lambda: run_naive(model, risks, params, gids, n_groups), lambda: 0))
+    if "paper" not in skip:
+        paper = PaperStyle(params, list(risks))
+        methods.append(("paper (3 host copies)", lambda: paper(risks, gids, n_groups), paper.host_bytes))
+    outputs, peaks, times = {}, {name: math.inf for name, _, _ in methods}, {name: math.inf for name, _, _ in methods}
+    for name, fn, _ in methods:
+        fn()  # warm-up (also allocates the paper style's persistent host copies)
+    for _ in range(2):  # two rounds, lowest peak: noise (allocator, other threads) only adds
+        for name, fn, _ in methods:
+            with Peak(device) as pk:
+                outputs[name] = fn()
+            peaks[name] = min(peaks[name], pk.extra)
+    for _ in range(args.repeats):  # round-robin, best of: the machine may be shared
+        for name, fn, _ in methods:
+            times[name] = min(times[name], timed(device, fn, 1)[0])
+    rows = [(name, peaks[name], host(), times[name]) for name, _, host in methods]
+    with TimedOps(device) as to:
+        engine.measure(risks)
+    acc_seconds, acc_calls = to.seconds, to.calls
+    res_engine = outputs["engine"]
+    res_naive, res_paper = outputs.get("naive flat copies"), outputs.get("paper (3 host copies)")
+    # agreement
+    for name in risks:
+        e = torch.tensor([res_engine[name].groups[g] for g in engine.group_names], dtype=torch.float64)
+        for label, other in (("naive", res_naive), ("paper", res_paper)):
+            if other is not None:
+                err = float((e - other[name]).abs().max() / other[name].abs().sum().clamp_min(1e-30))
+                print(f"# {name}: engine vs {label} max group diff / sum|groups| = {err:.1e}")
+
+    ref_t = rows[0][3]
+    ref_mem = rows[0][1]
+    print()
+    print("| method | extra peak (MiB) | beyond ref (MiB) | beyond ref / one grad copy | kept on host (MiB) | time (s) "
+          "| time / ref |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, extra, host, t in rows:
+        beyond = extra - ref_mem + host
+        print(f"| {name} | {extra / 2**20:.1f} | {beyond / 2**20:.1f} | {100 * beyond / grad_bytes:.1f}% | "
+              f"{host / 2**20:.0f} | {t:.3f} | {t / ref_t:.2f} |")
+    # the risk backward alone, for the accumulation share
+    with GradientDotStream(params, [0] * len(params), 1, partners=[None] * len(params)) as s:
+        tb = 0.0
+        for fn in risks.values():
+            value = fn()
+            sync(device)
+            t0 = time.perf_counter()
+            s.backward(value)
+            sync(device)
+            tb += time.perf_counter() - t0
+    print(f"\n# dot accumulation inside engine.measure: {acc_seconds:.3f} s in {acc_calls} dot_accumulate_ calls = "
+          f"{100 * acc_seconds / tb:.1f}% of the two risk backwards ({tb:.3f} s)")
+
+    if "per-sample" in skip:
+        return
+    # ---- per-sample PG-effects ----
+    B = args.ps_batch
+    ids, labels = batch(B, args.ps_seq, args.vocab, device, 3)
+    r_ids, r_labels = batch(args.batch, args.ps_seq, args.vocab, device, 4)
+    denom = L.valid_mask(labels).sum()
+    risk = lambda: nll_of(model, r_ids, r_labels)  # noqa: E731
+    acc_dtype = torch.float64 if device.type == "cpu" else torch.float32
+    model.zero_grad(set_to_none=True)
+    prow = []
+    t_ghost, v_ghost = timed(device, lambda: per_sample_geffects(
+        model, risk, lambda: per_sample_terms(model, ids, labels, denom), accumulate_dtype=acc_dtype), args.repeats)
+    prow.append(("ghost (closed forms)", t_ghost, v_ghost))
+    if "loop-retain" not in skip:
+        t, v = timed(device, lambda: loop_retain(model, params, risk, ids, labels, denom, acc_dtype), 1)
+        prow.append(("loop-retain (B backwards)", t, v))
+    if "loop-b1" not in skip:
+        t, v = timed(device, lambda: loop_b1(model, params, risk, ids, labels, denom, acc_dtype), 1)
+        prow.append(("loop-b1 (B fwd+bwd at batch 1)", t, v))
+    print(f"\n# per-sample PG-effects, B={B} x {args.ps_seq} tokens")
+    print("| method | time (s) | loop / ghost | max |diff| / max |value| |")
+    print("| --- | --- | --- | --- |")
+    ref_v = prow[-1][2].cpu().double()
+    for name, t, v in prow:
+        err = float((v.cpu().double() - ref_v).abs().max() / ref_v.abs().max().clamp_min(1e-30))
+        print(f"| {name} | {t:.3f} | {t / t_ghost:.1f} | {err:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
