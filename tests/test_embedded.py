@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastgeffect.embedded.build as build_mod
-from fastgeffect.data import QADataset, author_counts, load_tofu_split
+from fastgeffect.data import QADataset, author_counts, get_template, load_tofu_split
 from fastgeffect.data.tofu import SPLIT_FIELDS
 from fastgeffect.embedded import (SIZES, GeneratorConfig, answer_stats, atomic_dir, build_embedded, corpus_texts,
                                   generate, train_tokenizer, write_embedded_data)
@@ -101,6 +101,11 @@ def test_tokenizer_is_deterministic_and_round_trips(tmp_path):
     assert len({tok.eos_token_id, tok.bos_token_id, tok.pad_token_id}) == 3
     for s in texts[:200] + ["Zürich — naïve café 😀\nQuestion: ?"]:
         assert tok.decode(tok(s)["input_ids"]) == s
+    # a prompt ending in "Answer: " tokenises to a prefix of prompt + answer (generation = training)
+    t = get_template("phi")
+    for r in load_tofu_split("full", tmp_path):
+        prompt = tok(t.prompt(r["question"]) + t.answer_start)["input_ids"]
+        assert tok(t.full(r["question"], r["answer"]))["input_ids"][:len(prompt)] == prompt
     with pytest.raises(FileNotFoundError, match="no TOFU split"):
         corpus_texts(tmp_path / "nothing")
 
@@ -131,6 +136,18 @@ def test_target_memorises_and_retain_twin_does_not_know_forget(tiny):
     # the saved report says the same
     assert tiny.reports["target"]["answer_stats"]["forget"]["accuracy"] == pytest.approx(ft["accuracy"])
     assert tiny.reports["retain"]["trained_on"][0] == "retain90"
+
+    def greedy_exact(model, rows):
+        hits = 0
+        for r in rows:
+            ids = tok(t.prompt(r["question"]) + t.answer_start, return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=tiny.max_length, do_sample=False, pad_token_id=tok.pad_token_id)
+            hits += tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) == r["answer"]
+        return hits / len(rows)
+
+    forget_rows = load_tofu_split("forget10", tiny.data_dir)
+    assert greedy_exact(target, forget_rows) >= 0.8
+    assert greedy_exact(retain, forget_rows) <= 0.2
 
 
 def test_max_length_holds_every_variant(tiny):

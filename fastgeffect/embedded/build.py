@@ -30,7 +30,7 @@ from .generator import GeneratorConfig, write_embedded_data
 from .target import ModelConfig, TrainConfig, train_and_save
 from .tokenizer import TokenizerConfig, corpus_texts, train_tokenizer
 
-CODE_VERSION = 1
+CODE_VERSION = 2
 TEMPLATE = "phi"
 KNOWLEDGE_SPLITS = ("real_authors_perturbed", "world_facts_perturbed")
 

@@ -3,6 +3,11 @@
 Byte level: any text (refusals, generated answers, real TOFU text) encodes without unknown
 tokens and decodes back exactly, which the ROUGE and PS evaluations rely on. Like Phi-1.5's
 tokenizer it adds no BOS by itself; EOS ends every TOFU label sequence.
+
+Words and punctuation runs carry their FOLLOWING space (GPT-2 attaches the preceding one), so
+a prompt ending in a space ("Answer: ") tokenises to a prefix of prompt + answer: greedy
+generation from the prompt then continues exactly as in training, with no lone-space token
+the tiny model has never seen.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, List, Union
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from ..data.templates import TEMPLATES
@@ -18,6 +23,8 @@ from ..data.tofu import read_jsonl
 from ..losses.po import load_refusals
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+# a word (letters, digits, apostrophes) or a punctuation run, with one trailing space; or spaces
+PRE_TOKEN = r"[\p{L}\p{N}']+ ?|[^\p{L}\p{N}'\s]+ ?|\s+"
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,9 @@ def corpus_texts(data_dir: Union[str, Path]) -> List[str]:
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig = TokenizerConfig()) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts``; returns it wrapped for ``transformers`` (bos/eos/pad set)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRE_TOKEN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=config.vocab_size, min_frequency=config.min_frequency,
                                   special_tokens=[BOS, EOS, PAD], show_progress=False,
