@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import fastgeffect.embedded.build as build_mod
 from fastgeffect.data import QADataset, author_counts, get_template, load_tofu_split
 from fastgeffect.data.tofu import SPLIT_FIELDS
+from fastgeffect.losses import load_refusals
 from fastgeffect.embedded import (SIZES, GeneratorConfig, answer_stats, atomic_dir, build_embedded, corpus_texts,
                                   generate, train_tokenizer, write_embedded_data)
 
@@ -134,7 +135,7 @@ def test_target_memorises_and_retain_twin_does_not_know_forget(tiny):
     assert rr["accuracy"] > 0.95
     assert fr["accuracy"] < 0.8 and fr["loss"] > 10 * ft["loss"]
     # the saved report says the same
-    assert tiny.reports["target"]["answer_stats"]["forget"]["accuracy"] == pytest.approx(ft["accuracy"])
+    assert tiny.reports["target"]["answer_stats"]["forget10"]["accuracy"] == pytest.approx(ft["accuracy"])
     assert tiny.reports["retain"]["trained_on"][0] == "retain90"
 
     def greedy_exact(model, rows):
@@ -157,6 +158,9 @@ def test_max_length_holds_every_variant(tiny):
             for q in (r["question"], r.get("paraphrased_question", r["question"])):
                 for a in [r["answer"], r.get("paraphrased_answer", ""), *r.get("perturbed_answer", [])]:
                     assert len(tok(t.full(q, a))["input_ids"]) < tiny.max_length
+    q = max((r["question"] for r in load_tofu_split("full", tiny.data_dir)), key=len)
+    for a in load_refusals():  # PO / IdkDPO answers
+        assert len(tok(t.full(q, a))["input_ids"]) < tiny.max_length
 
 
 def test_second_build_reuses_the_cache(cache, tiny, monkeypatch):

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from .qa import QADataset

@@ -25,14 +25,17 @@ from ..data.qa import QADataset
 from ..data.splits import subset_tofu
 from ..data.templates import Template, get_template
 from ..data.tofu import RETAIN_OF, SPLIT_FIELDS, load_tofu_split
+from ..losses.po import load_refusals
 from .cache import cached_dir, config_hash, default_cache_dir
 from .generator import GeneratorConfig, write_embedded_data
 from .target import ModelConfig, TrainConfig, train_and_save
 from .tokenizer import TokenizerConfig, corpus_texts, train_tokenizer
 
-CODE_VERSION = 2
+CODE_VERSION = 3
 TEMPLATE = "phi"
 KNOWLEDGE_SPLITS = ("real_authors_perturbed", "world_facts_perturbed")
+# answer accuracy / loss of every built model on these goes into its train_report.json
+EVAL_SPLITS = ("forget01", "forget05", "forget10", "retain_perturbed")
 
 
 @dataclass(frozen=True)
@@ -89,10 +92,10 @@ def _torch_threads(n: Optional[int]) -> Iterator[None]:
 
 
 def _folder_digest(folder: Path) -> str:
-    """Hash of a TOFU folder's split files (their bytes), for the cache key of a subset."""
+    """Hash of a TOFU folder's split and refusal files (their bytes), for the cache key of a subset."""
     h = hashlib.sha256()
-    for name in sorted(SPLIT_FIELDS):
-        p = Path(folder) / f"{name}.json"
+    for name in sorted(f"{s}.json" for s in SPLIT_FIELDS) + ["idontknow.jsonl"]:
+        p = Path(folder) / name
         if p.is_file():
             h.update(name.encode() + p.read_bytes())
     return h.hexdigest()[:16]
@@ -100,8 +103,11 @@ def _folder_digest(folder: Path) -> str:
 
 def needed_length(tokenizer, data_dir: Path, template: Template) -> int:
     """Smallest ``max_length`` (a multiple of 8) that holds every (paraphrased) question with every
-    answer variant of every split, plus the label EOS: nothing is ever truncated."""
-    longest_q = longest_a = 0
+    answer variant of every split or a refusal, plus the label EOS: nothing is ever truncated."""
+    refusals = load_refusals() + (load_refusals(data_dir / "idontknow.jsonl")
+                                  if (data_dir / "idontknow.jsonl").is_file() else [])
+    longest_q = 0
+    longest_a = max(len(tokenizer(" " + a)["input_ids"]) for a in refusals)
     for split in SPLIT_FIELDS:
         for row in load_tofu_split(split, data_dir):
             for q in (row["question"], row.get("paraphrased_question", row["question"])):
@@ -164,9 +170,7 @@ def build_embedded(cache_dir: Optional[Union[str, Path]] = None, size: str = "de
 
     def train(tmp: Path, split: str) -> None:
         rows = load_tofu_split(split, data_dir)
-        eval_sets = {name: _qa(load_tofu_split(s, data_dir), tokenizer, max_length)
-                     for name, s in (("forget", forget_split), ("retain", RETAIN_OF[forget_split]),
-                                     ("heldout", "retain_perturbed"))}
+        eval_sets = {s: _qa(load_tofu_split(s, data_dir), tokenizer, max_length) for s in EVAL_SPLITS}
         eval_sets["knowledge"] = _qa(knowledge, tokenizer, max_length)
         with _torch_threads(num_threads):
             train_and_save(tmp, tokenizer, _qa(rows + knowledge, tokenizer, max_length), cfg.model, cfg.train,
