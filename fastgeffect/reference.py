@@ -20,10 +20,10 @@ from .losses import token_logprobs, valid_mask
 class ReferenceModel:
     """Frozen θ_o: a separate model, or a PEFT model whose adapters are disabled while it runs."""
 
-    def __init__(self, model: torch.nn.Module, *, peft_adapters_off: bool = False):
+    def __init__(self, model: torch.nn.Module, *, peft_adapters_off: bool = False, freeze: bool = True):
         self.model = model
         self.peft_adapters_off = peft_adapters_off
-        if not peft_adapters_off:
+        if freeze and not peft_adapters_off:
             model.eval()
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -80,8 +80,9 @@ class RefLogprobCache:
     @classmethod
     def compute(cls, reference: Union[ReferenceModel, torch.nn.Module], batches: Iterable[Mapping[str, torch.Tensor]],
                 device: Optional[torch.device] = None) -> "RefLogprobCache":
-        """One pass of θ_o over ``batches`` (dicts with input_ids, attention_mask, labels, index)."""
-        ref = reference if isinstance(reference, ReferenceModel) else ReferenceModel(reference)
+        """One pass of θ_o over ``batches`` (dicts with input_ids, attention_mask, labels, index).
+        A bare module is used as it is (not frozen): e.g. the model itself before unlearning."""
+        ref = reference if isinstance(reference, ReferenceModel) else ReferenceModel(reference, freeze=False)
         cache = cls()
         for batch in batches:
             if "index" not in batch:

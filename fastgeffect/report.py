@@ -24,6 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .geffect import read_geffect_log  # noqa: E402
 
 GROUP_ORDER = ("embed", "shallow", "middle", "deep", "lm")
+SUMMARY_KEYS = ("method", "regularizer", "lam", "split", "model", "preset", "size", "data_dir", "authors", "epochs",
+                "batch_size", "lr", "seed")
 HEADLINE_METRICS = ("Model Utility", "Forget Quality", "Prob. Forget", "ROUGE Forget", "Prob. Retain", "ROUGE Retain",
                     "PS-exact forget", "PS-perturb forget", "PS-exact retain", "PS-perturb retain")
 
@@ -223,7 +225,10 @@ def write_report(run_dir: Path) -> Path:
                           f"token weights of {name} across epochs"):
         made.append("token_weights.html")
     before, after, uwc = (read_json(run_dir / f"metrics_{k}.json") for k in ("before", "after", "uwc"))
-    parts = [f"# {name} run\n", f"Config: `{json.dumps({k: cfg[k] for k in sorted(cfg) if k != 'argv'})}`\n",
+    shown = {k: cfg.get(k) for k in SUMMARY_KEYS if cfg.get(k) is not None}
+    shown.update(cfg.get("objective_hparams") or {})
+    parts = [f"# {name} run\n", "Settings: " + ", ".join(f"{k}={v}" for k, v in shown.items()) +
+             " (all of them in config.json)\n",
              "## Metrics\n", metrics_table({"before": before, "after": after, "UWC-calibrated": uwc})]
     if uwc and "alpha" in uwc:
         parts.append(f"UWC: α = {fmt(uwc['alpha'])} (largest mix keeping retain PS within tolerance)\n")

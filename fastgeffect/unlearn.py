@@ -230,7 +230,7 @@ class Unlearner:
             lambda: self.objective.forget_loss(self.model, m, count_items(m), per_sample=True)[0])
         _, details = self.objective.forget_loss(self.model, m, count_items(m))
         self.model.train()
-        rec = {"step": self.step, "index": m["forget"]["index"].tolist(), "pg_effect": res.values.tolist()}
+        rec = {"step": self.step, "index": m["forget"]["index"].tolist(), "pg_effect": res.tolist()}
         if "seq_weights" in details:
             rec["seq_weights"] = details["seq_weights"].tolist()
         elif "weights" in details:
@@ -243,10 +243,10 @@ class Unlearner:
     def run(self) -> dict:
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        logger = GEffectLogger(self.out_dir / "geffect.jsonl", resume_step=self.step)
-        train_log = open(self.out_dir / "train_log.jsonl", "a", encoding="utf-8")
         for name in ("train_log.jsonl", "pg_effects.jsonl"):  # a resumed run re-does steps >= self.step
             truncate_jsonl(self.out_dir / name, self.step)
+        logger = GEffectLogger(self.out_dir / "geffect.jsonl", resume_step=self.step)
+        train_log = open(self.out_dir / "train_log.jsonl", "a", encoding="utf-8")
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress,
                    desc=f"unlearn {self.objective.name}")
         try:

@@ -10,7 +10,9 @@ first newline, ``(k+1)/n`` summed and subtracted from 1) with m found by binary 
 ``search="linear"`` scans m = 0, 1, ... as UWC's script does (identical when reproduction is
 monotone in m). PS-exact uses ``question``, PS-perturb ``paraphrased_question``.
 
-Notes: a trailing space of the prompt is dropped at m = 0 (UWC prompts end with "Answer:");
+Notes: the context keeps or drops its trailing space so that it tokenises as a prefix of the full
+teacher-forced text (UWC drops it: its prompts end with "Answer:", right for GPT-2-style
+tokenizers; tokenizers that attach the following space need it kept);
 words are compared whitespace-normalised since a decoded continuation's leading space depends
 on the tokenizer; a row stops generating as soon as its text leaves the target, at EOS, at a
 newline, or after 2·(target tokens) + 8 new tokens (a continuation that equals the target when
@@ -59,8 +61,8 @@ class _Job:
 
     def __init__(self, tokenizer, base: str, words: List[str], m: int, add_special: bool):
         self.prefix = " ".join(words[:m])
-        self.context = (base + self.prefix).rstrip(" ")
-        self.ids = tokenizer(self.context, add_special_tokens=add_special)["input_ids"]
+        self.context, self.ids = _context(tokenizer, base, words, m, add_special)
+        self.sep = " " if self.context.endswith(" ") else ""
         self.tail = self.ids[-_TAIL:]
         self.words = words
         self.tail_text = tokenizer.decode(self.tail, skip_special_tokens=True)
@@ -71,7 +73,25 @@ class _Job:
         full = tokenizer.decode(list(self.tail) + list(new_ids), skip_special_tokens=True)
         cont = full[len(self.tail_text):] if full.startswith(self.tail_text) else \
             " " + tokenizer.decode(list(new_ids), skip_special_tokens=True)
-        return self.prefix + cont
+        return self.prefix + self.sep + cont
+
+
+def _context(tokenizer, base: str, words: List[str], m: int, add_special: bool):
+    """The generation context for ``m`` given words, and its ids.
+
+    It must tokenise as a prefix of the full teacher-forced text, or greedy decoding starts from a
+    token sequence the model never saw. Tokenizers that attach a word's *preceding* space (GPT-2,
+    Llama, Phi) need the trailing space dropped (UWC's prompts end with "Answer:"); those that
+    attach the *following* space need it kept. Both are tried; the stripped form is the fallback.
+    """
+    full = tokenizer(base + " ".join(words), add_special_tokens=add_special)["input_ids"]
+    text = base + " ".join(words[:m]) + (" " if m else "")
+    stripped = text.rstrip(" ")
+    for cand in (stripped, stripped + " "):
+        ids = tokenizer(cand, add_special_tokens=add_special)["input_ids"]
+        if full[:len(ids)] == ids:
+            return cand, ids
+    return stripped, tokenizer(stripped, add_special_tokens=add_special)["input_ids"]
 
 
 def _make_stopper(tokenizer, jobs: List[_Job], eos: Optional[int]):
