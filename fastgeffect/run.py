@@ -327,7 +327,7 @@ def token_weight_rows(objective: Objective, model, data: UnlearningData, tokeniz
     if "weights" not in details:
         return []
     rows = []
-    f = batch["forget"]
+    f = batch[objective.term.needs_batches[0]]  # the batch the term weighs (PO: the refusals)
     for r in range(f["labels"].shape[0]):
         mask = details["mask"][r]
         ids = f["labels"][r][mask].tolist()

@@ -1,0 +1,133 @@
+"""The driver end to end at the tiny embedded size: outputs, effect of unlearning, resume, bad input."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fastgeffect.geffect import read_geffect_log
+from fastgeffect.run import main
+
+SHARED_TOFU = Path(__file__).resolve().parents[1] / ".." / "shared" / "tofu"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory):
+    """One embedded cache for the module: the tiny target is built once."""
+    path = tmp_path_factory.mktemp("fg-cache")
+    old = os.environ.get("FASTGEFFECT_CACHE")
+    os.environ["FASTGEFFECT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FASTGEFFECT_CACHE")
+    else:
+        os.environ["FASTGEFFECT_CACHE"] = old
+
+
+def run(out, *extra):
+    return main(["--size", "tiny", "--out", str(out), "--no-progress", *extra])
+
+
+def test_default_run_end_to_end(tmp_path):
+    out = tmp_path / "tnpo"
+    assert run(out, "--method", "tnpo", "--checkpoint-epochs", "--save-model") == 0
+    for name in ("config.json", "geffect.jsonl", "train_log.jsonl", "pg_effects.jsonl", "token_weights.jsonl",
+                 "metrics_before.json", "metrics_after.json", "metrics_uwc.json", "summary.md", "timing.json",
+                 "token_weights.html", "plots/geffect.png", "plots/risk.png", "plots/weights.png",
+                 "plots/pg_effects.png", "eval_before/eval_log_forget.json", "eval_after/eval_log.json",
+                 "eval_after/eval_real_author_wo_options.json", "eval_after/eval_real_world_wo_options.json",
+                 "model/config.json", "checkpoints/epoch-5/config.json"):
+        assert (out / name).exists(), name
+    cfg = json.loads((out / "config.json").read_text())
+    records = read_geffect_log(out / "geffect.jsonl")
+    steps = cfg["train"]["epochs"] * -(-5 // cfg["train"]["batch_size"])  # tiny forget10: 5 rows
+    assert [r["step"] for r in records if r["risk"] == "unlearn"] == list(range(steps))
+    assert set(records[0]["groups"]) == {"embed", "shallow", "middle", "deep", "lm"}
+    for r in records:
+        assert r["total"] == pytest.approx(sum(r["groups"].values()), rel=1e-9, abs=1e-12)
+    # TNPO removes the targeted knowledge: negative unlearning G-effects overall
+    assert sum(r["total"] for r in records if r["risk"] == "unlearn") < 0
+    before = json.loads((out / "metrics_before.json").read_text())
+    after = json.loads((out / "metrics_after.json").read_text())
+    assert before["PS-exact forget"] > 0.8  # the memorised target reproduces its answers
+    assert after["PS-exact forget"] < before["PS-exact forget"] - 0.3
+    assert after["Prob. Forget"] < 0.7 * before["Prob. Forget"]
+    # retained knowledge stays within a band
+    assert after["Model Utility"] > 0.85 * before["Model Utility"]
+    assert after["PS-exact retain"] > 0.8 * before["PS-exact retain"]
+    uwc = json.loads((out / "metrics_uwc.json").read_text())
+    assert 0.0 <= uwc["alpha"] <= 1.0 and "PS-exact forget" in uwc
+    assert "| Model Utility |" in (out / "summary.md").read_text()
+
+
+def test_resume_gives_the_same_geffect_log(tmp_path):
+    common = ["--method", "wga", "--eval", "none", "--epochs", "3", "--batch-size", "2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run(full, *common) == 0
+    assert run(part, *common, "--stop-at-step", "4") == 0
+    assert len(read_geffect_log(part / "geffect.jsonl")) == 8  # steps 0-3, two risks each
+    with pytest.raises(SystemExit, match="holds another run"):
+        run(part, *common)
+    assert run(part, *common, "--resume") == 0
+    a, b = read_geffect_log(full / "geffect.jsonl"), read_geffect_log(part / "geffect.jsonl")
+    assert [(r["step"], r["risk"]) for r in a] == [(r["step"], r["risk"]) for r in b]
+    for ra, rb in zip(a, b):
+        assert rb["total"] == pytest.approx(ra["total"], rel=1e-6, abs=1e-9)
+        assert rb["risk_value"] == pytest.approx(ra["risk_value"], rel=1e-6)
+    lines = (part / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(9))
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    out = tmp_path / "r"
+    assert run(out, "--method", "ga", "--eval", "none", "--epochs", "1") == 0
+    with pytest.raises(SystemExit, match="other settings"):
+        run(out, "--method", "npo", "--eval", "none", "--epochs", "1", "--resume")
+    assert run(out, "--method", "npo", "--eval", "none", "--epochs", "1", "--overwrite") == 0
+    assert json.loads((out / "config.json").read_text())["method"] == "npo"
+
+
+@pytest.mark.parametrize("method,reg", [("npo", "gd"), ("idkdpo", "gd"), ("po", "kl"), ("rmu", "rr"),
+                                        ("wtnpo", "none"), ("simnpo", "gd"), ("dpo", "gd")])
+def test_other_objectives_run(tmp_path, method, reg):
+    out = tmp_path / method
+    assert run(out, "--method", method, "--regularizer", reg, "--eval", "none", "--epochs", "1",
+               "--pg-steps", "0") == 0
+    assert len(read_geffect_log(out / "geffect.jsonl")) == 2
+    assert (out / "pg_effects.jsonl").exists()
+
+
+def test_nan_loss_stops_with_state_saved(tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match="last finite state"):
+        run(out, "--method", "ga", "--eval", "none", "--epochs", "4", "--batch-size", "1", "--lr", "1e30",
+            "--warmup-epochs", "0")
+    err = json.loads((out / "error.json").read_text())
+    assert "non-finite" in err["error"] and err["step"] > 0
+    assert (out / "state.pt").exists()
+
+
+def test_bad_input_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--method", "bogus"])
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--regularizer", "l2"])
+    assert "invalid choice: 'l2'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not a folder"):
+        run(tmp_path / "x", "--data-dir", str(tmp_path / "missing"), "--authors", "10")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="full"):
+        run(tmp_path / "y", "--data-dir", str(tmp_path / "empty"), "--authors", "10")
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['alpha'\]"):
+        run(tmp_path / "z", "--method", "npo", "--alpha", "2")
+
+
+@pytest.mark.skipif(not (SHARED_TOFU / "full.json").exists(), reason="../shared/tofu is not present")
+def test_real_tofu_subset_runs(tmp_path):
+    out = tmp_path / "tofu"
+    assert run(out, "--data-dir", str(SHARED_TOFU), "--authors", "10", "--method", "tnpo", "--eval", "none",
+               "--epochs", "1") == 0
+    cfg = json.loads((out / "config.json").read_text())
+    # forget10 of 10 authors: the last author, 20 rows, two steps of 16
+    assert cfg["authors"] == 10 and len(read_geffect_log(out / "geffect.jsonl")) == 4
