@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retain-log", default=None,
                    help="eval_log_forget.json of a retain-only model for Forget Quality (embedded: computed)")
     g.add_argument("--cache-dir", default=None, help="cache of embedded models (default $FASTGEFFECT_CACHE)")
+    g.add_argument("--shared-dir", default=None,
+                   help="folder for what only depends on the target and data (reference log-probs, the "
+                        "retain model's log, evaluation before unlearning), reused by runs that share them "
+                        "(sweeps); default: the run folder")
 
     g = ap.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=5)
@@ -242,13 +246,13 @@ def evaluate(model, setup: Setup, sets, out_dir: Path, args, retain_log) -> dict
     return metrics
 
 
-def retain_model_log(setup: Setup, sets, args, out: Path, preset: dict):
+def retain_model_log(setup: Setup, sets, args, shared: Path, preset: dict):
     """The forget-set log of a retain-only model, for Forget Quality: computed for the embedded twin
     (cached in the run folder), or TOFU's published one found in ``--data-dir/retain_model_logs``."""
     if args.retain_log:
         return args.retain_log
     if setup.retain_model_path is not None:
-        path = out / "retain_model" / "eval_log_forget.json"
+        path = shared / "retain_model" / "eval_log_forget.json"
         if not path.exists():
             from transformers import AutoModelForCausalLM
 
@@ -268,7 +272,8 @@ def retain_model_log(setup: Setup, sets, args, out: Path, preset: dict):
     return None
 
 
-def reference_caches(objective: Objective, model, data: UnlearningData, out: Path, device) -> Dict[str, RefLogprobCache]:
+def reference_caches(objective: Objective, model, data: UnlearningData, shared: Path,
+                     device) -> Dict[str, RefLogprobCache]:
     """Reference log-probs of the forget answers (and of the refusals, for DPO-style objectives),
     computed once with the model before unlearning and kept in the run folder."""
     parts = {"forget": data.forget}
@@ -276,7 +281,7 @@ def reference_caches(objective: Objective, model, data: UnlearningData, out: Pat
         parts["forget_idk"] = data.pairs.forget_idk
     caches = {}
     for key, ds in parts.items():
-        path = out / f"ref_logprobs_{key}.pt"
+        path = shared / f"ref_logprobs_{key}.pt"
         if path.exists():
             caches[key] = RefLogprobCache.load(path)
             continue
@@ -382,7 +387,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reference = ReferenceModel(copy.deepcopy(model))
     objective = get_objective(args.method, regularizer=args.regularizer, lam=args.lam, reference=reference,
                               fused=args.fused, **hp)
-    caches = reference_caches(objective, model, data, out, device) if OBJECTIVES[args.method].needs_ref_logprobs \
+    shared = Path(args.shared_dir) if args.shared_dir else out
+    shared.mkdir(parents=True, exist_ok=True)
+    caches = reference_caches(objective, model, data, shared, device) if OBJECTIVES[args.method].needs_ref_logprobs \
         else {}
     objective.ref_caches.update(caches)
     if args.method == "dpo":
@@ -390,10 +397,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     times["reference"] = time.perf_counter() - t
 
     sets = eval_sets(setup, args.split) if args.eval == "full" else None
-    retain_log = retain_model_log(setup, sets, args, out, preset) if sets else None
+    retain_log = retain_model_log(setup, sets, args, shared, preset) if sets else None
     if sets and not (out / "metrics_before.json").exists():
         t = time.perf_counter()
-        write_json(out / "metrics_before.json", evaluate(model, setup, sets, out / "eval_before", args, retain_log))
+        if not (shared / "metrics_before.json").exists():
+            write_json(shared / "metrics_before.json",
+                       evaluate(model, setup, sets, shared / "eval_before", args, retain_log))
+        if shared != out:
+            shutil.copyfile(shared / "metrics_before.json", out / "metrics_before.json")
         times["eval_before"] = time.perf_counter() - t
 
     def on_epoch_end(epoch: int, u: Unlearner) -> None:
