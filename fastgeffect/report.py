@@ -132,12 +132,12 @@ def plot_weights(train_log: Sequence[dict], path: Path, title: str) -> bool:
 
 def plot_pg_effects(pg: Sequence[dict], path: Path, title: str) -> bool:
     """PG-effect of each sample against its objective (sequence) weight, one colour per step (Fig. 5b)."""
+    pg = [r for r in pg if "seq_weights" in r]  # RMU has no objective weights to plot against
     if not pg:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in pg:
-        if "seq_weights" in r:
-            ax.scatter(r["seq_weights"], r["pg_effect"], s=12, label=f"step {r['step']}")
+        ax.scatter(r["seq_weights"], r["pg_effect"], s=12, label=f"step {r['step']}")
     ax.set_xlabel("objective weight of the sample")
     ax.set_ylabel("PG-effect ⟨∇R, ∇ℓ_i⟩")
     ax.set_yscale("symlog", linthresh=1e-4)
