@@ -18,15 +18,6 @@ SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "tofu"
 TPL = get_template("phi")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they stall on them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def toy():
     recs = toy_qa_records(4)

@@ -12,14 +12,6 @@ from fastgeffect.eval.tiny import memorise, tiny_llama, toy_qa_records, toy_toke
 TPL = get_template("phi")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("alpha_star", [0.0, 0.137, 0.5, 0.731, 0.999])
 @pytest.mark.parametrize("alpha_tol", [1 / 64, 1e-3])
 def test_search_recovers_threshold(alpha_star, alpha_tol):
