@@ -359,7 +359,7 @@ def main(argv=None):
         r = measure(a.worker, a.tokens, a.hidden, a.vocab, dtype, "cpu", a.masked, a.reps)
         print(json.dumps(r))
         return
-    shapes = {f"custom": (a.hidden, a.vocab)} if a.hidden and a.vocab else None
+    shapes = {"custom": (a.hidden, a.vocab)} if a.hidden and a.vocab else None
     rows = run(a.device, shapes, a.tokens, dtype, tuple(a.methods.split(",")), a.masked, a.reps)
     print(f"device={a.device} torch={torch.__version__} threads={torch.get_num_threads()}")
     print(format_table(rows))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import json
 import os
 import platform
 import sys
@@ -102,7 +101,7 @@ def main(argv=None):
     section("G-effect engine (bench_geffect)", lambda: optional_section("bench_geffect", device, a.small))
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = [f"# Benchmark results\n", f"Device: **{gpu}**; torch {torch.__version__}; {stamp}; "
+    text = ["# Benchmark results\n", f"Device: **{gpu}**; torch {torch.__version__}; {stamp}; "
             f"suite wall time {time.perf_counter() - start:.0f} s (`python benchmarks/gpu_suite.py`).\n"]
     if device != "cuda":
         text.append("**CPU check run at small shapes, not GPU numbers.**\n")

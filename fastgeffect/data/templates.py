@@ -8,7 +8,7 @@ the labels and the sequence is right-padded with EOS (padding labelled -100).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 IGNORE_INDEX = -100
 
