@@ -169,7 +169,9 @@ def test_fused_path_matches_materialised_logits(name, reg):
         hp = {"form": "product"} if name == "wtnpo" else {}
         out = get_objective(name, regularizer=reg, reference=ref, fused=fused, **hp)(model, b)
         out.loss.backward()
-        grads.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        grads.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()], out.details))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    for key in ("weights", "logprobs", "mask", "nll"):  # the same logging details on both paths
+        torch.testing.assert_close(grads[1][2][key], grads[0][2][key], rtol=1e-5, atol=1e-6)
     for a, c in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
