@@ -8,9 +8,17 @@ measures the unlearning G-effect (NLL on the step's forget samples) and the reta
 before clipping. Everything needed to continue (model, optimiser, scheduler, step) is saved
 atomically at epoch ends and every ``save_every`` steps; an interrupted run resumes from the
 last saved state and re-does (without duplicating log lines) the steps after it.
+
+Data parallel (``accelerate launch``, or any DDP / FSDP2 model): the step's global batch is split
+into ``world_size * grad_accum`` micro-batches, rank r taking ``grad_accum`` of them; the counts
+behind every reduction are summed over ranks, so gradients, G-effects and trained parameters are
+those of one process with the same global batch (retain partners are paired by global forget
+index, hence distinct across ranks and independent of the world size). Only the main process
+writes files.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as dist_
 from .data.collate import collate_pairs, collate_qa
 from .data.unlearning import UnlearningData
 from .geffect import GEffect, GEffectLogger
@@ -85,10 +94,33 @@ def to_device(batch, device):
     return batch.to(device) if torch.is_tensor(batch) else batch
 
 
-def nll_risk(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """The default risk R: token-mean NLL over the batch's answer tokens."""
+def nll_risk(model: torch.nn.Module, batch: Dict[str, torch.Tensor], num_tokens=None, weight: float = 1.0
+             ) -> torch.Tensor:
+    """The default risk R: token-mean NLL over the batch's answer tokens (``num_tokens``: the divisor
+    of the whole, all-rank risk batch, so each rank returns its share)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return nll(out.logits, batch["labels"])
+    loss = nll(out.logits, batch["labels"], num_items_in_batch=num_tokens)
+    return loss * weight if weight != 1.0 else loss
+
+
+def n_tokens(items: List[dict]) -> int:
+    """Valid shifted labels in ``items`` (the token-mean divisor)."""
+    return int(sum(int((it["labels"][1:] != -100).sum()) for it in items))
+
+
+class _NoLog:
+    """Stands in for log files on non-main ranks."""
+    def log(self, *a, **k):
+        pass
+
+    def write(self, *a):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
 
 
 def truncate_jsonl(path: Path, from_step: int) -> None:
@@ -102,12 +134,23 @@ def truncate_jsonl(path: Path, from_step: int) -> None:
     os.replace(tmp, path)
 
 
+def _full_state(model, optimizer):
+    """Whole (unsharded, CPU) model and optimiser state dicts; a collective under data parallel."""
+    if not dist_.is_distributed():
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def save_state(path: Path, model, optimizer, scheduler, step: int, epoch: int, batch_in_epoch: int) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch}, tmp)
-    os.replace(tmp, path)  # atomic: an interruption never leaves a half-written state
+    model_sd, optim_sd = _full_state(model, optimizer)  # every rank joins; the main one writes
+    if dist_.is_main():
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": model_sd, "optimizer": optim_sd,
+                    "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+                    "batch_in_epoch": batch_in_epoch}, tmp)
+        os.replace(tmp, path)  # atomic: an interruption never leaves a half-written state
+    dist_.barrier()
 
 
 class Unlearner:
@@ -116,12 +159,14 @@ class Unlearner:
 
     def __init__(self, model: torch.nn.Module, objective: Objective, data: UnlearningData, cfg: UnlearnConfig,
                  out_dir: Path, *, device: Optional[torch.device] = None, progress: bool = True,
-                 on_epoch_end: Optional[Callable[[int, "Unlearner"], None]] = None):
+                 on_epoch_end: Optional[Callable[[int, "Unlearner"], None]] = None, accelerator=None):
         cfg.check()
+        self.world, self.rank = dist_.world_size(), dist_.rank()
+        dist_.check_divisible(cfg.batch_size, self.world, cfg.grad_accum)
         self.model, self.objective, self.data, self.cfg = model, objective, data, cfg
         self.out_dir = Path(out_dir)
         self.device = device or next(model.parameters()).device
-        self.progress = progress
+        self.progress = progress and dist_.is_main()
         self.on_epoch_end = on_epoch_end
         self.n_steps_epoch = steps_per_epoch(len(data.pairs), cfg.batch_size)
         self.total_steps = self.n_steps_epoch * cfg.epochs
@@ -129,9 +174,19 @@ class Unlearner:
         if not params:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.accelerator = accelerator
+        if accelerator is not None:  # DDP / FSDP2 wrapping by accelerate; our own exact accumulation
+            self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        self.strategy = dist_.strategy(self.model)
+        if self.strategy == "deepspeed":
+            raise NotImplementedError("the unlearning loop does not run under DeepSpeed (its engine owns the "
+                                      "backward/step); use FSDP2 (configs/accelerate/fsdp.yaml) for ZeRO-3 sharding")
+        if self.world > 1 and self.strategy == "fsdp2" and cfg.pg_steps and cfg.geffect_every > 0:
+            raise NotImplementedError("per-sample PG-effects (--pg-steps) are not available under FSDP "
+                                      "(they need unsharded parameters); run them under DDP")
         warmup = max(1, round(cfg.warmup_epochs * self.n_steps_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_linear(self.total_steps, warmup))
-        self.geffect = GEffect(model, groups=cfg.geffect_groups) if cfg.geffect_every > 0 else None
+        self.geffect = GEffect(self.model, groups=cfg.geffect_groups) if cfg.geffect_every > 0 else None
         self.pg_steps = {self.total_steps - 1 if s < 0 else int(s) for s in cfg.pg_steps}
         self.step = 0
         self.start_epoch, self.start_batch = 0, 0
@@ -145,9 +200,16 @@ class Unlearner:
         """Load the saved state if there is one; True when training continues from it."""
         if not self.state_path.exists():
             return False
+        if not dist_.broadcast_object(self.state_path.exists()):
+            return False
         state = torch.load(self.state_path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if dist_.is_distributed():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.start_epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
         return True
@@ -156,20 +218,39 @@ class Unlearner:
         save_state(self.state_path, self.model, self.optimizer, self.scheduler, self.step, epoch, batch_in_epoch)
 
     # ---- one step ---------------------------------------------------------------------------
-    def step_batches(self, epoch: int, b: int) -> List[dict]:
+    def global_chunks(self, epoch: int, b: int) -> List[List[int]]:
+        """The step's forget indices, cut into the global micro-batches (``world * grad_accum``;
+        with one process, as many as there are samples when fewer)."""
         order = epoch_order(len(self.data.pairs), self.cfg.seed, epoch)
         idx = order[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size].tolist()
-        self.data.pairs.set_epoch(epoch)
-        n_micro = min(self.cfg.grad_accum, len(idx))
-        chunks = [idx[i::n_micro] for i in range(n_micro)]
-        return [to_device(collate_pairs([self.data.pairs[i] for i in c]), self.device) for c in chunks]
+        n = self.world * self.cfg.grad_accum
+        n_micro = min(n, len(idx)) if self.world == 1 else n
+        return [idx[i::n_micro] for i in range(n_micro)]
 
-    def retain_risk_batch(self) -> dict:
+    def step_batches(self, epoch: int, b: int) -> List[dict]:
+        """This rank's micro-batches. A rank left without samples (a short last batch) gets a copy of
+        the first sample with ``weight`` 0, so that every rank runs the same collectives."""
+        chunks = self.global_chunks(epoch, b)
+        self.data.pairs.set_epoch(epoch)
+        A = len(chunks) // self.world
+        mine = chunks[self.rank * A:(self.rank + 1) * A]
+        self.micro_weights = [1.0 if c else 0.0 for c in mine]
+        return [to_device(collate_pairs([self.data.pairs[i] for i in (c or chunks[0][:1])]), self.device)
+                for c in mine]
+
+    def retain_risk_items(self) -> List[dict]:
         """Held-out retain rows for the retaining risk: a fresh, seeded draw at every step."""
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
         n = min(self.cfg.geffect_batch, len(self.data.heldout))
         idx = torch.randperm(len(self.data.heldout), generator=g)[:n].tolist()
-        return to_device(collate_qa([self.data.heldout[i] for i in idx]), self.device)
+        return [self.data.heldout[i] for i in idx]
+
+    def retain_risk_batch(self) -> dict:
+        return to_device(collate_qa(self.retain_risk_items()), self.device)
+
+    def forget_risk_items(self, chunks: List[List[int]]) -> List[dict]:
+        """The first ``geffect_batch`` forget samples of the step, in global micro-batch order."""
+        return [self.data.pairs[i]["forget"] for c in chunks for i in c][:self.cfg.geffect_batch]
 
     def forget_risk_batch(self, micro: List[dict]) -> dict:
         items = [dict(input_ids=m["forget"]["input_ids"][i], attention_mask=m["forget"]["attention_mask"][i],
@@ -177,21 +258,53 @@ class Unlearner:
                  for m in micro for i in range(m["forget"]["labels"].shape[0])]
         return to_device(collate_qa(items[:self.cfg.geffect_batch]), self.device)
 
+    def risk_fn(self, items: List[dict]) -> Callable[[], torch.Tensor]:
+        """The NLL risk on ``items``; under data parallel, this rank's share (rows ``rank::world``,
+        divided by the token count of all rows)."""
+        if self.world == 1:
+            batch = to_device(collate_qa(items), self.device)
+            return lambda: nll_risk(self.model, batch)
+        mine = items[self.rank::self.world]
+        batch = to_device(collate_qa(mine or items[:1]), self.device)
+        total = max(1, n_tokens(items))
+        return lambda: nll_risk(self.model, batch, total, 1.0 if mine else 0.0)
+
     def train_step(self, micro: List[dict]) -> dict:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         counts: Dict[str, torch.Tensor] = {}
-        for m in micro:
+        ws = self.micro_weights if self.world > 1 else [1.0] * len(micro)
+        for m, w in zip(micro, ws):
+            if w == 0.0:
+                continue
             for k, v in count_items(m).items():
                 counts[k] = counts.get(k, 0) + v
+        if self.world > 1:  # every reduction divides by the counts of the whole global batch
+            keys = sorted(set().union(*dist_.all_gather_objects(sorted(counts))))
+            total = dist_.all_reduce_sum(torch.stack([torch.as_tensor(counts.get(k, 0)).double().cpu()
+                                                      for k in keys]))
+            counts = {k: total[i].to(self.device) for i, k in enumerate(keys)}
         logs: Dict[str, float] = {}
         weights, inv_conf = [], []
-        for m in micro:
+        last = len(micro) - 1
+        for j, (m, w) in enumerate(zip(micro, ws)):
             try:
                 out = self.objective(self.model, m, num_items=counts)
             except FloatingPointError as e:
                 raise NonFiniteLoss(f"step {self.step}: {e}") from e
-            out.loss.backward()
+            if self.world == 1:
+                out.loss.backward()
+            else:
+                # DDP/FSDP average over ranks; each rank's loss is its share of the global sum
+                sync = j == last or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+                with (contextlib.nullcontext() if sync else self.model.no_sync()):
+                    loss = out.loss * (w * self.world)
+                    if self.accelerator is not None:
+                        self.accelerator.backward(loss)
+                    else:
+                        loss.backward()
+                if w == 0.0:
+                    continue
             for k, v in out.logs().items():
                 logs[k] = logs.get(k, 0.0) + (v if k in ("loss", "forget_loss", "reg_loss") else v / len(micro))
             d = out.details
@@ -201,6 +314,8 @@ class Unlearner:
                 weights.append(d["seq_weights"].detach().float().cpu())
             if "logprobs" in d:  # GA's gradient carries 1/p per token: its "inverse confidence"
                 inv_conf.append(torch.exp(-d["logprobs"][d["mask"]].double()).cpu())
+        if self.world > 1:
+            logs, weights, inv_conf = self._gather_logs(logs, len(micro), weights, inv_conf)
         if inv_conf:
             logs["inv_conf"] = float(torch.cat(inv_conf).mean())
         if weights:
@@ -209,12 +324,25 @@ class Unlearner:
                                "min": float(w.min()), "max": float(w.max())}
         return logs
 
+    def _gather_logs(self, logs: dict, n_micro: int, weights: list, inv_conf: list):
+        """Logs of the global batch: loss terms are shares (summed), other values averaged."""
+        parts = dist_.all_gather_objects((logs, n_micro, weights, inv_conf))
+        n = sum(p[1] for p in parts)
+        out: Dict[str, float] = {}
+        for lg, nm, _, _ in parts:
+            for k, v in lg.items():
+                out[k] = out.get(k, 0.0) + (v if k in ("loss", "forget_loss", "reg_loss") else v * nm / n)
+        return out, [w for p in parts for w in p[2]], [c for p in parts for c in p[3]]
+
     def measure(self, micro: List[dict], logs: dict, logger: GEffectLogger, epoch: int) -> dict:
-        forget = self.forget_risk_batch(micro)
-        retain = self.retain_risk_batch()
+        if self.world == 1:
+            forget_fn = (lambda b: lambda: nll_risk(self.model, b))(self.forget_risk_batch(micro))
+            retain_fn = self.risk_fn(self.retain_risk_items())
+        else:
+            forget_fn = self.risk_fn(self.forget_risk_items(self._chunks))
+            retain_fn = self.risk_fn(self.retain_risk_items())
         self.model.eval()  # risks without dropout
-        res = self.geffect.measure({"unlearn": lambda: nll_risk(self.model, forget),
-                                    "retain": lambda: nll_risk(self.model, retain)})
+        res = self.geffect.measure({"unlearn": forget_fn, "retain": retain_fn})
         self.model.train()
         extra = {k: v for k, v in logs.items() if k != "weights"}
         logger.log(self.step, res, stats=logs.get("weights"), epoch=epoch, objective=self.objective.name,
@@ -223,12 +351,17 @@ class Unlearner:
 
     def per_sample(self, micro: List[dict]) -> None:
         """PG-effects of the step's first micro-batch, with its per-sample objective weights."""
-        m = micro[0]
+        m = micro[0]  # under data parallel: the first micro-batch of every rank, together
+        base = dist_.unwrap(self.model)
+        counts = count_items(m)
+        if self.world > 1:
+            counts = {k: dist_.all_reduce_sum(v.double().cpu()).to(self.device) for k, v in counts.items()}
         self.model.eval()
         res = self.geffect.per_sample(
-            lambda: nll_risk(self.model, m["forget"]),
-            lambda: self.objective.forget_loss(self.model, m, count_items(m), per_sample=True)[0])
-        _, details = self.objective.forget_loss(self.model, m, count_items(m))
+            lambda: nll(base(input_ids=m["forget"]["input_ids"], attention_mask=m["forget"]["attention_mask"]).logits,
+                        m["forget"]["labels"], num_items_in_batch=counts["forget_tokens"] if self.world > 1 else None),
+            lambda: self.objective.forget_loss(base, m, counts, per_sample=True)[0])
+        _, details = self.objective.forget_loss(base, m, counts)
         self.model.train()
         rec = {"step": self.step, "index": m["forget"]["index"].tolist(), "pg_effect": res.tolist()}
         if "seq_weights" in details:
@@ -236,17 +369,23 @@ class Unlearner:
         elif "weights" in details:
             mask = details["mask"]
             rec["seq_weights"] = ((details["weights"] * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
-        with open(self.out_dir / "pg_effects.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        parts = dist_.all_gather_objects(rec)
+        if self.world > 1:
+            rec = {"step": self.step, **{k: [x for p in parts for x in p[k]] for k in rec if k != "step"}}
+        if dist_.is_main():
+            with open(self.out_dir / "pg_effects.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("train_log.jsonl", "pg_effects.jsonl"):  # a resumed run re-does steps >= self.step
-            truncate_jsonl(self.out_dir / name, self.step)
-        logger = GEffectLogger(self.out_dir / "geffect.jsonl", resume_step=self.step)
-        train_log = open(self.out_dir / "train_log.jsonl", "a", encoding="utf-8")
+        main = dist_.is_main()
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("train_log.jsonl", "pg_effects.jsonl"):  # a resumed run re-does steps >= self.step
+                truncate_jsonl(self.out_dir / name, self.step)
+        logger = GEffectLogger(self.out_dir / "geffect.jsonl", resume_step=self.step) if main else _NoLog()
+        train_log = open(self.out_dir / "train_log.jsonl", "a", encoding="utf-8") if main else _NoLog()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress,
                    desc=f"unlearn {self.objective.name}")
         try:
@@ -256,6 +395,7 @@ class Unlearner:
                     if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step:
                         self.save(epoch, b)
                         return {"completed": False, "step": self.step}
+                    self._chunks = self.global_chunks(epoch, b)
                     micro = self.step_batches(epoch, b)
                     try:
                         logs = self.train_step(micro)
@@ -268,7 +408,12 @@ class Unlearner:
                         postfix.update(e_u=f"{res['unlearn'].total:.3g}", e_r=f"{res['retain'].total:.3g}")
                     if self.geffect is not None and self.step in self.pg_steps:
                         self.per_sample(micro)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    if self.accelerator is not None:
+                        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    else:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    if dist_.is_dtensor(grad_norm):
+                        grad_norm = grad_norm.full_tensor()
                     self.optimizer.step()
                     self.scheduler.step()
                     train_log.write(json.dumps({"step": self.step, "epoch": epoch, "grad_norm": float(grad_norm),

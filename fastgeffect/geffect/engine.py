@@ -11,6 +11,7 @@ Sign: a gradient step on L_u changes R by about ``-lr * e``; GA on the same batc
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional
@@ -18,6 +19,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
+from .. import distributed as _dist
 from .groups import GroupSpec, build_grouping
 from .stream import DEFAULT_CHUNK_NUMEL, DEFAULT_MAX_PENDING_BYTES, GradientDotStream
 
@@ -58,12 +60,16 @@ class GEffect:
     ``groups``: ``"paper"`` (embed/shallow/middle/deep/lm), ``"blocks"``, ``"params"``, a mapping
     group -> parameter names, or a callable ``model -> mapping``. ``accumulate_dtype`` defaults to
     fp64 on CPU and fp32 on accelerators. Only trainable parameters count.
+
+    Data parallel (see :mod:`fastgeffect.distributed`): pass the DDP-wrapped or FSDP2-sharded model;
+    every rank calls :meth:`measure` with risks that return *its share* of R (local sum divided by
+    the global count, so the shares sum to R); every rank gets the same global result.
     """
 
     def __init__(self, model: nn.Module, groups: GroupSpec = "paper", accumulate_dtype: Optional[torch.dtype] = None,
                  *, chunk_numel: int = DEFAULT_CHUNK_NUMEL, max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES):
         self.model = model
-        self.grouping = build_grouping(model, groups)
+        self.grouping = build_grouping(_dist.unwrap(model), groups)
         self.accumulate_dtype = accumulate_dtype
         self.chunk_numel = chunk_numel
         self.max_pending_bytes = max_pending_bytes
@@ -83,7 +89,7 @@ class GEffect:
                 f"params={len(self.grouping.params)}, tied={self.tied})")
 
     def _check_params_unchanged(self) -> None:
-        now = {id(p) for p in self.model.parameters() if p.requires_grad}
+        now = {id(p) for p in _dist.unwrap(self.model).parameters() if p.requires_grad}
         if now != {id(p) for p in self.grouping.params}:
             raise RuntimeError("the set of trainable parameters changed since this GEffect was built "
                                "(parameters frozen/unfrozen or added); build a new GEffect")
@@ -105,11 +111,17 @@ class GEffect:
         if all(p.grad is None for p in params):
             raise RuntimeError("measure() found no objective gradient: every trainable p.grad is None. "
                                "Call loss.backward() on the objective before measuring")
-        values: List[torch.Tensor] = []
+        mode = _dist.reduction_mode(self.model)
+        # FSDP averages the risk gradients it reduce-scatters: scale each share so the average is ∇R
+        scale = _dist.world_size() if mode == "sharded" else 1
+        values: List[float] = []
         stream = GradientDotStream(params, self.grouping.group_ids, len(self.grouping.names), len(risks),
                                    accumulate_dtype=self.accumulate_dtype, chunk_numel=self.chunk_numel,
                                    max_pending_bytes=self.max_pending_bytes)
-        with stream:
+        # DDP: the local share's gradient, not all-reduced (Σ_r <∇R_r, g> = <∇R, g>, g replicated)
+        no_sync = self.model.no_sync() if isinstance(self.model, nn.parallel.DistributedDataParallel) \
+            else contextlib.nullcontext()
+        with stream, no_sync:
             for row, (name, fn) in enumerate(risks.items()):
                 with torch.enable_grad():
                     value = check_risk_value(name, fn())
@@ -117,10 +129,13 @@ class GEffect:
                 v = float(value.detach())
                 if not math.isfinite(v):
                     raise FloatingPointError(f"risk {name!r} is not finite ({v})")
-                stream.backward(value, row=row)
+                stream.backward(value * scale if scale != 1 else value, row=row)
                 values.append(v)
                 del value
             table = stream.result()
+        if mode != "none":  # the one all-reduce: per-group partial sums and the risk shares together
+            packed = _dist.all_reduce_sum(torch.cat([table, torch.tensor(values, dtype=torch.float64)[:, None]], 1))
+            table, values = packed[:, :-1], packed[:, -1].tolist()
         out = {}
         for row, name in enumerate(risks):
             groups = {g: float(x) for g, x in zip(self.grouping.names, table[row].tolist())}

@@ -116,7 +116,9 @@ def _before_blocks(model: nn.Module, blocks: nn.ModuleList, outside: List[nn.Par
     """For parameters outside the blocks and embeddings: do they act before the first block
     (position embeddings, an embedding norm) or after it (final norm)? Decided by the order of
     forward calls in a tiny trace, falling back to registration order."""
-    calls = _first_calls(model)
+    # no trace of FSDP2-sharded models: their forward swaps parameter objects (and is a collective)
+    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+    calls = None if sharded else _first_calls(model)
     owners: Dict[int, List[nn.Module]] = {}
     for mod in model.modules():
         for p in mod.parameters(recurse=False):

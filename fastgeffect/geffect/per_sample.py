@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
 
+from .. import distributed as _dist
 from .. import ops as _ops
 from .engine import check_risk_value
 from .groups import GroupSpec, Grouping, build_grouping
@@ -235,7 +236,15 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     (Σ_i ℓ_i is the batch objective, e.g. each sample's share of a token mean). Costs one backward
     for R and one for Σ_i ℓ_i, plus one matmul per Linear; holds one extra gradient (∇R). ``p.grad``
     is left exactly as it was. ``return_details=True`` returns a :class:`PerSampleResult` with the
-    split by group (``groups`` as in :class:`GEffect`, default one group per tensor)."""
+    split by group (``groups`` as in :class:`GEffect`, default one group per tensor).
+
+    Under DDP each rank passes its share of R (local sum / global count) and its own samples; ∇R is
+    summed over ranks once (the full risk gradient), and each rank gets the PG-effects of its samples."""
+    mode = _dist.reduction_mode(model)
+    if mode == "sharded":
+        raise NotImplementedError("per-sample PG-effects need whole (unsharded) parameters for the ghost dot "
+                                  "products; under FSDP use total/group G-effects, or DDP for PG-effects")
+    model = _dist.unwrap(model)
     grouping = groups if isinstance(groups, Grouping) else build_grouping(model, groups)
     params = grouping.params
     P = len(params)
@@ -250,6 +259,11 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
         raise FloatingPointError(f"risk is not finite ({risk_value})")
     G = list(torch.autograd.grad(risk, params, allow_unused=True))
     del risk
+    if mode == "replicated":  # the shares' gradients summed: ∇R on every rank (same as one process)
+        G = [torch.zeros_like(p) if g is None else g for p, g in zip(params, G)]
+        for g in G:
+            torch.distributed.all_reduce(g)
+        risk_value = float(_dist.all_reduce_sum(torch.tensor(risk_value, dtype=torch.float64)))
 
     cap = _Capture(model, params, G, acc_of)
     try:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import ops as _ops  # called through the module so a faster backend can be swapped in
+from ..distributed import counted_here, is_dtensor, local_part
 
 DEFAULT_CHUNK_NUMEL = 1 << 20       # bounds dtype-conversion temporaries of the torch backend
 DEFAULT_MAX_PENDING_BYTES = 8 << 20  # fresh gradients kept alive while waiting for one batched call
@@ -41,6 +42,8 @@ class GradientDotStream:
                  partners: Optional[Sequence[Optional[torch.Tensor]]] = None,
                  accumulate_dtype: Optional[torch.dtype] = None, chunk_numel: int = DEFAULT_CHUNK_NUMEL,
                  max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES, self_row: Optional[int] = None):
+        # DTensor (FSDP2) parameters: the local shards are dotted; replicated mesh dims count once
+        self.counted = [counted_here(p) for p in params]
         if len(params) != len(group_ids):
             raise ValueError("params and group_ids must have the same length")
         if partners is not None and len(partners) != len(params):
@@ -92,8 +95,10 @@ class GradientDotStream:
         def hook(p: torch.Tensor) -> None:
             fresh, p.grad = p.grad, None  # free the fresh gradient as soon as it is queued
             partner = self.partners[i]
-            if fresh is None:
+            if fresh is None or not self.counted[i]:
                 return
+            if is_dtensor(fresh) or is_dtensor(partner):
+                fresh, partner = local_part(fresh), None if partner is None else local_part(partner)
             if self.self_row is not None:
                 self._push(fresh, fresh, self.group_ids[i], self.self_row)
             if partner is None:

@@ -1,0 +1,165 @@
+"""Data-parallel helpers (DESIGN.md §4.2): rank/world, the one small all-reduce, sharding detection.
+
+Everything here is a no-op in a single process (no ``torch.distributed`` group, or world size 1),
+so the single-process code paths never change.
+
+How a G-effect ``<∇R, g>`` is reduced, with ``g`` the (averaged) objective gradient:
+
+* DDP (``"replicated"``): every rank holds the full averaged ``g``. Each rank back-propagates only
+  its share of the risk, ``R_r = Σ_{local tokens} nll / N_global`` (so Σ_r R_r = R), without the DDP
+  all-reduce, and dots that local risk gradient with ``g``: ``Σ_r <∇R_r, g> = <∇R, g>`` exactly,
+  because ``g`` is the same on every rank. One all-reduce of the (risks × groups) vector.
+* FSDP2 (``"sharded"``): the risk is back-propagated through the sharded model, which
+  reduce-scatters (averages) it; each rank dots the local shards of the two reduced gradients
+  and the per-group partial sums are all-reduced once. Replicated dims count on one rank only.
+
+What is never done: dotting two unreduced per-rank gradients (Σ_r <a_r, g_r> is not the G-effect).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+try:  # DTensor: FSDP2 parameters and gradients
+    from torch.distributed.tensor import DTensor, Replicate
+except Exception:  # pragma: no cover - very old torch
+    DTensor, Replicate = (), ()
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    """Where collectives take their tensors: CUDA for NCCL, CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of a small tensor over ranks (one collective); the input is returned unchanged when alone."""
+    if not is_distributed():
+        return t
+    buf = t.detach().to(_comm_device(), torch.float64 if t.is_floating_point() else torch.int64).clone()
+    dist.all_reduce(buf)
+    return buf.to(t.device, t.dtype)
+
+
+def all_gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` when alone)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP wrapper (FSDP2 shards in place: nothing to unwrap)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def is_dtensor(t) -> bool:
+    return bool(DTensor) and isinstance(t, DTensor)
+
+
+def strategy(model: nn.Module) -> str:
+    """``"none"`` (one process), ``"ddp"``, ``"fsdp2"`` (DTensor parameters) or ``"deepspeed"``."""
+    if type(model).__name__ == "DeepSpeedEngine":
+        return "deepspeed"
+    if any(is_dtensor(p) for p in model.parameters()):
+        return "fsdp2"
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        return "fsdp1"
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return "ddp"
+    return "ddp" if is_distributed() else "none"
+
+
+def reduction_mode(model: nn.Module) -> str:
+    """How :class:`~fastgeffect.GEffect` reduces: ``"none"``, ``"replicated"`` or ``"sharded"``."""
+    s = strategy(model)
+    if s == "deepspeed":
+        raise NotImplementedError("G-effects under DeepSpeed are not supported: its partitioned gradients are "
+                                  "reduced outside autograd; use FSDP2 (configs/accelerate/fsdp.yaml, the same "
+                                  "ZeRO-3 sharding) or --geffect-every 0")
+    if s == "fsdp1":
+        raise NotImplementedError("G-effects under FSDP1 flat parameters are not supported: use FSDP2 "
+                                  "(fully_shard; accelerate fsdp_version: 2)")
+    if s == "fsdp2":
+        return "sharded"
+    return "replicated" if s == "ddp" and is_distributed() else "none"
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a plain tensor is returned as is)."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def counted_here(p: torch.Tensor) -> bool:
+    """In sharded mode: whether this rank's local part of ``p`` enters the sum. Shards count on
+    every rank; mesh dimensions along which ``p`` is replicated count on coordinate 0 only."""
+    if not is_dtensor(p):
+        return True
+    coord = p.device_mesh.get_coordinate()
+    if coord is None:  # this rank is outside the mesh
+        return False
+    return all(c == 0 for c, pl in zip(coord, p.placements) if isinstance(pl, Replicate))
+
+
+def check_divisible(batch_size: int, world: int, grad_accum: int) -> None:
+    """Each rank takes ``batch_size / (world * grad_accum)`` samples per micro-batch."""
+    if batch_size % (world * grad_accum):
+        raise ValueError(f"batch_size {batch_size} is not divisible by world_size*grad_accum = "
+                         f"{world}*{grad_accum} = {world * grad_accum}: every rank must take the same number "
+                         "of samples per micro-batch (choose batch_size, --grad-accum or the number of processes "
+                         "so that it divides)")
+
+
+def write_json_main(path: Path, obj) -> None:
+    """Atomic JSON write on the main process only."""
+    if not is_main():
+        return
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+__all__ = ["is_distributed", "world_size", "rank", "is_main", "barrier", "all_reduce_sum", "all_gather_objects",
+           "broadcast_object", "unwrap", "strategy", "reduction_mode", "local_part", "counted_here",
+           "check_divisible", "write_json_main", "is_dtensor"]

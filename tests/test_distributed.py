@@ -1,0 +1,185 @@
+"""Data parallel (DESIGN.md §4.2), 2 CPU processes on gloo: G-effects and trained parameters equal
+those of one process on the same global batch, under DDP (through accelerate) and FSDP2."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from fastgeffect.data.pairs import ForgetRetainDataset
+from fastgeffect.data.qa import QADataset
+from fastgeffect.data.templates import get_template
+from fastgeffect.data.unlearning import UnlearningData
+from fastgeffect.distributed import check_divisible
+from fastgeffect.embedded.tokenizer import TokenizerConfig, train_tokenizer
+from fastgeffect.objectives import get_objective
+from fastgeffect.unlearn import UnlearnConfig, Unlearner
+
+WORDS = "red blue green old young tall quiet bright dark warm cold river stone forest city".split()
+N_FORGET, N_RETAIN, N_HELD = 9, 12, 6  # 9 forget samples, batch 4: the last step has a single sample
+
+
+def _rows(n, off):
+    g = torch.Generator().manual_seed(off)
+    return [{"question": f"Who is writer {off + i}?",
+             "answer": " ".join(WORDS[int(j)] for j in torch.randint(len(WORDS), (3 + (off + i) % 5,), generator=g))}
+            for i in range(n)]
+
+
+def _data(folder, seed=0):
+    tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    tpl = get_template("phi")
+    forget, retain = QADataset(_rows(N_FORGET, 0), tok, tpl, 40), QADataset(_rows(N_RETAIN, 100), tok, tpl, 40)
+    held = QADataset(_rows(N_HELD, 200), tok, tpl, 40)
+    return UnlearningData(ForgetRetainDataset(forget, retain, seed=seed), forget, retain, held)
+
+
+def _cfg(grad_accum):
+    return UnlearnConfig(epochs=1, batch_size=4, grad_accum=grad_accum, lr=1e-2, warmup_epochs=0.5,
+                         geffect_every=1, geffect_batch=4, seed=3)
+
+
+def _model(folder):
+    # fp64: the two routes then agree to rounding (~1e-12), so 1e-7 below proves the reduction exact
+    # (in fp32 the different batch splits alone move G-effects by ~1e-5 relative)
+    model = LlamaForCausalLM.from_pretrained(folder).double()
+    model.config.use_cache = False
+    return model
+
+
+def _train(model, folder, out, grad_accum, accelerator=None):
+    torch.manual_seed(0)
+    u = Unlearner(model, get_objective("ga", regularizer="gd"), _data(folder), _cfg(grad_accum), out,
+                  progress=False, accelerator=accelerator)
+    u.run()
+    return u
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    texts = [r["question"] + " " + r["answer"] for r in _rows(40, 0) + _rows(40, 100) + _rows(40, 200)]
+    tok = train_tokenizer(texts, TokenizerConfig(vocab_size=300))
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    single = tmp_path_factory.mktemp("single")
+    torch.set_num_threads(1)
+    _train(_model(folder), folder, single, grad_accum=1)
+    return folder, single
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, folder, out, how):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    model = _model(folder)
+    accelerator = None
+    if how == "ddp":  # through accelerate, as `accelerate launch` does
+        from accelerate import Accelerator
+        accelerator = Accelerator(cpu=True)
+    else:
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+        if how == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+    try:
+        if how == "bad":
+            try:
+                Unlearner(model, get_objective("ga"), _data(folder), UnlearnConfig(batch_size=3), out)
+            except ValueError as e:
+                (out / f"error{rank}.txt").write_text(str(e))
+            return
+        u = _train(model, folder, out, grad_accum=2, accelerator=accelerator)
+        assert u.strategy == {"ddp": "ddp", "fsdp2": "fsdp2"}[how]
+        # the retain partners of this rank's samples at step 0, for the sampling test
+        chunks = u.global_chunks(0, 0)
+        u.data.pairs.set_epoch(0)
+        mine = [i for c in chunks[rank * 2:(rank + 1) * 2] for i in c]
+        (out / f"retain{rank}.json").write_text(json.dumps([u.data.pairs[i]["retain"]["index"] for i in mine]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _spawn(setup, tmp_path, how):
+    folder, _ = setup
+    mp.spawn(_worker, args=(2, _free_port(), folder, tmp_path, how), nprocs=2, join=True)
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _close(a, b, rel=1e-7):
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+
+def _compare(single, dist_out):
+    ra, rb = _records(single / "geffect.jsonl"), _records(dist_out / "geffect.jsonl")
+    assert len(ra) == len(rb) == 6  # 3 steps (4, 4, 1 samples) x (unlearn, retain)
+    for a, b in zip(ra, rb):
+        assert (a["step"], a["risk"]) == (b["step"], b["risk"])
+        assert _close(a["total"], b["total"]), (a, b)
+        assert _close(a["risk_value"], b["risk_value"]), (a, b)
+        for g in a["groups"]:
+            assert abs(a["groups"][g] - b["groups"][g]) <= 1e-7 * max(abs(a["total"]), abs(a["groups"][g])), g
+    la, lb = _records(single / "train_log.jsonl"), _records(dist_out / "train_log.jsonl")
+    for a, b in zip(la, lb):
+        assert _close(a["loss"], b["loss"]) and _close(a["grad_norm"], b["grad_norm"]), (a, b)
+    sa = torch.load(single / "state.pt", weights_only=False)["model"]
+    sb = torch.load(dist_out / "state.pt", weights_only=False)["model"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-7, atol=1e-9, msg=k)
+
+
+def test_ddp_equals_single_process(setup, tmp_path):
+    _spawn(setup, tmp_path, "ddp")
+    _compare(setup[1], tmp_path)
+    # retain partners: distinct across ranks, and the single-process pairing (reproducible per seed)
+    r0, r1 = (json.loads((tmp_path / f"retain{r}.json").read_text()) for r in (0, 1))
+    assert not set(r0) & set(r1)
+    pairs = _data(setup[0]).pairs
+    pairs.set_epoch(0)
+    assert sorted(r0 + r1) == sorted(int(pairs.order[i]) for i in range(N_FORGET)
+                                     if i in torch.randperm(N_FORGET, generator=torch.Generator().manual_seed(
+                                         3 * 100_003)).tolist()[:4])
+    # only the main process wrote files
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".jsonl") == ["geffect.jsonl", "train_log.jsonl"]
+
+
+def test_fsdp2_equals_single_process(setup, tmp_path):
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    _spawn(setup, tmp_path, "fsdp2")
+    _compare(setup[1], tmp_path)
+
+
+def test_world_size_not_dividing_batch(setup, tmp_path):
+    _spawn(setup, tmp_path, "bad")
+    msg = (tmp_path / "error0.txt").read_text()
+    assert "batch_size 3 is not divisible by world_size*grad_accum = 2*1" in msg
+    with pytest.raises(ValueError, match="not divisible"):
+        check_divisible(16, 3, 2)
+    check_divisible(16, 2, 4)
+
+
+def test_retain_sampling_reproducible_and_seeded(setup):
+    a, b, c = (_data(setup[0], seed=s).pairs for s in (0, 0, 1))
+    assert (a.order == b.order).all() and not (a.order == c.order).all()
