@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import sys
 import time
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from . import distributed as dist_
 
 from .data.collate import collate_qa
 from .data.templates import Template, get_template
@@ -347,6 +350,34 @@ def append_jsonl(path: Path, rows: Sequence[dict]) -> None:
             fh.write(json.dumps(r) + "\n")
 
 
+def make_accelerator():
+    """An ``accelerate.Accelerator`` when started by ``accelerate launch``/``torchrun`` with more than
+    one process (None otherwise: the single-process path is unchanged)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as e:
+            raise SystemExit("this launch uses DeepSpeed (configs/accelerate/deepspeed_zero3.yaml) but deepspeed is "
+                             f"not installed ({e}); pip install deepspeed, or use configs/accelerate/fsdp.yaml") from e
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def distributed_strategy(accelerator) -> str:
+    if accelerator is None:
+        return "none"
+    return str(accelerator.distributed_type).split(".")[-1].lower()
+
+
+def distributed_unsupported_message() -> str:
+    return ("multi-process runs of the whole driver (evaluation of sharded models on the main process) are not "
+            "wired up yet: use fastgeffect.unlearn.Unlearner(..., accelerator=Accelerator()) under accelerate "
+            "launch for DDP/FSDP2 unlearning with G-effects (see README: Running on N GPUs)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.resume and args.overwrite:
@@ -362,10 +393,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          geffect_batch=args.geffect_batch, geffect_groups=args.geffect_groups, pg_steps=pg_steps,
                          save_every=args.save_every, seed=args.seed, stop_at_step=args.stop_at_step)
     ucfg.check()
+    accelerator = make_accelerator()
+    if accelerator is not None:
+        from .distributed import check_divisible
+        check_divisible(args.batch_size, accelerator.num_processes, args.grad_accum)
     hp = objective_kwargs(args, preset)
     get_objective(args.method, regularizer=args.regularizer, lam=args.lam, **hp)  # validate before any work
-    out = prepare_out(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dist_.is_main():
+        out = prepare_out(args)
+    dist_.barrier()
+    out = dist_.broadcast_object(out if dist_.is_main() else None)
+    device = accelerator.device if accelerator is not None else \
+        torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     times: Dict[str, float] = {}
     t0 = time.perf_counter()
@@ -373,8 +412,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup = setup_hub(args, preset, device) if args.model else setup_embedded(args, device)
     times["setup"] = time.perf_counter() - t0
     config = {**{k: v for k, v in vars(args).items()}, "objective_hparams": hp, "train": config_dict(ucfg),
-              "max_length": setup.max_length, "setup": setup.info, "argv": list(argv or sys.argv[1:])}
-    if not (out / "config.json").exists():
+              "max_length": setup.max_length, "setup": setup.info, "argv": list(argv or sys.argv[1:]),
+              "distributed": {"world_size": dist_.world_size(), "grad_accum": args.grad_accum,
+                              "per_rank_micro_batch": args.batch_size // (dist_.world_size() * args.grad_accum),
+                              "strategy": distributed_strategy(accelerator)}}
+    if dist_.is_main() and not (out / "config.json").exists():
         write_json(out / "config.json", config)
 
     needs_idk = args.method in ("po", "dpo", "idkdpo")
@@ -413,6 +455,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.checkpoint_epochs:
             model.save_pretrained(out / "checkpoints" / f"epoch-{epoch + 1}")
 
+    if accelerator is not None and dist_.world_size() > 1:
+        raise SystemExit(distributed_unsupported_message())
     unlearner = Unlearner(model, objective, data, ucfg, out, device=device, progress=not args.no_progress,
                           on_epoch_end=on_epoch_end)
     resumed = args.resume and unlearner.resume()
