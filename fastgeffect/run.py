@@ -289,8 +289,9 @@ def reference_caches(objective: Objective, model, data: UnlearningData, shared: 
             caches[key] = RefLogprobCache.load(path)
             continue
         loader = torch.utils.data.DataLoader(ds, batch_size=32, collate_fn=collate_qa)
-        cache = RefLogprobCache.compute(model, loader, device=device)
-        cache.save(path)
+        cache = RefLogprobCache.compute(model, loader, device=device)  # every rank (deterministic)
+        if dist_.is_main():
+            cache.save(path)
         caches[key] = cache
     if "forget_idk" in caches and objective.name == "dpo":
         caches["forget_win"] = caches.pop("forget_idk")
@@ -372,10 +373,23 @@ def distributed_strategy(accelerator) -> str:
     return str(accelerator.distributed_type).split(".")[-1].lower()
 
 
-def distributed_unsupported_message() -> str:
-    return ("multi-process runs of the whole driver (evaluation of sharded models on the main process) are not "
-            "wired up yet: use fastgeffect.unlearn.Unlearner(..., accelerator=Accelerator()) under accelerate "
-            "launch for DDP/FSDP2 unlearning with G-effects (see README: Running on N GPUs)")
+def full_model(unlearner: Unlearner, setup: "Setup", device) -> Optional[torch.nn.Module]:
+    """The model with its current weights, whole, for evaluation and saving on the main process.
+
+    One process: the trained model itself. Data parallel: every rank joins the gathering of the
+    full (unsharded) state dict; the main process loads it into a fresh copy of the target on
+    ``device`` and gets it, the others get None.
+    """
+    if not dist_.is_distributed():
+        return unlearner.model
+    from .unlearn import _full_state
+
+    state, _ = _full_state(unlearner.model, unlearner.optimizer)
+    if not dist_.is_main():
+        return None
+    model = setup.load_original()
+    model.load_state_dict(state)
+    return model.to(device)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -409,7 +423,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     times: Dict[str, float] = {}
     t0 = time.perf_counter()
 
-    setup = setup_hub(args, preset, device) if args.model else setup_embedded(args, device)
+    def make_setup():
+        return setup_hub(args, preset, device) if args.model else setup_embedded(args, device)
+    if dist_.is_main():  # builds (or downloads) once; the other ranks then read the cache
+        setup = make_setup()
+    dist_.barrier()
+    if not dist_.is_main():
+        setup = make_setup()
     times["setup"] = time.perf_counter() - t0
     config = {**{k: v for k, v in vars(args).items()}, "objective_hparams": hp, "train": config_dict(ucfg),
               "max_length": setup.max_length, "setup": setup.info, "argv": list(argv or sys.argv[1:]),
@@ -438,7 +458,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         data.pairs = WinFromIdk(data.pairs)
     times["reference"] = time.perf_counter() - t
 
-    sets = eval_sets(setup, args.split) if args.eval == "full" else None
+    main_rank = dist_.is_main()  # evaluation runs on the main process; the others wait at barriers
+    sets = eval_sets(setup, args.split) if args.eval == "full" and main_rank else None
     retain_log = retain_model_log(setup, sets, args, shared, preset) if sets else None
     if sets and not (out / "metrics_before.json").exists():
         t = time.perf_counter()
@@ -448,34 +469,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if shared != out:
             shutil.copyfile(shared / "metrics_before.json", out / "metrics_before.json")
         times["eval_before"] = time.perf_counter() - t
+    dist_.barrier()
+
+    def record_token_weights(u: Unlearner, epoch: int, step: int) -> None:
+        # every rank runs the forward (a sharded model needs all of them); the main one writes
+        rows = token_weight_rows(objective, u.model, data, setup.tokenizer, epoch, step, device)
+        if main_rank:
+            append_jsonl(out / "token_weights.jsonl", rows)
 
     def on_epoch_end(epoch: int, u: Unlearner) -> None:
-        append_jsonl(out / "token_weights.jsonl",
-                     token_weight_rows(objective, model, data, setup.tokenizer, epoch + 1, u.step, device))
+        record_token_weights(u, epoch + 1, u.step)
         if args.checkpoint_epochs:
-            model.save_pretrained(out / "checkpoints" / f"epoch-{epoch + 1}")
+            whole = full_model(u, setup, device)
+            if whole is not None:
+                whole.save_pretrained(out / "checkpoints" / f"epoch-{epoch + 1}")
 
-    if accelerator is not None and dist_.world_size() > 1:
-        raise SystemExit(distributed_unsupported_message())
     unlearner = Unlearner(model, objective, data, ucfg, out, device=device, progress=not args.no_progress,
-                          on_epoch_end=on_epoch_end)
+                          on_epoch_end=on_epoch_end, accelerator=accelerator)
     resumed = args.resume and unlearner.resume()
-    truncate_jsonl(out / "token_weights.jsonl", unlearner.step)
+    if main_rank:
+        truncate_jsonl(out / "token_weights.jsonl", unlearner.step)
     if unlearner.step == 0:
-        append_jsonl(out / "token_weights.jsonl",
-                     token_weight_rows(objective, model, data, setup.tokenizer, 0, -1, device))
+        record_token_weights(unlearner, 0, -1)
     t = time.perf_counter()
     try:
         status = unlearner.run()
     except NonFiniteLoss as e:
-        write_json(out / "error.json", {"error": str(e), "step": unlearner.step,
+        dist_.write_json_main(out / "error.json", {"error": str(e), "step": unlearner.step,
                                         "state": str(unlearner.state_path)})
         raise SystemExit(f"stopped: {e}; the last finite state is in {unlearner.state_path} "
                          "(train_log.jsonl holds the last finite values)")
     times["unlearn"] = time.perf_counter() - t
     if not status["completed"]:
-        print(f"stopped after step {status['step']} as asked; continue with --resume --out {out}")
+        if main_rank:
+            print(f"stopped after step {status['step']} as asked; continue with --resume --out {out}")
         return 0
+    model = full_model(unlearner, setup, device)  # None on the other ranks, which are done
+    if not main_rank:
+        dist_.barrier()
+        return 0
+    try:
+        finish(args, setup, preset, model, sets, retain_log, out, device, times, t0, resumed)
+    finally:
+        dist_.barrier()
+    return 0
+
+
+def finish(args, setup: Setup, preset: dict, model, sets, retain_log, out: Path, device, times: Dict[str, float],
+           t0: float, resumed: bool) -> None:
+    """Main process: save the model, evaluate after unlearning, calibrate with UWC, report."""
     if args.save_model:
         model.save_pretrained(out / "model")
         setup.tokenizer.save_pretrained(out / "model")
@@ -507,7 +549,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = write_report(out)
     print(summary.read_text(encoding="utf-8"))
     print(f"run folder: {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -183,3 +183,32 @@ def test_world_size_not_dividing_batch(setup, tmp_path):
 def test_retain_sampling_reproducible_and_seeded(setup):
     a, b, c = (_data(setup[0], seed=s).pairs for s in (0, 0, 1))
     assert (a.order == b.order).all() and not (a.order == c.order).all()
+
+
+def test_driver_under_torchrun_matches_one_process(tmp_path):
+    """`python -m fastgeffect.run` on 2 gloo processes (DDP through accelerate): the same G-effect
+    log as one process, evaluation and report written once by the main process."""
+    import subprocess
+    import sys
+
+    from fastgeffect.geffect import read_geffect_log
+
+    env = {**os.environ, "FASTGEFFECT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    common = ["-m", "fastgeffect.run", "--size", "tiny", "--method", "tnpo", "--regularizer", "gd",
+              "--batch-size", "4", "--epochs", "2", "--no-progress"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, *common, "--out", str(one), "--eval", "none"], env=env, check=True,
+                   capture_output=True)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          f"--master_port={_free_port()}", *common, "--out", str(two)], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = read_geffect_log(one / "geffect.jsonl"), read_geffect_log(two / "geffect.jsonl")
+    assert [(r["step"], r["risk"]) for r in a] == [(r["step"], r["risk"]) for r in b]
+    for ra, rb in zip(a, b):
+        assert rb["total"] == pytest.approx(ra["total"], rel=1e-4)  # fp32, other batch split
+    cfg = json.loads((two / "config.json").read_text())
+    assert cfg["distributed"]["world_size"] == 2 and cfg["distributed"]["per_rank_micro_batch"] == 2
+    for name in ("metrics_before.json", "metrics_after.json", "metrics_uwc.json", "summary.md"):
+        assert (two / name).exists(), name
+    assert res.stdout.count("run folder:") == 1  # only the main process reports
