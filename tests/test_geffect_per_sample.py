@@ -31,8 +31,9 @@ def naive_pg(model, risk_fn, terms_fn):
     return torch.tensor(out, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("check", [True, False])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi", "gpt_neox"])
-def test_matches_naive_loop_float64(arch):
+def test_matches_naive_loop_float64(arch, check):
     # llama: RMSNorm (forward-mode path), untied; gpt2: tied wte/lm_head, Conv1D with biases, LayerNorm,
     # position embeddings broadcast over the batch; phi / gpt_neox: biases, LayerNorm, Linear heads
     model = tiny_model(arch, layers=2, dtype=torch.float64)
@@ -41,7 +42,7 @@ def test_matches_naive_loop_float64(arch):
     terms = lambda: per_sample_ga_terms(model, forget)  # noqa: E731
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="PG-effects")  # no fallback on supported families
-        res = per_sample_geffects(model, risk, terms, return_details=True)
+        res = per_sample_geffects(model, risk, terms, check=check, return_details=True)
     assert res.fallback == []
     ref = naive_pg(model, risk, terms)
     torch.testing.assert_close(res.values, ref, rtol=1e-9, atol=1e-12)

@@ -144,14 +144,15 @@ class GEffect:
         return out
 
     def per_sample(self, risk_fn: RiskFn, per_sample_losses_fn: Callable[[], torch.Tensor], *,
-                   return_details: bool = False):
+                   check: bool = True, return_details: bool = False):
         """PG-effects ``<∇R, ∇ℓ_i>`` for each sample (DESIGN.md §4.3); see
         :func:`fastgeffect.geffect.per_sample.per_sample_geffects`. Leaves ``p.grad`` untouched."""
         from .per_sample import per_sample_geffects
 
         self._check_params_unchanged()
         return per_sample_geffects(self.model, risk_fn, per_sample_losses_fn, groups=self.grouping,
-                                   accumulate_dtype=self.accumulate_dtype, return_details=return_details)
+                                   accumulate_dtype=self.accumulate_dtype, check=check,
+                                   return_details=return_details)
 
 
 __all__ = ["GEffect", "GEffectResult", "RiskFn", "check_risk_value"]
