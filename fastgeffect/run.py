@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kl-positions", default=None, choices=("all", "answer"),
                    help="KL over all positions (TOFU parity) or answer tokens only")
     g.add_argument("--rr-layer", type=int, default=None, help="RR regulariser block (default: the middle)")
-    g.add_argument("--fused", action="store_true", help="fused LM-head losses (Triton on CUDA, chunked on CPU)")
+    g.add_argument("--fused", default="auto", choices=("auto", "on", "off"),
+                   help="fused LM-head losses that never hold (tokens × vocab) logits (Triton on CUDA, chunked "
+                        "torch on CPU) for the token-weighted objectives and GD; auto: on when the model exposes "
+                        "a plain linear LM head")
 
     g = ap.add_argument_group("model and data")
     g.add_argument("--model", default=None,
@@ -373,6 +376,24 @@ def distributed_strategy(accelerator) -> str:
     return str(accelerator.distributed_type).split(".")[-1].lower()
 
 
+def use_fused(choice: str, model: torch.nn.Module) -> bool:
+    # the fused path calls the inner decoder directly, bypassing a DDP/FSDP wrapper's forward
+    if dist_.world_size() > 1:
+        if choice == "on":
+            raise SystemExit("--fused on is not available in multi-process runs (it bypasses the DDP/FSDP "
+                             "wrapper's forward); use --fused off or auto")
+        return False
+    if choice != "auto":
+        return choice == "on"
+    from .kernels.hf import decoder_and_head
+
+    try:
+        decoder_and_head(model)
+    except (TypeError, NotImplementedError):
+        return False
+    return True
+
+
 def full_model(unlearner: Unlearner, setup: "Setup", device) -> Optional[torch.nn.Module]:
     """The model with its current weights, whole, for evaluation and saving on the main process.
 
@@ -431,7 +452,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not dist_.is_main():
         setup = make_setup()
     times["setup"] = time.perf_counter() - t0
-    config = {**{k: v for k, v in vars(args).items()}, "objective_hparams": hp, "train": config_dict(ucfg),
+    fused = use_fused(args.fused, setup.model)
+    config = {**{k: v for k, v in vars(args).items()}, "fused_resolved": fused, "objective_hparams": hp, "train": config_dict(ucfg),
               "max_length": setup.max_length, "setup": setup.info, "argv": list(argv or sys.argv[1:]),
               "distributed": {"world_size": dist_.world_size(), "grad_accum": args.grad_accum,
                               "per_rank_micro_batch": args.batch_size // (dist_.world_size() * args.grad_accum),
@@ -448,7 +470,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.regularizer in ("kl", "rr"):
         reference = ReferenceModel(copy.deepcopy(model))
     objective = get_objective(args.method, regularizer=args.regularizer, lam=args.lam, reference=reference,
-                              fused=args.fused, **hp)
+                              fused=fused, **hp)
     shared = Path(args.shared_dir) if args.shared_dir else out
     shared.mkdir(parents=True, exist_ok=True)
     caches = reference_caches(objective, model, data, shared, device) if OBJECTIVES[args.method].needs_ref_logprobs \

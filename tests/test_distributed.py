@@ -209,6 +209,7 @@ def test_driver_under_torchrun_matches_one_process(tmp_path):
         assert rb["total"] == pytest.approx(ra["total"], rel=1e-4)  # fp32, other batch split
     cfg = json.loads((two / "config.json").read_text())
     assert cfg["distributed"]["world_size"] == 2 and cfg["distributed"]["per_rank_micro_batch"] == 2
+    assert cfg["fused_resolved"] is False  # the fused path would bypass the DDP wrapper
     for name in ("metrics_before.json", "metrics_after.json", "metrics_uwc.json", "summary.md"):
         assert (two / name).exists(), name
     assert res.stdout.count("run folder:") == 1  # only the main process reports

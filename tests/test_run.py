@@ -39,6 +39,7 @@ def test_default_run_end_to_end(tmp_path):
                  "model/config.json", "checkpoints/epoch-5/config.json"):
         assert (out / name).exists(), name
     cfg = json.loads((out / "config.json").read_text())
+    assert cfg["fused_resolved"] is True  # the tiny Llama exposes a plain linear LM head
     records = read_geffect_log(out / "geffect.jsonl")
     steps = cfg["train"]["epochs"] * -(-5 // cfg["train"]["batch_size"])  # tiny forget10: 5 rows
     assert [r["step"] for r in records if r["risk"] == "unlearn"] == list(range(steps))
@@ -76,6 +77,16 @@ def test_resume_gives_the_same_geffect_log(tmp_path):
         assert rb["risk_value"] == pytest.approx(ra["risk_value"], rel=1e-6)
     lines = (part / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == list(range(9))
+
+
+def test_fused_and_materialised_runs_agree(tmp_path):
+    common = ["--method", "tnpo", "--eval", "none", "--epochs", "1"]
+    assert run(tmp_path / "f", *common, "--fused", "on") == 0
+    assert run(tmp_path / "m", *common, "--fused", "off") == 0
+    a, b = (read_geffect_log(tmp_path / d / "geffect.jsonl") for d in ("f", "m"))
+    for ra, rb in zip(a, b):
+        assert ra["total"] == pytest.approx(rb["total"], rel=1e-4)
+        assert ra["weights"]["mean"] == pytest.approx(rb["weights"]["mean"], rel=1e-5)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
