@@ -26,13 +26,14 @@ import torch
 
 from . import distributed as dist_
 
-from .data.collate import collate_qa
+from .data.collate import collate_pairs, collate_qa
 from .data.templates import Template, get_template
 from .data.tofu import RETAIN_OF
 from .data.unlearning import UnlearningData, load_unlearning_data
+from .eval import load_tofu_sets
 from .objectives import OBJECTIVES, REGULARIZER_NAMES, Objective, get_objective
 from .reference import RefLogprobCache, ReferenceModel
-from .unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict, truncate_jsonl
+from .unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict, to_device, truncate_jsonl
 
 # Paper hyper-parameters (DESIGN.md §3, §6). "embedded" fits the tiny offline target on a CPU.
 PRESETS: Dict[str, dict] = {
@@ -227,18 +228,6 @@ def prepare_out(args) -> Path:
     return out
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-
-
-def eval_sets(setup: Setup, split: str) -> Dict[str, List[dict]]:
-    from .eval import load_tofu_sets
-
-    return load_tofu_sets(split, setup.data_dir)
-
-
 def evaluate(model, setup: Setup, sets, out_dir: Path, args, retain_log) -> dict:
     """TOFU metrics (logs written to ``out_dir``) and PS-exact/PS-perturb on retain and forget."""
     from .eval import evaluate_tofu, ps_report
@@ -327,9 +316,6 @@ def token_weight_rows(objective: Objective, model, data: UnlearningData, tokeniz
                       device, n: int = 3) -> List[dict]:
     """Per-token objective weights of the first ``n`` forget samples (for the heat-map)."""
     items = [data.pairs[i] for i in range(min(n, len(data.pairs)))]
-    from .data.collate import collate_pairs
-    from .unlearn import to_device
-
     batch = to_device(collate_pairs(items), device)
     was = model.training
     model.eval()
@@ -459,7 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               "per_rank_micro_batch": args.batch_size // (dist_.world_size() * args.grad_accum),
                               "strategy": distributed_strategy(accelerator)}}
     if dist_.is_main() and not (out / "config.json").exists():
-        write_json(out / "config.json", config)
+        dist_.write_json_main(out / "config.json", config)
 
     needs_idk = args.method in ("po", "dpo", "idkdpo")
     data = load_unlearning_data(setup.data_dir, args.split, setup.tokenizer, setup.template, setup.max_length,
@@ -481,12 +467,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     times["reference"] = time.perf_counter() - t
 
     main_rank = dist_.is_main()  # evaluation runs on the main process; the others wait at barriers
-    sets = eval_sets(setup, args.split) if args.eval == "full" and main_rank else None
+    sets = load_tofu_sets(args.split, setup.data_dir) if args.eval == "full" and main_rank else None
     retain_log = retain_model_log(setup, sets, args, shared, preset) if sets else None
     if sets and not (out / "metrics_before.json").exists():
         t = time.perf_counter()
         if not (shared / "metrics_before.json").exists():
-            write_json(shared / "metrics_before.json",
+            dist_.write_json_main(shared / "metrics_before.json",
                        evaluate(model, setup, sets, shared / "eval_before", args, retain_log))
         if shared != out:
             shutil.copyfile(shared / "metrics_before.json", out / "metrics_before.json")
@@ -546,7 +532,7 @@ def finish(args, setup: Setup, preset: dict, model, sets, retain_log, out: Path,
 
     if sets:
         t = time.perf_counter()
-        write_json(out / "metrics_after.json", evaluate(model, setup, sets, out / "eval_after", args, retain_log))
+        dist_.write_json_main(out / "metrics_after.json", evaluate(model, setup, sets, out / "eval_after", args, retain_log))
         times["eval_after"] = time.perf_counter() - t
         if not args.no_uwc:
             from .eval import uwc_calibrate
@@ -558,14 +544,14 @@ def finish(args, setup: Setup, preset: dict, model, sets, retain_log, out: Path,
                                 sets["retain"][:args.eval_size], sets["forget"][:args.eval_size],
                                 preset=preset["uwc"], batch_size=args.eval_batch_size,
                                 reference_ps=before.get("PS-exact retain"))
-            write_json(out / "metrics_uwc.json", {"alpha": res["alpha"], "tolerance": res["tolerance"],
+            dist_.write_json_main(out / "metrics_uwc.json", {"alpha": res["alpha"], "tolerance": res["tolerance"],
                                                   "reference_ps": res["reference_ps"], **res["metrics"]})
             del original
             times["uwc"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
     timing_path = out / "timing.json"
     previous = json.loads(timing_path.read_text()) if timing_path.exists() else []
-    write_json(timing_path, previous + [{"resumed": bool(resumed), **times}])
+    dist_.write_json_main(timing_path, previous + [{"resumed": bool(resumed), **times}])
     from .report import write_report
 
     summary = write_report(out)
