@@ -12,6 +12,9 @@ How a G-effect ``<∇R, g>`` is reduced, with ``g`` the (averaged) objective gra
 * FSDP2 (``"sharded"``): the risk is back-propagated through the sharded model, which
   reduce-scatters (averages) it; each rank dots the local shards of the two reduced gradients
   and the per-group partial sums are all-reduced once. Replicated dims count on one rank only.
+* DeepSpeed ZeRO-3 (``"zero3"``): the same on DeepSpeed's fp32 gradient partitions, read and put
+  back through its public ``safe_get_local_grad`` / ``safe_set_local_grad``
+  (:mod:`fastgeffect.geffect.zero3`).
 
 What is never done: dotting two unreduced per-rank gradients (Σ_r <a_r, g_r> is not the G-effect).
 """
@@ -87,9 +90,20 @@ def broadcast_object(obj):
     return box[0]
 
 
+def is_deepspeed(model) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a DDP wrapper (FSDP2 shards in place: nothing to unwrap)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The user's module inside a DDP or DeepSpeed wrapper (FSDP2 shards in place: nothing to unwrap)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) or is_deepspeed(model):
+        return model.module
+    return model
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of the whole parameter (a ZeRO-3 parameter holds none locally between forwards)."""
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def is_dtensor(t) -> bool:
@@ -98,7 +112,7 @@ def is_dtensor(t) -> bool:
 
 def strategy(model: nn.Module) -> str:
     """``"none"`` (one process), ``"ddp"``, ``"fsdp2"`` (DTensor parameters) or ``"deepspeed"``."""
-    if type(model).__name__ == "DeepSpeedEngine":
+    if is_deepspeed(model):
         return "deepspeed"
     if any(is_dtensor(p) for p in model.parameters()):
         return "fsdp2"
@@ -110,12 +124,14 @@ def strategy(model: nn.Module) -> str:
 
 
 def reduction_mode(model: nn.Module) -> str:
-    """How :class:`~fastgeffect.GEffect` reduces: ``"none"``, ``"replicated"`` or ``"sharded"``."""
+    """How :class:`~fastgeffect.GEffect` reduces: ``"none"``, ``"replicated"``, ``"sharded"`` or ``"zero3"``."""
     s = strategy(model)
     if s == "deepspeed":
-        raise NotImplementedError("G-effects under DeepSpeed are not supported: its partitioned gradients are "
-                                  "reduced outside autograd; use FSDP2 (configs/accelerate/fsdp.yaml, the same "
-                                  "ZeRO-3 sharding) or --geffect-every 0")
+        stage = model.zero_optimization_stage()
+        if stage != 3:
+            raise NotImplementedError(f"G-effects under DeepSpeed ZeRO stage {stage} are not supported: use "
+                                      "ZeRO-3 (configs/accelerate/deepspeed_zero3.yaml), DDP or FSDP2")
+        return "zero3"
     if s == "fsdp1":
         raise NotImplementedError("G-effects under FSDP1 flat parameters are not supported: use FSDP2 "
                                   "(fully_shard; accelerate fsdp_version: 2)")
@@ -161,4 +177,4 @@ def write_json_main(path: Path, obj) -> None:
 
 __all__ = ["is_distributed", "world_size", "rank", "is_main", "barrier", "all_reduce_sum", "all_gather_objects",
            "broadcast_object", "unwrap", "strategy", "reduction_mode", "local_part", "counted_here",
-           "check_divisible", "write_json_main", "is_dtensor"]
+           "check_divisible", "write_json_main", "is_dtensor", "is_deepspeed", "full_numel"]

@@ -33,7 +33,8 @@ from .data.unlearning import UnlearningData, load_unlearning_data
 from .eval import load_tofu_sets
 from .objectives import OBJECTIVES, REGULARIZER_NAMES, Objective, get_objective
 from .reference import RefLogprobCache, ReferenceModel
-from .unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict, to_device, truncate_jsonl
+from .unlearn import (NonFiniteLoss, UnlearnConfig, Unlearner, config_dict, full_model_state, to_device,
+                      truncate_jsonl)
 
 # Paper hyper-parameters (DESIGN.md §3, §6). "embedded" fits the tiny offline target on a CPU.
 PRESETS: Dict[str, dict] = {
@@ -345,15 +346,17 @@ def make_accelerator():
     one process (None otherwise: the single-process path is unchanged)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed:
         try:
-            import deepspeed  # noqa: F401
+            import deepspeed as _  # noqa: F401
         except ImportError as e:
             raise SystemExit("this launch uses DeepSpeed (configs/accelerate/deepspeed_zero3.yaml) but deepspeed is "
                              f"not installed ({e}); pip install deepspeed, or use configs/accelerate/fsdp.yaml") from e
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    # DeepSpeed runs on CPU too (gloo); accelerate only selects it when not told cpu=True
+    return Accelerator(cpu=not torch.cuda.is_available() and not deepspeed)
 
 
 def distributed_strategy(accelerator) -> str:
@@ -389,9 +392,7 @@ def full_model(unlearner: Unlearner, setup: "Setup", device) -> Optional[torch.n
     """
     if not dist_.is_distributed():
         return unlearner.model
-    from .unlearn import _full_state
-
-    state, _ = _full_state(unlearner.model, unlearner.optimizer)
+    state = full_model_state(unlearner.model)
     if not dist_.is_main():
         return None
     model = setup.load_original()

@@ -9,12 +9,14 @@ before clipping. Everything needed to continue (model, optimiser, scheduler, ste
 atomically at epoch ends and every ``save_every`` steps; an interrupted run resumes from the
 last saved state and re-does (without duplicating log lines) the steps after it.
 
-Data parallel (``accelerate launch``, or any DDP / FSDP2 model): the step's global batch is split
+Data parallel (``accelerate launch`` with DDP, FSDP2 or DeepSpeed ZeRO-3; or any DDP / FSDP2 model
+under ``torchrun``): the step's global batch is split
 into ``world_size * grad_accum`` micro-batches, rank r taking ``grad_accum`` of them; the counts
 behind every reduction are summed over ranks, so gradients, G-effects and trained parameters are
 those of one process with the same global batch (retain partners are paired by global forget
 index, hence distinct across ranks and independent of the world size). Only the main process
-writes files.
+writes files. Under DeepSpeed its engine runs the backward passes and the step (with the clipping
+set from ``max_grad_norm``), and the resumable state is a DeepSpeed checkpoint next to ``state.pt``.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -134,22 +137,65 @@ def truncate_jsonl(path: Path, from_step: int) -> None:
     os.replace(tmp, path)
 
 
-def _full_state(model, optimizer):
-    """Whole (unsharded, CPU) model and optimiser state dicts; a collective under data parallel."""
+def full_model_state(model) -> dict:
+    """The whole (unsharded, CPU) model state dict; a collective under data parallel, where only the
+    main process gets the tensors (the others get an empty dict)."""
     if not dist_.is_distributed():
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return dist_.unwrap(model).state_dict()
+    if dist_.is_deepspeed(model):
+        return _gather_zero3_state(model.module)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _gather_zero3_state(module: torch.nn.Module) -> dict:
+    """ZeRO-3 parameters gathered one at a time (never the whole model at once on any rank)."""
+    import deepspeed
+
+    out, main = {}, dist_.is_main()
+    for name, t in module.state_dict(keep_vars=True).items():  # tied weights: one tensor, two names
+        if isinstance(t, torch.nn.Parameter) and hasattr(t, "ds_id"):
+            with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+                if main:
+                    out[name] = t.detach().to("cpu", copy=True)
+        elif main:
+            out[name] = t.detach().to("cpu", copy=True)
+    return out
+
+
+DEEPSPEED_DIR = "deepspeed_state"
+
+
+def configure_deepspeed(ds_config: dict, cfg: UnlearnConfig, world: int) -> None:
+    """Our step is one ``engine.step()`` after all micro-batch backwards (DeepSpeed must not divide
+    the loss or skip steps for its own accumulation), clipped at ``max_grad_norm``."""
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    ds_config.update(train_micro_batch_size_per_gpu=micro, train_batch_size=micro * world,
+                     gradient_accumulation_steps=1, gradient_clipping=cfg.max_grad_norm)
+    ds_config.setdefault("steps_per_print", 1 << 30)
 
 
 def save_state(path: Path, model, optimizer, scheduler, step: int, epoch: int, batch_in_epoch: int) -> None:
-    model_sd, optim_sd = _full_state(model, optimizer)  # every rank joins; the main one writes
+    """Atomic resumable state: ``state.pt`` is replaced only once everything it points to is written."""
+    meta = {"scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+    if dist_.is_deepspeed(model):  # DeepSpeed's own sharded checkpoint (fp32 master weights, optimiser)
+        tag = f"step{step}"
+        model.save_checkpoint(str(path.parent / DEEPSPEED_DIR), tag=tag, save_latest=False)
+        meta["deepspeed_tag"] = tag
+    elif dist_.is_distributed():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        meta["model"], meta["optimizer"] = get_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        meta["model"], meta["optimizer"] = model.state_dict(), optimizer.state_dict()
     if dist_.is_main():
         tmp = path.with_suffix(".tmp")
-        torch.save({"model": model_sd, "optimizer": optim_sd,
-                    "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                    "batch_in_epoch": batch_in_epoch}, tmp)
+        torch.save(meta, tmp)
         os.replace(tmp, path)  # atomic: an interruption never leaves a half-written state
+        if "deepspeed_tag" in meta:  # older DeepSpeed checkpoints are no longer referenced
+            for old in (path.parent / DEEPSPEED_DIR).iterdir():
+                if old.is_dir() and old.name != meta["deepspeed_tag"]:
+                    shutil.rmtree(old)
     dist_.barrier()
 
 
@@ -173,19 +219,22 @@ class Unlearner:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        adamw = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = adamw
         self.accelerator = accelerator
-        if accelerator is not None:  # DDP / FSDP2 wrapping by accelerate; our own exact accumulation
-            self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        if accelerator is not None:  # DDP / FSDP2 / DeepSpeed wrapping by accelerate; our own exact accumulation
+            if accelerator.state.deepspeed_plugin is not None:
+                configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, self.world)
+            self.model, self.optimizer = accelerator.prepare(model, adamw)
         self.strategy = dist_.strategy(self.model)
-        if self.strategy == "deepspeed":
-            raise NotImplementedError("the unlearning loop does not run under DeepSpeed (its engine owns the "
-                                      "backward/step); use FSDP2 (configs/accelerate/fsdp.yaml) for ZeRO-3 sharding")
-        if self.world > 1 and self.strategy == "fsdp2" and cfg.pg_steps and cfg.geffect_every > 0:
-            raise NotImplementedError("per-sample PG-effects (--pg-steps) are not available under FSDP "
+        if self.world > 1 and self.strategy in ("fsdp2", "deepspeed") and cfg.pg_steps and cfg.geffect_every > 0:
+            raise NotImplementedError(f"per-sample PG-effects (--pg-steps) are not available under {self.strategy} "
                                       "(they need unsharded parameters); run them under DDP")
+        if self.strategy == "deepspeed" and cfg.geffect_every > 0:
+            dist_.reduction_mode(self.model)  # refuses ZeRO stages other than 3 before any step
         warmup = max(1, round(cfg.warmup_epochs * self.n_steps_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_linear(self.total_steps, warmup))
+        # on the AdamW itself: accelerate's and DeepSpeed's wrappers update its param_groups in place
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, warmup_linear(self.total_steps, warmup))
         self.geffect = GEffect(self.model, groups=cfg.geffect_groups) if cfg.geffect_every > 0 else None
         self.pg_steps = {self.total_steps - 1 if s < 0 else int(s) for s in cfg.pg_steps}
         self.step = 0
@@ -203,7 +252,13 @@ class Unlearner:
         if not dist_.broadcast_object(self.state_path.exists()):
             return False
         state = torch.load(self.state_path, map_location=self.device, weights_only=False)
-        if dist_.is_distributed():
+        if ("deepspeed_tag" in state) != (self.strategy == "deepspeed"):
+            raise RuntimeError(f"{self.state_path} was written by a run {'with' if 'deepspeed_tag' in state else 'without'} "
+                               "DeepSpeed; resume it with the same kind of launch")
+        if self.strategy == "deepspeed":
+            self.model.load_checkpoint(str(self.out_dir / DEEPSPEED_DIR), tag=state["deepspeed_tag"],
+                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+        elif dist_.is_distributed():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -269,9 +324,34 @@ class Unlearner:
         total = max(1, n_tokens(items))
         return lambda: nll_risk(self.model, batch, total, 1.0 if mine else 0.0)
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.strategy == "deepspeed":  # our losses already carry the global divisors
+            self.model.backward(loss, scale_wrt_gas=False)
+        elif self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def _clip_and_step(self) -> float:
+        """Clip to ``max_grad_norm`` and step; the gradient norm before clipping."""
+        if self.strategy == "deepspeed":
+            self.model.step()  # clips (gradient_clipping), steps and zeroes the partitions
+            grad_norm = self.model.get_global_grad_norm()
+        else:
+            clip = self.accelerator.clip_grad_norm_ if self.accelerator is not None else torch.nn.utils.clip_grad_norm_
+            grad_norm = clip(self.model.parameters(), self.cfg.max_grad_norm)
+            if dist_.is_dtensor(grad_norm):
+                grad_norm = grad_norm.full_tensor()
+            self.optimizer.step()
+        self.scheduler.step()
+        return float(grad_norm)
+
     def train_step(self, micro: List[dict]) -> dict:
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.strategy == "deepspeed":
+            self.model.optimizer.zero_grad()  # accelerate's wrapper leaves this to the engine
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         counts: Dict[str, torch.Tensor] = {}
         ws = self.micro_weights if self.world > 1 else [1.0] * len(micro)
         for m, w in zip(micro, ws):
@@ -298,11 +378,7 @@ class Unlearner:
                 # DDP/FSDP average over ranks; each rank's loss is its share of the global sum
                 sync = j == last or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
                 with (contextlib.nullcontext() if sync else self.model.no_sync()):
-                    loss = out.loss * (w * self.world)
-                    if self.accelerator is not None:
-                        self.accelerator.backward(loss)
-                    else:
-                        loss.backward()
+                    self._backward(out.loss * (w * self.world))
                 if w == 0.0:
                     continue
             for k, v in out.logs().items():
@@ -408,15 +484,8 @@ class Unlearner:
                         postfix.update(e_u=f"{res['unlearn'].total:.3g}", e_r=f"{res['retain'].total:.3g}")
                     if self.geffect is not None and self.step in self.pg_steps:
                         self.per_sample(micro)
-                    if self.accelerator is not None:
-                        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                    else:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                    if dist_.is_dtensor(grad_norm):
-                        grad_norm = grad_norm.full_tensor()
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    train_log.write(json.dumps({"step": self.step, "epoch": epoch, "grad_norm": float(grad_norm),
+                    grad_norm = self._clip_and_step()
+                    train_log.write(json.dumps({"step": self.step, "epoch": epoch, "grad_norm": grad_norm,
                                                 **logs}) + "\n")
                     train_log.flush()
                     self.step += 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -54,6 +54,17 @@ def check_risk_value(name: str, value) -> torch.Tensor:
     return value.reshape(())
 
 
+def evaluate_risk(name: str, fn: RiskFn) -> Tuple[torch.Tensor, float]:
+    """Run a risk callable (with autograd on) and refuse a bad or non-finite value before any
+    backward; one host sync per risk, not per parameter."""
+    with torch.enable_grad():
+        value = check_risk_value(name, fn())
+    v = float(value.detach())
+    if not math.isfinite(v):
+        raise FloatingPointError(f"risk {name!r} is not finite ({v})")
+    return value, v
+
+
 class GEffect:
     """Streaming G-effects of the gradient currently in ``p.grad`` against named risks.
 
@@ -61,7 +72,8 @@ class GEffect:
     group -> parameter names, or a callable ``model -> mapping``. ``accumulate_dtype`` defaults to
     fp64 on CPU and fp32 on accelerators. Only trainable parameters count.
 
-    Data parallel (see :mod:`fastgeffect.distributed`): pass the DDP-wrapped or FSDP2-sharded model;
+    Data parallel (see :mod:`fastgeffect.distributed`): pass the DDP-wrapped or FSDP2-sharded model,
+    or the DeepSpeed ZeRO-3 engine (after ``engine.backward`` of the objective, before ``engine.step``);
     every rank calls :meth:`measure` with risks that return *its share* of R (local sum divided by
     the global count, so the shares sum to R); every rank gets the same global result.
     """
@@ -108,10 +120,16 @@ class GEffect:
                                 f"got {type(fn).__name__}")
         self._check_params_unchanged()
         params = self.grouping.params
+        mode = _dist.reduction_mode(self.model)
+        if mode == "zero3":  # DeepSpeed keeps the gradients in its own partitions, not in p.grad
+            from .zero3 import measure_zero3
+
+            table, values = measure_zero3(self.model, params, self.grouping.group_ids, len(self.grouping.names),
+                                          risks, evaluate_risk, self.accumulate_dtype)
+            return self._reduce(risks, table, values)
         if all(p.grad is None for p in params):
             raise RuntimeError("measure() found no objective gradient: every trainable p.grad is None. "
                                "Call loss.backward() on the objective before measuring")
-        mode = _dist.reduction_mode(self.model)
         # FSDP averages the risk gradients it reduce-scatters: scale each share so the average is ∇R
         scale = _dist.world_size() if mode == "sharded" else 1
         values: List[float] = []
@@ -123,17 +141,16 @@ class GEffect:
             else contextlib.nullcontext()
         with stream, no_sync:
             for row, (name, fn) in enumerate(risks.items()):
-                with torch.enable_grad():
-                    value = check_risk_value(name, fn())
-                # one host sync per risk (not per parameter) to refuse NaN/inf before back-propagating
-                v = float(value.detach())
-                if not math.isfinite(v):
-                    raise FloatingPointError(f"risk {name!r} is not finite ({v})")
+                value, v = evaluate_risk(name, fn)
                 stream.backward(value * scale if scale != 1 else value, row=row)
                 values.append(v)
                 del value
             table = stream.result()
-        if mode != "none":  # the one all-reduce: per-group partial sums and the risk shares together
+        return self._reduce(risks, table, values)
+
+    def _reduce(self, risks: Mapping[str, RiskFn], table: torch.Tensor, values: List[float]
+                ) -> Dict[str, GEffectResult]:
+        if _dist.is_distributed():  # the one all-reduce: per-group partial sums and the risk shares together
             packed = _dist.all_reduce_sum(torch.cat([table, torch.tensor(values, dtype=torch.float64)[:, None]], 1))
             table, values = packed[:, :-1], packed[:, -1].tolist()
         out = {}
@@ -155,4 +172,4 @@ class GEffect:
                                    return_details=return_details)
 
 
-__all__ = ["GEffect", "GEffectResult", "RiskFn", "check_risk_value"]
+__all__ = ["GEffect", "GEffectResult", "RiskFn", "check_risk_value", "evaluate_risk"]

@@ -17,6 +17,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Uni
 import torch
 from torch import nn
 
+from ..distributed import full_numel
+
 GROUPINGS = ("paper", "blocks", "params")
 PAPER_GROUPS = ("embed", "shallow", "middle", "deep", "lm")
 
@@ -58,7 +60,7 @@ def find_block_list(model: nn.Module) -> Tuple[str, nn.ModuleList]:
             continue
         if len({type(m) for m in mod}) != 1:
             continue
-        size = sum(p.numel() for p in mod.parameters())
+        size = sum(full_numel(p) for p in mod.parameters())
         if size == 0:
             continue
         key = (len(mod) >= 2, size)

@@ -249,9 +249,10 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     Under DDP each rank passes its share of R (local sum / global count) and its own samples; ∇R is
     summed over ranks once (the full risk gradient), and each rank gets the PG-effects of its samples."""
     mode = _dist.reduction_mode(model)
-    if mode == "sharded":
+    if mode in ("sharded", "zero3"):
         raise NotImplementedError("per-sample PG-effects need whole (unsharded) parameters for the ghost dot "
-                                  "products; under FSDP use total/group G-effects, or DDP for PG-effects")
+                                  "products; under FSDP or DeepSpeed ZeRO-3 use total/group G-effects, or DDP "
+                                  "for PG-effects")
     model = _dist.unwrap(model)
     grouping = groups if isinstance(groups, Grouping) else build_grouping(model, groups)
     params = grouping.params

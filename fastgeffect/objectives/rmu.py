@@ -1,9 +1,11 @@
 """RMU: steer forget-token hidden states at block ``layer`` to a fixed random control vector."""
+from ..distributed import unwrap
 from ..losses import control_vector, rmu
 from .base import ForgetTerm
 
 
 def num_blocks(model) -> int:
+    model = unwrap(model)  # a DDP / DeepSpeed wrapper does not expose the config
     n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
     if n is None:
         raise ValueError("cannot tell the model's number of decoder blocks for RMU's default layer")
