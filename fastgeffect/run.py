@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--geffect-every", type=int, default=1, help="measure every K steps (0: never)")
     g.add_argument("--geffect-batch", type=int, default=16, help="samples in each risk batch")
     g.add_argument("--geffect-groups", default="paper", choices=("paper", "blocks", "params"))
-    g.add_argument("--pg-steps", default="0,-1",
-                   help="comma-separated steps with per-sample PG-effects (-1: the last step; empty: none)")
+    g.add_argument("--pg-steps", default=None,
+                   help="comma-separated steps with per-sample PG-effects (-1: the last step; empty: none); "
+                        "default 0,-1, and none under FSDP or DeepSpeed (they need unsharded parameters)")
 
     g = ap.add_argument_group("evaluation and outputs")
     g.add_argument("--eval", default="full", choices=("full", "none"),
@@ -356,13 +357,31 @@ def make_accelerator():
     from accelerate import Accelerator
 
     # DeepSpeed runs on CPU too (gloo); accelerate only selects it when not told cpu=True
-    return Accelerator(cpu=not torch.cuda.is_available() and not deepspeed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available() and not deepspeed)
+    if deepspeed:
+        # accelerate registers its ZeRO-3 config with transformers whatever zero3_init_flag says, which
+        # makes every from_pretrained a collective (zero.Init); here the main process builds, loads and
+        # evaluates models alone, so models are loaded whole and partitioned by accelerator.prepare
+        from transformers.integrations import unset_hf_deepspeed_config
+        unset_hf_deepspeed_config()
+    return accelerator
 
 
 def distributed_strategy(accelerator) -> str:
     if accelerator is None:
         return "none"
     return str(accelerator.distributed_type).split(".")[-1].lower()
+
+
+def distributed_details(accelerator) -> dict:
+    """What else the manifest records of an accelerate launch: precision and the sharding stage."""
+    if accelerator is None:
+        return {}
+    out = {"mixed_precision": str(accelerator.mixed_precision)}
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        out["zero_stage"] = plugin.zero_stage
+    return out
 
 
 def use_fused(choice: str, model: torch.nn.Module) -> bool:
@@ -408,6 +427,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.preset = preset["name"]
     args.lr = args.lr if args.lr is not None else preset["lr"]
     args.regularizer = args.regularizer or OBJECTIVES[args.method].default_regularizer
+    accelerator = make_accelerator()
+    if args.pg_steps is None:
+        args.pg_steps = "" if distributed_strategy(accelerator) in ("fsdp", "deepspeed") else "0,-1"
     pg_steps = tuple(int(s) for s in args.pg_steps.split(",") if s.strip())
     ucfg = UnlearnConfig(epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                          weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
@@ -415,7 +437,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          geffect_batch=args.geffect_batch, geffect_groups=args.geffect_groups, pg_steps=pg_steps,
                          save_every=args.save_every, seed=args.seed, stop_at_step=args.stop_at_step)
     ucfg.check()
-    accelerator = make_accelerator()
     if accelerator is not None:
         from .distributed import check_divisible
         check_divisible(args.batch_size, accelerator.num_processes, args.grad_accum)
@@ -444,7 +465,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "max_length": setup.max_length, "setup": setup.info, "argv": list(argv or sys.argv[1:]),
               "distributed": {"world_size": dist_.world_size(), "grad_accum": args.grad_accum,
                               "per_rank_micro_batch": args.batch_size // (dist_.world_size() * args.grad_accum),
-                              "strategy": distributed_strategy(accelerator)}}
+                              "strategy": distributed_strategy(accelerator),
+                              **distributed_details(accelerator)}}
     if dist_.is_main() and not (out / "config.json").exists():
         dist_.write_json_main(out / "config.json", config)
 

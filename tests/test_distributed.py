@@ -3,6 +3,9 @@ those of one process on the same global batch, under DDP (through accelerate) an
 import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +18,11 @@ from fastgeffect.data.templates import get_template
 from fastgeffect.data.unlearning import UnlearningData
 from fastgeffect.distributed import check_divisible, is_main
 from fastgeffect.embedded.tokenizer import TokenizerConfig, train_tokenizer
+from fastgeffect.geffect import read_geffect_log
 from fastgeffect.objectives import get_objective
 from fastgeffect.unlearn import UnlearnConfig, Unlearner, full_model_state
 
+ROOT = Path(__file__).resolve().parents[1]
 WORDS = "red blue green old young tall quiet bright dark warm cold river stone forest city".split()
 N_FORGET, N_RETAIN, N_HELD = 9, 12, 6  # 9 forget samples, batch 4: the last step has a single sample
 
@@ -228,31 +233,76 @@ def test_retain_sampling_reproducible_and_seeded(setup):
     assert (a.order == b.order).all() and not (a.order == c.order).all()
 
 
-def test_driver_under_torchrun_matches_one_process(tmp_path):
-    """`python -m fastgeffect.run` on 2 gloo processes (DDP through accelerate): the same G-effect
-    log as one process, evaluation and report written once by the main process."""
-    import subprocess
-    import sys
+DRIVER = ["-m", "fastgeffect.run", "--size", "tiny", "--method", "tnpo", "--regularizer", "gd", "--batch-size", "4",
+          "--epochs", "2", "--no-progress"]
 
-    from fastgeffect.geffect import read_geffect_log
 
-    env = {**os.environ, "FASTGEFFECT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    common = ["-m", "fastgeffect.run", "--size", "tiny", "--method", "tnpo", "--regularizer", "gd",
-              "--batch-size", "4", "--epochs", "2", "--no-progress"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, *common, "--out", str(one), "--eval", "none"], env=env, check=True,
-                   capture_output=True)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          f"--master_port={_free_port()}", *common, "--out", str(two)], env=env, capture_output=True,
-                         text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+def _driver_env(tmp_path):
+    return {**os.environ, "FASTGEFFECT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def driver_one_process(tmp_path_factory):
+    """The driver's G-effect log in one process (and the shared embedded cache)."""
+    tmp = tmp_path_factory.mktemp("driver")
+    subprocess.run([sys.executable, *DRIVER, "--out", str(tmp / "one"), "--eval", "none"], env=_driver_env(tmp),
+                   check=True, capture_output=True)
+    return tmp
+
+
+def _same_geffect_log(one, two):
     a, b = read_geffect_log(one / "geffect.jsonl"), read_geffect_log(two / "geffect.jsonl")
     assert [(r["step"], r["risk"]) for r in a] == [(r["step"], r["risk"]) for r in b]
     for ra, rb in zip(a, b):
-        assert rb["total"] == pytest.approx(ra["total"], rel=1e-4)  # fp32, other batch split
+        assert rb["total"] == pytest.approx(ra["total"], rel=1e-4)  # fp32, lr 1e-3, another batch split
+
+
+def test_driver_under_torchrun_matches_one_process(driver_one_process):
+    """`python -m fastgeffect.run` on 2 gloo processes (DDP through accelerate): the same G-effect
+    log as one process, evaluation and report written once by the main process."""
+    tmp = driver_one_process
+    two = tmp / "two"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          f"--master_port={_free_port()}", *DRIVER, "--out", str(two)], env=_driver_env(tmp),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _same_geffect_log(tmp / "one", two)
     cfg = json.loads((two / "config.json").read_text())
     assert cfg["distributed"]["world_size"] == 2 and cfg["distributed"]["per_rank_micro_batch"] == 2
     assert cfg["fused_resolved"] is False  # the fused path would bypass the DDP wrapper
     for name in ("metrics_before.json", "metrics_after.json", "metrics_uwc.json", "summary.md"):
         assert (two / name).exists(), name
     assert res.stdout.count("run folder:") == 1  # only the main process reports
+
+
+def test_driver_under_accelerate_deepspeed_stops_and_resumes(driver_one_process):
+    """`accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml -m fastgeffect.run`
+    (ZeRO-3 on 2 CPU processes, fp32): stopped after 2 steps and resumed from DeepSpeed's checkpoint,
+    it gives one process's G-effect log, then evaluates and reports once."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    tmp = driver_one_process
+    out = tmp / "ds"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs/accelerate/deepspeed_zero3.yaml"), "--mixed_precision", "no",
+              "--main_process_port", str(_free_port()), *DRIVER, "--out", str(out)]
+    res = subprocess.run([*launch, "--stop-at-step", "2"], env=_driver_env(tmp), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not (out / "metrics_after.json").exists() and len(_records(out / "train_log.jsonl")) == 2
+    res = subprocess.run([*launch, "--resume"], env=_driver_env(tmp), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _same_geffect_log(tmp / "one", out)
+    cfg = json.loads((out / "config.json").read_text())["distributed"]
+    assert (cfg["strategy"], cfg["zero_stage"], cfg["world_size"]) == ("deepspeed", 3, 2)
+    assert "pg_effects.jsonl" not in os.listdir(out)  # PG-effects need unsharded parameters: off by default
+    for name in ("metrics_after.json", "metrics_uwc.json", "summary.md"):
+        assert (out / name).exists(), name
+
+
+def test_deepspeed_launch_without_deepspeed_is_a_clear_error(monkeypatch):
+    from fastgeffect.run import make_accelerator
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
+    with pytest.raises(SystemExit, match="deepspeed is not installed"):
+        make_accelerator()
