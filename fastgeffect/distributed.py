@@ -156,6 +156,20 @@ def counted_here(p: torch.Tensor) -> bool:
     return all(c == 0 for c, pl in zip(coord, p.placements) if isinstance(pl, Replicate))
 
 
+def fully_shard_blocks(model: nn.Module) -> nn.Module:
+    """FSDP2 (torch's ``fully_shard``, ZeRO-3 style): one unit per decoder block, then the root
+    (embeddings, final norm, head). Shards in place; returns the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    from .geffect.groups import find_block_list
+
+    _, blocks = find_block_list(model)
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
 def check_divisible(batch_size: int, world: int, grad_accum: int) -> None:
     """Each rank takes ``batch_size / (world * grad_accum)`` samples per micro-batch."""
     if batch_size % (world * grad_accum):
@@ -177,4 +191,4 @@ def write_json_main(path: Path, obj) -> None:
 
 __all__ = ["is_distributed", "world_size", "rank", "is_main", "barrier", "all_reduce_sum", "all_gather_objects",
            "broadcast_object", "unwrap", "strategy", "reduction_mode", "local_part", "counted_here",
-           "check_divisible", "write_json_main", "is_dtensor", "is_deepspeed", "full_numel"]
+           "check_divisible", "write_json_main", "is_dtensor", "is_deepspeed", "full_numel", "fully_shard_blocks"]

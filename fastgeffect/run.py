@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    g.add_argument("--fsdp2", action="store_true",
+                   help="under torchrun: shard with torch's FSDP2 (fully_shard per decoder block) instead of DDP "
+                        "(under accelerate launch, use configs/accelerate/fsdp.yaml instead)")
     g.add_argument("--bf16", action="store_true", help="bf16 weights (default on CUDA with --model)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="(default on CUDA with --model)")
 
@@ -428,8 +431,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.lr = args.lr if args.lr is not None else preset["lr"]
     args.regularizer = args.regularizer or OBJECTIVES[args.method].default_regularizer
     accelerator = make_accelerator()
+    strategy = distributed_strategy(accelerator)
+    if args.fsdp2:
+        if accelerator is None:
+            raise SystemExit("--fsdp2 needs several processes: torchrun --nproc_per_node N -m fastgeffect.run ...")
+        if strategy in ("fsdp", "deepspeed"):
+            raise SystemExit(f"--fsdp2 with an accelerate {strategy} config: choose one way of sharding")
+        strategy = "fsdp2"
     if args.pg_steps is None:
-        args.pg_steps = "" if distributed_strategy(accelerator) in ("fsdp", "deepspeed") else "0,-1"
+        args.pg_steps = "" if strategy in ("fsdp", "fsdp2", "deepspeed") else "0,-1"
     pg_steps = tuple(int(s) for s in args.pg_steps.split(",") if s.strip())
     ucfg = UnlearnConfig(epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                          weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
@@ -465,7 +475,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "max_length": setup.max_length, "setup": setup.info, "argv": list(argv or sys.argv[1:]),
               "distributed": {"world_size": dist_.world_size(), "grad_accum": args.grad_accum,
                               "per_rank_micro_batch": args.batch_size // (dist_.world_size() * args.grad_accum),
-                              "strategy": distributed_strategy(accelerator),
+                              "strategy": strategy,
                               **distributed_details(accelerator)}}
     if dist_.is_main() and not (out / "config.json").exists():
         dist_.write_json_main(out / "config.json", config)
@@ -515,8 +525,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if whole is not None:
                 whole.save_pretrained(out / "checkpoints" / f"epoch-{epoch + 1}")
 
+    if args.fsdp2:  # sharded in place here; accelerate would wrap it in DDP
+        model = dist_.fully_shard_blocks(model)
     unlearner = Unlearner(model, objective, data, ucfg, out, device=device, progress=not args.no_progress,
-                          on_epoch_end=on_epoch_end, accelerator=accelerator)
+                          on_epoch_end=on_epoch_end, accelerator=None if args.fsdp2 else accelerator)
     resumed = args.resume and unlearner.resume()
     if main_rank:
         truncate_jsonl(out / "token_weights.jsonl", unlearner.step)

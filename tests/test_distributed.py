@@ -275,6 +275,25 @@ def test_driver_under_torchrun_matches_one_process(driver_one_process):
     assert res.stdout.count("run folder:") == 1  # only the main process reports
 
 
+def test_driver_under_torchrun_fsdp2(driver_one_process):
+    """`torchrun ... -m fastgeffect.run --fsdp2`: FSDP2 units per decoder block, the same G-effect
+    log as one process, the full model gathered for the main process's evaluation."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    tmp = driver_one_process
+    out = tmp / "fsdp2"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          f"--master_port={_free_port()}", *DRIVER, "--fsdp2", "--out", str(out)],
+                         env=_driver_env(tmp), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _same_geffect_log(tmp / "one", out)
+    assert json.loads((out / "config.json").read_text())["distributed"]["strategy"] == "fsdp2"
+    metrics = json.loads((out / "metrics_after.json").read_text())
+    assert all(v == v for v in metrics.values() if isinstance(v, float))  # evaluated, no NaN
+
+
 def test_driver_under_accelerate_deepspeed_stops_and_resumes(driver_one_process):
     """`accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml -m fastgeffect.run`
     (ZeRO-3 on 2 CPU processes, fp32): stopped after 2 steps and resumed from DeepSpeed's checkpoint,
