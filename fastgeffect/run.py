@@ -542,6 +542,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                         "state": str(unlearner.state_path)})
         raise SystemExit(f"stopped: {e}; the last finite state is in {unlearner.state_path} "
                          "(train_log.jsonl holds the last finite values)")
+    except Exception as e:
+        if not dist_.is_distributed():
+            raise
+        # a rank failed (or saw a peer fail inside a collective): every file was written atomically or
+        # line by line, so the run folder holds the last saved state and the logs up to it
+        msg = (f"rank {dist_.rank()} of {dist_.world_size()} failed at step {unlearner.step}: "
+               f"{type(e).__name__}: {e}")
+        print(f"[fastgeffect] {msg}; continue with --resume --out {out}", file=sys.stderr, flush=True)
+        dist_.write_json_main(out / "error.json", {"error": msg, "step": unlearner.step,
+                                                   "state": str(unlearner.state_path)})
+        raise
     times["unlearn"] = time.perf_counter() - t
     if not status["completed"]:
         if main_rank:

@@ -251,7 +251,7 @@ class Unlearner:
             return False
         if not dist_.broadcast_object(self.state_path.exists()):
             return False
-        state = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        state = torch.load(self.state_path, map_location="cpu", weights_only=False)  # loaders move it
         if ("deepspeed_tag" in state) != (self.strategy == "deepspeed"):
             raise RuntimeError(f"{self.state_path} was written by a run {'with' if 'deepspeed_tag' in state else 'without'} "
                                "DeepSpeed; resume it with the same kind of launch")
@@ -476,7 +476,8 @@ class Unlearner:
                     try:
                         logs = self.train_step(micro)
                     except NonFiniteLoss:
-                        self.save(epoch, b)  # the last finite state, resumable
+                        if not dist_.is_distributed():  # (a collective: the other ranks are elsewhere)
+                            self.save(epoch, b)  # the last finite state, resumable
                         raise
                     postfix = {"loss": f"{logs['loss']:.3g}"}
                     if self.geffect is not None and self.step % cfg.geffect_every == 0:

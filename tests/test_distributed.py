@@ -275,6 +275,32 @@ def test_driver_under_torchrun_matches_one_process(driver_one_process):
     assert res.stdout.count("run folder:") == 1  # only the main process reports
 
 
+def test_rank_failing_mid_run_leaves_resumable_files(driver_one_process):
+    """Rank 1 raises at step 3 (of 4): the launch fails with a message naming the rank and step,
+    every file in the run folder is whole, and --resume completes the one-process G-effect log."""
+    tmp = driver_one_process
+    out = tmp / "failed"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    args = [*DRIVER[2:], "--save-every", "1", "--out", str(out)]
+    env = {**_driver_env(tmp), "FAIL_RANK": "1", "FAIL_AT_STEP": "3", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([*torchrun, f"--master_port={_free_port()}", str(ROOT / "tests/helpers/fail_rank.py"),
+                          *args], env=env, capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "rank 1 of 2 failed at step 3: RuntimeError: injected failure on rank 1" in res.stderr
+    assert "continue with --resume" in res.stderr
+    json.loads((out / "config.json").read_text())
+    assert [r["step"] for r in _records(out / "train_log.jsonl")] == [0, 1, 2]
+    assert sorted({r["step"] for r in read_geffect_log(out / "geffect.jsonl")}) == [0, 1, 2]
+    assert torch.load(out / "state.pt", weights_only=False)["step"] == 3
+    assert not (out / "metrics_after.json").exists()
+    assert not [p.name for p in out.iterdir() if p.suffix == ".tmp"]  # no half-written file left
+    res = subprocess.run([*torchrun, f"--master_port={_free_port()}", *DRIVER, "--out", str(out), "--resume"],
+                         env=_driver_env(tmp), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["step"] for r in _records(out / "train_log.jsonl")] == [0, 1, 2, 3]
+    _same_geffect_log(tmp / "one", out)
+
+
 def test_driver_under_torchrun_fsdp2(driver_one_process):
     """`torchrun ... -m fastgeffect.run --fsdp2`: FSDP2 units per decoder block, the same G-effect
     log as one process, the full model gathered for the main process's evaluation."""
