@@ -31,10 +31,10 @@ from .data.templates import Template, get_template
 from .data.tofu import RETAIN_OF
 from .data.unlearning import UnlearningData, load_unlearning_data
 from .eval import load_tofu_sets
+from .geffect.log import truncate_jsonl
 from .objectives import OBJECTIVES, REGULARIZER_NAMES, Objective, get_objective
 from .reference import RefLogprobCache, ReferenceModel
-from .unlearn import (NonFiniteLoss, UnlearnConfig, Unlearner, config_dict, full_model_state, to_device,
-                      truncate_jsonl)
+from .unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict, full_model_state, to_device
 
 # Paper hyper-parameters (DESIGN.md §3, §6). "embedded" fits the tiny offline target on a CPU.
 PRESETS: Dict[str, dict] = {

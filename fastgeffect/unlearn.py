@@ -36,6 +36,7 @@ from . import distributed as dist_
 from .data.collate import collate_pairs, collate_qa
 from .data.unlearning import UnlearningData
 from .geffect import GEffect, GEffectLogger
+from .geffect.log import truncate_jsonl
 from .losses import nll
 from .objectives import Objective
 from .objectives.base import count_items
@@ -124,17 +125,6 @@ class _NoLog:
 
     def close(self):
         pass
-
-
-def truncate_jsonl(path: Path, from_step: int) -> None:
-    """Drop the records with ``step >= from_step`` (and a torn last line) from a JSON-lines log."""
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8").split("\n")
-    kept = [ln for ln in lines[:-1] if ln.strip() and json.loads(ln).get("step", -1) < from_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def full_model_state(model) -> dict:

@@ -8,6 +8,7 @@ restarted from a checkpoint re-measures those steps without duplicating or losin
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -47,6 +48,34 @@ def _read_lines(path: str) -> List[dict]:
     return records
 
 
+def write_jsonl_atomic(path: Union[str, os.PathLike], records: List[dict]) -> None:
+    """Replace a JSON-lines file atomically: a crash leaves either the old or the new file."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def truncate_jsonl(path: Union[str, os.PathLike], from_step: float = math.inf) -> bool:
+    """Drop the records with ``step >= from_step`` and a torn last line from a JSON-lines log (a
+    resumed run re-does those steps); the default only repairs a torn line. True when rewritten."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return False
+    with open(path, "rb") as f:
+        data = f.read()
+    records = _read_lines(path)
+    kept = [r for r in records if not (isinstance(r.get("step"), (int, float)) and r["step"] >= from_step)]
+    if len(kept) == len(records) and (not data or data.endswith(b"\n")):
+        return False
+    write_jsonl_atomic(path, kept)
+    return True
+
+
 def read_geffect_log(path: Union[str, os.PathLike], dedupe: bool = True) -> List[dict]:
     """All records of a G-effect log in order; ``dedupe`` keeps the last record per (step, risk)."""
     records = _read_lines(os.fspath(path))
@@ -75,40 +104,20 @@ class GEffectLogger:
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
         self._truncated = False
-        if os.path.exists(self.path):
-            self._repair()
+        truncate_jsonl(self.path)  # a torn last line from a crash
         if resume_step is not None:
             self._truncate_from(int(resume_step))
         self._f = open(self.path, "a", encoding="utf-8")
 
-    def _rewrite(self, records: List[dict]) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)  # atomic: a crash leaves either the old or the new file
-
-    def _repair(self) -> None:
-        with open(self.path, "rb") as f:
-            data = f.read()
-        if data and not data.endswith(b"\n"):
-            self._rewrite(_read_lines(self.path))
-
     def _truncate_from(self, step: int) -> None:
         self._truncated = True
-        if not os.path.exists(self.path):
-            return
-        records = _read_lines(self.path)
-        kept = [r for r in records if not (isinstance(r.get("step"), (int, float)) and r["step"] >= step)]
-        if len(kept) != len(records):
-            reopen = getattr(self, "_f", None) is not None and not self._f.closed
-            if reopen:
-                self._f.close()
-            self._rewrite(kept)
-            if reopen:
-                self._f = open(self.path, "a", encoding="utf-8")
+        f = getattr(self, "_f", None)
+        reopen = f is not None and not f.closed
+        if reopen:
+            f.close()
+        truncate_jsonl(self.path, step)
+        if reopen:
+            self._f = open(self.path, "a", encoding="utf-8")
 
     def log(self, step: int, results: Union[Mapping[str, GEffectResult], GEffectResult], risk: Optional[str] = None,
             *, weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
