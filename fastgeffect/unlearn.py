@@ -169,7 +169,7 @@ def save_state(path: Path, model, optimizer, scheduler, step: int, epoch: int, b
     """Atomic resumable state: ``state.pt`` is replaced only once everything it points to is written."""
     meta = {"scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
     if dist_.is_deepspeed(model):  # DeepSpeed's own sharded checkpoint (fp32 master weights, optimiser)
-        tag = f"step{step}"
+        tag = f"step{step}-epoch{epoch}-batch{batch_in_epoch}"  # never the tag state.pt points to now
         model.save_checkpoint(str(path.parent / DEEPSPEED_DIR), tag=tag, save_latest=False)
         meta["deepspeed_tag"] = tag
     elif dist_.is_distributed():

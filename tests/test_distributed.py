@@ -206,8 +206,8 @@ def test_deepspeed_zero3_equals_single_process(setup, single_fp32, tmp_path):
     _compare(single_fp32, tmp_path, rel=1e-5, param_rel=1e-5)
     # DeepSpeed's own sharded checkpoint sits beside state.pt, which points to it
     state = torch.load(tmp_path / "state.pt", weights_only=False)
-    assert state["deepspeed_tag"] == "step3" and "model" not in state
-    assert [p.name for p in (tmp_path / "deepspeed_state").iterdir() if p.is_dir()] == ["step3"]
+    assert state["deepspeed_tag"] == "step3-epoch1-batch0" and "model" not in state
+    assert [p.name for p in (tmp_path / "deepspeed_state").iterdir() if p.is_dir()] == [state["deepspeed_tag"]]
 
 
 def test_fsdp2_equals_single_process(setup, tmp_path):
