@@ -14,7 +14,7 @@ How a G-effect ``<∇R, g>`` is reduced, with ``g`` the (averaged) objective gra
   and the per-group partial sums are all-reduced once. Replicated dims count on one rank only.
 * DeepSpeed ZeRO-3 (``"zero3"``): the same on DeepSpeed's fp32 gradient partitions, read and put
   back through its public ``safe_get_local_grad`` / ``safe_set_local_grad``
-  (:mod:`fastgeffect.geffect.zero3`).
+  (:mod:`fastgeffect.geffect.sharded`).
 
 What is never done: dotting two unreduced per-rank gradients (Σ_r <a_r, g_r> is not the G-effect).
 """
@@ -156,6 +156,13 @@ def counted_here(p: torch.Tensor) -> bool:
     return all(c == 0 for c, pl in zip(coord, p.placements) if isinstance(pl, Replicate))
 
 
+def reshard(model: nn.Module) -> None:
+    """After a forward with no backward (evaluation, logging) an FSDP2 root keeps its parameters
+    unsharded, and ``model.parameters()`` then yields the unsharded ones: put the shards back."""
+    if strategy(model) == "fsdp2" and hasattr(model, "reshard"):
+        model.reshard()
+
+
 def fully_shard_blocks(model: nn.Module) -> nn.Module:
     """FSDP2 (torch's ``fully_shard``, ZeRO-3 style): one unit per decoder block, then the root
     (embeddings, final norm, head). Shards in place; returns the model."""
@@ -191,4 +198,4 @@ def write_json_main(path: Path, obj) -> None:
 
 __all__ = ["is_distributed", "world_size", "rank", "is_main", "barrier", "all_reduce_sum", "all_gather_objects",
            "broadcast_object", "unwrap", "strategy", "reduction_mode", "local_part", "counted_here",
-           "check_divisible", "write_json_main", "is_dtensor", "is_deepspeed", "full_numel", "fully_shard_blocks"]
+           "check_divisible", "write_json_main", "is_dtensor", "is_deepspeed", "full_numel", "fully_shard_blocks", "reshard"]

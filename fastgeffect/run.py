@@ -123,9 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--geffect-every", type=int, default=1, help="measure every K steps (0: never)")
     g.add_argument("--geffect-batch", type=int, default=16, help="samples in each risk batch")
     g.add_argument("--geffect-groups", default="paper", choices=("paper", "blocks", "params"))
-    g.add_argument("--pg-steps", default=None,
-                   help="comma-separated steps with per-sample PG-effects (-1: the last step; empty: none); "
-                        "default 0,-1, and none under FSDP or DeepSpeed (they need unsharded parameters)")
+    g.add_argument("--pg-steps", default="0,-1",
+                   help="comma-separated steps with per-sample PG-effects (-1: the last step; empty: none)")
 
     g = ap.add_argument_group("evaluation and outputs")
     g.add_argument("--eval", default="full", choices=("full", "none"),
@@ -326,6 +325,7 @@ def token_weight_rows(objective: Objective, model, data: UnlearningData, tokeniz
     model.eval()
     with torch.no_grad():
         _, details = objective.forget_loss(model, batch)
+    dist_.reshard(model)
     model.train(was)
     if "weights" not in details:
         return []
@@ -438,8 +438,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if strategy in ("fsdp", "deepspeed"):
             raise SystemExit(f"--fsdp2 with an accelerate {strategy} config: choose one way of sharding")
         strategy = "fsdp2"
-    if args.pg_steps is None:
-        args.pg_steps = "" if strategy in ("fsdp", "fsdp2", "deepspeed") else "0,-1"
     pg_steps = tuple(int(s) for s in args.pg_steps.split(",") if s.strip())
     ucfg = UnlearnConfig(epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                          weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,

@@ -217,9 +217,7 @@ class Unlearner:
                 configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, self.world)
             self.model, self.optimizer = accelerator.prepare(model, adamw)
         self.strategy = dist_.strategy(self.model)
-        if self.world > 1 and self.strategy in ("fsdp2", "deepspeed") and cfg.pg_steps and cfg.geffect_every > 0:
-            raise NotImplementedError(f"per-sample PG-effects (--pg-steps) are not available under {self.strategy} "
-                                      "(they need unsharded parameters); run them under DDP")
+        self.params = [p for group in adamw.param_groups for p in group["params"]]
         if self.strategy == "deepspeed" and cfg.geffect_every > 0:
             dist_.reduction_mode(self.model)  # refuses ZeRO stages other than 3 before any step
         warmup = max(1, round(cfg.warmup_epochs * self.n_steps_epoch))
@@ -329,7 +327,8 @@ class Unlearner:
             grad_norm = self.model.get_global_grad_norm()
         else:
             clip = self.accelerator.clip_grad_norm_ if self.accelerator is not None else torch.nn.utils.clip_grad_norm_
-            grad_norm = clip(self.model.parameters(), self.cfg.max_grad_norm)
+            # the optimiser's own parameters (under FSDP2 the module may expose unsharded ones)
+            grad_norm = clip(self.params, self.cfg.max_grad_norm)
             if dist_.is_dtensor(grad_norm):
                 grad_norm = grad_norm.full_tensor()
             self.optimizer.step()
@@ -418,16 +417,24 @@ class Unlearner:
     def per_sample(self, micro: List[dict]) -> None:
         """PG-effects of the step's first micro-batch, with its per-sample objective weights."""
         m = micro[0]  # under data parallel: the first micro-batch of every rank, together
+        # a rank left idle by a short last batch joins with a zero-weight copy and reports nothing
+        w = self.micro_weights[0] if self.world > 1 else 1.0
         base = dist_.unwrap(self.model)
         counts = count_items(m)
         if self.world > 1:
-            counts = {k: dist_.all_reduce_sum(v.double().cpu()).to(self.device) for k, v in counts.items()}
+            counts = {k: dist_.all_reduce_sum(v.double().cpu() * w).to(self.device) for k, v in counts.items()}
+
+        def risk():
+            logits = base(input_ids=m["forget"]["input_ids"], attention_mask=m["forget"]["attention_mask"]).logits
+            share = nll(logits, m["forget"]["labels"], num_items_in_batch=counts["forget_tokens"] if self.world > 1
+                        else None)
+            return share * w if w != 1.0 else share
+
         self.model.eval()
-        res = self.geffect.per_sample(
-            lambda: nll(base(input_ids=m["forget"]["input_ids"], attention_mask=m["forget"]["attention_mask"]).logits,
-                        m["forget"]["labels"], num_items_in_batch=counts["forget_tokens"] if self.world > 1 else None),
-            lambda: self.objective.forget_loss(base, m, counts, per_sample=True)[0])
-        _, details = self.objective.forget_loss(base, m, counts)
+        res = self.geffect.per_sample(risk, lambda: self.objective.forget_loss(base, m, counts, per_sample=True)[0])
+        with torch.no_grad():
+            _, details = self.objective.forget_loss(base, m, counts)
+        dist_.reshard(self.model)
         self.model.train()
         rec = {"step": self.step, "index": m["forget"]["index"].tolist(), "pg_effect": res.tolist()}
         if "seq_weights" in details:
@@ -435,7 +442,7 @@ class Unlearner:
         elif "weights" in details:
             mask = details["mask"]
             rec["seq_weights"] = ((details["weights"] * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
-        parts = dist_.all_gather_objects(rec)
+        parts = [p for p in dist_.all_gather_objects(rec if w else None) if p is not None]
         if self.world > 1:
             rec = {"step": self.step, **{k: [x for p in parts for x in p[k]] for k in rec if k != "step"}}
         if dist_.is_main():

@@ -44,7 +44,7 @@ def _data(folder, seed=0):
 
 def _cfg(grad_accum, lr):
     return UnlearnConfig(epochs=1, batch_size=4, grad_accum=grad_accum, lr=lr, warmup_epochs=0.5,
-                         geffect_every=1, geffect_batch=4, seed=3)
+                         geffect_every=1, geffect_batch=4, seed=3, pg_steps=(0, -1))
 
 
 # fp32 runs take smaller steps: AdamW's first update is about lr·sign(g), so coordinates whose exact
@@ -103,12 +103,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, folder, out, how):
+def _worker(rank, world, port, folder, out, how, dtype, grad_accum):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    model = _model(folder, torch.float32 if how in ("deepspeed", "ddp32") else torch.float64)
-    how = "ddp" if how == "ddp32" else how
+    model = _model(folder, dtype)
     accelerator = None
     if how == "ddp":  # through accelerate, as `accelerate launch` does
         from accelerate import Accelerator
@@ -120,10 +119,8 @@ def _worker(rank, world, port, folder, out, how):
     else:
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
         if how == "fsdp2":
-            from torch.distributed.fsdp import fully_shard
-            for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
+            from fastgeffect.distributed import fully_shard_blocks
+            fully_shard_blocks(model)
     try:
         if how == "bad":
             try:
@@ -131,20 +128,20 @@ def _worker(rank, world, port, folder, out, how):
             except ValueError as e:
                 (out / f"error{rank}.txt").write_text(str(e))
             return
-        u = _train(model, folder, out, grad_accum=2, accelerator=accelerator)
+        u = _train(model, folder, out, grad_accum=grad_accum, accelerator=accelerator)
         assert u.strategy == how
         # the retain partners of this rank's samples at step 0, for the sampling test
         chunks = u.global_chunks(0, 0)
         u.data.pairs.set_epoch(0)
-        mine = [i for c in chunks[rank * 2:(rank + 1) * 2] for i in c]
+        mine = [i for c in chunks[rank * grad_accum:(rank + 1) * grad_accum] for i in c]
         (out / f"retain{rank}.json").write_text(json.dumps([u.data.pairs[i]["retain"]["index"] for i in mine]))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _spawn(setup, tmp_path, how):
+def _spawn(setup, tmp_path, how, dtype=torch.float64, grad_accum=2):
     folder, _ = setup
-    mp.spawn(_worker, args=(2, _free_port(), folder, tmp_path, how), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), folder, tmp_path, how, dtype, grad_accum), nprocs=2, join=True)
 
 
 def _records(path):
@@ -155,10 +152,11 @@ def _close(a, b, rel=1e-7):
     return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
 
 
-def _compare(single, dist_out, rel=1e-7, param_rel=1e-7):
+def _compare(single, dist_out, rel=1e-7, param_rel=1e-7, pg=False):
     """G-effects (totals and groups, relative to the total), risks, losses (relative to the size of
     their two terms: GA and GD nearly cancel), gradient norms to ``rel``; each trained parameter
-    tensor to ``param_rel`` in norm."""
+    tensor to ``param_rel`` in norm. ``pg``: PG-effects too (relative to the step's largest), for
+    runs whose ranks' first micro-batches together are the one process's (``grad_accum`` 1)."""
     ra, rb = _records(single / "geffect.jsonl"), _records(dist_out / "geffect.jsonl")
     assert len(ra) == len(rb) == 6  # 3 steps (4, 4, 1 samples) x (unlearn, retain)
     for a, b in zip(ra, rb):
@@ -172,6 +170,15 @@ def _compare(single, dist_out, rel=1e-7, param_rel=1e-7):
     for a, b in zip(la, lb):
         assert abs(a["loss"] - b["loss"]) <= rel * (abs(a["forget_loss"]) + abs(a["reg_loss"])), (a, b)
         assert _close(a["grad_norm"], b["grad_norm"], rel), (a, b)
+    pa, pb = _records(single / "pg_effects.jsonl"), _records(dist_out / "pg_effects.jsonl")
+    assert [r["step"] for r in pa] == [r["step"] for r in pb] == [0, 2]
+    for a, b in zip(pa, pb if pg else []):
+        ref = dict(zip(a["index"], a["pg_effect"]))
+        scale = max(abs(v) for v in a["pg_effect"])
+        got = dict(zip(b["index"], b["pg_effect"]))  # (a rank left idle adds a copy of the first)
+        assert got.keys() == ref.keys()
+        for i, v in got.items():
+            assert abs(v - ref[i]) <= rel * scale, (a["step"], i, v, ref[i])
     sa, sb = torch.load(single / "final.pt"), torch.load(dist_out / "final.pt")
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -190,33 +197,37 @@ def test_ddp_equals_single_process(setup, tmp_path):
                                      if i in torch.randperm(N_FORGET, generator=torch.Generator().manual_seed(
                                          3 * 100_003)).tolist()[:4])
     # only the main process wrote files
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".jsonl") == ["geffect.jsonl", "train_log.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".jsonl") == ["geffect.jsonl", "pg_effects.jsonl",
+                                                                                 "train_log.jsonl"]
 
 
 def test_ddp_equals_single_process_fp32(setup, single_fp32, tmp_path):
-    _spawn(setup, tmp_path, "ddp32")
-    _compare(single_fp32, tmp_path, rel=1e-5, param_rel=1e-5)
+    _spawn(setup, tmp_path, "ddp", torch.float32, grad_accum=1)
+    _compare(single_fp32, tmp_path, rel=1e-5, param_rel=1e-5, pg=True)
 
 
-def test_deepspeed_zero3_equals_single_process(setup, single_fp32, tmp_path):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_deepspeed_zero3_equals_single_process(setup, single_fp32, tmp_path, grad_accum):
     """ZeRO-3 through accelerate, in fp32 (DeepSpeed keeps fp32 master weights): G-effects, risks,
-    losses, gradient norms and trained parameters equal one process's to 1e-5."""
+    losses, gradient norms, PG-effects and trained parameters equal one process's to 1e-5."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
-    _spawn(setup, tmp_path, "deepspeed")
-    _compare(single_fp32, tmp_path, rel=1e-5, param_rel=1e-5)
+    _spawn(setup, tmp_path, "deepspeed", torch.float32, grad_accum)
+    _compare(single_fp32, tmp_path, rel=1e-5, param_rel=1e-5, pg=grad_accum == 1)
     # DeepSpeed's own sharded checkpoint sits beside state.pt, which points to it
     state = torch.load(tmp_path / "state.pt", weights_only=False)
     assert state["deepspeed_tag"] == "step3-epoch1-batch0" and "model" not in state
     assert [p.name for p in (tmp_path / "deepspeed_state").iterdir() if p.is_dir()] == [state["deepspeed_tag"]]
 
 
-def test_fsdp2_equals_single_process(setup, tmp_path):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_fsdp2_equals_single_process(setup, tmp_path, grad_accum):
+    """FSDP2 (fully_shard per decoder block), fp64: everything to 1e-7, PG-effects included."""
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
         pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
-    _spawn(setup, tmp_path, "fsdp2")
-    _compare(setup[1], tmp_path)
+    _spawn(setup, tmp_path, "fsdp2", grad_accum=grad_accum)
+    _compare(setup[1], tmp_path, pg=grad_accum == 1)
 
 
 def test_world_size_not_dividing_batch(setup, tmp_path):
@@ -338,7 +349,13 @@ def test_driver_under_accelerate_deepspeed_stops_and_resumes(driver_one_process)
     _same_geffect_log(tmp / "one", out)
     cfg = json.loads((out / "config.json").read_text())["distributed"]
     assert (cfg["strategy"], cfg["zero_stage"], cfg["world_size"]) == ("deepspeed", 3, 2)
-    assert "pg_effects.jsonl" not in os.listdir(out)  # PG-effects need unsharded parameters: off by default
+    # PG-effects at the first and last step (--pg-steps 0,-1): from shard dots under ZeRO-3, the ghost
+    # closed forms in one process; both ranks' first micro-batches are the one process's batch
+    for a, b in zip(_records(tmp / "one" / "pg_effects.jsonl"), _records(out / "pg_effects.jsonl"), strict=True):
+        assert a["step"] == b["step"] and sorted(a["index"]) == sorted(b["index"])
+        ref, scale = dict(zip(a["index"], a["pg_effect"])), max(map(abs, a["pg_effect"]))
+        for i, v in zip(b["index"], b["pg_effect"]):
+            assert abs(v - ref[i]) <= 1e-4 * scale, (a["step"], i, v, ref[i])
     for name in ("metrics_after.json", "metrics_uwc.json", "summary.md"):
         assert (out / name).exists(), name
 

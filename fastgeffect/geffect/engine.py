@@ -122,10 +122,10 @@ class GEffect:
         params = self.grouping.params
         mode = _dist.reduction_mode(self.model)
         if mode == "zero3":  # DeepSpeed keeps the gradients in its own partitions, not in p.grad
-            from .zero3 import measure_zero3
+            from .sharded import zero3_geffects
 
-            table, values = measure_zero3(self.model, params, self.grouping.group_ids, len(self.grouping.names),
-                                          risks, evaluate_risk, self.accumulate_dtype)
+            table, values = zero3_geffects(self.model, params, self.grouping.group_ids, len(self.grouping.names),
+                                           risks, evaluate_risk, self.accumulate_dtype)
             return self._reduce(risks, table, values)
         if all(p.grad is None for p in params):
             raise RuntimeError("measure() found no objective gradient: every trainable p.grad is None. "

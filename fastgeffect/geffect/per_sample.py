@@ -30,7 +30,7 @@ from torch.func import functional_call, jvp
 
 from .. import distributed as _dist
 from .. import ops as _ops
-from .engine import check_risk_value
+from .engine import check_risk_value, evaluate_risk
 from .groups import GroupSpec, Grouping, build_grouping
 from .stream import GradientDotStream, default_accumulate_dtype, grouped_dots
 
@@ -247,16 +247,25 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     whose parameters act only through their own modules (all ``transformers`` decoders tested here).
 
     Under DDP each rank passes its share of R (local sum / global count) and its own samples; ∇R is
-    summed over ranks once (the full risk gradient), and each rank gets the PG-effects of its samples."""
+    summed over ranks once (the full risk gradient), and each rank gets the PG-effects of its samples.
+    Under FSDP2 and ZeRO-3 (no whole parameters) the same values come from exact dots of reduced
+    gradient shards, one backward per sample of the global batch (:mod:`.sharded`); ``check`` does
+    not apply there."""
     mode = _dist.reduction_mode(model)
-    if mode in ("sharded", "zero3"):
-        raise NotImplementedError("per-sample PG-effects need whole (unsharded) parameters for the ghost dot "
-                                  "products; under FSDP or DeepSpeed ZeRO-3 use total/group G-effects, or DDP "
-                                  "for PG-effects")
-    model = _dist.unwrap(model)
-    grouping = groups if isinstance(groups, Grouping) else build_grouping(model, groups)
+    grouping = groups if isinstance(groups, Grouping) else build_grouping(_dist.unwrap(model), groups)
     params = grouping.params
     P = len(params)
+    if mode in ("sharded", "zero3"):  # no whole parameters for the closed forms: exact shard dots
+        from .sharded import sharded_per_sample_geffects
+
+        table, risk_value = sharded_per_sample_geffects(model, params, grouping.group_ids, len(grouping.names), mode,
+                                                        risk_fn, per_sample_losses_fn, evaluate_risk,
+                                                        accumulate_dtype)
+        values = table.sum(0)
+        if not return_details:
+            return values
+        return PerSampleResult(values, table, list(grouping.names), float(values.sum()), risk_value, [])
+    model = _dist.unwrap(model)
 
     def acc_of(dev: torch.device) -> torch.dtype:
         return default_accumulate_dtype(dev, accumulate_dtype)
