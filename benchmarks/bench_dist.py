@@ -29,7 +29,7 @@ def _port():
 
 def _worker(rank, world, port, folder, out, every, steps, strategy, q):
     from test_distributed import _data, _model  # the test's tiny data and model
-    from fastgeffect.distributed import fully_shard_blocks
+    from fastgeffect.distributed import fully_shard_blocks, shutdown
     from fastgeffect.objectives import get_objective
     from fastgeffect.unlearn import UnlearnConfig, Unlearner
 
@@ -59,8 +59,7 @@ def _worker(rank, world, port, folder, out, every, steps, strategy, q):
     dt = (time.perf_counter() - t) / u.step
     if rank == 0:
         q.put(dt)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    shutdown()  # all ranks done before the group is torn down
 
 
 def main():

@@ -56,6 +56,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Tear the process group down once every rank is done (a rank that exits while a peer still
+    talks to it can die in C++ teardown)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _comm_device() -> torch.device:
     """Where collectives take their tensors: CUDA for NCCL, CPU for gloo."""
     if dist.get_backend() == "nccl":
@@ -198,4 +206,4 @@ def write_json_main(path: Path, obj) -> None:
 
 __all__ = ["is_distributed", "world_size", "rank", "is_main", "barrier", "all_reduce_sum", "all_gather_objects",
            "broadcast_object", "unwrap", "strategy", "reduction_mode", "local_part", "counted_here",
-           "check_divisible", "write_json_main", "is_dtensor", "is_deepspeed", "full_numel", "fully_shard_blocks", "reshard"]
+           "check_divisible", "write_json_main", "is_dtensor", "is_deepspeed", "full_numel", "fully_shard_blocks", "reshard", "shutdown"]

@@ -604,4 +604,6 @@ def finish(args, setup: Setup, preset: dict, model, sets, retain_log, out: Path,
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    dist_.shutdown()
+    raise SystemExit(code)

@@ -16,7 +16,7 @@ from fastgeffect.data.pairs import ForgetRetainDataset
 from fastgeffect.data.qa import QADataset
 from fastgeffect.data.templates import get_template
 from fastgeffect.data.unlearning import UnlearningData
-from fastgeffect.distributed import check_divisible, is_main
+from fastgeffect.distributed import check_divisible, is_main, shutdown
 from fastgeffect.embedded.tokenizer import TokenizerConfig, train_tokenizer
 from fastgeffect.geffect import read_geffect_log
 from fastgeffect.objectives import get_objective
@@ -136,7 +136,7 @@ def _worker(rank, world, port, folder, out, how, dtype, grad_accum):
         mine = [i for c in chunks[rank * grad_accum:(rank + 1) * grad_accum] for i in c]
         (out / f"retain{rank}.json").write_text(json.dumps([u.data.pairs[i]["retain"]["index"] for i in mine]))
     finally:
-        torch.distributed.destroy_process_group()
+        shutdown()  # barrier first: a rank leaving while a peer still talks to it can die in C++ teardown
 
 
 def _spawn(setup, tmp_path, how, dtype=torch.float64, grad_accum=2):
