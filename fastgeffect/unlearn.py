@@ -358,9 +358,16 @@ class Unlearner:
         last = len(micro) - 1
         for j, (m, w) in enumerate(zip(micro, ws)):
             try:
-                out = self.objective(self.model, m, num_items=counts)
+                out, error = self.objective(self.model, m, num_items=counts), None
             except FloatingPointError as e:
-                raise NonFiniteLoss(f"step {self.step}: {e}") from e
+                out, error = None, e
+            if self.world > 1:  # every rank stops together (a lone rank would leave the others in a collective)
+                if float(dist_.all_reduce_sum(torch.tensor(float(error is not None)))) > 0:
+                    bad = dist_.all_gather_objects(None if error is None else str(error))
+                    raise NonFiniteLoss(f"step {self.step}: " + "; ".join(
+                        f"rank {r}: {b}" for r, b in enumerate(bad) if b))
+            elif error is not None:
+                raise NonFiniteLoss(f"step {self.step}: {error}") from error
             if self.world == 1:
                 out.loss.backward()
             else:
@@ -473,8 +480,7 @@ class Unlearner:
                     try:
                         logs = self.train_step(micro)
                     except NonFiniteLoss:
-                        if not dist_.is_distributed():  # (a collective: the other ranks are elsewhere)
-                            self.save(epoch, b)  # the last finite state, resumable
+                        self.save(epoch, b)  # the last finite state, resumable (all ranks stop together)
                         raise
                     postfix = {"loss": f"{logs['loss']:.3g}"}
                     if self.geffect is not None and self.step % cfg.geffect_every == 0:

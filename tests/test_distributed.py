@@ -312,6 +312,24 @@ def test_rank_failing_mid_run_leaves_resumable_files(driver_one_process):
     _same_geffect_log(tmp / "one", out)
 
 
+def test_rank_with_nan_loss_stops_every_rank_with_state_saved(driver_one_process):
+    """Rank 1's objective turns non-finite at step 2: all ranks stop together (no hang), the state
+    before the step is saved (a collective) and error.json names the rank."""
+    tmp = driver_one_process
+    out = tmp / "nan"
+    env = {**_driver_env(tmp), "FAIL_RANK": "1", "FAIL_AT_STEP": "2", "FAIL_KIND": "nan", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          f"--master_port={_free_port()}", str(ROOT / "tests/helpers/fail_rank.py"),
+                          *DRIVER[2:], "--eval", "none", "--out", str(out)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode != 0
+    assert "stopped: step 2: rank 1: non-finite loss (injected)" in res.stderr
+    err = json.loads((out / "error.json").read_text())
+    assert err["step"] == 2 and "rank 1" in err["error"]
+    assert torch.load(out / "state.pt", weights_only=False)["step"] == 2
+    assert [r["step"] for r in _records(out / "train_log.jsonl")] == [0, 1]
+
+
 def test_driver_under_torchrun_fsdp2(driver_one_process):
     """`torchrun ... -m fastgeffect.run --fsdp2`: FSDP2 units per decoder block, the same G-effect
     log as one process, the full model gathered for the main process's evaluation."""
