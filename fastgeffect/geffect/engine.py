@@ -125,7 +125,7 @@ class GEffect:
             from .sharded import zero3_geffects
 
             table, values = zero3_geffects(self.model, params, self.grouping.group_ids, len(self.grouping.names),
-                                           risks, evaluate_risk, self.accumulate_dtype)
+                                           risks, self.accumulate_dtype)
             return self._reduce(risks, table, values)
         if all(p.grad is None for p in params):
             raise RuntimeError("measure() found no objective gradient: every trainable p.grad is None. "

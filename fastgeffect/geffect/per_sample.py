@@ -30,7 +30,7 @@ from torch.func import functional_call, jvp
 
 from .. import distributed as _dist
 from .. import ops as _ops
-from .engine import check_risk_value, evaluate_risk
+from .engine import evaluate_risk
 from .groups import GroupSpec, Grouping, build_grouping
 from .stream import GradientDotStream, default_accumulate_dtype, grouped_dots
 
@@ -259,8 +259,7 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
         from .sharded import sharded_per_sample_geffects
 
         table, risk_value = sharded_per_sample_geffects(model, params, grouping.group_ids, len(grouping.names), mode,
-                                                        risk_fn, per_sample_losses_fn, evaluate_risk,
-                                                        accumulate_dtype)
+                                                        risk_fn, per_sample_losses_fn, accumulate_dtype)
         values = table.sum(0)
         if not return_details:
             return values
@@ -270,11 +269,7 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     def acc_of(dev: torch.device) -> torch.dtype:
         return default_accumulate_dtype(dev, accumulate_dtype)
 
-    with torch.enable_grad():
-        risk = check_risk_value("risk_fn", risk_fn())
-    risk_value = float(risk.detach())
-    if not math.isfinite(risk_value):
-        raise FloatingPointError(f"risk is not finite ({risk_value})")
+    risk, risk_value = evaluate_risk("risk_fn", risk_fn)
     G = list(torch.autograd.grad(risk, params, allow_unused=True))
     del risk
     if mode == "replicated":  # the shares' gradients summed: ∇R on every rank (same as one process)
@@ -289,14 +284,7 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
             losses = per_sample_losses_fn()
     finally:
         cap.close()
-    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
-        got = f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise ValueError(f"per_sample_losses_fn must return a non-empty 1-D (batch,) tensor, got {got}")
-    if not losses.requires_grad:
-        raise ValueError("per-sample losses do not depend on any trainable parameter (no autograd graph)")
-    if not bool(torch.isfinite(losses.detach()).all()):
-        raise FloatingPointError("per-sample losses contain NaN or inf")
-    cap.batch_size = B = losses.shape[0]
+    cap.batch_size = B = check_per_sample_losses(losses).shape[0]
 
     fallback = dict(cap.bad)
     if check:
@@ -345,6 +333,18 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     batch = float(batch_dots.sum()) if batch_dots is not None else float(values.sum())
     return PerSampleResult(values, table, list(grouping.names), batch, risk_value,
                            [grouping.param_names[i] for i in sorted(fallback)])
+
+
+def check_per_sample_losses(losses, need_grad: bool = True) -> torch.Tensor:
+    """``per_sample_losses_fn()`` must give a finite, non-empty (B,) tensor with an autograd graph."""
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
+        got = f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(f"per_sample_losses_fn must return a non-empty 1-D (batch,) tensor, got {got}")
+    if need_grad and not losses.requires_grad:
+        raise ValueError("per-sample losses do not depend on any trainable parameter (no autograd graph)")
+    if not bool(torch.isfinite(losses.detach()).all()):
+        raise FloatingPointError("per-sample losses contain NaN or inf")
+    return losses
 
 
 def _default_rtol(dtype: torch.dtype) -> float:

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from .. import distributed as _dist
+from .engine import evaluate_risk
+from .per_sample import check_per_sample_losses
 from .stream import grouped_dots
 
 
@@ -104,8 +106,8 @@ def _owners(n_local: int) -> Iterator[tuple]:
 
 
 def zero3_geffects(engine: nn.Module, params: Sequence[nn.Parameter], group_ids: Sequence[int], n_groups: int,
-                   risks: Mapping[str, Callable[[], torch.Tensor]], evaluate_risk: Callable,
-                   accumulate_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, List[float]]:
+                   risks: Mapping[str, Callable[[], torch.Tensor]], accumulate_dtype: Optional[torch.dtype] = None
+                   ) -> Tuple[torch.Tensor, List[float]]:
     """G-effects under ZeRO-3, where the gradients live in DeepSpeed's partitions and not in
     ``p.grad`` (so the streaming hooks do not apply): ``(table, shares)``, this rank's (risks ×
     groups) partial dots of the risks' partitions with the objective's, and its risk shares."""
@@ -128,7 +130,7 @@ def zero3_geffects(engine: nn.Module, params: Sequence[nn.Parameter], group_ids:
 
 def sharded_per_sample_geffects(model: nn.Module, params: Sequence[nn.Parameter], group_ids: Sequence[int],
                                 n_groups: int, mode: str, risk_fn: Callable[[], torch.Tensor],
-                                per_sample_losses_fn: Callable[[], torch.Tensor], evaluate_risk: Callable,
+                                per_sample_losses_fn: Callable[[], torch.Tensor],
                                 accumulate_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, float]:
     """``(table, risk)``: the (groups × local samples) PG-effects of this rank's samples and the
     global risk value. ``risk_fn`` returns this rank's share of R; ``per_sample_losses_fn`` this
@@ -143,7 +145,7 @@ def sharded_per_sample_geffects(model: nn.Module, params: Sequence[nn.Parameter]
                   for g in shards.backward(risk * world)]
         del risk
         for owner, k, column in order:
-            losses = _check_losses(per_sample_losses_fn())
+            losses = check_per_sample_losses(per_sample_losses_fn())
             term = losses[k] * world if owner == me else losses[0] * 0.0  # zero weight keeps collectives in step
             table[:, column] = grouped_dots(shards.backward(term), grad_r, group_ids, n_groups, accumulate_dtype)
             if owner == me:
@@ -155,18 +157,7 @@ def sharded_per_sample_geffects(model: nn.Module, params: Sequence[nn.Parameter]
 
 def _n_local(per_sample_losses_fn: Callable[[], torch.Tensor]) -> int:
     with torch.no_grad():
-        return int(_check_losses(per_sample_losses_fn(), need_grad=False).shape[0])
-
-
-def _check_losses(losses, need_grad: bool = True) -> torch.Tensor:
-    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
-        got = f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise ValueError(f"per_sample_losses_fn must return a non-empty 1-D (batch,) tensor, got {got}")
-    if need_grad and not losses.requires_grad:
-        raise ValueError("per-sample losses do not depend on any trainable parameter (no autograd graph)")
-    if not bool(torch.isfinite(losses.detach()).all()):
-        raise FloatingPointError("per-sample losses contain NaN or inf")
-    return losses
+        return int(check_per_sample_losses(per_sample_losses_fn(), need_grad=False).shape[0])
 
 
 __all__ = ["LocalShards", "sharded_per_sample_geffects", "zero3_geffects"]
