@@ -20,7 +20,7 @@ def test_registry_names_and_defaults():
     assert get_objective("npo").hparams["beta"] == 0.5
     assert get_objective("tnpo").hparams["beta"] == 4.0
     w = get_objective("wtnpo").hparams
-    assert (w["alpha"], w["beta"], w["form"]) == (1.5, 4.0, "eq16")
+    assert (w["alpha"], w["beta"], w["wtnpo_form"]) == (1.5, 4.0, "eq16")
     assert get_objective("graddiff").regularizer == "gd"
     assert get_objective("ga").regularizer == "none"
     assert get_objective("TNPO", regularizer="kl").hparams["kl_positions"] == "all"
@@ -166,7 +166,7 @@ def test_fused_path_matches_materialised_logits(name, reg):
     grads = []
     for fused in (False, True):
         model.zero_grad(set_to_none=True)
-        hp = {"form": "product"} if name == "wtnpo" else {}
+        hp = {"wtnpo_form": "product"} if name == "wtnpo" else {}
         out = get_objective(name, regularizer=reg, reference=ref, fused=fused, **hp)(model, b)
         out.loss.backward()
         grads.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()], out.details))
