@@ -215,7 +215,7 @@ def test_fused_kl_regularizer_matches_unfused_in_float64(positions, direction):
         obj = get_objective("ga", regularizer="kl", reference=ref, fused=fused, **hp)
         model.zero_grad(set_to_none=True)
         head_calls = []
-        hook = model.get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1))
+        hook = model.get_output_embeddings().register_forward_hook(lambda *a, calls=head_calls: calls.append(1))
         out = obj(model, b)
         hook.remove()
         assert bool(head_calls) != fused  # the fused path never materialises the logits

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 from ..kernels.hf import fused_causal_lm_kl
-from ..losses import gd, kl, rr
+from ..losses import kl, rr
 from .base import StepContext
 from .rmu import resolve_layer
 from .token_weighted import token_weighted_loss
