@@ -46,7 +46,8 @@ PRESETS: Dict[str, dict] = {
               "max_length": 500, "retain_log_name": "llama2-7b"},
 }
 # objective hyper-parameter flags -> objective keyword
-HPARAM_FLAGS = {"alpha": "alpha", "beta": "beta", "delta": "delta", "wtnpo_form": "form", "rmu_layer": "layer",
+HPARAM_FLAGS = {"alpha": "alpha", "beta": "beta", "delta": "delta", "wtnpo_form": "wtnpo_form",
+                "rmu_layer": "rmu_layer",
                 "steering_coeff": "steering_coeff", "kl_direction": "kl_direction", "kl_positions": "kl_positions",
                 "rr_layer": "rr_layer"}
 # flags that must agree with the saved config when resuming
@@ -490,7 +491,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               fused=fused, **hp)
     shared = Path(args.shared_dir) if args.shared_dir else out
     shared.mkdir(parents=True, exist_ok=True)
-    caches = reference_caches(objective, model, data, shared, device) if OBJECTIVES[args.method].needs_ref_logprobs \
+    caches = reference_caches(objective, model, data, shared, device) if OBJECTIVES[args.method].needs_reference \
         else {}
     objective.ref_caches.update(caches)
     if args.method == "dpo":

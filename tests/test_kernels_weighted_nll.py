@@ -123,7 +123,7 @@ def test_matches_losses_module(backend, objective):
     refa = torch.cat([torch.zeros(1), ref]).double()[None]
     name = "wtnpo" if objective == "wtnpo_product" else objective
     fn = getattr(losses, name)
-    kw = {"form": "product"} if objective == "wtnpo_product" else {}
+    kw = {"wtnpo_form": "product"} if objective == "wtnpo_product" else {}
     want = fn(logits, lab, refa, **kw) if name in ("tnpo", "wtnpo") else fn(logits, lab)
     want.backward()
     assert rel_err(loss.reshape(1), want.reshape(1)) < 2e-5

@@ -101,7 +101,7 @@ def test_wtnpo_eq16_and_product_against_reference(alpha, beta):
         return 2 * p / (p + pr) * math.exp(alpha * float(lp))
 
     for form, fn in (("eq16", eq16), ("product", product)):
-        out = L.wtnpo(logits, labels, ref, alpha=alpha, beta=beta, form=form)
+        out = L.wtnpo(logits, labels, ref, alpha=alpha, beta=beta, wtnpo_form=form)
         expect = ref_weighted(logits, labels, fn)
         assert_close(out, expect)
         assert_close(grads(out, logits), grads(expect, logits))
@@ -228,7 +228,7 @@ def test_identities():
     for beta in (0.5, 4.0):
         t = L.tnpo(logits, labels, ref, beta=beta)
         assert_close(L.wtnpo(logits, labels, ref, alpha=0.0, beta=beta), t)
-        assert_close(L.wtnpo(logits, labels, ref, alpha=0.0, beta=beta, form="product"), t)
+        assert_close(L.wtnpo(logits, labels, ref, alpha=0.0, beta=beta, wtnpo_form="product"), t)
 
 
 def test_masked_positions_do_not_change_the_loss():
@@ -320,7 +320,7 @@ def test_non_finite_inputs_are_named():
 def test_unknown_wtnpo_form():
     logits, labels, ref = make_batch(21)
     with pytest.raises(ValueError, match="eq16, product"):
-        L.wtnpo(logits, labels, ref, form="bogus")
+        L.wtnpo(logits, labels, ref, wtnpo_form="bogus")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

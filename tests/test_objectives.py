@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastgeffect.losses as L
-from fastgeffect.objectives import OBJECTIVES, REGULARIZER_NAMES, get_objective
+from fastgeffect.objectives import HPARAMS, OBJECTIVES, REGULARIZER_NAMES, REGULARIZERS, get_objective, hparam_users
 from fastgeffect.objectives.base import count_items
 from fastgeffect.reference import RefLogprobCache, ReferenceModel
 from tiny import paired_batches, qa_batch, tiny_llama
@@ -20,7 +20,7 @@ def test_registry_names_and_defaults():
     assert get_objective("npo").hparams["beta"] == 0.5
     assert get_objective("tnpo").hparams["beta"] == 4.0
     w = get_objective("wtnpo").hparams
-    assert (w["alpha"], w["beta"], w["form"]) == (1.5, 4.0, "eq16")
+    assert (w["alpha"], w["beta"], w["wtnpo_form"]) == (1.5, 4.0, "eq16")
     assert get_objective("graddiff").regularizer == "gd"
     assert get_objective("ga").regularizer == "none"
     assert get_objective("TNPO", regularizer="kl").hparams["kl_positions"] == "all"
@@ -166,7 +166,7 @@ def test_fused_path_matches_materialised_logits(name, reg):
     grads = []
     for fused in (False, True):
         model.zero_grad(set_to_none=True)
-        hp = {"form": "product"} if name == "wtnpo" else {}
+        hp = {"wtnpo_form": "product"} if name == "wtnpo" else {}
         out = get_objective(name, regularizer=reg, reference=ref, fused=fused, **hp)(model, b)
         out.loss.backward()
         grads.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()], out.details))
@@ -175,3 +175,69 @@ def test_fused_path_matches_materialised_logits(name, reg):
         torch.testing.assert_close(grads[1][2][key], grads[0][2][key], rtol=1e-5, atol=1e-6)
     for a, c in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
+def test_every_hyper_parameter_has_one_name_in_the_table():
+    used = {k for t in OBJECTIVES.values() for k in t.defaults} | {k for r in REGULARIZERS.values() for k in r.defaults}
+    assert used == set(HPARAMS)
+    for t in [*OBJECTIVES.values(), *REGULARIZERS.values()]:
+        for k, v in t.defaults.items():
+            h = HPARAMS[k]
+            assert isinstance(v, h.type) and (h.choices is None or v in h.choices), (t.name, k)
+    assert hparam_users("beta") == ("npo", "tnpo", "wtnpo", "simnpo", "dpo", "idkdpo")
+    assert hparam_users("kl_positions") == ("kl",)
+    with pytest.raises(ValueError, match="wtnpo_form='x' is not one of eq16, product"):
+        get_objective("wtnpo", wtnpo_form="x")
+
+
+def test_registry_flags():
+    assert {n for n, t in OBJECTIVES.items() if t.needs_reference} == {"npo", "tnpo", "wtnpo", "dpo", "idkdpo"}
+    assert OBJECTIVES["dpo"].ref_batches == ("forget", "forget_win")
+    assert OBJECTIVES["idkdpo"].ref_batches == ("forget", "forget_idk")
+    assert {n for n, t in OBJECTIVES.items() if t.needs_refusals} == {"po", "dpo", "idkdpo"}
+    assert {n for n, r in REGULARIZERS.items() if r.needs_reference_model} == {"kl", "rr"}
+    assert get_objective("npo", regularizer="kl").needs_reference_model
+
+
+def _split(batches, s):
+    return {k: {f: v[s] for f, v in sub.items()} for k, sub in batches.items()}
+
+
+@pytest.mark.parametrize("positions", ["all", "answer"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_fused_kl_regularizer_matches_unfused_in_float64(positions, direction):
+    model = tiny_llama().double()
+    ref = ReferenceModel(tiny_llama(seed=1).double())  # another θ_o, so that the KL is far from 0
+    b = paired_batches(9, b=4)
+    hp = {"kl_positions": positions, "kl_direction": direction}
+    runs = []
+    for fused in (False, True):
+        obj = get_objective("ga", regularizer="kl", reference=ref, fused=fused, **hp)
+        model.zero_grad(set_to_none=True)
+        head_calls = []
+        hook = model.get_output_embeddings().register_forward_hook(lambda *a, calls=head_calls: calls.append(1))
+        out = obj(model, b)
+        hook.remove()
+        assert bool(head_calls) != fused  # the fused path never materialises the logits
+        out.reg_loss.backward()
+        runs.append((out.reg_loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        # accumulation: two halves with the whole batch's counts give the same loss
+        halves = [obj(model, _split(b, s), num_items=count_items(b)).reg_loss.detach()
+                  for s in (slice(0, 2), slice(2, 4))]
+        torch.testing.assert_close(sum(halves), out.reg_loss.detach(), rtol=1e-12, atol=1e-14)
+    (loss, grads), (fused_loss, fused_grads) = runs
+    assert float(loss) > 1e-3
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-12, atol=1e-14)
+    for a, c in zip(grads, fused_grads):
+        torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-13)
+
+
+def test_fused_kl_regularizer_with_a_peft_reference_takes_the_unfused_path():
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights=False))
+    ref = ReferenceModel.from_peft(lora)
+    b = paired_batches(10)
+    losses = [get_objective("ga", regularizer="kl", reference=ref, fused=fused)(lora, b).reg_loss.detach()
+              for fused in (False, True)]
+    torch.testing.assert_close(losses[1], losses[0])

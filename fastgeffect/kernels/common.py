@@ -1,68 +1,18 @@
-"""Pieces shared by the fused losses: input checks, objective codes, masked-token compaction,
-chunk sizing and the fp32 weight-gradient accumulation.
+"""Pieces shared by the fused losses: input checks, masked-token compaction, chunk sizing and
+the fp32 weight-gradient accumulation.
 
 Shapes: ``hidden`` (N, H), ``weight`` (V, H), ``labels`` (N,) *aligned* (row i predicts
 ``labels[i]``; -100 ignored). Everything here is plain torch and backend-independent.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Optional, Tuple
 
 import torch
 
-from .. import losses
 from ..losses import IGNORE_INDEX, AllMaskedError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-# Objective -> integer code used by both backends (the Triton kernel takes it as a constexpr).
-OBJECTIVES = {"ga": 0, "nll": 1, "wga": 2, "tnpo": 3, "wtnpo": 4, "weighted": 6}
-WTNPO_PRODUCT = 5  # wtnpo with wtnpo_form="product"
-NEEDS_REF = ("tnpo", "wtnpo")
-
-
-def _default(fn, name: str) -> float:
-    return float(inspect.signature(fn).parameters[name].default)
-
-
-def objective_code(objective: str, alpha: Optional[float], beta: Optional[float], wtnpo_form: str):
-    """(code, alpha, beta) with the defaults of the matching ``fastgeffect.losses`` function."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
-    code = OBJECTIVES[objective]
-    if objective == "wga":
-        alpha = _default(losses.wga, "alpha") if alpha is None else float(alpha)
-    elif objective == "tnpo":
-        beta = _default(losses.tnpo, "beta") if beta is None else float(beta)
-    elif objective == "wtnpo":
-        if wtnpo_form not in losses.WTNPO_FORMS:
-            raise ValueError(f"unknown WTNPO form {wtnpo_form!r}; valid: {', '.join(losses.WTNPO_FORMS)}")
-        alpha = _default(losses.wtnpo, "alpha") if alpha is None else float(alpha)
-        beta = _default(losses.wtnpo, "beta") if beta is None else float(beta)
-        if wtnpo_form == "product":
-            code = WTNPO_PRODUCT
-    return code, float(alpha or 0.0), float(beta or 0.0)
-
-
-def token_weights(logp: torch.Tensor, ref: Optional[torch.Tensor], explicit: Optional[torch.Tensor],
-                  code: int, alpha: float, beta: float) -> torch.Tensor:
-    """Detached per-token weights ``w_t`` (the torch twin of the Triton kernel's branch)."""
-    if code == 0:
-        return torch.ones_like(logp)
-    if code == 1:
-        return torch.full_like(logp, -1.0)
-    if code == 2:
-        return torch.exp(alpha * logp)
-    if code == 3:
-        return 2.0 * torch.sigmoid(beta * (logp - ref))
-    if code == 4:
-        return 2.0 * torch.sigmoid((beta + alpha) * logp - beta * ref)
-    if code == 5:
-        return 2.0 * torch.sigmoid(beta * (logp - ref)) * torch.exp(alpha * logp)
-    if code == 6:
-        return explicit.to(logp.dtype)
-    raise ValueError(f"bad objective code {code}")
 
 
 def check_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], what: str = "hidden"):

@@ -56,7 +56,7 @@ def shift_left(x: torch.Tensor, fill) -> torch.Tensor:
 def fused_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                          labels: torch.Tensor, *, objective: str, ref_logprobs: Optional[torch.Tensor] = None,
                          alpha: Optional[float] = None, beta: Optional[float] = None, num_items_in_batch=None,
-                         wtnpo_form: str = "eq16", weights: Optional[torch.Tensor] = None,
+                         wtnpo_form: Optional[str] = None, weights: Optional[torch.Tensor] = None,
                          return_logprobs: bool = False, backend: str = "auto",
                          chunk_size: Optional[int] = None, **model_kwargs):
     """The loss ``fastgeffect.losses.<objective>(model(...).logits, labels, ...)`` would give,
@@ -90,10 +90,11 @@ def fused_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_ma
 
 def fused_causal_lm_kl(model: nn.Module, ref_model: nn.Module, input_ids: torch.Tensor,
                        attention_mask: Optional[torch.Tensor], labels: Optional[torch.Tensor] = None, *,
-                       direction: str = "forward", positions: str = "all", backend: str = "auto",
-                       chunk_size: Optional[int] = None, **model_kwargs) -> torch.Tensor:
+                       direction: str = "forward", positions: str = "all", num_items_in_batch=None,
+                       backend: str = "auto", chunk_size: Optional[int] = None, **model_kwargs) -> torch.Tensor:
     """``fastgeffect.losses.kl(model(...).logits, ref_model(...).logits, labels, ...)`` from the
-    two decoders' hidden states; ``ref_model`` runs under ``torch.no_grad()``."""
+    two decoders' hidden states; ``ref_model`` runs under ``torch.no_grad()``, as it is (a frozen
+    copy in eval mode)."""
     hidden, head = last_hidden(model, input_ids, attention_mask, **model_kwargs)
     with torch.no_grad():
         ref_hidden, ref_head = last_hidden(ref_model, input_ids, attention_mask, **model_kwargs)
@@ -107,4 +108,5 @@ def fused_causal_lm_kl(model: nn.Module, ref_model: nn.Module, input_ids: torch.
         aligned = shift_left(labels, IGNORE_INDEX)
     return fused_linear_kl(hidden.reshape(B * T, H), head.weight, ref_hidden.reshape(B * T, -1), ref_head.weight,
                            labels=aligned, direction=direction, positions=positions, bias=head.bias,
-                           ref_bias=ref_head.bias, backend=backend, chunk_size=chunk_size)
+                           ref_bias=ref_head.bias, num_items_in_batch=num_items_in_batch, backend=backend,
+                           chunk_size=chunk_size)

@@ -18,56 +18,40 @@ from ..losses.kl import KL_DIRECTIONS, KL_POSITIONS
 from . import common
 from .dispatch import resolve_backend
 from .kl_torch import kl_chunk_torch
+from .lm_head import chunked_lm_head, linear, scale_of, take
 
 
 def _chunk_op(backend: str):
     if backend == "triton":
+        # triton is imported only when its backend runs
         from .kl_triton import kl_chunk_triton
         return kl_chunk_triton
     return kl_chunk_torch
 
 
 def _run(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cfg, need):
-    reverse, positions, backend, chunk_size = cfg
+    reverse, positions, num_items, backend, chunk_size = cfg
     N, V = hidden.shape[0], weight.shape[0]
-    device = hidden.device
     acc = common.grad_dtype(hidden.dtype)
     if positions == "all":
         if N == 0:
             raise common.AllMaskedError("no rows for the KL")
-        idx, n = None, N
+        idx, n = None, N  # every row, in order: no compaction, no host synchronisation
+        denom = N if num_items is None else num_items
     else:
-        idx, n, _ = common.compact_valid(labels, V)
-    scale = torch.full((), 1.0 / n, dtype=acc, device=device)
-    write_grad = any(need)
-    g_hidden = torch.zeros_like(hidden) if need[0] else None
-    g_weight = torch.zeros(weight.shape, dtype=acc, device=device) if need[1] else None
-    g_bias = torch.zeros(V, dtype=acc, device=device) if need[2] else None
-    total = torch.zeros((), dtype=acc, device=device)
+        idx, n, items = common.compact_valid(labels, V, num_items)
+        denom = n if items is None else items
+    scale = scale_of(denom, acc, hidden.device)
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    chunk_op, write_grad = _chunk_op(backend), any(need)
 
-    op = _chunk_op(backend)
-    rows = common.chunk_rows(n, V, device, buffers=2, chunk_size=chunk_size)
-    for start in range(0, n, rows):
-        if idx is None:
-            h, rh = hidden[start:start + rows], ref_hidden[start:start + rows]
-        else:
-            sel = idx[start:start + rows]
-            h, rh = hidden.index_select(0, sel), ref_hidden.index_select(0, sel)
-        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
-        ref_logits = rh @ ref_weight.t() if ref_bias is None else torch.addmm(ref_bias, rh, ref_weight.t())
-        total += op(logits, ref_logits, scale, reverse, write_grad).sum(dtype=acc)
-        del ref_logits
-        if need[0]:
-            gh = logits @ weight
-            if idx is None:
-                g_hidden[start:start + rows] = gh
-            else:
-                g_hidden.index_copy_(0, sel, gh)
-        if need[1]:
-            common.addmm_fp32_(g_weight, logits.t(), h)
-        if need[2]:
-            g_bias += logits.sum(0, dtype=acc)
-    return total * scale, g_hidden, g_weight, g_bias
+    def op(rows, logits):
+        ref_logits = linear(take(ref_hidden, rows), ref_weight, ref_bias)
+        total.add_(chunk_op(logits, ref_logits, scale, reverse, write_grad).sum(dtype=acc))
+
+    chunk = common.chunk_rows(n, V, hidden.device, buffers=2, chunk_size=chunk_size) if n else 1
+    grads = chunked_lm_head(hidden, weight, bias, idx, n, chunk, op, need)
+    return (total * scale, *grads)
 
 
 class _FusedKL(torch.autograd.Function):
@@ -88,14 +72,15 @@ class _FusedKL(torch.autograd.Function):
 def fused_linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
                     ref_weight: torch.Tensor, *, labels: Optional[torch.Tensor] = None,
                     direction: str = "forward", positions: str = "all", bias: Optional[torch.Tensor] = None,
-                    ref_bias: Optional[torch.Tensor] = None, backend: str = "auto",
+                    ref_bias: Optional[torch.Tensor] = None, num_items_in_batch=None, backend: str = "auto",
                     chunk_size: Optional[int] = None) -> torch.Tensor:
     """KL between ``softmax(ref_hidden @ ref_weight.T + ref_bias)`` (reference, detached) and
     ``softmax(hidden @ weight.T + bias)`` (current), averaged over rows.
 
     ``hidden``/``ref_hidden`` (N, H) and (N, H_ref) row-aligned; ``weight`` (V, H),
     ``ref_weight`` (V, H_ref) (the two models may differ in width and dtype, not in vocab);
-    ``labels`` (N,) aligned, needed for ``positions="answer"``.
+    ``labels`` (N,) aligned, needed for ``positions="answer"``. ``num_items_in_batch`` replaces
+    the row count (``"all"``) or the valid-label count (``"answer"``) under gradient accumulation.
     """
     if direction not in KL_DIRECTIONS:
         raise ValueError(f"unknown KL direction {direction!r}; valid: {', '.join(KL_DIRECTIONS)}")
@@ -116,6 +101,6 @@ def fused_linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torc
     backend = resolve_backend(backend, hidden.device)
     if backend == "triton" and torch.float64 in (hidden.dtype, ref_hidden.dtype):
         raise ValueError("the Triton kernels take fp32/bf16/fp16; use backend='torch' for fp64")
-    cfg = (direction == "reverse", positions, backend, chunk_size)
+    cfg = (direction == "reverse", positions, num_items_in_batch, backend, chunk_size)
     detached = [None if t is None else t.detach() for t in (ref_hidden, ref_weight, ref_bias)]
     return _FusedKL.apply(hidden, weight, bias, *detached, labels, cfg)

@@ -1,9 +1,9 @@
 """Chunk op of the fused weighted log-likelihood in plain PyTorch (the CPU path).
 
 Same contract and numerics as :mod:`.weighted_nll_triton`: for one chunk of compacted rows it
-computes per-row log-probs and weights and, when asked, overwrites the logits chunk with the
-logits gradient ``scale · w · (onehot(y) − softmax(z))``. Temporaries are (chunk × vocab)
-in fp32, never (tokens × vocab).
+computes per-row log-probs and weights (the table entry's torch function) and, when asked,
+overwrites the logits chunk with the logits gradient ``scale · w · (onehot(y) − softmax(z))``.
+Temporaries are (chunk × vocab) in fp32, never (tokens × vocab).
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Optional
 
 import torch
 
-from .common import token_weights
+from ..losses.token_weights import TokenWeight
 
 
 def weighted_nll_chunk_torch(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
-                             explicit: Optional[torch.Tensor], scale: torch.Tensor, code: int,
+                             explicit: Optional[torch.Tensor], scale: torch.Tensor, entry: TokenWeight,
                              alpha: float, beta: float, write_grad: bool):
     """``logits`` (C, V) contiguous, modified in place when ``write_grad``; ``labels`` (C,)
     valid ids; ``scale`` a 0-d tensor (1/denominator). Returns ``(logp, w·logp)``, each (C,)."""
@@ -24,7 +24,7 @@ def weighted_nll_chunk_torch(logits: torch.Tensor, labels: torch.Tensor, ref: Op
     lse = torch.logsumexp(z, dim=-1)
     y = labels.long().unsqueeze(1)
     logp = z.gather(1, y).squeeze(1) - lse
-    w = token_weights(logp, None if ref is None else ref.to(acc), explicit, code, alpha, beta)
+    w = entry.fn(logp, None if ref is None else ref.to(acc), explicit, alpha, beta)
     if write_grad:
         c = w * scale.to(acc)
         g = torch.exp(z - lse.unsqueeze(1)).mul_(-c.unsqueeze(1))  # −c·p

@@ -14,6 +14,18 @@ import torch
 import triton
 import triton.language as tl
 
+from ..losses import token_weights as tw
+
+# The token-weight table's kernel codes (fastgeffect/losses/token_weights.py), compile-time
+# constants of the branch below; the branch must equal each entry's torch function (tested).
+W_GA = tl.constexpr(tw.GA.code)
+W_NLL = tl.constexpr(tw.NLL.code)
+W_WGA = tl.constexpr(tw.WGA.code)
+W_TNPO = tl.constexpr(tw.TNPO.code)
+W_WTNPO = tl.constexpr(tw.WTNPO.code)
+W_WTNPO_PRODUCT = tl.constexpr(tw.WTNPO_PRODUCT.code)
+W_WEIGHTED = tl.constexpr(tw.WEIGHTED.code)
+
 # Start of the running max: finite so that exp(m_old - m_new) never sees (-inf) - (-inf).
 NEG_BIG = tl.constexpr(-3.0e38)
 
@@ -41,23 +53,23 @@ def _weighted_nll_rows(logits_ptr, stride_row, labels_ptr, ref_ptr, explicit_ptr
     y = tl.load(labels_ptr + row).to(tl.int64)
     logp = tl.load(base + y).to(tl.float32) - lse
 
-    # token weight, detached (DESIGN.md §3); CODE as in common.OBJECTIVES
-    if CODE == 0:
+    # token weight, detached (DESIGN.md §3): the table entry whose code is CODE
+    if CODE == W_GA:
         w = logp * 0.0 + 1.0
-    elif CODE == 1:
+    elif CODE == W_NLL:
         w = logp * 0.0 - 1.0
-    elif CODE == 2:
+    elif CODE == W_WGA:
         w = tl.exp(alpha * logp)
-    elif CODE == 3:
+    elif CODE == W_TNPO:
         ref = tl.load(ref_ptr + row).to(tl.float32)
         w = 2.0 * tl.sigmoid(beta * (logp - ref))
-    elif CODE == 4:
+    elif CODE == W_WTNPO:
         ref = tl.load(ref_ptr + row).to(tl.float32)
         w = 2.0 * tl.sigmoid((beta + alpha) * logp - beta * ref)
-    elif CODE == 5:
+    elif CODE == W_WTNPO_PRODUCT:
         ref = tl.load(ref_ptr + row).to(tl.float32)
         w = 2.0 * tl.sigmoid(beta * (logp - ref)) * tl.exp(alpha * logp)
-    else:
+    elif CODE == W_WEIGHTED:
         w = tl.load(explicit_ptr + row).to(tl.float32)
     tl.store(logp_ptr + row, logp)
     tl.store(wlogp_ptr + row, w * logp)
@@ -79,7 +91,7 @@ def block_v(vocab: int) -> int:
 
 
 def weighted_nll_chunk_triton(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
-                              explicit: Optional[torch.Tensor], scale: torch.Tensor, code: int,
+                              explicit: Optional[torch.Tensor], scale: torch.Tensor, entry: tw.TokenWeight,
                               alpha: float, beta: float, write_grad: bool):
     """Triton twin of :func:`.weighted_nll_torch.weighted_nll_chunk_torch`."""
     if logits.dtype == torch.float64:
@@ -92,6 +104,6 @@ def weighted_nll_chunk_triton(logits: torch.Tensor, labels: torch.Tensor, ref: O
     _weighted_nll_rows[(C,)](
         logits, logits.stride(0), labels, dummy if ref is None else ref,
         dummy if explicit is None else explicit, scale, logp, wlogp, V, float(alpha), float(beta),
-        CODE=code, WRITE_GRAD=write_grad, BLOCK_V=block_v(V), num_warps=8 if V >= 4096 else 4,
+        CODE=entry.code, WRITE_GRAD=write_grad, BLOCK_V=block_v(V), num_warps=8 if V >= 4096 else 4,
     )
     return logp, wlogp

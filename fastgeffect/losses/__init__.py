@@ -16,12 +16,14 @@ from .rmu import control_vector, rmu
 from .rr import rr
 from .simnpo import simnpo
 from .tnpo import tnpo, tnpo_weights
+from .token_weights import TOKEN_WEIGHTS, WTNPO_FORMS, TokenWeight, token_weight, token_weighted
 from .wga import wga, wga_weights
-from .wtnpo import WTNPO_FORMS, wtnpo, wtnpo_weights
+from .wtnpo import wtnpo, wtnpo_weights
 
 __all__ = [
     "IGNORE_INDEX", "AllMaskedError", "token_logprobs", "valid_mask",
     "ga", "wga", "npo", "tnpo", "wtnpo", "simnpo", "dpo", "po", "rmu", "gd", "nll", "kl", "rr",
     "control_vector", "load_refusals", "sample_refusals",
-    "wga_weights", "tnpo_weights", "wtnpo_weights", "npo_weights", "WTNPO_FORMS",
+    "wga_weights", "tnpo_weights", "wtnpo_weights", "npo_weights",
+    "token_weighted", "token_weight", "TokenWeight", "TOKEN_WEIGHTS", "WTNPO_FORMS",
 ]

@@ -4,27 +4,32 @@
     out = obj(model, {"forget": fb, "retain": rb})
     out.loss.backward()
 
-A new objective is one small file defining a :class:`ForgetTerm` plus one line below.
+A new objective is one small file defining a :class:`ForgetTerm` plus one line below (a
+token-weighted one: an entry in ``fastgeffect/losses/token_weights.py`` and one line in
+``token_weighted.py``). Every hyper-parameter name is in :data:`HPARAMS`.
 """
-from typing import Dict
+from typing import Dict, Tuple
 
 from .base import ForgetTerm, ObjectiveOutput, StepContext
 from .dpo import DPO, IDKDPO
-from .ga import GA, GRADDIFF
+from .hparams import HPARAMS, HParam
 from .npo import NPO
 from .objective import Objective
-from .po import PO
-from .regularizers import REGULARIZER_DEFAULTS
+from .regularizers import REGULARIZERS, Regularizer
 from .rmu import RMU
 from .simnpo import SIMNPO
-from .tnpo import TNPO
-from .wga import WGA
-from .wtnpo import WTNPO
+from .token_weighted import GA, GRADDIFF, PO, TNPO, WGA, WTNPO
 
 OBJECTIVES: Dict[str, ForgetTerm] = {t.name: t for t in (
     GA, WGA, NPO, TNPO, WTNPO, PO, RMU, GRADDIFF, SIMNPO, DPO, IDKDPO,
 )}
-REGULARIZER_NAMES = tuple(REGULARIZER_DEFAULTS)
+REGULARIZER_NAMES = tuple(REGULARIZERS)
+
+
+def hparam_users(name: str) -> Tuple[str, ...]:
+    """The objectives and regularisers that take hyper-parameter ``name`` (for help texts)."""
+    return tuple([t.name for t in OBJECTIVES.values() if name in t.defaults]
+                 + [r.name for r in REGULARIZERS.values() if name in r.defaults])
 
 
 def get_objective(name: str, regularizer: str = None, lam: float = 1.0, **kwargs) -> Objective:
@@ -35,5 +40,5 @@ def get_objective(name: str, regularizer: str = None, lam: float = 1.0, **kwargs
     return Objective(OBJECTIVES[key], regularizer, lam, **kwargs)
 
 
-__all__ = ["OBJECTIVES", "REGULARIZER_NAMES", "ForgetTerm", "Objective", "ObjectiveOutput", "StepContext",
-           "get_objective"]
+__all__ = ["OBJECTIVES", "REGULARIZERS", "REGULARIZER_NAMES", "HPARAMS", "HParam", "ForgetTerm", "Regularizer",
+           "Objective", "ObjectiveOutput", "StepContext", "get_objective", "hparam_users"]

@@ -17,15 +17,29 @@ Batch = Mapping[str, torch.Tensor]
 TermFn = Callable[["StepContext", Mapping[str, Batch], Dict[str, float]], Tuple[torch.Tensor, dict]]
 
 
+# sub-batches built from refusal answers to the forget questions (DPO's preferred answers included)
+REFUSAL_BATCHES = ("forget_idk", "forget_win")
+
+
 @dataclass(frozen=True)
 class ForgetTerm:
     name: str
     fn: TermFn
-    defaults: Dict[str, float]
+    defaults: Dict[str, object]  # hyper-parameter names (see hparams.HPARAMS) and defaults
     formula: str
-    needs_ref_logprobs: bool = False  # forget-answer reference log-probs (cache or reference model)
     needs_batches: Tuple[str, ...] = ("forget",)
+    ref_batches: Tuple[str, ...] = ()  # sub-batches whose reference log-probs the term reads (cache or θ_o)
     default_regularizer: str = "none"
+
+    @property
+    def needs_reference(self) -> bool:
+        """The term reads reference log-probs (from a cache or the original model)."""
+        return bool(self.ref_batches)
+
+    @property
+    def needs_refusals(self) -> bool:
+        """The term reads refusal answers (PO, DPO, IdkDPO): the data must include them."""
+        return any(k in REFUSAL_BATCHES for k in self.needs_batches)
 
 
 @dataclass

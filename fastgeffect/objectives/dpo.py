@@ -25,6 +25,8 @@ def idkdpo_term(ctx, batches, hp):
 
 
 DPO = ForgetTerm("dpo", dpo_term, {"beta": 0.1}, "−(2/β)·mean logσ(β·(Δ_win − Δ_forget)), Δ = logp − logp_ref",
-                 needs_ref_logprobs=True, needs_batches=("forget", "forget_win"), default_regularizer="gd")
+                 needs_batches=("forget", "forget_win"), ref_batches=("forget", "forget_win"),
+                 default_regularizer="gd")
 IDKDPO = ForgetTerm("idkdpo", idkdpo_term, {"beta": 0.1}, "DPO with a refusal answer as the preferred one",
-                    needs_ref_logprobs=True, needs_batches=("forget", "forget_idk"), default_regularizer="gd")
+                    needs_batches=("forget", "forget_idk"), ref_batches=("forget", "forget_idk"),
+                    default_regularizer="gd")

@@ -11,4 +11,4 @@ def npo_term(ctx, batches, hp):
 
 
 NPO = ForgetTerm("npo", npo_term, {"beta": 0.5}, "−(2/β)·mean_s logσ(β·(logp_ref(s) − logp(s)))",
-                 needs_ref_logprobs=True)
+                 ref_batches=("forget",))

@@ -7,7 +7,8 @@ import torch
 
 from ..reference import RefLogprobCache, ReferenceModel
 from .base import Batch, ForgetTerm, ObjectiveOutput, StepContext, weight_stats
-from .regularizers import REGULARIZER_DEFAULTS, REGULARIZERS
+from .hparams import HPARAMS
+from .regularizers import REGULARIZERS
 
 
 class Objective:
@@ -19,13 +20,17 @@ class Objective:
                  ref_cache: Union[None, RefLogprobCache, Mapping[str, RefLogprobCache]] = None,
                  fused: bool = False, **hparams):
         regularizer = term.default_regularizer if regularizer is None else regularizer
-        if regularizer not in REGULARIZER_DEFAULTS:
-            raise ValueError(f"unknown regularizer {regularizer!r}; valid: {', '.join(REGULARIZER_DEFAULTS)}")
-        valid = {**term.defaults, **REGULARIZER_DEFAULTS[regularizer]}
+        if regularizer not in REGULARIZERS:
+            raise ValueError(f"unknown regularizer {regularizer!r}; valid: {', '.join(REGULARIZERS)}")
+        valid = {**term.defaults, **REGULARIZERS[regularizer].defaults}
         unknown = sorted(set(hparams) - set(valid))
         if unknown:
             raise ValueError(f"unknown hyper-parameter(s) {unknown} for {term.name} with regularizer "
                              f"{regularizer!r}; valid: {sorted(valid) or 'none'}")
+        for k, v in hparams.items():
+            choices = HPARAMS[k].choices
+            if choices is not None and v not in choices:
+                raise ValueError(f"{k}={v!r} is not one of {', '.join(choices)}")
         self.term = term
         self.regularizer = regularizer
         self.lam = float(lam)
@@ -45,6 +50,11 @@ class Objective:
     def needs_batches(self):
         return self.term.needs_batches + (("retain",) if self.regularizer != "none" else ())
 
+    @property
+    def needs_reference_model(self) -> bool:
+        """The regulariser runs the original model θ_o at every step (KL, RR)."""
+        return REGULARIZERS[self.regularizer].needs_reference_model
+
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
         return f"Objective({self.name}, regularizer={self.regularizer}, lam={self.lam}{', ' + hp if hp else ''})"
@@ -56,11 +66,10 @@ class Objective:
     def with_cached_refs(self, batches: Mapping[str, Batch]) -> Dict[str, Batch]:
         """``batches`` with ``ref_logprobs`` gathered from the caches where a sub-batch has none."""
         out = dict(batches)
-        if self.term.needs_ref_logprobs:
-            for key, cache in self.ref_caches.items():
-                b = out.get(key)
-                if b is not None and "ref_logprobs" not in b and "index" in b:
-                    out[key] = {**b, "ref_logprobs": cache.gather(b["index"], b["labels"])}
+        for key in self.term.ref_batches:
+            b, cache = out.get(key), self.ref_caches.get(key)
+            if b is not None and cache is not None and "ref_logprobs" not in b and "index" in b:
+                out[key] = {**b, "ref_logprobs": cache.gather(b["index"], b["labels"])}
         return out
 
     def forget_loss(self, model: torch.nn.Module, batches: Mapping[str, Batch],
@@ -80,7 +89,7 @@ class Objective:
         reg = None
         loss = forget
         if self.regularizer != "none":
-            reg = REGULARIZERS[self.regularizer](ctx, batches["retain"], self.hparams)
+            reg = REGULARIZERS[self.regularizer].fn(ctx, batches["retain"], self.hparams)
             loss = forget + self.lam * reg
         if not bool(torch.isfinite(loss.detach())):
             raise FloatingPointError(f"non-finite {self.name} loss: forget term {float(forget.detach())}, "

@@ -1,24 +1,32 @@
-"""Retain regularisers (DESIGN.md §3), each ``reg(ctx, retain_batch, hp) -> loss``."""
+"""Retain regularisers (DESIGN.md §3), each ``reg(ctx, retain_batch, hp) -> loss``, with their
+hyper-parameter defaults and whether they need the original model θ_o itself."""
 from __future__ import annotations
 
-from typing import Callable, Dict
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
-from ..losses import gd, kl, rr
+from ..kernels.hf import fused_causal_lm_kl
+from ..losses import kl, rr
 from .base import StepContext
 from .rmu import resolve_layer
 from .token_weighted import token_weighted_loss
 
 
 def gd_reg(ctx: StepContext, batch, hp):
-    return token_weighted_loss(ctx, batch, gd, "nll", hp, "retain_tokens")[0]
+    return token_weighted_loss(ctx, batch, "nll", hp, "retain_tokens")[0]
 
 
 def kl_reg(ctx: StepContext, batch, hp):
     if ctx.reference is None:
         raise ValueError("the KL regulariser needs the original model: pass reference=ReferenceModel(...)")
     key = "retain_rows" if hp["kl_positions"] == "all" else "retain_tokens"
-    return kl(ctx.forward(batch).logits, ctx.reference.logits(batch), batch["labels"],
-              direction=hp["kl_direction"], positions=hp["kl_positions"], num_items_in_batch=ctx.num_items.get(key))
+    kw = dict(direction=hp["kl_direction"], positions=hp["kl_positions"], num_items_in_batch=ctx.num_items.get(key))
+    # the fused KL runs θ_o's decoder itself: a separate frozen copy; a PEFT reference (the same model
+    # with its adapters switched off by ReferenceModel) takes the materialised-logits path
+    if ctx.fused and not ctx.reference.peft_adapters_off:
+        return fused_causal_lm_kl(ctx.model, ctx.reference.model, batch["input_ids"], batch.get("attention_mask"),
+                                  batch["labels"], **kw)
+    return kl(ctx.forward(batch).logits, ctx.reference.logits(batch), batch["labels"], **kw)
 
 
 def rr_reg(ctx: StepContext, batch, hp):
@@ -30,10 +38,17 @@ def rr_reg(ctx: StepContext, batch, hp):
               num_items_in_batch=ctx.num_items.get("retain_positions"))
 
 
-REGULARIZERS: Dict[str, Callable] = {"gd": gd_reg, "kl": kl_reg, "rr": rr_reg}
-REGULARIZER_DEFAULTS: Dict[str, Dict[str, object]] = {
-    "none": {},
-    "gd": {},
-    "kl": {"kl_direction": "forward", "kl_positions": "all"},
-    "rr": {"rr_layer": -1},
-}
+@dataclass(frozen=True)
+class Regularizer:
+    name: str
+    fn: Optional[Callable]  # None: no regulariser
+    defaults: Dict[str, object]  # hyper-parameter names (see hparams.HPARAMS) and defaults
+    needs_reference_model: bool = False  # θ_o itself at every step (not cached log-probs)
+
+
+REGULARIZERS: Dict[str, Regularizer] = {r.name: r for r in (
+    Regularizer("none", None, {}),
+    Regularizer("gd", gd_reg, {}),
+    Regularizer("kl", kl_reg, {"kl_direction": "forward", "kl_positions": "all"}, needs_reference_model=True),
+    Regularizer("rr", rr_reg, {"rr_layer": -1}, needs_reference_model=True),
+)}
