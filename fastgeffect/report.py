@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .cli_help import HelpFormatter, examples  # noqa: E402
 from .geffect import read_geffect_log  # noqa: E402
 
 GROUP_ORDER = ("embed", "shallow", "middle", "deep", "lm")
@@ -272,15 +273,24 @@ def compare(run_dirs: Sequence[Path], out_dir: Optional[Path] = None) -> Path:
     return out_dir / "compare.md"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastgeffect.report", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    one = sub.add_parser("show", help="(re)draw the plots and summary.md of one run folder")
-    one.add_argument("run_dir", type=Path)
-    cmp_ = sub.add_parser("compare", help="compare several run folders: one table, overlaid curves")
-    cmp_.add_argument("run_dirs", type=Path, nargs="+")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m fastgeffect.report", description=__doc__.split("\n\n")[0],
+                                 epilog=examples(__doc__), formatter_class=HelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{show,compare}")
+    one = sub.add_parser("show", help="(re)draw the plots and summary.md of one run folder",
+                         description="(Re)draw the plots and summary.md of one run folder.",
+                         formatter_class=HelpFormatter)
+    one.add_argument("run_dir", type=Path, help="a run folder (holds config.json)")
+    cmp_ = sub.add_parser("compare", help="compare several run folders: one table, overlaid curves",
+                          description="Compare several run folders: one table, overlaid G-effect curves.",
+                          formatter_class=HelpFormatter)
+    cmp_.add_argument("run_dirs", type=Path, nargs="+", help="run folders (each holds config.json)")
     cmp_.add_argument("--out", type=Path, default=None, help="output folder (default: <parent>/compare)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.cmd == "show":
         path = write_report(args.run_dir)
     else:

@@ -16,9 +16,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .cli_help import HelpFormatter, examples
+from .data.tofu import RETAIN_OF
 from .objectives import OBJECTIVES
 from .run import main as run_main
 
@@ -95,22 +98,25 @@ def table(rows: Sequence[Dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fastgeffect.sweep", description=__doc__.split("\n\n")[0],
-                                 epilog="Arguments after -- go to every run (python -m fastgeffect.run --help).")
+                                 epilog=examples(__doc__) + "\n\nArguments after -- go to every run "
+                                 "(python -m fastgeffect.run --help).", formatter_class=HelpFormatter)
     ap.add_argument("--method", default="tnpo", help="the objective whose hyper-parameters are swept")
-    ap.add_argument("--methods", default=None, help="comma-separated objectives to compare (Table-1 style)")
-    ap.add_argument("--regularizer", default=None, help="regulariser of every run (default: each objective's)")
+    ap.add_argument("--methods", default=None, help="comma-separated objectives to compare (Table-1 style); "
+                                                    "replaces --method")
+    ap.add_argument("--regularizer", default=None, help="regulariser of every run (default: each objective's own)")
     for f in GRID_FLAGS:
         ap.add_argument(f"--{f.replace('_', '-')}", default=None, help=f"comma-separated values of {f}")
-    ap.add_argument("--split", default="forget10")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="sweep folder (default runs/sweep-<methods>-<split>)")
-    if argv is None:
-        import sys
+    ap.add_argument("--split", default="forget10", choices=sorted(RETAIN_OF), help="TOFU forget split")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every run")
+    ap.add_argument("--out", type=Path, default=None, help="sweep folder (default: runs/sweep-<methods>-<split>)")
+    return ap
 
-        argv = sys.argv[1:]
-    argv = list(argv)
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     combos = settings(args)

@@ -25,15 +25,17 @@ def retain_order(n_forget: int, n_retain: int, seed: int, epoch: int = 0, rank: 
 
 
 class ForgetRetainDataset(Dataset):
-    """Items ``{"forget": f, "retain": r}`` (+ ``"forget_idk"``: the forget question with a refusal
-    answer, when ``forget_idk`` is given; it must have the same rows as ``forget``)."""
+    """Items ``{"forget": f, "retain": r}`` (+ the forget question with a refusal answer under
+    ``refusal_key``, when ``forget_idk`` is given; it must have the same rows as ``forget``).
+    ``refusal_key`` is the sub-batch the objective reads the refusals from: ``forget_idk`` (PO,
+    IdkDPO) or ``forget_win`` (DPO, whose preferred answers are the refusals)."""
 
     def __init__(self, forget: QADataset, retain: QADataset, forget_idk: Optional[QADataset] = None, *,
-                 seed: int = 0, rank: int = 0):
+                 seed: int = 0, rank: int = 0, refusal_key: str = "forget_idk"):
         if forget_idk is not None and len(forget_idk) != len(forget):
             raise ValueError(f"forget_idk has {len(forget_idk)} items, forget has {len(forget)}")
         self.forget, self.retain, self.forget_idk = forget, retain, forget_idk
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.refusal_key = seed, rank, refusal_key
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -47,5 +49,5 @@ class ForgetRetainDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         item = {"forget": self.forget[i], "retain": self.retain[int(self.order[i])]}
         if self.forget_idk is not None:
-            item["forget_idk"] = self.forget_idk[i]
+            item[self.refusal_key] = self.forget_idk[i]
         return item

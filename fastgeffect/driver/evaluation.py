@@ -1,0 +1,58 @@
+"""Evaluation of a run's model on the main process: TOFU's metrics and logs, PS-exact/PS-perturb,
+the retain model's log behind Forget Quality, and UWC calibration (docs/design.md §5)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+from transformers import AutoModelForCausalLM
+
+from ..data.tofu import RETAIN_OF
+from ..eval import evaluate_tofu, ps_report, uwc_calibrate
+from .presets import Preset
+from .targets import Target
+
+
+def evaluate(model, target: Target, sets, out_dir: Path, args, retain_log) -> dict:
+    """TOFU metrics (logs written to ``out_dir``) and PS-exact/PS-perturb on retain and forget."""
+    res = evaluate_tofu(model, target.tokenizer, target.template, sets, out_dir=out_dir, retain_log=retain_log,
+                        ds_size=args.eval_size, max_length=target.max_length, batch_size=args.eval_batch_size,
+                        progress=not args.no_progress)
+    metrics = dict(res["metrics"])
+    ps_sets = {"retain": sets["retain"][:args.eval_size], "forget": sets["forget"][:args.eval_size]}
+    metrics.update(ps_report(model, target.tokenizer, target.template, ps_sets, batch_size=args.eval_batch_size))
+    return metrics
+
+
+def retain_model_log(target: Target, sets, args, shared: Path, preset: Preset) -> Optional[str]:
+    """The forget-set log of a retain-only model, for Forget Quality: ``--retain-log``, computed for
+    the embedded twin (kept in ``shared``), or TOFU's published one in ``--data-dir/retain_model_logs``."""
+    if args.retain_log:
+        return args.retain_log
+    if target.retain_model_path is not None:
+        path = shared / "retain_model" / "eval_log_forget.json"
+        if not path.exists():
+            twin = AutoModelForCausalLM.from_pretrained(target.retain_model_path)
+            evaluate_tofu(twin, target.tokenizer, target.template, {"forget": sets["forget"]},
+                          out_dir=path.parent, ds_size=args.eval_size, max_length=target.max_length,
+                          batch_size=args.eval_batch_size, progress=not args.no_progress)
+        return str(path)
+    if preset.retain_log_name and target.data_dir:
+        name = f"{preset.retain_log_name}_{RETAIN_OF[args.split]}_wd0.01_eval_log_forget.json"
+        path = Path(target.data_dir) / "retain_model_logs" / name
+        if path.exists():
+            return str(path)
+    print("note: no retain-model log: Forget Quality is not reported (pass --retain-log)", file=sys.stderr)
+    return None
+
+
+def uwc_metrics(model, target: Target, sets, args, preset: Preset, device, reference_ps) -> dict:
+    """UWC: mix the unlearned weights with the original's until retain PS matches ``reference_ps``
+    (the original's), and report the calibrated metrics."""
+    original = target.load_original().to(device)
+    res = uwc_calibrate(original, model, target.tokenizer, target.template,
+                        sets["retain"][:args.eval_size], sets["forget"][:args.eval_size],
+                        preset=preset.uwc, batch_size=args.eval_batch_size, reference_ps=reference_ps)
+    return {"alpha": res["alpha"], "tolerance": res["tolerance"], "reference_ps": res["reference_ps"],
+            **res["metrics"]}

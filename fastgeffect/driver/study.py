@@ -1,0 +1,258 @@
+"""One G-effect study, end to end (what ``python -m fastgeffect.run`` does after parsing).
+
+target and data → reference log-probs (cached) → evaluation before → unlearning with G-effects
+every k-th step → evaluation after → UWC calibration → summary.md and plots. Everything is written
+to the run folder as it goes; an interrupted run continues with ``--resume``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .. import distributed as dist_
+from ..data.collate import collate_pairs, collate_qa
+from ..data.unlearning import UnlearningData, load_unlearning_data
+from ..eval import load_tofu_sets
+from ..geffect.log import truncate_jsonl
+from ..jsonl import append_jsonl
+from ..objectives import HPARAMS, OBJECTIVES, REGULARIZERS, Objective, get_objective
+from ..reference import RefLogprobCache, ReferenceModel
+from ..report import write_report
+from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict, full_model_state, to_device
+from .cli import RESUME_KEYS, pg_steps
+from .evaluation import evaluate, retain_model_log, uwc_metrics
+from .launch import launch_details, launch_strategy, make_accelerator, use_fused, whole_model
+from .presets import Preset, resolve_preset
+from .run_folder import RunFolder, default_run_name
+from .targets import Target, build_target
+
+
+def objective_hparams(args, preset: Preset) -> dict:
+    """The objective hyper-parameters given on the command line, plus the preset's for those the
+    objective (or its regulariser) accepts and the command line leaves unset."""
+    accepted = set(OBJECTIVES[args.method].defaults) | set(REGULARIZERS[args.regularizer].defaults)
+    hp = {}
+    for name in HPARAMS:
+        value = getattr(args, name)
+        if value is None and name in accepted:
+            value = preset.hparams.get(name)
+        if value is not None:
+            hp[name] = value
+    return hp
+
+
+def train_config(args) -> UnlearnConfig:
+    cfg = UnlearnConfig(epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                        max_grad_norm=args.max_grad_norm, geffect_every=args.geffect_every,
+                        geffect_batch=args.geffect_batch, geffect_groups=args.geffect_groups,
+                        pg_steps=pg_steps(args), save_every=args.save_every, seed=args.seed,
+                        stop_at_step=args.stop_at_step)
+    cfg.check()
+    return cfg
+
+
+def reference_caches(objective: Objective, model, data: UnlearningData, shared: Path,
+                     device) -> Dict[str, RefLogprobCache]:
+    """Reference log-probs of every sub-batch the objective compares with θ_o (forget answers, and
+    refusals for DPO-style objectives), computed once before unlearning and kept in ``shared``."""
+    caches = {}
+    for key in objective.term.ref_batches:
+        name = "forget" if key == "forget" else "forget_idk"  # forget_win/forget_idk: the refusals
+        path = shared / f"ref_logprobs_{name}.pt"
+        if path.exists():
+            caches[key] = RefLogprobCache.load(path)
+            continue
+        ds = data.forget if name == "forget" else data.pairs.forget_idk
+        loader = torch.utils.data.DataLoader(ds, batch_size=32, collate_fn=collate_qa)
+        cache = RefLogprobCache.compute(model, loader, device=device)  # every rank (deterministic)
+        if dist_.is_main():
+            cache.save(path)
+        caches[key] = cache
+    return caches
+
+
+def token_weight_rows(objective: Objective, model, data: UnlearningData, tokenizer, epoch: int, step: int,
+                      device, n: int = 3) -> List[dict]:
+    """Per-token objective weights of the first ``n`` forget samples (for the heat-map)."""
+    items = [data.pairs[i] for i in range(min(n, len(data.pairs)))]
+    batch = to_device(collate_pairs(items), device)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        _, details = objective.forget_loss(model, batch)
+    dist_.reshard(model)
+    model.train(was)
+    if "weights" not in details:
+        return []
+    rows = []
+    f = batch[objective.term.needs_batches[0]]  # the batch the term weighs (PO: the refusals)
+    for r in range(f["labels"].shape[0]):
+        mask = details["mask"][r]
+        ids = f["labels"][r][mask].tolist()
+        rows.append({"step": step, "epoch": epoch, "index": int(f["index"][r]),
+                     "tokens": tokenizer.convert_ids_to_tokens(ids), "weights": details["weights"][r][mask].tolist()})
+    return rows
+
+
+class Timer:
+    """Seconds spent per phase of this invocation."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.times: Dict[str, float] = {}
+
+    def phase(self, name: str, since: float) -> None:
+        self.times[name] = time.perf_counter() - since
+
+
+def run_study(args, argv: Optional[List[str]] = None) -> int:
+    preset = resolve_preset(args.preset, args.model)
+    args.preset = preset.name
+    args.lr = args.lr if args.lr is not None else preset.lr
+    term = OBJECTIVES[args.method]
+    args.regularizer = args.regularizer or term.default_regularizer
+    accelerator = make_accelerator()
+    strategy = launch_strategy(accelerator, args.fsdp2)
+    ucfg = train_config(args)
+    if accelerator is not None:
+        dist_.check_divisible(args.batch_size, accelerator.num_processes, args.grad_accum)
+    hp = objective_hparams(args, preset)
+    get_objective(args.method, regularizer=args.regularizer, lam=args.lam, **hp)  # validate before any work
+    main_rank = dist_.is_main()  # only the main process writes and evaluates; the others wait at barriers
+    if main_rank:
+        folder = RunFolder(args.out or Path("runs") / default_run_name(args.method, args.regularizer, args.split,
+                                                                         args.seed))
+        folder.prepare(resume=args.resume, overwrite=args.overwrite, settings=vars(args), resume_keys=RESUME_KEYS)
+    dist_.barrier()
+    folder = dist_.broadcast_object(folder if main_rank else None)
+    out = folder.path
+    device = accelerator.device if accelerator is not None else \
+        torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    timer = Timer()
+
+    if main_rank:  # builds (or downloads) once; the other ranks then read the cache
+        target = build_target(args, preset, device)
+    dist_.barrier()
+    if not main_rank:
+        target = build_target(args, preset, device)
+    timer.phase("setup", timer.t0)
+    fused = use_fused(args.fused, target.model)
+    folder.write_config({
+        **vars(args), "fused_resolved": fused, "objective_hparams": hp, "train": config_dict(ucfg),
+        "max_length": target.max_length, "setup": target.info, "argv": list(argv or sys.argv[1:]),
+        "distributed": {"world_size": dist_.world_size(), "grad_accum": args.grad_accum,
+                        "per_rank_micro_batch": args.batch_size // (dist_.world_size() * args.grad_accum),
+                        "strategy": strategy, **launch_details(accelerator)}})
+
+    refusal_key = "forget_win" if "forget_win" in term.needs_batches else "forget_idk"
+    data = load_unlearning_data(target.data_dir, args.split, target.tokenizer, target.template, target.max_length,
+                                seed=args.seed, idk=term.needs_refusals, refusal_key=refusal_key)
+    model = target.model
+    t = time.perf_counter()
+    reference = ReferenceModel(copy.deepcopy(model)) if REGULARIZERS[args.regularizer].needs_reference_model else None
+    objective = get_objective(args.method, regularizer=args.regularizer, lam=args.lam, reference=reference,
+                              fused=fused, **hp)
+    shared = Path(args.shared_dir) if args.shared_dir else out
+    shared.mkdir(parents=True, exist_ok=True)
+    objective.ref_caches.update(reference_caches(objective, model, data, shared, device))
+    timer.phase("reference", t)
+
+    sets = load_tofu_sets(args.split, target.data_dir) if args.eval == "full" and main_rank else None
+    retain_log = retain_model_log(target, sets, args, shared, preset) if sets else None
+    if sets and not (out / "metrics_before.json").exists():
+        t = time.perf_counter()
+        if not (shared / "metrics_before.json").exists():
+            dist_.write_json_main(shared / "metrics_before.json",
+                                  evaluate(model, target, sets, shared / "eval_before", args, retain_log))
+        if shared != out:
+            shutil.copyfile(shared / "metrics_before.json", out / "metrics_before.json")
+        timer.phase("eval_before", t)
+    dist_.barrier()
+
+    def record_token_weights(u: Unlearner, epoch: int, step: int) -> None:
+        # every rank runs the forward (a sharded model needs all of them); the main one writes
+        rows = token_weight_rows(objective, u.model, data, target.tokenizer, epoch, step, device)
+        if main_rank:
+            append_jsonl(out / "token_weights.jsonl", rows)
+
+    def on_epoch_end(epoch: int, u: Unlearner) -> None:
+        record_token_weights(u, epoch + 1, u.step)
+        if args.checkpoint_epochs:
+            whole = whole_model(u.model, target.load_original, full_model_state, device)
+            if whole is not None:
+                whole.save_pretrained(out / "checkpoints" / f"epoch-{epoch + 1}")
+
+    if args.fsdp2:  # sharded in place here; accelerate would wrap it in DDP
+        model = dist_.fully_shard_blocks(model)
+    unlearner = Unlearner(model, objective, data, ucfg, out, device=device, progress=not args.no_progress,
+                          on_epoch_end=on_epoch_end, accelerator=None if args.fsdp2 else accelerator)
+    resumed = args.resume and unlearner.resume()
+    if main_rank:
+        truncate_jsonl(out / "token_weights.jsonl", unlearner.step)
+    if unlearner.step == 0:
+        record_token_weights(unlearner, 0, -1)
+    t = time.perf_counter()
+    try:
+        status = unlearner.run()
+    except NonFiniteLoss as e:
+        folder.write_error(str(e), unlearner.step, unlearner.state_path)
+        raise SystemExit(f"stopped: {e}; the last finite state is in {unlearner.state_path} "
+                         "(train_log.jsonl holds the last finite values)")
+    except Exception as e:
+        if not dist_.is_distributed():
+            raise
+        # a rank failed (or saw a peer fail inside a collective): every file was written atomically or
+        # line by line, so the run folder holds the last saved state and the logs up to it
+        msg = (f"rank {dist_.rank()} of {dist_.world_size()} failed at step {unlearner.step}: "
+               f"{type(e).__name__}: {e}")
+        print(f"[fastgeffect] {msg}; continue with --resume --out {out}", file=sys.stderr, flush=True)
+        folder.write_error(msg, unlearner.step, unlearner.state_path)
+        raise
+    timer.phase("unlearn", t)
+    if not status["completed"]:
+        if main_rank:
+            print(f"stopped after step {status['step']} as asked; continue with --resume --out {out}")
+        return 0
+    model = whole_model(unlearner.model, target.load_original, full_model_state, device)  # None off the main rank
+    if not main_rank:
+        dist_.barrier()
+        return 0
+    try:
+        finish(args, target, preset, model, sets, retain_log, folder, device, timer, resumed)
+    finally:
+        dist_.barrier()
+    return 0
+
+
+def finish(args, target: Target, preset: Preset, model, sets, retain_log, folder: RunFolder, device,
+           timer: Timer, resumed: bool) -> None:
+    """Main process: save the model, evaluate after unlearning, calibrate with UWC, report."""
+    out = folder.path
+    if args.save_model:
+        model.save_pretrained(out / "model")
+        target.tokenizer.save_pretrained(out / "model")
+    if sets:
+        t = time.perf_counter()
+        dist_.write_json_main(out / "metrics_after.json",
+                              evaluate(model, target, sets, out / "eval_after", args, retain_log))
+        timer.phase("eval_after", t)
+        if not args.no_uwc:
+            t = time.perf_counter()
+            before = json.loads((out / "metrics_before.json").read_text())
+            dist_.write_json_main(out / "metrics_uwc.json", uwc_metrics(model, target, sets, args, preset, device,
+                                                                        before.get("PS-exact retain")))
+            timer.phase("uwc", t)
+    timer.phase("total", timer.t0)
+    folder.add_timing(timer.times, resumed)
+    summary = write_report(out)
+    print(summary.read_text(encoding="utf-8"))
+    print(f"run folder: {out}")
