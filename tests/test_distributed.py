@@ -379,7 +379,7 @@ def test_driver_under_accelerate_deepspeed_stops_and_resumes(driver_one_process)
 
 
 def test_deepspeed_launch_without_deepspeed_is_a_clear_error(monkeypatch):
-    from fastgeffect.run import make_accelerator
+    from fastgeffect.driver.launch import make_accelerator
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
