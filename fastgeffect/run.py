@@ -396,7 +396,7 @@ def use_fused(choice: str, model: torch.nn.Module) -> bool:
         return False
     if choice != "auto":
         return choice == "on"
-    from .kernels.hf import decoder_and_head
+    from .models import decoder_and_head
 
     try:
         decoder_and_head(model)

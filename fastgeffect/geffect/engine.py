@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import distributed as _dist
+from ..models import unwrap
 from .groups import GroupSpec, build_grouping
 from .stream import DEFAULT_CHUNK_NUMEL, DEFAULT_MAX_PENDING_BYTES, GradientDotStream
 
@@ -81,7 +82,7 @@ class GEffect:
     def __init__(self, model: nn.Module, groups: GroupSpec = "paper", accumulate_dtype: Optional[torch.dtype] = None,
                  *, chunk_numel: int = DEFAULT_CHUNK_NUMEL, max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES):
         self.model = model
-        self.grouping = build_grouping(_dist.unwrap(model), groups)
+        self.grouping = build_grouping(unwrap(model), groups)
         self.accumulate_dtype = accumulate_dtype
         self.chunk_numel = chunk_numel
         self.max_pending_bytes = max_pending_bytes
@@ -101,7 +102,7 @@ class GEffect:
                 f"params={len(self.grouping.params)}, tied={self.tied})")
 
     def _check_params_unchanged(self) -> None:
-        now = {id(p) for p in _dist.unwrap(self.model).parameters() if p.requires_grad}
+        now = {id(p) for p in unwrap(self.model).parameters() if p.requires_grad}
         if now != {id(p) for p in self.grouping.params}:
             raise RuntimeError("the set of trainable parameters changed since this GEffect was built "
                                "(parameters frozen/unfrozen or added); build a new GEffect")

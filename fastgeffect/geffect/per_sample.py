@@ -30,6 +30,7 @@ from torch.func import functional_call, jvp
 
 from .. import distributed as _dist
 from .. import ops as _ops
+from ..models import unwrap
 from .engine import evaluate_risk
 from .groups import GroupSpec, Grouping, build_grouping
 from .stream import GradientDotStream, default_accumulate_dtype, grouped_dots
@@ -252,7 +253,7 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     gradient shards, one backward per sample of the global batch (:mod:`.sharded`); ``check`` does
     not apply there."""
     mode = _dist.reduction_mode(model)
-    grouping = groups if isinstance(groups, Grouping) else build_grouping(_dist.unwrap(model), groups)
+    grouping = groups if isinstance(groups, Grouping) else build_grouping(unwrap(model), groups)
     params = grouping.params
     P = len(params)
     if mode in ("sharded", "zero3"):  # no whole parameters for the closed forms: exact shard dots
@@ -264,7 +265,7 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
         if not return_details:
             return values
         return PerSampleResult(values, table, list(grouping.names), float(values.sum()), risk_value, [])
-    model = _dist.unwrap(model)
+    model = unwrap(model)
 
     def acc_of(dev: torch.device) -> torch.dtype:
         return default_accumulate_dtype(dev, accumulate_dtype)

@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from ..losses import gd, kl, rr
+from ..models import resolve_layer
 from .base import StepContext
-from .rmu import resolve_layer
 from .token_weighted import token_weighted_loss
 
 
