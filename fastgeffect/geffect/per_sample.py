@@ -31,8 +31,9 @@ from torch.func import functional_call, jvp
 from .. import distributed as _dist
 from .. import ops as _ops
 from ..models import unwrap
-from .engine import evaluate_risk
 from .groups import GroupSpec, Grouping, build_grouping
+from .risk import check_per_sample_losses, evaluate_risk
+from .sharded import sharded_per_sample_geffects
 from .stream import GradientDotStream, default_accumulate_dtype, grouped_dots
 
 try:  # GPT-2 style "Conv1D" (a transposed Linear); transformers is a dependency but keep this soft
@@ -257,8 +258,6 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     params = grouping.params
     P = len(params)
     if mode in ("sharded", "zero3"):  # no whole parameters for the closed forms: exact shard dots
-        from .sharded import sharded_per_sample_geffects
-
         table, risk_value = sharded_per_sample_geffects(model, params, grouping.group_ids, len(grouping.names), mode,
                                                         risk_fn, per_sample_losses_fn, accumulate_dtype)
         values = table.sum(0)
@@ -334,18 +333,6 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     batch = float(batch_dots.sum()) if batch_dots is not None else float(values.sum())
     return PerSampleResult(values, table, list(grouping.names), batch, risk_value,
                            [grouping.param_names[i] for i in sorted(fallback)])
-
-
-def check_per_sample_losses(losses, need_grad: bool = True) -> torch.Tensor:
-    """``per_sample_losses_fn()`` must give a finite, non-empty (B,) tensor with an autograd graph."""
-    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
-        got = f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise ValueError(f"per_sample_losses_fn must return a non-empty 1-D (batch,) tensor, got {got}")
-    if need_grad and not losses.requires_grad:
-        raise ValueError("per-sample losses do not depend on any trainable parameter (no autograd graph)")
-    if not bool(torch.isfinite(losses.detach()).all()):
-        raise FloatingPointError("per-sample losses contain NaN or inf")
-    return losses
 
 
 def _default_rtol(dtype: torch.dtype) -> float:
