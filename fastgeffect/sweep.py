@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -107,8 +108,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="sweep folder (default runs/sweep-<methods>-<split>)")
     if argv is None:
-        import sys
-
         argv = sys.argv[1:]
     argv = list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []

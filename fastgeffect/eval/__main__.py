@@ -23,6 +23,7 @@ def _aggregate(args) -> int:
 
 
 def _tofu(args) -> int:
+    # heavy (torch, transformers): imported after argument parsing, so --help and aggregate stay fast
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
