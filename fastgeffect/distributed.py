@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .models import find_block_list, is_deepspeed
+
 try:  # DTensor: FSDP2 parameters and gradients
     from torch.distributed.tensor import DTensor, Replicate
 except Exception:  # pragma: no cover - very old torch
@@ -98,22 +100,6 @@ def broadcast_object(obj):
     return box[0]
 
 
-def is_deepspeed(model) -> bool:
-    return type(model).__name__ == "DeepSpeedEngine"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a DDP or DeepSpeed wrapper (FSDP2 shards in place: nothing to unwrap)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel) or is_deepspeed(model):
-        return model.module
-    return model
-
-
-def full_numel(p: torch.Tensor) -> int:
-    """Elements of the whole parameter (a ZeRO-3 parameter holds none locally between forwards)."""
-    return int(getattr(p, "ds_numel", p.numel()))
-
-
 def is_dtensor(t) -> bool:
     return bool(DTensor) and isinstance(t, DTensor)
 
@@ -174,9 +160,7 @@ def reshard(model: nn.Module) -> None:
 def fully_shard_blocks(model: nn.Module) -> nn.Module:
     """FSDP2 (torch's ``fully_shard``, ZeRO-3 style): one unit per decoder block, then the root
     (embeddings, final norm, head). Shards in place; returns the model."""
-    from torch.distributed.fsdp import fully_shard
-
-    from .geffect.groups import find_block_list
+    from torch.distributed.fsdp import fully_shard  # only under FSDP2: not imported with the package
 
     _, blocks = find_block_list(model)
     for block in blocks:
@@ -205,5 +189,5 @@ def write_json_main(path: Path, obj) -> None:
 
 
 __all__ = ["is_distributed", "world_size", "rank", "is_main", "barrier", "all_reduce_sum", "all_gather_objects",
-           "broadcast_object", "unwrap", "strategy", "reduction_mode", "local_part", "counted_here",
-           "check_divisible", "write_json_main", "is_dtensor", "is_deepspeed", "full_numel", "fully_shard_blocks", "reshard", "shutdown"]
+           "broadcast_object", "strategy", "reduction_mode", "local_part", "counted_here",
+           "check_divisible", "write_json_main", "is_dtensor", "fully_shard_blocks", "reshard", "shutdown"]

@@ -38,6 +38,7 @@ from .data.unlearning import UnlearningData
 from .geffect import GEffect, GEffectLogger
 from .geffect.log import truncate_jsonl
 from .losses import nll
+from .models import is_deepspeed, unwrap
 from .objectives import Objective
 from .objectives.base import count_items
 
@@ -131,8 +132,8 @@ def full_model_state(model) -> dict:
     """The whole (unsharded, CPU) model state dict; a collective under data parallel, where only the
     main process gets the tensors (the others get an empty dict)."""
     if not dist_.is_distributed():
-        return dist_.unwrap(model).state_dict()
-    if dist_.is_deepspeed(model):
+        return unwrap(model).state_dict()
+    if is_deepspeed(model):
         return _gather_zero3_state(model.module)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -168,7 +169,7 @@ def configure_deepspeed(ds_config: dict, cfg: UnlearnConfig, world: int) -> None
 def save_state(path: Path, model, optimizer, scheduler, step: int, epoch: int, batch_in_epoch: int) -> None:
     """Atomic resumable state: ``state.pt`` is replaced only once everything it points to is written."""
     meta = {"scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-    if dist_.is_deepspeed(model):  # DeepSpeed's own sharded checkpoint (fp32 master weights, optimiser)
+    if is_deepspeed(model):  # DeepSpeed's own sharded checkpoint (fp32 master weights, optimiser)
         tag = f"step{step}-epoch{epoch}-batch{batch_in_epoch}"  # never the tag state.pt points to now
         model.save_checkpoint(str(path.parent / DEEPSPEED_DIR), tag=tag, save_latest=False)
         meta["deepspeed_tag"] = tag
@@ -426,7 +427,7 @@ class Unlearner:
         m = micro[0]  # under data parallel: the first micro-batch of every rank, together
         # a rank left idle by a short last batch joins with a zero-weight copy and reports nothing
         w = self.micro_weights[0] if self.world > 1 else 1.0
-        base = dist_.unwrap(self.model)
+        base = unwrap(self.model)
         counts = count_items(m)
         if self.world > 1:
             counts = {k: dist_.all_reduce_sum(v.double().cpu() * w).to(self.device) for k, v in counts.items()}

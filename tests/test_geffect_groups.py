@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastgeffect.geffect import GEffect, build_grouping, find_block_list
+from fastgeffect.geffect import GEffect, build_grouping
 from fastgeffect.geffect.groups import _thirds
+from fastgeffect.models import find_block_list
 from test_geffect_models import ARCHS, tiny_model
 
 BLOCK_LISTS = {"llama": "model.layers", "gpt2": "transformer.h", "phi": "model.layers",

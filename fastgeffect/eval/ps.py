@@ -95,7 +95,7 @@ def _context(tokenizer, base: str, words: List[str], m: int, add_special: bool):
 
 
 def _make_stopper(tokenizer, jobs: List[_Job], eos: Optional[int]):
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import StoppingCriteria, StoppingCriteriaList  # heavy: keeps `import fastgeffect.eval` light
 
     class _Leave(StoppingCriteria):
         def __init__(self, rows, T):

@@ -23,9 +23,12 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.templates import Template
+from ..data.tofu import load_tofu_split
 from ._common import as_list, check_records
+from .aggregate import aggregate, load_retain_log
 from .generate import greedy_generate
 from .losses import answer_losses
 
@@ -42,7 +45,7 @@ TOFU_SPLITS = {"retain": "retain_perturbed", "real_authors": "real_authors_pertu
 
 
 def _rouge(generated: Sequence[str], truths: Sequence[str]):
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # pulls in nltk (~0.6 s): loaded only when scoring
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
     r1, rl = {}, {}
@@ -141,10 +144,6 @@ def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Seque
     Forget Quality. Model Utility needs the three non-forget sets; with fewer, only the
     available sub-metrics are reported.
     """
-    from tqdm.auto import tqdm
-
-    from .aggregate import aggregate, load_retain_log
-
     unknown = [s for s in sets if s not in TASKS]
     if unknown:
         raise ValueError(f"unknown set names {unknown}; valid: {', '.join(TASKS)}")
@@ -176,8 +175,6 @@ def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Seque
 def load_tofu_sets(split: str, data_dir=None) -> Dict[str, list]:
     """The four TOFU evaluation sets of a forget split (``forget01/05/10``, with or without
     ``_perturbed``) from ``data_dir`` (a folder of TOFU JSON-lines files) or the hub."""
-    from ..data.tofu import load_tofu_split
-
     split = split.replace("_perturbed", "")
     if split not in ("forget01", "forget05", "forget10"):
         raise ValueError(f"unknown forget split {split!r}; valid: forget01, forget05, forget10")

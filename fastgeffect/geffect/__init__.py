@@ -1,10 +1,12 @@
 """G-effects (DESIGN.md §4): streaming per-step, per-group and per-sample gradient dot products
 between a risk and the unlearning objective, logging and post-hoc checkpoint analysis."""
-from .engine import GEffect, GEffectResult, check_risk_value
-from .groups import GROUPINGS, PAPER_GROUPS, Grouping, build_grouping, find_block_list
+from ..models import find_block_list
+from .engine import GEffect, GEffectResult
+from .groups import GROUPINGS, PAPER_GROUPS, Grouping, build_grouping
 from .log import GEffectLogger, read_geffect_log, weight_stats
 from .per_sample import PerSampleResult, per_sample_geffects
 from .posthoc import posthoc_geffects, step_from_checkpoint
+from .risk import check_risk_value
 from .stream import GradientDotStream, grouped_dots
 
 __all__ = [

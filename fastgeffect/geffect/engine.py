@@ -14,17 +14,18 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 
 from .. import distributed as _dist
+from ..models import unwrap
 from .groups import GroupSpec, build_grouping
+from .per_sample import per_sample_geffects
+from .risk import RiskFn, evaluate_risk
+from .sharded import zero3_geffects
 from .stream import DEFAULT_CHUNK_NUMEL, DEFAULT_MAX_PENDING_BYTES, GradientDotStream
-
-RiskFn = Callable[[], torch.Tensor]
-
 
 @dataclass
 class GEffectResult:
@@ -38,31 +39,6 @@ class GEffectResult:
 
     def to_dict(self) -> dict:
         return {"total": self.total, "groups": dict(self.groups), "risk": self.risk, "tied": self.tied}
-
-
-def check_risk_value(name: str, value) -> torch.Tensor:
-    """A risk must be a finite scalar tensor attached to the autograd graph."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"risk {name!r} must return a tensor, got {type(value).__name__}")
-    if value.numel() != 1:
-        raise ValueError(f"risk {name!r} must return a scalar, got a tensor of shape {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise TypeError(f"risk {name!r} must return a floating tensor, got {value.dtype}")
-    if not value.requires_grad:
-        raise ValueError(f"risk {name!r} does not depend on any trainable parameter (its value has no "
-                         "autograd graph; was it computed under torch.no_grad()?)")
-    return value.reshape(())
-
-
-def evaluate_risk(name: str, fn: RiskFn) -> Tuple[torch.Tensor, float]:
-    """Run a risk callable (with autograd on) and refuse a bad or non-finite value before any
-    backward; one host sync per risk, not per parameter."""
-    with torch.enable_grad():
-        value = check_risk_value(name, fn())
-    v = float(value.detach())
-    if not math.isfinite(v):
-        raise FloatingPointError(f"risk {name!r} is not finite ({v})")
-    return value, v
 
 
 class GEffect:
@@ -81,7 +57,7 @@ class GEffect:
     def __init__(self, model: nn.Module, groups: GroupSpec = "paper", accumulate_dtype: Optional[torch.dtype] = None,
                  *, chunk_numel: int = DEFAULT_CHUNK_NUMEL, max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES):
         self.model = model
-        self.grouping = build_grouping(_dist.unwrap(model), groups)
+        self.grouping = build_grouping(unwrap(model), groups)
         self.accumulate_dtype = accumulate_dtype
         self.chunk_numel = chunk_numel
         self.max_pending_bytes = max_pending_bytes
@@ -101,7 +77,7 @@ class GEffect:
                 f"params={len(self.grouping.params)}, tied={self.tied})")
 
     def _check_params_unchanged(self) -> None:
-        now = {id(p) for p in _dist.unwrap(self.model).parameters() if p.requires_grad}
+        now = {id(p) for p in unwrap(self.model).parameters() if p.requires_grad}
         if now != {id(p) for p in self.grouping.params}:
             raise RuntimeError("the set of trainable parameters changed since this GEffect was built "
                                "(parameters frozen/unfrozen or added); build a new GEffect")
@@ -122,8 +98,6 @@ class GEffect:
         params = self.grouping.params
         mode = _dist.reduction_mode(self.model)
         if mode == "zero3":  # DeepSpeed keeps the gradients in its own partitions, not in p.grad
-            from .sharded import zero3_geffects
-
             table, values = zero3_geffects(self.model, params, self.grouping.group_ids, len(self.grouping.names),
                                            risks, self.accumulate_dtype)
             return self._reduce(risks, table, values)
@@ -164,12 +138,10 @@ class GEffect:
                    check: bool = True, return_details: bool = False):
         """PG-effects ``<∇R, ∇ℓ_i>`` for each sample (DESIGN.md §4.3); see
         :func:`fastgeffect.geffect.per_sample.per_sample_geffects`. Leaves ``p.grad`` untouched."""
-        from .per_sample import per_sample_geffects
-
         self._check_params_unchanged()
         return per_sample_geffects(self.model, risk_fn, per_sample_losses_fn, groups=self.grouping,
                                    accumulate_dtype=self.accumulate_dtype, check=check,
                                    return_details=return_details)
 
 
-__all__ = ["GEffect", "GEffectResult", "RiskFn", "check_risk_value", "evaluate_risk"]
+__all__ = ["GEffect", "GEffectResult"]

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Uni
 import torch
 from torch import nn
 
-from ..distributed import full_numel
+from ..models import find_block_list
 
 GROUPINGS = ("paper", "blocks", "params")
 PAPER_GROUPS = ("embed", "shallow", "middle", "deep", "lm")
@@ -49,27 +49,6 @@ def trainable_named_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter
         raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False); "
                          "a G-effect needs at least one")
     return out
-
-
-def find_block_list(model: nn.Module) -> Tuple[str, nn.ModuleList]:
-    """The decoder block list: the ``nn.ModuleList`` of two or more same-class modules holding the
-    most parameters (a one-block model's single-entry list is accepted when nothing else qualifies)."""
-    best, best_size = None, -1
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        if len({type(m) for m in mod}) != 1:
-            continue
-        size = sum(full_numel(p) for p in mod.parameters())
-        if size == 0:
-            continue
-        key = (len(mod) >= 2, size)
-        if best is None or key > best_size:
-            best, best_size = (name, mod), key
-    if best is None:
-        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: no nn.ModuleList of "
-                         "same-class modules with parameters; use groups='params' or a custom grouping")
-    return best
 
 
 def _module_params(getter) -> List[nn.Parameter]:
@@ -249,5 +228,5 @@ def build_grouping(model: nn.Module, groups: GroupSpec = "paper") -> Grouping:
     return _custom(model, groups)
 
 
-__all__ = ["Grouping", "GroupSpec", "embeddings_tied", "GROUPINGS", "PAPER_GROUPS", "build_grouping", "find_block_list",
+__all__ = ["Grouping", "GroupSpec", "embeddings_tied", "GROUPINGS", "PAPER_GROUPS", "build_grouping",
            "trainable_named_parameters"]

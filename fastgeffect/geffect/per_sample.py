@@ -30,8 +30,10 @@ from torch.func import functional_call, jvp
 
 from .. import distributed as _dist
 from .. import ops as _ops
-from .engine import evaluate_risk
+from ..models import unwrap
 from .groups import GroupSpec, Grouping, build_grouping
+from .risk import check_per_sample_losses, evaluate_risk
+from .sharded import sharded_per_sample_geffects
 from .stream import GradientDotStream, default_accumulate_dtype, grouped_dots
 
 try:  # GPT-2 style "Conv1D" (a transposed Linear); transformers is a dependency but keep this soft
@@ -252,19 +254,17 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     gradient shards, one backward per sample of the global batch (:mod:`.sharded`); ``check`` does
     not apply there."""
     mode = _dist.reduction_mode(model)
-    grouping = groups if isinstance(groups, Grouping) else build_grouping(_dist.unwrap(model), groups)
+    grouping = groups if isinstance(groups, Grouping) else build_grouping(unwrap(model), groups)
     params = grouping.params
     P = len(params)
     if mode in ("sharded", "zero3"):  # no whole parameters for the closed forms: exact shard dots
-        from .sharded import sharded_per_sample_geffects
-
         table, risk_value = sharded_per_sample_geffects(model, params, grouping.group_ids, len(grouping.names), mode,
                                                         risk_fn, per_sample_losses_fn, accumulate_dtype)
         values = table.sum(0)
         if not return_details:
             return values
         return PerSampleResult(values, table, list(grouping.names), float(values.sum()), risk_value, [])
-    model = _dist.unwrap(model)
+    model = unwrap(model)
 
     def acc_of(dev: torch.device) -> torch.dtype:
         return default_accumulate_dtype(dev, accumulate_dtype)
@@ -333,18 +333,6 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     batch = float(batch_dots.sum()) if batch_dots is not None else float(values.sum())
     return PerSampleResult(values, table, list(grouping.names), batch, risk_value,
                            [grouping.param_names[i] for i in sorted(fallback)])
-
-
-def check_per_sample_losses(losses, need_grad: bool = True) -> torch.Tensor:
-    """``per_sample_losses_fn()`` must give a finite, non-empty (B,) tensor with an autograd graph."""
-    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
-        got = f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise ValueError(f"per_sample_losses_fn must return a non-empty 1-D (batch,) tensor, got {got}")
-    if need_grad and not losses.requires_grad:
-        raise ValueError("per-sample losses do not depend on any trainable parameter (no autograd graph)")
-    if not bool(torch.isfinite(losses.detach()).all()):
-        raise FloatingPointError("per-sample losses contain NaN or inf")
-    return losses
 
 
 def _default_rtol(dtype: torch.dtype) -> float:

@@ -22,9 +22,10 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 import torch
 from torch import nn
 
-from .engine import GEffect, GEffectResult, RiskFn
+from .engine import GEffect, GEffectResult
 from .groups import GroupSpec
 from .log import GEffectLogger
+from .risk import RiskFn
 
 
 def step_from_checkpoint(checkpoint: Any, default: int) -> int:

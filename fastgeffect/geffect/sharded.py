@@ -30,9 +30,14 @@ import torch
 from torch import nn
 
 from .. import distributed as _dist
-from .engine import evaluate_risk
-from .per_sample import check_per_sample_losses
+from .risk import check_per_sample_losses, evaluate_risk
 from .stream import grouped_dots
+
+
+def _zero3_grad_accessors():
+    """DeepSpeed's public ``(safe_get_local_grad, safe_set_local_grad)``."""
+    from deepspeed.utils import safe_get_local_grad, safe_set_local_grad  # optional, heavy: only under ZeRO-3
+    return safe_get_local_grad, safe_set_local_grad
 
 
 class LocalShards:
@@ -51,8 +56,8 @@ class LocalShards:
     # -- the objective gradient set aside ------------------------------------------------------------
     def __enter__(self) -> "LocalShards":
         if self.mode == "zero3":
-            from deepspeed.utils import safe_get_local_grad
-            self._saved = [safe_get_local_grad(p).detach().clone() for p in self.params]
+            get_grad, _ = _zero3_grad_accessors()
+            self._saved = [get_grad(p).detach().clone() for p in self.params]
         else:
             self._saved = [p.grad for p in self.params]
             for p in self.params:
@@ -61,10 +66,10 @@ class LocalShards:
 
     def __exit__(self, *exc) -> None:
         if self.mode == "zero3":
-            from deepspeed.utils import safe_set_local_grad
+            _, set_grad = _zero3_grad_accessors()
             self.model.optimizer.zero_grad()
             for p, g in zip(self.params, self._saved):
-                safe_set_local_grad(p, g)
+                set_grad(p, g)
         else:
             for p, g in zip(self.params, self._saved):
                 p.grad = g
@@ -80,12 +85,12 @@ class LocalShards:
         """This rank's shards of the reduced gradient of ``loss`` (every rank calls this together;
         the engine averages over ranks, so pass ``world * share``)."""
         if self.mode == "zero3":
-            from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+            get_grad, set_grad = _zero3_grad_accessors()
             self.model.optimizer.zero_grad()  # the next backward copies into the partitions instead of adding
             for p, g in zip(self.params, self._saved):  # partitions the loss does not reach must read 0
-                safe_set_local_grad(p, torch.zeros_like(g))
+                set_grad(p, torch.zeros_like(g))
             self.model.backward(loss, scale_wrt_gas=False)
-            return [safe_get_local_grad(p) for p in self.params]
+            return [get_grad(p) for p in self.params]
         for p in self.params:
             p.grad = None
         loss.backward()

@@ -3,8 +3,9 @@
 never holding (tokens × vocab) logits. CUDA tensors use the Triton kernels, CPU tensors a
 chunked PyTorch path with the same numerics; ``backend=`` or ``FASTGEFFECT_BACKEND`` forces one.
 """
+from ..models import decoder_and_head
 from .dispatch import BACKENDS, resolve_backend
-from .hf import decoder_and_head, fused_causal_lm_kl, fused_causal_lm_loss
+from .hf import fused_causal_lm_kl, fused_causal_lm_loss
 from .kl import fused_linear_kl
 from .weighted_nll import fused_linear_weighted_nll
 

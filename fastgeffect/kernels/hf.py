@@ -14,32 +14,9 @@ import torch
 from torch import nn
 
 from ..losses import IGNORE_INDEX
+from ..models import decoder_and_head
 from .kl import fused_linear_kl
 from .weighted_nll import fused_linear_weighted_nll
-
-# Config attributes of models whose logits are not a plain linear map of the last hidden state.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-def decoder_and_head(model: nn.Module):
-    """The inner decoder module and the LM head (an ``nn.Linear``) of a causal LM."""
-    if hasattr(model, "get_base_model"):  # peft.PeftModel
-        model = model.get_base_model()
-    if not hasattr(model, "get_decoder") or not hasattr(model, "get_output_embeddings"):
-        raise TypeError(f"{type(model).__name__} is not a Hugging Face causal LM (no get_decoder/get_output_embeddings)")
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    if decoder is model or decoder is None:
-        raise TypeError(f"could not find the inner decoder of {type(model).__name__}")
-    if not isinstance(head, nn.Linear) or hasattr(head, "lora_A") or hasattr(head, "base_layer"):
-        raise NotImplementedError(f"the fused loss needs a plain nn.Linear LM head, got {type(head).__name__}; "
-                                  "use the unfused loss")
-    cfg = getattr(model, "config", None)
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(cfg, name, None)
-        if value not in (None, 1, 1.0):
-            raise NotImplementedError(f"{type(model).__name__} transforms its logits ({name}={value}); "
-                                      "the fused loss covers plain linear LM heads only")
-    return decoder, head
 
 
 def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], **kwargs):

@@ -1,24 +1,7 @@
 """RMU: steer forget-token hidden states at block ``rmu_layer`` to a fixed random control vector."""
-from ..distributed import unwrap
 from ..losses import control_vector, rmu
+from ..models import resolve_layer
 from .base import ForgetTerm
-
-
-def num_blocks(model) -> int:
-    model = unwrap(model)  # a DDP / DeepSpeed wrapper does not expose the config
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    if n is None:
-        raise ValueError("cannot tell the model's number of decoder blocks for RMU's default layer")
-    return int(n)
-
-
-def resolve_layer(model, layer: float) -> int:
-    """layer < 0 means the default: the middle block."""
-    n = num_blocks(model)
-    k = n // 2 if layer < 0 else int(layer)
-    if not 0 <= k < n:
-        raise ValueError(f"RMU layer {k} out of range for a model with {n} blocks")
-    return k
 
 
 def rmu_term(ctx, batches, hp):
