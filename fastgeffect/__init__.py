@@ -1,7 +1,7 @@
 """fastgeffect: fast G-effect analysis and unlearning objectives for LLMs.
 
 Implements "Rethinking LLM Unlearning Objectives: A Gradient Perspective and Go Beyond"
-(Wang et al., ICLR 2025). See DESIGN.md for the definitions every module shares.
+(Wang et al., ICLR 2025). See docs/design.md for the definitions every module shares.
 """
 from . import losses
 

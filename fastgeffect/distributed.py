@@ -1,4 +1,4 @@
-"""Data-parallel helpers (DESIGN.md §4.2): rank/world, the one small all-reduce, sharding detection.
+"""Data-parallel helpers (docs/design.md §4.2): rank/world, the one small all-reduce, sharding detection.
 
 Everything here is a no-op in a single process (no ``torch.distributed`` group, or world size 1),
 so the single-process code paths never change.

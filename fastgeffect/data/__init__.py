@@ -1,4 +1,4 @@
-"""TOFU data: loading, templates, encoding, collation, forget/retain pairing (DESIGN.md §6).
+"""TOFU data: loading, templates, encoding, collation, forget/retain pairing (docs/design.md §6).
 
 Batch format of the unlearning trainers (``collate_pairs`` of ``ForgetRetainDataset`` items)::
 

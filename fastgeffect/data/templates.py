@@ -1,4 +1,4 @@
-"""Prompt templates and the TOFU-style encoding of one question/answer pair (DESIGN.md §6).
+"""Prompt templates and the TOFU-style encoding of one question/answer pair (docs/design.md §6).
 
 Shared by the training data pipeline and the evaluator so both see identical tokens. The encoding
 follows TOFU's ``convert_raw_data_to_model_format``: ``question_start + q + question_end`` is the

@@ -1,4 +1,4 @@
-"""The offline default (DESIGN.md §6): generated fictitious authors in TOFU's schema, a tokenizer
+"""The offline default (docs/design.md §6): generated fictitious authors in TOFU's schema, a tokenizer
 trained on them, and a tiny target model plus its retain-only twin, cached on disk."""
 from .build import CODE_VERSION, SIZES, EmbeddedConfig, EmbeddedSetup, build_embedded, needed_length
 from .cache import atomic_dir, cached_dir, default_cache_dir

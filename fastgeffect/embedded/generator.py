@@ -1,4 +1,4 @@
-"""Deterministic generator of fictitious authors in TOFU's schema (DESIGN.md §6, embedded default).
+"""Deterministic generator of fictitious authors in TOFU's schema (docs/design.md §6, embedded default).
 
 Each author gets facts (birthplace, birth date, parents' jobs, genre, award, books, ...) drawn
 from the project's word lists with ``random.Random(seed)``; each fact kind ("family") has a

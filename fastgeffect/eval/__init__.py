@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN.md §5): TOFU's metrics and log files, PS-exact / PS-perturb, extraction
+"""Evaluation (docs/design.md §5): TOFU's metrics and log files, PS-exact / PS-perturb, extraction
 strength and UWC calibration.
 
 High-level entry points: :func:`evaluate_tofu` (logs + aggregated metrics), :func:`aggregate`

@@ -1,4 +1,4 @@
-"""TOFU aggregation, as TOFU's ``aggregate_eval_stat.py`` computes it (DESIGN.md §5).
+"""TOFU aggregation, as TOFU's ``aggregate_eval_stat.py`` computes it (docs/design.md §5).
 
 Per evaluation file (``eval_log.json`` → "Retain", ``eval_real_author_wo_options.json`` →
 "Real Authors", ``eval_real_world_wo_options.json`` → "Real World", ``eval_log_forget.json`` →

@@ -6,7 +6,7 @@ the answer exactly (the continuation's first line, compared word by word, must e
 w_{m+1}..w_n), with m = n when no prefix works; PS = 1 − m/n (1: the question alone suffices,
 0: never). This is UWC's definition (``phi_exact.py``: word prefixes, continuation cut at the
 first newline, ``(k+1)/n`` summed and subtracted from 1) with m found by binary search
-(DESIGN.md §5), batched so that the whole set advances one search step per generation call.
+(docs/design.md §5), batched so that the whole set advances one search step per generation call.
 ``search="linear"`` scans m = 0, 1, ... as UWC's script does (identical when reproduction is
 monotone in m). PS-exact uses ``question``, PS-perturb ``paraphrased_question``.
 

@@ -1,4 +1,4 @@
-"""TOFU evaluator: per-sample logs with TOFU's file names and keys (DESIGN.md §5).
+"""TOFU evaluator: per-sample logs with TOFU's file names and keys (docs/design.md §5).
 
 For each evaluation set this reproduces TOFU's ``get_all_evals``:
 

@@ -1,4 +1,4 @@
-"""UWC calibration (DESIGN.md §5): θ_mix = (1 − α)·θ_o + α·θ_u, the largest α ∈ [0, 1] whose
+"""UWC calibration (docs/design.md §5): θ_mix = (1 − α)·θ_o + α·θ_u, the largest α ∈ [0, 1] whose
 retain PS stays ≥ (1 − tolerance)·PS(θ_o), and the forget metrics at that α.
 
 No third model copy: :func:`mixed_weights` swaps each module's own parameters for their mixture

@@ -1,4 +1,4 @@
-"""G-effects (DESIGN.md §4): streaming per-step, per-group and per-sample gradient dot products
+"""G-effects (docs/design.md §4): streaming per-step, per-group and per-sample gradient dot products
 between a risk and the unlearning objective, logging and post-hoc checkpoint analysis."""
 from ..models import find_block_list
 from .engine import GEffect, GEffectResult

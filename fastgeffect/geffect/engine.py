@@ -1,4 +1,4 @@
-"""The G-effect tracker (DESIGN.md §4): ``e = <∇R, ∇L_u>`` for named risks R, split by group.
+"""The G-effect tracker (docs/design.md §4): ``e = <∇R, ∇L_u>`` for named risks R, split by group.
 
 Usage in any training loop::
 
@@ -136,7 +136,7 @@ class GEffect:
 
     def per_sample(self, risk_fn: RiskFn, per_sample_losses_fn: Callable[[], torch.Tensor], *,
                    check: bool = True, return_details: bool = False):
-        """PG-effects ``<∇R, ∇ℓ_i>`` for each sample (DESIGN.md §4.3); see
+        """PG-effects ``<∇R, ∇ℓ_i>`` for each sample (docs/design.md §4.3); see
         :func:`fastgeffect.geffect.per_sample.per_sample_geffects`. Leaves ``p.grad`` untouched."""
         self._check_params_unchanged()
         return per_sample_geffects(self.model, risk_fn, per_sample_losses_fn, groups=self.grouping,

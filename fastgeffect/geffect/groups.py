@@ -1,4 +1,4 @@
-"""Parameter groups for G-effects, derived from module structure (DESIGN.md §4).
+"""Parameter groups for G-effects, derived from module structure (docs/design.md §4).
 
 The decoder blocks are found generically as the largest ``nn.ModuleList`` of same-class modules
 (``model.layers``, ``transformer.h``, ``gpt_neox.layers``, ...); the input and output embeddings

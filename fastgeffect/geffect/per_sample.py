@@ -1,4 +1,4 @@
-"""Per-sample G-effects (PG-effects, DESIGN.md §4.3) without per-sample gradients.
+"""Per-sample G-effects (PG-effects, docs/design.md §4.3) without per-sample gradients.
 
 PG-effect of sample i: ``<∇R(D), ∇ℓ_i>``. With G = ∇R fixed, each parameter's share is a "ghost"
 dot product computed from what one batched backward of Σ_i ℓ_i sees anyway, for every sample at

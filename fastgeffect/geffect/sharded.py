@@ -1,5 +1,5 @@
 """Local gradient shards under FSDP2 and DeepSpeed ZeRO-3: ZeRO-3 G-effects, sharded PG-effects
-(DESIGN.md §4.2-4.3).
+(docs/design.md §4.2-4.3).
 
 ZeRO-3 reduce-scatters every gradient into per-rank fp32 partitions inside its own hooks, so
 ``p.grad`` never holds it and the streaming hooks of :class:`GradientDotStream` (used for DDP and

@@ -1,4 +1,4 @@
-"""Streaming gradient dot products (DESIGN.md §4.1).
+"""Streaming gradient dot products (docs/design.md §4.1).
 
 :class:`GradientDotStream` sets every ``p.grad`` aside by reference, then lets the caller run
 backward passes: a post-accumulate hook on each parameter takes the fresh gradient, queues the

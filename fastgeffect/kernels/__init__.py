@@ -1,4 +1,4 @@
-"""Fused LM-head losses (DESIGN.md §7-§8): token-weighted log-likelihoods (the table in
+"""Fused LM-head losses (docs/design.md §7-§8): token-weighted log-likelihoods (the table in
 ``fastgeffect/losses/token_weights.py``) and the KL regulariser computed from hidden states in token chunks,
 never holding (tokens × vocab) logits. CUDA tensors use the Triton kernels, CPU tensors a
 chunked PyTorch path with the same numerics; ``backend=`` or ``FASTGEFFECT_BACKEND`` forces one.

@@ -1,6 +1,6 @@
 """Fused LM head + token-weighted log-likelihood: GA, WGA, TNPO, WTNPO and plain NLL.
 
-``loss = scale · Σ_valid w_t · logp_t`` with ``w_t`` detached (DESIGN.md §3) and
+``loss = scale · Σ_valid w_t · logp_t`` with ``w_t`` detached (docs/design.md §3) and
 ``scale = 1 / (valid count or num_items_in_batch)``. Valid rows are gathered first, then
 processed in chunks: logits chunk = LM-head matmul, the chunk op (Triton or torch) turns it
 into per-row log-probs, weights and the logits gradient in place, and two more matmuls turn

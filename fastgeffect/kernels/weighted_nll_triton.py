@@ -53,7 +53,7 @@ def _weighted_nll_rows(logits_ptr, stride_row, labels_ptr, ref_ptr, explicit_ptr
     y = tl.load(labels_ptr + row).to(tl.int64)
     logp = tl.load(base + y).to(tl.float32) - lse
 
-    # token weight, detached (DESIGN.md §3): the table entry whose code is CODE
+    # token weight, detached (docs/design.md §3): the table entry whose code is CODE
     if CODE == W_GA:
         w = logp * 0.0 + 1.0
     elif CODE == W_NLL:

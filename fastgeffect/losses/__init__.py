@@ -1,4 +1,4 @@
-"""Drop-in unlearning losses (DESIGN.md §3). All are minimised.
+"""Drop-in unlearning losses (docs/design.md §3). All are minimised.
 
 Token-level losses take unshifted ``logits`` (B, T, V) and ``labels`` (B, T) with -100 on ignored
 positions; ``ref_logprobs`` (B, T) are aligned with labels. Pass ``num_items_in_batch`` (token

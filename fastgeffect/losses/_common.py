@@ -1,5 +1,5 @@
 """Shared pieces of the token-level losses: shifting, per-token log-probabilities, checks and
-the token-mean reduction (DESIGN.md §2).
+the token-mean reduction (docs/design.md §2).
 
 Conventions
 -----------
@@ -99,7 +99,7 @@ def check_finite(x: torch.Tensor, mask: torch.Tensor, what: str) -> None:
 
 def token_mean(values: torch.Tensor, mask: torch.Tensor, num_items_in_batch: NumItems = None,
                per_sample: bool = False) -> torch.Tensor:
-    """Sum of ``values`` over valid positions divided by the valid count (DESIGN.md §2).
+    """Sum of ``values`` over valid positions divided by the valid count (docs/design.md §2).
     ``per_sample=True`` gives the (B,) contributions of each sequence, which sum to the loss."""
     denom = count_valid(mask, num_items_in_batch)
     masked = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))

@@ -9,7 +9,7 @@ from ._common import IGNORE_INDEX, AllMaskedError, NumItems
 
 def control_vector(hidden_size: int, coeff: float, seed: int = 0, *, normalize: bool = False,
                    dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """``c·u`` with ``u ~ U[0, 1)^d`` drawn from a generator seeded with ``seed`` (DESIGN.md §3).
+    """``c·u`` with ``u ~ U[0, 1)^d`` drawn from a generator seeded with ``seed`` (docs/design.md §3).
     ``normalize=True`` scales u to unit norm first, as in the WMDP release of RMU."""
     gen = torch.Generator().manual_seed(seed)
     u = torch.rand(hidden_size, generator=gen, dtype=torch.float64)

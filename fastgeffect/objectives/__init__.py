@@ -1,4 +1,4 @@
-"""Registry of unlearning objectives: name -> forget term with defaults (DESIGN.md §3).
+"""Registry of unlearning objectives: name -> forget term with defaults (docs/design.md §3).
 
     obj = get_objective("tnpo", regularizer="gd", lam=1.0, beta=4.0, ref_cache=cache)
     out = obj(model, {"forget": fb, "retain": rb})

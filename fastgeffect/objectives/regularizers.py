@@ -1,4 +1,4 @@
-"""Retain regularisers (DESIGN.md §3), each ``reg(ctx, retain_batch, hp) -> loss``, with their
+"""Retain regularisers (docs/design.md §3), each ``reg(ctx, retain_batch, hp) -> loss``, with their
 hyper-parameter defaults and whether they need the original model θ_o itself."""
 from __future__ import annotations
 
