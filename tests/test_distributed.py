@@ -1,4 +1,4 @@
-"""Data parallel (DESIGN.md §4.2), 2 CPU processes on gloo: G-effects and trained parameters equal
+"""Data parallel (docs/design.md §4.2), 2 CPU processes on gloo: G-effects and trained parameters equal
 those of one process on the same global batch, under DDP (through accelerate) and FSDP2."""
 import json
 import os

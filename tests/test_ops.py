@@ -278,7 +278,7 @@ def test_cuda_unaligned_views_and_streams(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_engine_ga_identity(backend, monkeypatch):
-    """GA on the same batch: unlearning G-effect = -||∇R||² (DESIGN.md §4), R = token-mean NLL."""
+    """GA on the same batch: unlearning G-effect = -||∇R||² (docs/design.md §4), R = token-mean NLL."""
     engine = pytest.importorskip("fastgeffect.geffect.engine", reason="G-effect engine not in this checkout")
 
     calls = []
