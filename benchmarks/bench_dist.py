@@ -1,10 +1,13 @@
-"""G-effect overhead per unlearning step at 1 and 2 processes, under DDP, FSDP2 and DeepSpeed
-ZeRO-3 (CPU gloo; CUDA/NCCL when GPUs exist).
+"""G-effect overhead per unlearning step, 1 and 2 processes, DDP / FSDP2 / DeepSpeed ZeRO-3.
 
-    python benchmarks/bench_dist.py [--steps 4]
+CPU processes talk over gloo; on GPUs, NCCL.
 
-Each configuration trains the same tiny Llama (fp32, GA+GD, global batch 8) with and without
-G-effects (unlearn + retain risk every step) and prints ms/step and the overhead ratio, in one table.
+    python benchmarks/bench_dist.py [--steps 4] [--size tiny]
+
+Each configuration trains the embedded target (``fastgeffect.embedded``, built once into the cache,
+``$FASTGEFFECT_CACHE`` or ``~/.cache/fastgeffect``) on its forget10 split (fp32, GA+GD, global
+batch 4) with and without G-effects (unlearn + retain risk every step) and prints ms/step and the
+overhead ratio, in one table.
 """
 import argparse
 import os
@@ -17,8 +20,15 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastgeffect.data.unlearning import load_unlearning_data  # noqa: E402
+from fastgeffect.distributed import fully_shard_blocks, shutdown  # noqa: E402
+from fastgeffect.embedded import SIZES, build_embedded  # noqa: E402
+from fastgeffect.objectives import get_objective  # noqa: E402
+from fastgeffect.unlearn import UnlearnConfig, Unlearner  # noqa: E402
+
+BATCH = 4  # divisible by 2 processes
 
 
 def _port():
@@ -27,32 +37,30 @@ def _port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, folder, out, every, steps, strategy, q):
-    from test_distributed import _data, _model  # the test's tiny data and model
-    from fastgeffect.distributed import fully_shard_blocks, shutdown
-    from fastgeffect.objectives import get_objective
-    from fastgeffect.unlearn import UnlearnConfig, Unlearner
-
+def _worker(rank, world, port, size, out, every, epochs, strategy, q):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     cuda = torch.cuda.is_available()
     accelerator = None
     if strategy == "zero3":  # through accelerate, which starts the process group
-        from accelerate import Accelerator, DeepSpeedPlugin
+        from accelerate import Accelerator, DeepSpeedPlugin  # optional: only for the ZeRO-3 row
         accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=3, zero3_init_flag=False))
     elif world > 1:
         torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
-    model = _model(folder, torch.float32).to(dev)
+    emb = build_embedded(size=size)  # built by the parent: read from the cache
+    data = load_unlearning_data(emb.data_dir, emb.forget_split, emb.tokenizer, emb.template, emb.max_length)
+    model = emb.load_target().float().to(dev)
+    model.config.use_cache = False
     if strategy == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None)
     elif strategy == "fsdp2":
         model = fully_shard_blocks(model)
-    cfg = UnlearnConfig(epochs=steps, batch_size=8, lr=1e-3, geffect_every=every, geffect_batch=8)
-    u = Unlearner(model, get_objective("ga", regularizer="gd"), _data(folder), cfg,
+    cfg = UnlearnConfig(epochs=epochs, batch_size=BATCH, lr=1e-3, geffect_every=every, geffect_batch=BATCH)
+    u = Unlearner(model, get_objective("ga", regularizer="gd"), data, cfg,
                   Path(out) / f"{strategy}-{world}-{every}", device=dev, progress=False, accelerator=accelerator)
     t = time.perf_counter()
     u.run()
@@ -63,26 +71,17 @@ def _worker(rank, world, port, folder, out, every, steps, strategy, q):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=4, help="epochs of 9 samples (2 steps each)")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=4, help="epochs over the forget split")
+    ap.add_argument("--size", default="tiny", choices=sorted(SIZES), help="embedded target size")
     args = ap.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from test_distributed import _rows
-    from fastgeffect.embedded.tokenizer import TokenizerConfig, train_tokenizer
-
+    build_embedded(size=args.size)
     tmp = tempfile.mkdtemp()
-    texts = [r["question"] + " " + r["answer"] for r in _rows(40, 0) + _rows(40, 100) + _rows(40, 200)]
-    tok = train_tokenizer(texts, TokenizerConfig(vocab_size=300))
-    tok.save_pretrained(tmp)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 pad_token_id=tok.pad_token_id)).save_pretrained(tmp)
     ctx = mp.get_context("spawn")
     n = 2 if not torch.cuda.is_available() else min(2, torch.cuda.device_count())
     runs = [(1, "none")] + [(n, s) for s in ("ddp", "fsdp2", "zero3") if n > 1]
     try:
-        import deepspeed  # noqa: F401
+        import deepspeed  # noqa: F401  (optional: only for the ZeRO-3 row)
     except ImportError:
         runs = [r for r in runs if r[1] != "zero3"]
         print("(DeepSpeed not installed: no ZeRO-3 row)")
@@ -93,7 +92,7 @@ def main():
         res = {}
         for every in (0, 1):
             q = ctx.SimpleQueue()
-            mp.spawn(_worker, args=(world, _port(), tmp, tmp, every, args.steps, strategy, q), nprocs=world,
+            mp.spawn(_worker, args=(world, _port(), args.size, tmp, every, args.steps, strategy, q), nprocs=world,
                      join=True)
             res[every] = q.get()
         print(f"| {world} | {strategy} | {res[0] * 1e3:.1f} | {res[1] * 1e3:.1f} | {res[1] / res[0]:.2f}x |",

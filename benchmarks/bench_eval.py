@@ -1,14 +1,19 @@
 """Evaluation speed: batched PS search vs per-sample loops, and TOFU evaluator throughput.
 
-A tiny Llama memorises a toy TOFU-schema set (``fastgeffect.eval.tiny``); PS-perturb (the
-paraphrased question, so searches end at intermediate prefixes) is measured three ways in the
-same run: the batched binary search (one generation call per search step for the whole set),
-the same search one sample at a time, and UWC's per-sample linear scan. Target: batched ≥ 5×
-faster than the per-sample loop. Then ``evaluate_set`` throughput (samples/s, with and without
-generation) on the forget set.
+The embedded target (``fastgeffect.embedded``: generated fictitious authors, a tiny Llama that
+memorised them, cached on disk) is evaluated on its forget set; PS-perturb (the paraphrased
+question, so searches end at intermediate prefixes) is measured three ways in the same run: the
+batched binary search (one generation call per search step for the whole set), the same search
+one sample at a time, and UWC's per-sample linear scan. Target: batched ≥ 5× faster than the
+per-sample loop. Then ``evaluate_set`` throughput (samples/s, with and without generation) on the
+forget set.
 
-    python benchmarks/bench_eval.py                  # CPU
-    python benchmarks/bench_eval.py --device cuda    # GPU (bigger tiny model)
+    python benchmarks/bench_eval.py                  # CPU, the default embedded target (40 forget rows)
+    python benchmarks/bench_eval.py --device cuda    # GPU
+    python benchmarks/bench_eval.py --size tiny      # a quick check of the script (5 forget rows)
+
+The first call builds the embedded target into the cache (``$FASTGEFFECT_CACHE``, default
+``~/.cache/fastgeffect``); later calls reuse it.
 """
 from __future__ import annotations
 
@@ -21,9 +26,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastgeffect.data.templates import get_template  # noqa: E402
+from fastgeffect.data.tofu import load_tofu_split  # noqa: E402
+from fastgeffect.embedded import SIZES, build_embedded  # noqa: E402
 from fastgeffect.eval import evaluate_set, ps_scores  # noqa: E402
-from fastgeffect.eval.tiny import memorise, tiny_llama, toy_qa_records, toy_tokenizer_for  # noqa: E402
 
 
 def _timed(fn, device):
@@ -36,13 +41,11 @@ def _timed(fn, device):
     return time.perf_counter() - t, out
 
 
-def run(device: str = "cpu", authors: int = 12, hidden: int = 64, batch_size: int = 64):
-    tpl = get_template("phi")
-    recs = toy_qa_records(authors)
-    tok = toy_tokenizer_for(recs, tpl)
-    model = tiny_llama(len(tok), hidden_size=hidden, layers=2, heads=4, seed=0, tokenizer=tok)
-    memorise(model, tok, tpl, recs, steps=150)
-    model.to(device)
+def run(device: str = "cpu", size: str = "default", batch_size: int = 64):
+    emb = build_embedded(size=size)
+    tok, tpl = emb.tokenizer, emb.template
+    recs = load_tofu_split(f"{emb.forget_split}_perturbed", emb.data_dir)
+    model = emb.load_target().to(device)
     key = "paraphrased_question"
     ps_scores(model, tok, tpl, recs[:2], question_key=key)  # warm-up
     t_batched, batched = _timed(lambda: ps_scores(model, tok, tpl, recs, question_key=key, batch_size=batch_size), device)
@@ -70,12 +73,12 @@ def run(device: str = "cpu", authors: int = 12, hidden: int = 64, batch_size: in
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--authors", type=int, default=12)
+    ap.add_argument("--size", default="default", choices=sorted(SIZES), help="embedded target size")
     ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (tiny models: 1)")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    rows = run(device=args.device, authors=args.authors, hidden=64 if args.device == "cpu" else 256)
+    rows = run(device=args.device, size=args.size)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({args.threads} thread)"
     print(f"device: {name}")
     for r in rows:

@@ -1,4 +1,4 @@
-"""G-effect engine benchmark (DESIGN.md §4.1, §4.3, §7).
+"""G-effect engine benchmark (docs/design.md §4.1, §4.3, §7).
 
 One measurement = the G-effects of the objective gradient (in p.grad) against two risks (forget
 and retain NLL), split into the paper groups. Compared in one run:

@@ -1,4 +1,4 @@
-"""Peak memory and forward+backward time of the token-weighted unlearning losses (DESIGN.md §7).
+"""Peak memory and forward+backward time of the token-weighted unlearning losses (docs/design.md §7).
 
 Compares, in one run and on the same inputs, ways to compute a token-weighted log-likelihood
 (TNPO by default: ``mean_t w_t·logp_t`` with ``w_t = 2σ(β(logp_t − logp_ref_t))`` detached)

@@ -1,4 +1,4 @@
-"""The whole GPU benchmark suite in one call (DESIGN.md §7), writing a markdown table with the
+"""The whole GPU benchmark suite in one call (docs/design.md §7), writing a markdown table with the
 GPU's name to ``benchmarks/RESULTS.md``.
 
 Sections: fused token-weighted loss vs eager / torch.compile / torch chunked linear CE /

@@ -1,7 +1,7 @@
 """One G-effect study of an unlearning objective, end to end.
 
     python -m fastgeffect.run --method tnpo              # offline default: builds its own tiny target
-    python -m fastgeffect.run --method npo --data-dir ../shared/tofu --authors 20   # real TOFU text
+    python -m fastgeffect.run --method npo --data-dir path/to/tofu --authors 20     # real TOFU text
     python -m fastgeffect.run --method wtnpo --model locuslab/tofu_ft_phi-1.5 --preset phi --split forget05
     torchrun --nproc_per_node 2 -m fastgeffect.run --fsdp2                         # several processes
 

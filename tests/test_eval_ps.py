@@ -4,7 +4,7 @@ import torch
 
 from fastgeffect.data.templates import get_template
 from fastgeffect.eval import extraction_strength, ps_report, ps_scores
-from fastgeffect.eval.tiny import memorise, tiny_llama, toy_qa_records, toy_tokenizer_for
+from helpers.toy_qa import memorise, tiny_llama, toy_qa_records, toy_tokenizer_for
 
 TPL = get_template("phi")
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastgeffect.data.templates import get_template
 from fastgeffect.eval import (FILES, aggregate, answer_losses, evaluate_set, evaluate_tofu, greedy_generate,
                               load_logs, load_tofu_sets)
-from fastgeffect.eval.tiny import tiny_llama, toy_qa_records, toy_tokenizer_for
+from helpers.toy_qa import tiny_llama, toy_qa_records, toy_tokenizer_for
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "tofu"
 TPL = get_template("phi")

@@ -7,7 +7,7 @@ import torch
 
 from fastgeffect.data.templates import get_template
 from fastgeffect.eval import calibrate_alpha, mixed_weights, ps_scores, uwc_calibrate
-from fastgeffect.eval.tiny import memorise, tiny_llama, toy_qa_records, toy_tokenizer_for
+from helpers.toy_qa import memorise, tiny_llama, toy_qa_records, toy_tokenizer_for
 
 TPL = get_template("phi")
 

@@ -8,7 +8,7 @@ import torch
 import fastgeffect.losses as L
 from fastgeffect.geffect import (GEffect, GEffectLogger, GEffectResult, posthoc_geffects, read_geffect_log,
                                  step_from_checkpoint, weight_stats)
-from test_geffect_models import flat_grads, logits_of, qa_batch, tiny_model
+from helpers.model_families import flat_grads, logits_of, qa_batch, tiny_model
 
 
 def result(total, risk=1.0):

@@ -9,7 +9,7 @@ from torch import nn
 import fastgeffect.losses as L
 from fastgeffect.geffect import GEffect, per_sample_geffects
 from fastgeffect.geffect.per_sample import bias_contrib, embedding_contrib, linear_weight_contrib
-from test_geffect_models import flat_grads, logits_of, qa_batch, tiny_model
+from helpers.model_families import flat_grads, logits_of, qa_batch, tiny_model
 
 
 def per_sample_ga_terms(model, batch):
@@ -46,8 +46,8 @@ def test_matches_naive_loop_float64(arch, check):
     assert res.fallback == []
     ref = naive_pg(model, risk, terms)
     torch.testing.assert_close(res.values, ref, rtol=1e-9, atol=1e-12)
-    assert float(res.values.sum()) == pytest.approx(res.batch, rel=1e-9)
-    torch.testing.assert_close(res.groups.sum(0), res.values, rtol=1e-12, atol=1e-14)
+    assert abs(float(res.values.sum()) - res.batch) <= 1e-9 * float(res.values.abs().sum())
+    assert ((res.groups.sum(0) - res.values).abs() <= 1e-12 * res.groups.abs().sum(0)).all()
 
 
 def test_ga_same_batch_sums_to_minus_norm2_fp32():
@@ -61,7 +61,7 @@ def test_ga_same_batch_sums_to_minus_norm2_fp32():
     norm2 = sum(float((x * x).sum()) for x in g)
     assert float(res.values.sum()) == pytest.approx(-norm2, rel=1e-5)
     ref = naive_pg(model, risk, lambda: per_sample_ga_terms(model, forget))
-    torch.testing.assert_close(res.values, ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
 
 
 def test_pgrad_untouched():

@@ -8,7 +8,7 @@ from transformers import TrainingArguments
 from fastgeffect.integrations.hf import UnlearningTrainer
 from fastgeffect.objectives import OBJECTIVES, get_objective
 from fastgeffect.reference import RefLogprobCache, ReferenceModel
-from tiny import qa_batch, tiny_llama
+from helpers.tiny_models import qa_batch, tiny_llama
 
 
 class PairedToy(torch.utils.data.Dataset):

@@ -1,5 +1,5 @@
 """Every loss of fastgeffect.losses against an independent float64 reference written plainly here,
-plus the identities of DESIGN.md §3 and the bad-input contract."""
+plus the identities of docs/design.md §3 and the bad-input contract."""
 import math
 
 import pytest

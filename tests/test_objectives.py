@@ -8,7 +8,7 @@ import fastgeffect.losses as L
 from fastgeffect.objectives import HPARAMS, OBJECTIVES, REGULARIZER_NAMES, REGULARIZERS, get_objective, hparam_users
 from fastgeffect.objectives.base import count_items
 from fastgeffect.reference import RefLogprobCache, ReferenceModel
-from tiny import paired_batches, qa_batch, tiny_llama
+from helpers.tiny_models import paired_batches, qa_batch, tiny_llama
 
 EXPECTED = {"ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu", "graddiff", "simnpo", "dpo", "idkdpo"}
 

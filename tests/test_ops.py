@@ -14,6 +14,7 @@ import torch
 
 import fastgeffect.ops as ops
 from fastgeffect.ops import _extension
+from helpers.tiny_models import qa_batch, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_EXT = ops.extension_available("cpu")
@@ -277,9 +278,8 @@ def test_cuda_unaligned_views_and_streams(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_engine_ga_identity(backend, monkeypatch):
-    """GA on the same batch: unlearning G-effect = -||∇R||² (DESIGN.md §4), R = token-mean NLL."""
+    """GA on the same batch: unlearning G-effect = -||∇R||² (docs/design.md §4), R = token-mean NLL."""
     engine = pytest.importorskip("fastgeffect.geffect.engine", reason="G-effect engine not in this checkout")
-    from tiny import qa_batch, tiny_llama
 
     calls = []
     if backend == "ext":  # prove the compiled op did the accumulation

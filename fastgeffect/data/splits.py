@@ -1,5 +1,5 @@
 """TOFU's folder layout, written from per-author rows: used by the embedded generator and to cut
-real TOFU down to a few authors (``--data-dir ../shared/tofu --authors N``).
+real TOFU down to a few authors (``--data-dir path/to/tofu --authors N``).
 
 TOFU's split rules (counted in authors): ``forgetXX`` = the last XX % of the authors (at least
 one), ``retain{100-XX}`` = the other authors, ``retain_perturbed`` = the first 10 % (held out of

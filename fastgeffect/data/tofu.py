@@ -1,5 +1,5 @@
 """TOFU data: the JSON-lines files of the Hugging Face dataset ``locuslab/TOFU``, read from a local
-folder (e.g. ``../shared/tofu``) or, only when the user names it, from the hub."""
+folder holding those files or, only when the user names it, from the hub."""
 from __future__ import annotations
 
 import json

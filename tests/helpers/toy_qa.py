@@ -1,8 +1,14 @@
-"""Tiny offline stand-ins for a tokenizer and a causal LM (no downloads): for tests, benchmarks
-and CPU smoke runs of the evaluator."""
+"""A toy QA set in TOFU's schema, a word-level tokenizer that round-trips it and a tiny Llama
+that memorises it in seconds (no downloads): for the evaluation tests."""
 from __future__ import annotations
 
 from typing import Iterable, Optional
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from fastgeffect.eval.losses import encode_pairs
 
 
 def tiny_tokenizer(texts: Iterable[str], *, pad: bool = True):
@@ -13,9 +19,6 @@ def tiny_tokenizer(texts: Iterable[str], *, pad: bool = True):
     single spaces between words and punctuation marks (e.g. ``"Who is Ann ?"``). Special tokens:
     ``<unk>``, ``<bos>``, ``<eos>`` and (with ``pad=True``) ``<pad>``; no BOS is added.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<unk>", "<bos>", "<eos>"] + (["<pad>"] if pad else [])
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -30,9 +33,6 @@ def tiny_tokenizer(texts: Iterable[str], *, pad: bool = True):
 def tiny_llama(vocab_size: int, *, hidden_size: int = 32, layers: int = 2, heads: int = 4,
                max_positions: int = 256, seed: Optional[int] = 0, tokenizer=None):
     """A randomly initialised ``LlamaForCausalLM`` small enough for CPU tests."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if seed is not None:
         torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -76,10 +76,6 @@ def toy_qa_records(n_authors: int = 6) -> list:
 def memorise(model, tokenizer, template, records, *, steps: int = 150, lr: float = 1e-2, max_length: int = 64):
     """Fine-tune ``model`` in place on the records' (question, answer) pairs, full batch, AdamW,
     until it reproduces them (a few seconds on a CPU for a tiny model). Returns the last loss."""
-    import torch
-
-    from .losses import encode_pairs
-
     ids, labels, real, _ = encode_pairs(tokenizer, template, [r["question"] for r in records],
                                         [r["answer"] for r in records], max_length)
     T = max(map(len, ids))

@@ -1,4 +1,5 @@
-"""Tiny models and batches shared by the tests (built from configs: no download)."""
+"""A tiny Llama and QA-style batches with sample indices, for the objective, trainer and op tests
+(built from a config: no download)."""
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -1,0 +1,29 @@
+"""Comparing G-effects. A G-effect has no fixed sign and can be far smaller than the terms it sums
+(a retaining G-effect is often ~1e-3 of its step's unlearning one), so rounding differences are
+measured against the size of those terms, never relative to the one value."""
+from collections import defaultdict
+
+
+def abs_sum(groups: dict) -> float:
+    """Σ|group| of one measurement: the scale of rounding in its total."""
+    return sum(abs(v) for v in groups.values())
+
+
+def step_scales(records) -> dict:
+    """step -> Σ|group| over every record (every risk) of that step."""
+    scale = defaultdict(float)
+    for r in records:
+        scale[r["step"]] += abs_sum(r["groups"])
+    return scale
+
+
+def assert_same_geffects(want, got, rel, groups=False):
+    """The same (step, risk) records, each total (and with ``groups`` each group) within
+    ``rel`` × its step's scale (:func:`step_scales` of ``want``)."""
+    assert [(r["step"], r["risk"]) for r in want] == [(r["step"], r["risk"]) for r in got]
+    scale = step_scales(want)
+    for a, b in zip(want, got):
+        tol = rel * scale[a["step"]]
+        assert abs(b["total"] - a["total"]) <= tol, (a, b, tol)
+        for g in a["groups"] if groups else ():
+            assert abs(b["groups"][g] - a["groups"][g]) <= tol, (g, a, b, tol)
