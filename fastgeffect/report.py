@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .cli_help import HelpFormatter, examples  # noqa: E402
 from .geffect import read_geffect_log  # noqa: E402
+from .jsonl import read_jsonl  # noqa: E402
 
 GROUP_ORDER = ("embed", "shallow", "middle", "deep", "lm")
 SUMMARY_KEYS = ("method", "regularizer", "lam", "split", "model", "preset", "size", "data_dir", "authors", "epochs",
@@ -31,10 +32,9 @@ HEADLINE_METRICS = ("Model Utility", "Forget Quality", "Prob. Forget", "ROUGE Fo
                     "PS-exact forget", "PS-perturb forget", "PS-exact retain", "PS-perturb retain")
 
 
-def read_jsonl(path: Path) -> List[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+def read_log(path: Path) -> List[dict]:
+    """The records of an optional JSON-lines log of a run (none when absent)."""
+    return read_jsonl(path, skip_torn_tail=True) if path.exists() else []
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -210,7 +210,7 @@ def write_report(run_dir: Path) -> Path:
     cfg = read_json(run_dir / "config.json") or {}
     name = cfg.get("method", run_dir.name)
     records = read_geffect_log(run_dir / "geffect.jsonl") if (run_dir / "geffect.jsonl").exists() else []
-    train_log = read_jsonl(run_dir / "train_log.jsonl")
+    train_log = read_log(run_dir / "train_log.jsonl")
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     made = []
@@ -220,9 +220,9 @@ def write_report(run_dir: Path) -> Path:
         made += ["plots/geffect.png", "plots/risk.png"]
     if plot_weights(train_log, plots / "weights.png", f"objective weights of {name}"):
         made.append("plots/weights.png")
-    if plot_pg_effects(read_jsonl(run_dir / "pg_effects.jsonl"), plots / "pg_effects.png", f"PG-effects of {name}"):
+    if plot_pg_effects(read_log(run_dir / "pg_effects.jsonl"), plots / "pg_effects.png", f"PG-effects of {name}"):
         made.append("plots/pg_effects.png")
-    if token_weights_html(read_jsonl(run_dir / "token_weights.jsonl"), run_dir / "token_weights.html",
+    if token_weights_html(read_log(run_dir / "token_weights.jsonl"), run_dir / "token_weights.html",
                           f"token weights of {name} across epochs"):
         made.append("token_weights.html")
     before, after, uwc = (read_json(run_dir / f"metrics_{k}.json") for k in ("before", "after", "uwc"))

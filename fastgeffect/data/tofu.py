@@ -2,9 +2,10 @@
 folder holding those files or, only when the user names it, from the hub."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Union
+
+from ..jsonl import read_jsonl
 
 HUB_NAME = "locuslab/TOFU"
 
@@ -25,19 +26,6 @@ for _p in ("90", "95", "99"):
 
 # forget split -> the retain split that complements it in ``full``
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
-
-
-def read_jsonl(path: Union[str, Path]) -> List[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
-    return rows
 
 
 def load_tofu_split(split: str, data_dir: Optional[Union[str, Path]] = None) -> List[dict]:

@@ -20,8 +20,7 @@ from .. import distributed as dist_
 from ..data.collate import collate_pairs, collate_qa
 from ..data.unlearning import UnlearningData, load_unlearning_data
 from ..eval import load_tofu_sets
-from ..geffect.log import truncate_jsonl
-from ..jsonl import append_jsonl
+from ..jsonl import append_jsonl, truncate_jsonl
 from ..objectives import HPARAMS, OBJECTIVES, REGULARIZERS, Objective, get_objective
 from ..reference import RefLogprobCache, ReferenceModel
 from ..report import write_report

@@ -19,7 +19,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast
 
 from ..data.templates import TEMPLATES
-from ..data.tofu import read_jsonl
+from ..jsonl import read_jsonl
 from ..losses.po import load_refusals
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"

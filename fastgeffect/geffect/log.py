@@ -8,12 +8,12 @@ restarted from a checkpoint re-measures those steps without duplicating or losin
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
+from ..jsonl import read_jsonl, truncate_jsonl
 from .engine import GEffectResult
 
 
@@ -32,53 +32,9 @@ def weight_stats(weights: torch.Tensor, mask: Optional[torch.Tensor] = None) -> 
             "max": float(w.max()), "count": int(w.numel())}
 
 
-def _read_lines(path: str) -> List[dict]:
-    records = []
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.endswith("\n"):
-                break  # torn last line (crash while writing): ignore
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON record ({e})") from None
-    return records
-
-
-def write_jsonl_atomic(path: Union[str, os.PathLike], records: List[dict]) -> None:
-    """Replace a JSON-lines file atomically: a crash leaves either the old or the new file."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def truncate_jsonl(path: Union[str, os.PathLike], from_step: float = math.inf) -> bool:
-    """Drop the records with ``step >= from_step`` and a torn last line from a JSON-lines log (a
-    resumed run re-does those steps); the default only repairs a torn line. True when rewritten."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        return False
-    with open(path, "rb") as f:
-        data = f.read()
-    records = _read_lines(path)
-    kept = [r for r in records if not (isinstance(r.get("step"), (int, float)) and r["step"] >= from_step)]
-    if len(kept) == len(records) and (not data or data.endswith(b"\n")):
-        return False
-    write_jsonl_atomic(path, kept)
-    return True
-
-
 def read_geffect_log(path: Union[str, os.PathLike], dedupe: bool = True) -> List[dict]:
     """All records of a G-effect log in order; ``dedupe`` keeps the last record per (step, risk)."""
-    records = _read_lines(os.fspath(path))
+    records = read_jsonl(path, skip_torn_tail=True)
     if not dedupe:
         return records
     last: Dict[Any, int] = {}
