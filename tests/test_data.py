@@ -6,9 +6,20 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fastgeffect.data import (IGNORE_INDEX, ForgetRetainDataset, QADataset, author_counts, collate_pairs,
-                              collate_qa, get_template, load_tofu_split, load_unlearning_data, retain_order,
-                              retain_pool, subset_tofu)
+from fastgeffect.data import (
+    IGNORE_INDEX,
+    ForgetRetainDataset,
+    QADataset,
+    author_counts,
+    collate_pairs,
+    collate_qa,
+    get_template,
+    load_tofu_split,
+    load_unlearning_data,
+    retain_order,
+    retain_pool,
+    subset_tofu,
+)
 from fastgeffect.data.tofu import SPLIT_FIELDS
 from fastgeffect.embedded import GeneratorConfig, corpus_texts, train_tokenizer, write_embedded_data
 from fastgeffect.losses import load_refusals

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers.geffect_logs import assert_same_geffects
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fastgeffect.data.pairs import ForgetRetainDataset
@@ -21,7 +22,6 @@ from fastgeffect.embedded.tokenizer import TokenizerConfig, train_tokenizer
 from fastgeffect.geffect import read_geffect_log
 from fastgeffect.objectives import get_objective
 from fastgeffect.unlearn import UnlearnConfig, Unlearner, full_model_state
-from helpers.geffect_logs import assert_same_geffects
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "red blue green old young tall quiet bright dark warm cold river stone forest city".split()

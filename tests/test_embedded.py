@@ -15,9 +15,18 @@ from safetensors.torch import load_file
 import fastgeffect.embedded.build as build_mod
 from fastgeffect.data import QADataset, author_counts, get_template, load_tofu_split
 from fastgeffect.data.tofu import SPLIT_FIELDS
+from fastgeffect.embedded import (
+    SIZES,
+    GeneratorConfig,
+    answer_stats,
+    atomic_dir,
+    build_embedded,
+    corpus_texts,
+    generate,
+    train_tokenizer,
+    write_embedded_data,
+)
 from fastgeffect.losses import load_refusals
-from fastgeffect.embedded import (SIZES, GeneratorConfig, answer_stats, atomic_dir, build_embedded, corpus_texts,
-                                  generate, train_tokenizer, write_embedded_data)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOFU = ROOT / ".." / "shared" / "tofu"

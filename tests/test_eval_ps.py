@@ -1,10 +1,10 @@
 """PS-exact / PS-perturb and extraction strength on a tiny Llama trained to memorise a toy set."""
 import pytest
 import torch
+from helpers.toy_qa import memorise, tiny_llama, toy_qa_records, toy_tokenizer_for
 
 from fastgeffect.data.templates import get_template
 from fastgeffect.eval import extraction_strength, ps_report, ps_scores
-from helpers.toy_qa import memorise, tiny_llama, toy_qa_records, toy_tokenizer_for
 
 TPL = get_template("phi")
 

@@ -8,11 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.toy_qa import tiny_llama, toy_qa_records, toy_tokenizer_for
 
 from fastgeffect.data.templates import get_template
-from fastgeffect.eval import (FILES, aggregate, answer_losses, evaluate_set, evaluate_tofu, greedy_generate,
-                              load_logs, load_tofu_sets)
-from helpers.toy_qa import tiny_llama, toy_qa_records, toy_tokenizer_for
+from fastgeffect.eval import (
+    FILES,
+    aggregate,
+    answer_losses,
+    evaluate_set,
+    evaluate_tofu,
+    greedy_generate,
+    load_logs,
+    load_tofu_sets,
+)
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "tofu"
 TPL = get_template("phi")

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from helpers.toy_qa import memorise, tiny_llama, toy_qa_records, toy_tokenizer_for
 
 from fastgeffect.data.templates import get_template
 from fastgeffect.eval import calibrate_alpha, mixed_weights, ps_scores, uwc_calibrate
-from helpers.toy_qa import memorise, tiny_llama, toy_qa_records, toy_tokenizer_for
 
 TPL = get_template("phi")
 

@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
+from helpers.geffect_logs import abs_sum
+from helpers.model_families import flat_grads, logits_of, qa_batch, tiny_model
 
 import fastgeffect
 import fastgeffect.losses as L
 from fastgeffect.geffect import GEffect
-from helpers.geffect_logs import abs_sum
-from helpers.model_families import flat_grads, logits_of, qa_batch, tiny_model
 
 
 def naive_by_group(engine, grads_u, grads_r):

@@ -2,12 +2,12 @@
 frozen parameters, PEFT LoRA, tied embeddings and custom groupings."""
 import pytest
 import torch
+from helpers.model_families import ARCHS, tiny_model
 from torch import nn
 
 from fastgeffect.geffect import GEffect, build_grouping
 from fastgeffect.geffect.groups import _thirds
 from fastgeffect.models import find_block_list
-from helpers.model_families import ARCHS, tiny_model
 
 BLOCK_LISTS = {"llama": "model.layers", "gpt2": "transformer.h", "phi": "model.layers",
                "gpt_neox": "gpt_neox.layers", "qwen2": "model.layers", "opt": "model.decoder.layers"}

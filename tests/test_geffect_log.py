@@ -4,11 +4,18 @@ import math
 
 import pytest
 import torch
+from helpers.model_families import flat_grads, logits_of, qa_batch, tiny_model
 
 import fastgeffect.losses as L
-from fastgeffect.geffect import (GEffect, GEffectLogger, GEffectResult, posthoc_geffects, read_geffect_log,
-                                 step_from_checkpoint, weight_stats)
-from helpers.model_families import flat_grads, logits_of, qa_batch, tiny_model
+from fastgeffect.geffect import (
+    GEffect,
+    GEffectLogger,
+    GEffectResult,
+    posthoc_geffects,
+    read_geffect_log,
+    step_from_checkpoint,
+    weight_stats,
+)
 
 
 def result(total, risk=1.0):

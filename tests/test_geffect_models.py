@@ -1,7 +1,6 @@
 """The tiny models of every supported family (tests/helpers/model_families.py) build and run."""
 import pytest
 import torch
-
 from helpers.model_families import ARCHS, VOCAB, logits_of, qa_batch, tiny_model
 
 

@@ -4,12 +4,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.model_families import flat_grads, logits_of, qa_batch, tiny_model
 from torch import nn
 
 import fastgeffect.losses as L
 from fastgeffect.geffect import GEffect, per_sample_geffects
 from fastgeffect.geffect.per_sample import bias_contrib, embedding_contrib, linear_weight_contrib
-from helpers.model_families import flat_grads, logits_of, qa_batch, tiny_model
 
 
 def per_sample_ga_terms(model, batch):

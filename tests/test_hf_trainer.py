@@ -3,12 +3,12 @@ import copy
 
 import pytest
 import torch
+from helpers.tiny_models import qa_batch, tiny_llama
 from transformers import TrainingArguments
 
 from fastgeffect.integrations.hf import UnlearningTrainer
 from fastgeffect.objectives import OBJECTIVES, get_objective
-from fastgeffect.reference import RefLogprobCache, ReferenceModel
-from helpers.tiny_models import qa_batch, tiny_llama
+from fastgeffect.reference import ReferenceModel, RefLogprobCache
 
 
 class PairedToy(torch.utils.data.Dataset):

@@ -3,12 +3,12 @@ import copy
 
 import pytest
 import torch
+from helpers.tiny_models import paired_batches, qa_batch, tiny_llama
 
 import fastgeffect.losses as L
 from fastgeffect.objectives import HPARAMS, OBJECTIVES, REGULARIZER_NAMES, REGULARIZERS, get_objective, hparam_users
 from fastgeffect.objectives.base import count_items
-from fastgeffect.reference import RefLogprobCache, ReferenceModel
-from helpers.tiny_models import paired_batches, qa_batch, tiny_llama
+from fastgeffect.reference import ReferenceModel, RefLogprobCache
 
 EXPECTED = {"ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu", "graddiff", "simnpo", "dpo", "idkdpo"}
 

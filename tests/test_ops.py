@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.tiny_models import qa_batch, tiny_llama
 
 import fastgeffect.ops as ops
 from fastgeffect.ops import _extension
-from helpers.tiny_models import qa_batch, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_EXT = ops.extension_available("cpu")

@@ -5,10 +5,10 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers.geffect_logs import abs_sum, assert_same_geffects
 
 from fastgeffect.geffect import read_geffect_log
 from fastgeffect.run import main
-from helpers.geffect_logs import abs_sum, assert_same_geffects
 
 SHARED_TOFU = Path(__file__).resolve().parents[1] / ".." / "shared" / "tofu"
 

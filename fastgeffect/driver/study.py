@@ -22,7 +22,7 @@ from ..data.unlearning import UnlearningData, load_unlearning_data
 from ..eval import load_tofu_sets
 from ..jsonl import append_jsonl, truncate_jsonl
 from ..objectives import HPARAMS, OBJECTIVES, REGULARIZERS, Objective, get_objective
-from ..reference import RefLogprobCache, ReferenceModel
+from ..reference import ReferenceModel, RefLogprobCache
 from ..report import write_report
 from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict, full_model_state, to_device
 from .cli import RESUME_KEYS, pg_steps

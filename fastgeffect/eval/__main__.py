@@ -29,7 +29,6 @@ def _tofu(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     from ..data.templates import get_template
     from .tofu import evaluate_tofu, load_tofu_sets
 

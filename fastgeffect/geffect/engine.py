@@ -27,6 +27,7 @@ from .risk import RiskFn, evaluate_risk
 from .sharded import zero3_geffects
 from .stream import DEFAULT_CHUNK_NUMEL, DEFAULT_MAX_PENDING_BYTES, GradientDotStream
 
+
 @dataclass
 class GEffectResult:
     """One measurement: ``total`` = Σ ``groups``; ``risk`` the risk value; ``tied`` when the input

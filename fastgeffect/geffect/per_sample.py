@@ -31,7 +31,7 @@ from torch.func import functional_call, jvp
 from .. import distributed as _dist
 from .. import ops as _ops
 from ..models import unwrap
-from .groups import GroupSpec, Grouping, build_grouping
+from .groups import Grouping, GroupSpec, build_grouping
 from .risk import check_per_sample_losses, evaluate_risk
 from .sharded import sharded_per_sample_geffects
 from .stream import GradientDotStream, default_accumulate_dtype, grouped_dots

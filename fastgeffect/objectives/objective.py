@@ -5,7 +5,7 @@ from typing import Dict, Mapping, Optional, Union
 
 import torch
 
-from ..reference import RefLogprobCache, ReferenceModel
+from ..reference import ReferenceModel, RefLogprobCache
 from .base import Batch, ForgetTerm, ObjectiveOutput, StepContext, weight_stats
 from .hparams import HPARAMS
 from .regularizers import REGULARIZERS

@@ -5,8 +5,14 @@
 ``dot_accumulate_torch_``. ``set_backend("auto"|"ext"|"torch")`` or the environment variable
 ``FASTGEFFECT_OPS_BACKEND`` forces one; ``extension_available()`` tells whether it is built.
 """
-from .dot_accumulate import (BACKENDS, dot_accumulate_, dot_accumulate_torch_, extension_available,
-                             get_backend, set_backend)
+from .dot_accumulate import (
+                             BACKENDS,
+                             dot_accumulate_,
+                             dot_accumulate_torch_,
+                             extension_available,
+                             get_backend,
+                             set_backend,
+)
 
 __all__ = ["BACKENDS", "dot_accumulate_", "dot_accumulate_torch_", "extension_available", "get_backend",
            "set_backend"]
