@@ -48,8 +48,10 @@ def run(device: str = "cpu", size: str = "default", batch_size: int = 64):
     model = emb.load_target().to(device)
     key = "paraphrased_question"
     ps_scores(model, tok, tpl, recs[:2], question_key=key)  # warm-up
-    t_batched, batched = _timed(lambda: ps_scores(model, tok, tpl, recs, question_key=key, batch_size=batch_size), device)
-    t_single, single = _timed(lambda: [ps_scores(model, tok, tpl, [r], question_key=key, batch_size=1) for r in recs], device)
+    t_batched, batched = _timed(lambda: ps_scores(model, tok, tpl, recs, question_key=key, batch_size=batch_size),
+                                device)
+    t_single, single = _timed(lambda: [ps_scores(model, tok, tpl, [r], question_key=key, batch_size=1) for r in recs],
+                              device)
     t_linear, linear = _timed(lambda: [ps_scores(model, tok, tpl, [r], question_key=key, search="linear", batch_size=1)
                                        for r in recs], device)
     assert batched["scores"] == [s["scores"][0] for s in single]
@@ -64,7 +66,8 @@ def run(device: str = "cpu", size: str = "default", batch_size: int = 64):
          "PS": sum(s["ps"] for s in linear) / len(linear), "speedup": t_linear / t_batched},
     ]
     for gen in (False, True):
-        t, _ = _timed(lambda: evaluate_set(model, tok, tpl, recs, "forget", batch_size=batch_size, generate=gen), device)
+        t, _ = _timed(lambda: evaluate_set(model, tok, tpl, recs, "forget", batch_size=batch_size, generate=gen),
+                      device)
         rows.append({"bench": f"evaluate_set forget ({'with' if gen else 'no'} generation)", "samples": len(recs),
                      "seconds": t, "samples_per_s": len(recs) / t})
     return rows

@@ -19,8 +19,9 @@ Memory: on CUDA, torch.cuda.max_memory_allocated; on CPU, where torch keeps no a
 statistics, the peak of live bytes of tensor storages created during the measurement, tracked
 exactly with a TorchDispatchMode (process RSS was tried first: ±20 MiB noise at this size).
 "extra" is the peak during the measurement above the memory held before it (model, objective
-gradients); host copies kept between steps by the paper style are added as counted bytes. Run ``python benchmarks/bench_geffect.py --help`` for size flags;
-``--preset llama7b`` is the Llama-2-7B shape (use on a GPU).
+gradients); host copies kept between steps by the paper style are added as counted bytes.
+Run ``python benchmarks/bench_geffect.py --help`` for size flags; ``--preset llama7b`` is the
+Llama-2-7B shape (use on a GPU).
 """
 from __future__ import annotations
 
@@ -290,7 +291,8 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats (best of, round-robin)")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: naive,paper,per-sample,loop-retain,loop-b1")
+    ap.add_argument("--skip", default="",
+                    help="comma list of parts to skip: naive,paper,per-sample,loop-retain,loop-b1")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preset = PRESETS[args.preset or ("llama7b" if device.type == "cuda" else "cpu100m")]
@@ -323,7 +325,8 @@ def main(argv=None):
 
     def objective_backward():
         model.zero_grad(set_to_none=True)
-        L.tnpo(model(input_ids=forget[0]).logits, forget[1], torch.full(forget[1].shape, -3.0, device=device)).backward()
+        ref = torch.full(forget[1].shape, -3.0, device=device)
+        L.tnpo(model(input_ids=forget[0]).logits, forget[1], ref).backward()
 
     objective_backward()
     methods = [("ref (fwd+bwd only)", lambda: run_ref(model, risks, params), lambda: 0),
@@ -334,7 +337,7 @@ def main(argv=None):
         paper = PaperStyle(params, list(risks))
         methods.append(("paper (3 host copies)", lambda: paper(risks, gids, n_groups), paper.host_bytes))
     outputs, peaks, times = {}, {name: math.inf for name, _, _ in methods}, {name: math.inf for name, _, _ in methods}
-    for name, fn, _ in methods:
+    for _name, fn, _ in methods:
         fn()  # warm-up (also allocates the paper style's persistent host copies)
     for _ in range(1 if device.type == "cpu" else 2):  # exact on CPU; on CUDA the lower of two rounds
         for name, fn, _ in methods:

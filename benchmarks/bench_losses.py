@@ -91,7 +91,7 @@ def loss_fn(method: str, device: str) -> Optional[Callable]:
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
         except ImportError as e:
-            raise RuntimeError(f"liger-kernel not installed ({e})")
+            raise RuntimeError(f"liger-kernel not installed ({e})") from e
 
         def f(h, w, labels, ref):
             ce = liger_fused_linear_cross_entropy(h, w, labels, reduction="none")
@@ -103,7 +103,7 @@ def loss_fn(method: str, device: str) -> Optional[Callable]:
         try:
             from cut_cross_entropy import linear_cross_entropy
         except ImportError as e:
-            raise RuntimeError(f"cut-cross-entropy not installed ({e})")
+            raise RuntimeError(f"cut-cross-entropy not installed ({e})") from e
 
         def f(h, w, labels, ref):
             ce = linear_cross_entropy(h, w, labels, reduction="none")
@@ -215,12 +215,13 @@ def run(device: str = "cpu", shapes: Optional[Dict[str, tuple]] = None, n_tokens
                 else:
                     r = measure(method, n_tokens, hidden, vocab, dtype, device, masked, reps)
             except Exception as e:  # a competitor that does not run here is reported, not fatal
-                r = dict(method=method, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__)
+                skipped = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+                r = dict(method=method, skipped=skipped)
             if device == "cuda":
                 torch.cuda.empty_cache()
             results[method] = r
         eager, floor = results.get("eager", {}), results.get("floor", {})
-        for method, r in results.items():
+        for r in results.values():
             r.update(shape=name, hidden=hidden, vocab=vocab, tokens=n_tokens, dtype=str(dtype).replace("torch.", ""),
                      device=device, masked=masked)
             if "ms" in r and "ms" in eager:
@@ -256,7 +257,8 @@ def format_table(rows: List[Dict]) -> str:
     extra = [r for r in rows if r["method"] == "ours"]
     for r in extra:
         ratios = ", ".join(f"{k.replace('_vs_', ' × ')} = {v:.2f}" for k, v in r.items()
-                           if k.startswith(("time_vs_", "mem_vs_")) and k.split("_vs_")[1] in ("liger", "cce", "torch_chunked"))
+                           if k.startswith(("time_vs_", "mem_vs_"))
+                           and k.split("_vs_")[1] in ("liger", "cce", "torch_chunked"))
         if ratios:
             lines.append(f"\nours at {r['shape']}: {ratios}")
     return "\n".join(lines)

@@ -75,7 +75,8 @@ def decoder_and_head(model: nn.Module):
     if hasattr(model, "get_base_model"):  # peft.PeftModel
         model = model.get_base_model()
     if not hasattr(model, "get_decoder") or not hasattr(model, "get_output_embeddings"):
-        raise TypeError(f"{type(model).__name__} is not a Hugging Face causal LM (no get_decoder/get_output_embeddings)")
+        raise TypeError(f"{type(model).__name__} is not a Hugging Face causal LM "
+                        "(no get_decoder/get_output_embeddings)")
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     if decoder is model or decoder is None:
         raise TypeError(f"could not find the inner decoder of {type(model).__name__}")

@@ -165,7 +165,8 @@ def token_weights_html(rows: Sequence[dict], path: Path, title: str) -> bool:
                 a = max(0.0, min(1.0, w / top))
                 cells.append(f"<span title='{w:.3g}' style='background:rgba(220,30,30,{a:.3f})'>"
                              f"{html.escape(tok)}</span>")
-            parts.append(f"<tr><td>epoch {r['epoch']}</td><td style='font-family:monospace'>{' '.join(cells)}</td></tr>")
+            parts.append(f"<tr><td>epoch {r['epoch']}</td>"
+                         f"<td style='font-family:monospace'>{' '.join(cells)}</td></tr>")
         parts.append("</table>")
     parts.append("</body></html>")
     path.write_text("\n".join(parts), encoding="utf-8")
@@ -200,7 +201,8 @@ def geffect_totals(records: Sequence[dict]) -> str:
         rows = [r for r in records if r["risk"] == risk]
         if rows:
             sums = [sum(r["groups"].get(g, 0.0) for r in rows) for g in groups]
-            lines.append(f"| {risk} | " + " | ".join(fmt(s) for s in sums) + f" | {fmt(sum(r['total'] for r in rows))} |")
+            total = fmt(sum(r["total"] for r in rows))
+            lines.append(f"| {risk} | " + " | ".join(fmt(s) for s in sums) + f" | {total} |")
     return "\n".join(lines) + "\n"
 
 

@@ -57,7 +57,8 @@ def reference(logs, retain):
         else:
             tr = sum(max(0.0, 1 - 1 / x) for x in r) / len(r)
         out[f"Prob. {names[f]}"], out[f"ROUGE {names[f]}"], out[f"Truth Ratio {names[f]}"] = prob, rouge, tr
-    nine = [out[f"{m} {n}"] for n in ("Retain", "Real Authors", "Real World") for m in ("ROUGE", "Prob.", "Truth Ratio")]
+    nine = [out[f"{m} {n}"] for n in ("Retain", "Real Authors", "Real World")
+            for m in ("ROUGE", "Prob.", "Truth Ratio")]
     out["Model Utility"] = len(nine) / sum(1 / v for v in nine)
     ks = stats.ks_2samp(ratios(logs["eval_log_forget.json"]), ratios(retain))
     out["Forget Quality"] = ks.pvalue
@@ -99,7 +100,8 @@ def test_both_layouts_and_cli(synth, tmp_path):
     b = aggregate(load_logs(tmp_path / "eval_log_aggregated.json"), retain)
     assert a == b == aggregate(logs, retain)
     out = tmp_path / "m.json"
-    assert cli(["aggregate", "--logs", str(folder), "--retain-log", str(tmp_path / "retain.json"), "--out", str(out)]) == 0
+    assert cli(["aggregate", "--logs", str(folder), "--retain-log", str(tmp_path / "retain.json"),
+                "--out", str(out)]) == 0
     assert json.loads(out.read_text()) == pytest.approx(a)
 
 

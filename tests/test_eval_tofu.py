@@ -76,7 +76,7 @@ def test_evaluate_set_logs(toy):
             assert log["avg_gt_loss"][s] == pytest.approx(gl / gn, rel=1e-9)
             assert log["paraphrased_loss"][s] == pytest.approx(bl, rel=1e-9)
             assert log["num_token_perturb"][s] == [n for _, n in pert]
-            avg_pert = [l / n for l, n in pert]
+            avg_pert = [loss_ / n for loss_, n in pert]
             assert log["average_perturb_loss"][s] == pytest.approx(avg_pert, rel=1e-9)
             assert log["truth_ratio"][s] == pytest.approx(math.exp(bl / bn - sum(avg_pert) / len(avg_pert)), rel=1e-9)
             if task == "real_authors":
@@ -113,7 +113,8 @@ def test_evaluate_tofu_writes_logs(toy, tmp_path):
     model, tok, recs = toy
     sets = {"retain": recs[:4], "forget": recs[4:], "real_authors": recs[:3], "world_facts": recs[5:]}
     res = evaluate_tofu(model, tok, TPL, sets, out_dir=tmp_path, max_new_tokens=5, batch_size=4, progress=False)
-    assert sorted(p.name for p in tmp_path.glob("*.json")) == sorted(list(FILES) + ["eval_log_aggregated.json", "metrics.json"])
+    expected = sorted(list(FILES) + ["eval_log_aggregated.json", "metrics.json"])
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == expected
     logs = load_logs(tmp_path)
     assert aggregate(logs) == pytest.approx(res["metrics"])
     assert aggregate(load_logs(tmp_path / "eval_log_aggregated.json")) == pytest.approx(res["metrics"])

@@ -55,7 +55,7 @@ def test_mixing_is_exact_at_the_ends(tied):
             assert torch.equal(m(input_ids=x).logits, out_u)
         # an explicit third copy, only in the test
         third = copy.deepcopy(orig)
-        for (n, p), q in zip(third.named_parameters(), unl.parameters()):
+        for (_name, p), q in zip(third.named_parameters(), unl.parameters()):
             p.copy_(0.7 * p + 0.3 * q)
         with mixed_weights(unl, orig, 0.3) as m:
             torch.testing.assert_close(m(input_ids=x).logits, third(input_ids=x).logits, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from fastgeffect.geffect import GEffect
 def naive_by_group(engine, grads_u, grads_r):
     """Per-group float64 dot products of the naive flat gradients."""
     out = {g: 0.0 for g in engine.group_names}
-    for p, gid, gu, gr in zip(engine.grouping.params, engine.grouping.group_ids, grads_u, grads_r):
+    for _p, gid, gu, gr in zip(engine.grouping.params, engine.grouping.group_ids, grads_u, grads_r):
         out[engine.group_names[gid]] += float((gu * gr).sum())
     return out
 
@@ -154,7 +154,7 @@ def test_grads_untouched_and_optimizer_step_bit_identical():
     opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-2)
     engine = GEffect(model_a)
     ref = _ref_logprobs(model_b, forget)
-    for step in range(2):
+    for _step in range(2):
         for m in (model_a, model_b):
             m.zero_grad(set_to_none=True)
             L.tnpo(logits_of(m, forget), forget["labels"], ref).backward()

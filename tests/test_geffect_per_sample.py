@@ -125,11 +125,11 @@ def test_fallback_is_exact_and_reported():
 
 def test_closed_forms_against_per_sample_gradients():
     g = torch.Generator().manual_seed(0)
-    B, T, I, O = 3, 5, 4, 7
-    x = torch.randn(B, T, I, generator=g, dtype=torch.float64)
-    dy = torch.randn(B, T, O, generator=g, dtype=torch.float64)
-    G = torch.randn(O, I, generator=g, dtype=torch.float64)
-    Gb = torch.randn(O, generator=g, dtype=torch.float64)
+    B, T, n_in, n_out = 3, 5, 4, 7
+    x = torch.randn(B, T, n_in, generator=g, dtype=torch.float64)
+    dy = torch.randn(B, T, n_out, generator=g, dtype=torch.float64)
+    G = torch.randn(n_out, n_in, generator=g, dtype=torch.float64)
+    Gb = torch.randn(n_out, generator=g, dtype=torch.float64)
     per_sample_grad = torch.einsum("bto,bti->boi", dy, x)
     ref = (per_sample_grad * G).sum((1, 2))
     torch.testing.assert_close(linear_weight_contrib(x, dy, G, torch.float64), ref)
@@ -138,7 +138,7 @@ def test_closed_forms_against_per_sample_gradients():
                                (torch.einsum("bto,bti->boi", dy[..., :2], x[..., :3]) * G[:2, :3]).sum((1, 2)))
     torch.testing.assert_close(bias_contrib(dy, Gb, torch.float64), (dy.sum(1) * Gb).sum(1))
     ids = torch.tensor([[1, 0, 2, 1, 3], [0, 0, 3, 3, 2], [1, 2, 3, 0, 1]])
-    E = torch.randn(4, O, generator=g, dtype=torch.float64)
+    E = torch.randn(4, n_out, generator=g, dtype=torch.float64)
     ref_e = torch.stack([sum(((E[ids[b, t]] * dy[b, t]).sum() for t in range(T) if ids[b, t] != 0),
                              torch.zeros((), dtype=torch.float64)) for b in range(B)])
     torch.testing.assert_close(embedding_contrib(ids, dy, E, 0, torch.float64), ref_e)

@@ -13,8 +13,8 @@ bench_losses = pytest.importorskip("bench_losses")
 
 
 def test_bench_losses_rows_agree_on_the_loss():
-    rows = bench_losses.run("cpu", {"tiny": (32, 500)}, n_tokens=64, methods=("eager", "torch_chunked", "ours", "floor"),
-                            reps=1, subprocess_cpu=False)
+    rows = bench_losses.run("cpu", {"tiny": (32, 500)}, n_tokens=64,
+                            methods=("eager", "torch_chunked", "ours", "floor"), reps=1, subprocess_cpu=False)
     by = {r["method"]: r for r in rows}
     assert set(by) == {"eager", "torch_chunked", "ours", "floor"}
     assert by["ours"]["loss"] == pytest.approx(by["eager"]["loss"], rel=1e-4)

@@ -80,7 +80,8 @@ def rel_err(a, b):
 
 
 def default_ab(objective):
-    return {"wga": (5.0, 0.0), "tnpo": (0.0, 4.0), "wtnpo": (1.5, 4.0), "wtnpo_product": (1.5, 4.0)}.get(objective, (0.0, 0.0))
+    ab = {"wga": (5.0, 0.0), "tnpo": (0.0, 4.0), "wtnpo": (1.5, 4.0), "wtnpo_product": (1.5, 4.0)}
+    return ab.get(objective, (0.0, 0.0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

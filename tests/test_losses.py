@@ -190,7 +190,8 @@ def test_kl_against_reference(direction):
 def test_kl_matches_tofu_batchmean():
     logits, _, _ = make_batch(11)
     ref_logits = torch.randn_like(logits.detach())
-    tofu = torch.nn.functional.kl_div(torch.log_softmax(logits, -1).view(-1, V), torch.log_softmax(ref_logits, -1).view(-1, V),
+    tofu = torch.nn.functional.kl_div(torch.log_softmax(logits, -1).view(-1, V),
+                                      torch.log_softmax(ref_logits, -1).view(-1, V),
                                       reduction="batchmean", log_target=True)
     assert_close(L.kl(logits, ref_logits), tofu)
 
@@ -366,7 +367,8 @@ def test_per_sample_contributions_sum_to_the_loss():
     for fn in (lambda **k: L.ga(logits, labels, **k), lambda **k: L.wga(logits, labels, alpha=1.0, **k),
                lambda **k: L.tnpo(logits, labels, ref, **k), lambda **k: L.wtnpo(logits, labels, ref, **k),
                lambda **k: L.nll(logits, labels, **k), lambda **k: L.npo(logits, labels, ref, **k),
-               lambda **k: L.simnpo(logits, labels, **k), lambda **k: L.dpo(logits, labels, ref, logits, labels, ref, **k)):
+               lambda **k: L.simnpo(logits, labels, **k),
+               lambda **k: L.dpo(logits, labels, ref, logits, labels, ref, **k)):
         parts = fn(per_sample=True)
         assert parts.shape == (B,)
         assert_close(parts.sum(), fn())

@@ -113,12 +113,14 @@ def test_peft_reference_is_base_model():
     peft = pytest.importorskip("peft")
     model = tiny_llama()
     base_copy = copy.deepcopy(model)
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
     b = qa_batch(5)
     ref = ReferenceModel.from_peft(lora)
     with torch.no_grad():
-        expect = L.token_logprobs(base_copy(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-        adapted = L.token_logprobs(lora(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        inputs = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        expect = L.token_logprobs(base_copy(**inputs).logits, b["labels"])
+        adapted = L.token_logprobs(lora(**inputs).logits, b["labels"])
     torch.testing.assert_close(ref.token_logprobs(b), expect)
     assert not torch.allclose(adapted, expect)  # the adapters do change the model
     out = get_objective("tnpo", reference=ref)(lora, {"forget": b})

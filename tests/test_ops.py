@@ -106,8 +106,8 @@ def test_one_element_and_special_values(backend):
     acc = torch.zeros(3, dtype=torch.float64)
     a = [torch.tensor([3.0], dtype=torch.float16), torch.tensor([2.0 ** -24], dtype=torch.float16),
          torch.tensor([-0.5], dtype=torch.bfloat16), torch.tensor([float("inf")])]
-    b = [torch.tensor([-2.0]), torch.tensor([2.0 ** 20], dtype=torch.bfloat16), torch.tensor([4.0], dtype=torch.float16),
-         torch.tensor([1.0])]
+    b = [torch.tensor([-2.0]), torch.tensor([2.0 ** 20], dtype=torch.bfloat16),
+         torch.tensor([4.0], dtype=torch.float16), torch.tensor([1.0])]
     ops.dot_accumulate_(acc, a, b, [0, 1, 1, 2])
     assert acc.tolist() == [-6.0, 2.0 ** -4 - 2.0, float("inf")]  # fp16 subnormal read exactly
 
@@ -142,7 +142,8 @@ def test_auto_backend_dispatches_to_the_extension(monkeypatch):
     acc = torch.zeros(2, dtype=torch.float64)
     ops.dot_accumulate_(acc, (torch.ones(3), torch.ones(2)), (torch.ones(3), torch.ones(2)), torch.tensor([1, 0]))
     assert calls == [2] and acc.tolist() == [2.0, 3.0]
-    ops.dot_accumulate_(torch.zeros(1, dtype=torch.float16), [torch.ones(3)], [torch.ones(3)], [0])  # fp16 acc: fallback
+    # fp16 acc: fallback
+    ops.dot_accumulate_(torch.zeros(1, dtype=torch.float16), [torch.ones(3)], [torch.ones(3)], [0])
     ops.set_backend("torch")
     ops.dot_accumulate_(acc, [torch.ones(3)], [torch.ones(3)], [0])
     assert calls == [2] and acc.tolist() == [5.0, 3.0]

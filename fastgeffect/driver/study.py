@@ -205,7 +205,7 @@ def run_study(args, argv: Optional[List[str]] = None) -> int:
     except NonFiniteLoss as e:
         folder.write_error(str(e), unlearner.step, unlearner.state_path)
         raise SystemExit(f"stopped: {e}; the last finite state is in {unlearner.state_path} "
-                         "(train_log.jsonl holds the last finite values)")
+                         "(train_log.jsonl holds the last finite values)") from None
     except Exception as e:
         if not dist_.is_distributed():
             raise

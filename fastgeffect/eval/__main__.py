@@ -18,7 +18,8 @@ def _aggregate(args) -> int:
     retain = load_retain_log(args.retain_log) if args.retain_log else None
     metrics = aggregate(logs, retain, require_all=not args.partial)
     print(format_table(metrics))
-    out = Path(args.out) if args.out else (Path(args.logs) if Path(args.logs).is_dir() else Path(args.logs).parent) / "metrics.json"
+    logs_dir = Path(args.logs) if Path(args.logs).is_dir() else Path(args.logs).parent
+    out = Path(args.out) if args.out else logs_dir / "metrics.json"
     out.write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out}")
     return 0

@@ -104,7 +104,8 @@ def forget_quality(forget_log: Mapping, retain_forget_log: Mapping) -> Dict[str,
     b = truth_ratio_r(retain_forget_log, "retain model's " + fname)
     if len(a) != len(b):
         raise ValueError(f"the retain model's forget log has {len(b)} samples but this forget log has {len(a)}: "
-                         "it comes from another forget split (forget01: 40, forget05: 200, forget10: 300 with ds_size=300)")
+                         "it comes from another forget split "
+                         "(forget01: 40, forget05: 200, forget10: 300 with ds_size=300)")
     ga, gb = forget_log.get("generated_text"), retain_forget_log.get("generated_text")
     if isinstance(ga, Mapping) and isinstance(gb, Mapping) and len(ga) == len(gb):
         bad = [k for (k, x), y in zip(ga.items(), gb.values()) if _norm(x[-1]) != _norm(y[-1])]

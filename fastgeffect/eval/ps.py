@@ -172,7 +172,8 @@ def ps_report(model, tokenizer, template: Template, sets: Dict[str, Sequence[dic
     e.g. ``{"retain": [...], "forget": [...]}`` → ``{"PS-exact retain": ..., ...}``."""
     out = {}
     for name, recs in sets.items():
-        out[f"PS-exact {name}"] = ps_scores(model, tokenizer, template, recs, batch_size=batch_size, search=search)["ps"]
+        out[f"PS-exact {name}"] = ps_scores(model, tokenizer, template, recs, batch_size=batch_size,
+                                            search=search)["ps"]
         if all("paraphrased_question" in r for r in recs):
             out[f"PS-perturb {name}"] = ps_scores(model, tokenizer, template, recs, question_key="paraphrased_question",
                                                   batch_size=batch_size, search=search)["ps"]

@@ -42,7 +42,7 @@ def mixed_weights(unlearned: torch.nn.Module, original: torch.nn.Module, alpha: 
 
     def pre(module, args, kwargs=None):
         saved = []
-        for key, p in module._parameters.items():
+        for p in module._parameters.values():
             if p is None:
                 continue
             o = orig[names[id(p)]].detach().to(device=p.device, dtype=p.dtype, non_blocking=True)

@@ -173,4 +173,5 @@ def grouped_dots(tensors_a: Sequence[Optional[torch.Tensor]], tensors_b: Sequenc
     return out
 
 
-__all__ = ["GradientDotStream", "grouped_dots", "default_accumulate_dtype", "DEFAULT_CHUNK_NUMEL", "DEFAULT_MAX_PENDING_BYTES"]
+__all__ = ["GradientDotStream", "grouped_dots", "default_accumulate_dtype", "DEFAULT_CHUNK_NUMEL",
+           "DEFAULT_MAX_PENDING_BYTES"]

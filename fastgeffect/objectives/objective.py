@@ -83,7 +83,8 @@ class Objective:
                  num_items: Optional[Mapping[str, object]] = None) -> ObjectiveOutput:
         missing = [k for k in self.needs_batches if k not in batches]
         if missing:
-            raise KeyError(f"{self.name} (regularizer {self.regularizer}) needs batches {missing}; got {sorted(batches)}")
+            raise KeyError(f"{self.name} (regularizer {self.regularizer}) needs batches {missing}; "
+                           f"got {sorted(batches)}")
         ctx = self.context(model, num_items)
         forget, details = self.term.fn(ctx, self.with_cached_refs(batches), self.hparams)
         reg = None

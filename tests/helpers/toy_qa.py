@@ -100,7 +100,7 @@ def toy_tokenizer_for(records, template, **kw):
     """:func:`tiny_tokenizer` covering every text field of TOFU-schema records and the template."""
     texts = []
     for r in records:
-        for k, v in r.items():
+        for v in r.values():
             texts.extend(v if isinstance(v, list) else [v])
     texts.append(template.full("", ""))
     return tiny_tokenizer(texts, **kw)
