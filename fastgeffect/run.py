@@ -34,7 +34,9 @@ from .eval import load_tofu_sets
 from .geffect.log import truncate_jsonl
 from .objectives import OBJECTIVES, REGULARIZER_NAMES, Objective, get_objective
 from .reference import RefLogprobCache, ReferenceModel
-from .unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict, full_model_state, to_device
+from .training.backend import full_model_state
+from .training.batches import to_device
+from .unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict
 
 # Paper hyper-parameters (DESIGN.md §3, §6). "embedded" fits the tiny offline target on a CPU.
 PRESETS: Dict[str, dict] = {

@@ -8,7 +8,7 @@ from fastgeffect import run, unlearn
 _train_step = unlearn.Unlearner.train_step
 
 
-def failing_train_step(self, micro):
+def failing_train_step(self, micro, plan):
     if self.rank == int(os.environ["FAIL_RANK"]) and self.step == int(os.environ["FAIL_AT_STEP"]):
         if os.environ.get("FAIL_KIND", "raise") == "raise":
             raise RuntimeError(f"injected failure on rank {self.rank}")
@@ -19,10 +19,10 @@ def failing_train_step(self, micro):
             raise FloatingPointError("non-finite loss (injected)")
         self.objective = nan_objective
         try:
-            return _train_step(self, micro)
+            return _train_step(self, micro, plan)
         finally:
             self.objective = objective
-    return _train_step(self, micro)
+    return _train_step(self, micro, plan)
 
 
 unlearn.Unlearner.train_step = failing_train_step
