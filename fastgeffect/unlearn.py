@@ -10,21 +10,17 @@ atomically at epoch ends and every ``save_every`` steps; an interrupted run resu
 last saved state and re-does (without duplicating log lines) the steps after it.
 
 Data parallel (``accelerate launch`` with DDP, FSDP2 or DeepSpeed ZeRO-3; or any DDP / FSDP2 model
-under ``torchrun``): the step's global batch is split
-into ``world_size * grad_accum`` micro-batches, rank r taking ``grad_accum`` of them; the counts
+under ``torchrun``): the step's global batch is split into ``world_size * grad_accum`` micro-batches,
+rank r taking ``grad_accum`` of them (:func:`~fastgeffect.training.plan.plan_step`); the counts
 behind every reduction are summed over ranks, so gradients, G-effects and trained parameters are
 those of one process with the same global batch (retain partners are paired by global forget
 index, hence distinct across ranks and independent of the world size). Only the main process
-writes files. Under DeepSpeed its engine runs the backward passes and the step (with the clipping
-set from ``max_grad_norm``), and the resumable state is a DeepSpeed checkpoint next to ``state.pt``.
+writes files. The engine-specific parts (backward, clip-and-step, the resumable state) are one
+backend object (:mod:`fastgeffect.training.backend`), chosen once.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -33,16 +29,18 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist_
-from .data.collate import collate_pairs, collate_qa
+from .data.collate import collate_qa
 from .data.unlearning import UnlearningData
 from .geffect import GEffect, GEffectLogger
-from .geffect.log import truncate_jsonl
+from .jsonl import truncate_jsonl
 from .losses import nll
-from .models import is_deepspeed, unwrap
+from .models import unwrap
 from .objectives import Objective
 from .objectives.base import count_items
-
-STATE_FILE = "state.pt"
+from .training.backend import STATE_FILE, make_backend
+from .training.batches import forget_risk_items, n_tokens, retain_risk_items, step_batches, to_device
+from .training.plan import StepPlan, plan_step, steps_per_epoch, warmup_linear
+from .training.reduce import LOSS_TERMS, global_counts, global_logs
 
 
 @dataclass
@@ -76,27 +74,16 @@ class NonFiniteLoss(FloatingPointError):
     """The objective became NaN/inf; the state before the step is saved."""
 
 
-def steps_per_epoch(n_samples: int, batch_size: int) -> int:
-    return math.ceil(n_samples / batch_size)
-
-
-def warmup_linear(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Linear warm-up to the peak lr, then linear decay to 0 (the HF default TOFU uses)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return factor
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
-def to_device(batch, device):
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch.to(device) if torch.is_tensor(batch) else batch
+def stop_if_nonfinite(error: Optional[FloatingPointError], step: int) -> None:
+    """:class:`NonFiniteLoss` on every rank when the objective failed on any: a rank stopping alone
+    would leave the others waiting in a collective (one flag all-reduce per micro-batch)."""
+    if not dist_.is_distributed():
+        if error is not None:
+            raise NonFiniteLoss(f"step {step}: {error}") from error
+        return
+    if float(dist_.all_reduce_sum(torch.tensor(float(error is not None)))) > 0:
+        bad = dist_.all_gather_objects(None if error is None else str(error))
+        raise NonFiniteLoss(f"step {step}: " + "; ".join(f"rank {r}: {b}" for r, b in enumerate(bad) if b))
 
 
 def nll_risk(model: torch.nn.Module, batch: Dict[str, torch.Tensor], num_tokens=None, weight: float = 1.0
@@ -106,11 +93,6 @@ def nll_risk(model: torch.nn.Module, batch: Dict[str, torch.Tensor], num_tokens=
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     loss = nll(out.logits, batch["labels"], num_items_in_batch=num_tokens)
     return loss * weight if weight != 1.0 else loss
-
-
-def n_tokens(items: List[dict]) -> int:
-    """Valid shifted labels in ``items`` (the token-mean divisor)."""
-    return int(sum(int((it["labels"][1:] != -100).sum()) for it in items))
 
 
 class _NoLog:
@@ -128,68 +110,6 @@ class _NoLog:
         pass
 
 
-def full_model_state(model) -> dict:
-    """The whole (unsharded, CPU) model state dict; a collective under data parallel, where only the
-    main process gets the tensors (the others get an empty dict)."""
-    if not dist_.is_distributed():
-        return unwrap(model).state_dict()
-    if is_deepspeed(model):
-        return _gather_zero3_state(model.module)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _gather_zero3_state(module: torch.nn.Module) -> dict:
-    """ZeRO-3 parameters gathered one at a time (never the whole model at once on any rank)."""
-    import deepspeed
-
-    out, main = {}, dist_.is_main()
-    for name, t in module.state_dict(keep_vars=True).items():  # tied weights: one tensor, two names
-        if isinstance(t, torch.nn.Parameter) and hasattr(t, "ds_id"):
-            with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
-                if main:
-                    out[name] = t.detach().to("cpu", copy=True)
-        elif main:
-            out[name] = t.detach().to("cpu", copy=True)
-    return out
-
-
-DEEPSPEED_DIR = "deepspeed_state"
-
-
-def configure_deepspeed(ds_config: dict, cfg: UnlearnConfig, world: int) -> None:
-    """Our step is one ``engine.step()`` after all micro-batch backwards (DeepSpeed must not divide
-    the loss or skip steps for its own accumulation), clipped at ``max_grad_norm``."""
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    ds_config.update(train_micro_batch_size_per_gpu=micro, train_batch_size=micro * world,
-                     gradient_accumulation_steps=1, gradient_clipping=cfg.max_grad_norm)
-    ds_config.setdefault("steps_per_print", 1 << 30)
-
-
-def save_state(path: Path, model, optimizer, scheduler, step: int, epoch: int, batch_in_epoch: int) -> None:
-    """Atomic resumable state: ``state.pt`` is replaced only once everything it points to is written."""
-    meta = {"scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
-    if is_deepspeed(model):  # DeepSpeed's own sharded checkpoint (fp32 master weights, optimiser)
-        tag = f"step{step}-epoch{epoch}-batch{batch_in_epoch}"  # never the tag state.pt points to now
-        model.save_checkpoint(str(path.parent / DEEPSPEED_DIR), tag=tag, save_latest=False)
-        meta["deepspeed_tag"] = tag
-    elif dist_.is_distributed():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        meta["model"], meta["optimizer"] = get_state_dict(
-            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        meta["model"], meta["optimizer"] = model.state_dict(), optimizer.state_dict()
-    if dist_.is_main():
-        tmp = path.with_suffix(".tmp")
-        torch.save(meta, tmp)
-        os.replace(tmp, path)  # atomic: an interruption never leaves a half-written state
-        if "deepspeed_tag" in meta:  # older DeepSpeed checkpoints are no longer referenced
-            for old in (path.parent / DEEPSPEED_DIR).iterdir():
-                if old.is_dir() and old.name != meta["deepspeed_tag"]:
-                    shutil.rmtree(old)
-    dist_.barrier()
-
-
 class Unlearner:
     """Runs ``objective`` on ``data`` with ``model``, writing ``geffect.jsonl`` and ``train_log.jsonl``
     in ``out_dir``."""
@@ -200,7 +120,7 @@ class Unlearner:
         cfg.check()
         self.world, self.rank = dist_.world_size(), dist_.rank()
         dist_.check_divisible(cfg.batch_size, self.world, cfg.grad_accum)
-        self.model, self.objective, self.data, self.cfg = model, objective, data, cfg
+        self.objective, self.data, self.cfg = objective, data, cfg
         self.out_dir = Path(out_dir)
         self.device = device or next(model.parameters()).device
         self.progress = progress and dist_.is_main()
@@ -211,16 +131,12 @@ class Unlearner:
         if not params:
             raise ValueError("the model has no trainable parameters")
         adamw = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.optimizer = adamw
-        self.accelerator = accelerator
-        if accelerator is not None:  # DDP / FSDP2 / DeepSpeed wrapping by accelerate; our own exact accumulation
-            if accelerator.state.deepspeed_plugin is not None:
-                configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, self.world)
-            self.model, self.optimizer = accelerator.prepare(model, adamw)
+        micro_batch = cfg.batch_size // (self.world * cfg.grad_accum)  # per rank
+        self.backend = make_backend(model, adamw, accelerator, micro_batch=micro_batch, max_grad_norm=cfg.max_grad_norm)
+        self.model = self.backend.model
         self.strategy = dist_.strategy(self.model)
-        self.params = [p for group in adamw.param_groups for p in group["params"]]
-        if self.strategy == "deepspeed" and cfg.geffect_every > 0:
-            dist_.reduction_mode(self.model)  # refuses ZeRO stages other than 3 before any step
+        if cfg.geffect_every > 0:
+            dist_.reduction_mode(self.model)  # refuses, before any step, sharding G-effects do not support
         warmup = max(1, round(cfg.warmup_epochs * self.n_steps_epoch))
         # on the AdamW itself: accelerate's and DeepSpeed's wrappers update its param_groups in place
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, warmup_linear(self.total_steps, warmup))
@@ -240,67 +156,20 @@ class Unlearner:
             return False
         if not dist_.broadcast_object(self.state_path.exists()):
             return False
-        state = torch.load(self.state_path, map_location="cpu", weights_only=False)  # loaders move it
-        if ("deepspeed_tag" in state) != (self.strategy == "deepspeed"):
-            raise RuntimeError(f"{self.state_path} was written by a run {'with' if 'deepspeed_tag' in state else 'without'} "
-                               "DeepSpeed; resume it with the same kind of launch")
-        if self.strategy == "deepspeed":
-            self.model.load_checkpoint(str(self.out_dir / DEEPSPEED_DIR), tag=state["deepspeed_tag"],
-                                       load_optimizer_states=True, load_lr_scheduler_states=False)
-        elif dist_.is_distributed():
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        state = self.backend.load(self.state_path)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.start_epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
         return True
 
     def save(self, epoch: int, batch_in_epoch: int) -> None:
-        save_state(self.state_path, self.model, self.optimizer, self.scheduler, self.step, epoch, batch_in_epoch)
+        self.backend.save(self.state_path, {"scheduler": self.scheduler.state_dict(), "step": self.step,
+                                            "epoch": epoch, "batch_in_epoch": batch_in_epoch})
 
     # ---- one step ---------------------------------------------------------------------------
-    def global_chunks(self, epoch: int, b: int) -> List[List[int]]:
-        """The step's forget indices, cut into the global micro-batches (``world * grad_accum``;
-        with one process, as many as there are samples when fewer)."""
-        order = epoch_order(len(self.data.pairs), self.cfg.seed, epoch)
-        idx = order[b * self.cfg.batch_size:(b + 1) * self.cfg.batch_size].tolist()
-        n = self.world * self.cfg.grad_accum
-        n_micro = min(n, len(idx)) if self.world == 1 else n
-        return [idx[i::n_micro] for i in range(n_micro)]
-
-    def step_batches(self, epoch: int, b: int) -> List[dict]:
-        """This rank's micro-batches. A rank left without samples (a short last batch) gets a copy of
-        the first sample with ``weight`` 0, so that every rank runs the same collectives."""
-        chunks = self.global_chunks(epoch, b)
-        self.data.pairs.set_epoch(epoch)
-        A = len(chunks) // self.world
-        mine = chunks[self.rank * A:(self.rank + 1) * A]
-        self.micro_weights = [1.0 if c else 0.0 for c in mine]
-        return [to_device(collate_pairs([self.data.pairs[i] for i in (c or chunks[0][:1])]), self.device)
-                for c in mine]
-
-    def retain_risk_items(self) -> List[dict]:
-        """Held-out retain rows for the retaining risk: a fresh, seeded draw at every step."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
-        n = min(self.cfg.geffect_batch, len(self.data.heldout))
-        idx = torch.randperm(len(self.data.heldout), generator=g)[:n].tolist()
-        return [self.data.heldout[i] for i in idx]
-
-    def retain_risk_batch(self) -> dict:
-        return to_device(collate_qa(self.retain_risk_items()), self.device)
-
-    def forget_risk_items(self, chunks: List[List[int]]) -> List[dict]:
-        """The first ``geffect_batch`` forget samples of the step, in global micro-batch order."""
-        return [self.data.pairs[i]["forget"] for c in chunks for i in c][:self.cfg.geffect_batch]
-
-    def forget_risk_batch(self, micro: List[dict]) -> dict:
-        items = [dict(input_ids=m["forget"]["input_ids"][i], attention_mask=m["forget"]["attention_mask"][i],
-                      labels=m["forget"]["labels"][i], index=m["forget"]["index"][i])
-                 for m in micro for i in range(m["forget"]["labels"].shape[0])]
-        return to_device(collate_qa(items[:self.cfg.geffect_batch]), self.device)
+    def plan(self, epoch: int, batch: int) -> StepPlan:
+        cfg = self.cfg
+        return plan_step(len(self.data.pairs), cfg.batch_size, cfg.grad_accum, self.world, self.rank, cfg.seed,
+                         epoch, batch)
 
     def risk_fn(self, items: List[dict]) -> Callable[[], torch.Tensor]:
         """The NLL risk on ``items``; under data parallel, this rank's share (rows ``rank::world``,
@@ -313,73 +182,33 @@ class Unlearner:
         total = max(1, n_tokens(items))
         return lambda: nll_risk(self.model, batch, total, 1.0 if mine else 0.0)
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self.strategy == "deepspeed":  # our losses already carry the global divisors
-            self.model.backward(loss, scale_wrt_gas=False)
-        elif self.accelerator is not None:
-            self.accelerator.backward(loss)
-        else:
-            loss.backward()
-
-    def _clip_and_step(self) -> float:
-        """Clip to ``max_grad_norm`` and step; the gradient norm before clipping."""
-        if self.strategy == "deepspeed":
-            self.model.step()  # clips (gradient_clipping), steps and zeroes the partitions
-            grad_norm = self.model.get_global_grad_norm()
-        else:
-            clip = self.accelerator.clip_grad_norm_ if self.accelerator is not None else torch.nn.utils.clip_grad_norm_
-            # the optimiser's own parameters (under FSDP2 the module may expose unsharded ones)
-            grad_norm = clip(self.params, self.cfg.max_grad_norm)
-            if dist_.is_dtensor(grad_norm):
-                grad_norm = grad_norm.full_tensor()
-            self.optimizer.step()
-        self.scheduler.step()
-        return float(grad_norm)
-
-    def train_step(self, micro: List[dict]) -> dict:
+    def train_step(self, micro: List[dict], plan: StepPlan) -> dict:
+        """Forwards and backwards of this rank's micro-batches: the objective gradient of the global
+        batch is then in the gradients. Returns the step's logs (of the global batch)."""
         self.model.train()
-        if self.strategy == "deepspeed":
-            self.model.optimizer.zero_grad()  # accelerate's wrapper leaves this to the engine
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        self.backend.zero_grad()
         counts: Dict[str, torch.Tensor] = {}
-        ws = self.micro_weights if self.world > 1 else [1.0] * len(micro)
-        for m, w in zip(micro, ws):
+        for m, w in zip(micro, plan.weights):
             if w == 0.0:
                 continue
             for k, v in count_items(m).items():
                 counts[k] = counts.get(k, 0) + v
-        if self.world > 1:  # every reduction divides by the counts of the whole global batch
-            keys = sorted(set().union(*dist_.all_gather_objects(sorted(counts))))
-            total = dist_.all_reduce_sum(torch.stack([torch.as_tensor(counts.get(k, 0)).double().cpu()
-                                                      for k in keys]))
-            counts = {k: total[i].to(self.device) for i, k in enumerate(keys)}
+        counts = global_counts(counts, self.device)  # every reduction divides by the whole global batch's counts
         logs: Dict[str, float] = {}
         weights, inv_conf = [], []
         last = len(micro) - 1
-        for j, (m, w) in enumerate(zip(micro, ws)):
+        for j, (m, w) in enumerate(zip(micro, plan.weights)):
             try:
                 out, error = self.objective(self.model, m, num_items=counts), None
             except FloatingPointError as e:
                 out, error = None, e
-            if self.world > 1:  # every rank stops together (a lone rank would leave the others in a collective)
-                if float(dist_.all_reduce_sum(torch.tensor(float(error is not None)))) > 0:
-                    bad = dist_.all_gather_objects(None if error is None else str(error))
-                    raise NonFiniteLoss(f"step {self.step}: " + "; ".join(
-                        f"rank {r}: {b}" for r, b in enumerate(bad) if b))
-            elif error is not None:
-                raise NonFiniteLoss(f"step {self.step}: {error}") from error
-            if self.world == 1:
-                out.loss.backward()
-            else:
-                # DDP/FSDP average over ranks; each rank's loss is its share of the global sum
-                sync = j == last or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
-                with (contextlib.nullcontext() if sync else self.model.no_sync()):
-                    self._backward(out.loss * (w * self.world))
-                if w == 0.0:
-                    continue
+            stop_if_nonfinite(error, self.step)
+            # DDP/FSDP average over ranks; each rank's loss is its share of the global sum
+            self.backend.backward(out.loss * (w * self.world), sync=j == last)
+            if w == 0.0:
+                continue
             for k, v in out.logs().items():
-                logs[k] = logs.get(k, 0.0) + (v if k in ("loss", "forget_loss", "reg_loss") else v / len(micro))
+                logs[k] = logs.get(k, 0.0) + (v if k in LOSS_TERMS else v / len(micro))
             d = out.details
             if "weights" in d:
                 weights.append(d["weights"][d["mask"]].detach().float().cpu())
@@ -387,8 +216,7 @@ class Unlearner:
                 weights.append(d["seq_weights"].detach().float().cpu())
             if "logprobs" in d:  # GA's gradient carries 1/p per token: its "inverse confidence"
                 inv_conf.append(torch.exp(-d["logprobs"][d["mask"]].double()).cpu())
-        if self.world > 1:
-            logs, weights, inv_conf = self._gather_logs(logs, len(micro), weights, inv_conf)
+        logs, weights, inv_conf = global_logs(logs, len(micro), weights, inv_conf)
         if inv_conf:
             logs["inv_conf"] = float(torch.cat(inv_conf).mean())
         if weights:
@@ -397,23 +225,12 @@ class Unlearner:
                                "min": float(w.min()), "max": float(w.max())}
         return logs
 
-    def _gather_logs(self, logs: dict, n_micro: int, weights: list, inv_conf: list):
-        """Logs of the global batch: loss terms are shares (summed), other values averaged."""
-        parts = dist_.all_gather_objects((logs, n_micro, weights, inv_conf))
-        n = sum(p[1] for p in parts)
-        out: Dict[str, float] = {}
-        for lg, nm, _, _ in parts:
-            for k, v in lg.items():
-                out[k] = out.get(k, 0.0) + (v if k in ("loss", "forget_loss", "reg_loss") else v * nm / n)
-        return out, [w for p in parts for w in p[2]], [c for p in parts for c in p[3]]
-
-    def measure(self, micro: List[dict], logs: dict, logger: GEffectLogger, epoch: int) -> dict:
-        if self.world == 1:
-            forget_fn = (lambda b: lambda: nll_risk(self.model, b))(self.forget_risk_batch(micro))
-            retain_fn = self.risk_fn(self.retain_risk_items())
-        else:
-            forget_fn = self.risk_fn(self.forget_risk_items(self._chunks))
-            retain_fn = self.risk_fn(self.retain_risk_items())
+    def measure(self, plan: StepPlan, logs: dict, logger: GEffectLogger, epoch: int) -> dict:
+        """G-effects of the objective gradient now in the gradients: unlearning (the step's first
+        ``geffect_batch`` forget samples) and retaining (a draw of held-out retain rows)."""
+        cfg = self.cfg
+        forget_fn = self.risk_fn(forget_risk_items(self.data.pairs, plan.global_chunks, cfg.geffect_batch))
+        retain_fn = self.risk_fn(retain_risk_items(self.data.heldout, cfg.seed, self.step, cfg.geffect_batch))
         self.model.eval()  # risks without dropout
         res = self.geffect.measure({"unlearn": forget_fn, "retain": retain_fn})
         self.model.train()
@@ -422,24 +239,17 @@ class Unlearner:
                    lr=self.scheduler.get_last_lr()[0], **extra)
         return res
 
-    def per_sample(self, micro: List[dict]) -> None:
+    def per_sample(self, micro: List[dict], plan: StepPlan) -> None:
         """PG-effects of the step's first micro-batch, with its per-sample objective weights."""
         m = micro[0]  # under data parallel: the first micro-batch of every rank, together
         # a rank left idle by a short last batch joins with a zero-weight copy and reports nothing
-        w = self.micro_weights[0] if self.world > 1 else 1.0
+        w = plan.weights[0]
         base = unwrap(self.model)
-        counts = count_items(m)
-        if self.world > 1:
-            counts = {k: dist_.all_reduce_sum(v.double().cpu() * w).to(self.device) for k, v in counts.items()}
-
-        def risk():
-            logits = base(input_ids=m["forget"]["input_ids"], attention_mask=m["forget"]["attention_mask"]).logits
-            share = nll(logits, m["forget"]["labels"], num_items_in_batch=counts["forget_tokens"] if self.world > 1
-                        else None)
-            return share * w if w != 1.0 else share
-
+        counts = global_counts(count_items(m) if w else {}, self.device)
+        divisor = counts["forget_tokens"] if self.world > 1 else None  # one process: the batch's own token mean
         self.model.eval()
-        res = self.geffect.per_sample(risk, lambda: self.objective.forget_loss(base, m, counts, per_sample=True)[0])
+        res = self.geffect.per_sample(lambda: nll_risk(base, m["forget"], divisor, w),
+                                      lambda: self.objective.forget_loss(base, m, counts, per_sample=True)[0])
         with torch.no_grad():
             _, details = self.objective.forget_loss(base, m, counts)
         dist_.reshard(self.model)
@@ -451,8 +261,7 @@ class Unlearner:
             mask = details["mask"]
             rec["seq_weights"] = ((details["weights"] * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
         parts = [p for p in dist_.all_gather_objects(rec if w else None) if p is not None]
-        if self.world > 1:
-            rec = {"step": self.step, **{k: [x for p in parts for x in p[k]] for k in rec if k != "step"}}
+        rec = {"step": self.step, **{k: [x for p in parts for x in p[k]] for k in rec if k != "step"}}
         if dist_.is_main():
             with open(self.out_dir / "pg_effects.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -476,20 +285,21 @@ class Unlearner:
                     if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step:
                         self.save(epoch, b)
                         return {"completed": False, "step": self.step}
-                    self._chunks = self.global_chunks(epoch, b)
-                    micro = self.step_batches(epoch, b)
+                    plan = self.plan(epoch, b)
+                    micro = step_batches(self.data.pairs, plan, self.device)
                     try:
-                        logs = self.train_step(micro)
+                        logs = self.train_step(micro, plan)
                     except NonFiniteLoss:
                         self.save(epoch, b)  # the last finite state, resumable (all ranks stop together)
                         raise
                     postfix = {"loss": f"{logs['loss']:.3g}"}
                     if self.geffect is not None and self.step % cfg.geffect_every == 0:
-                        res = self.measure(micro, logs, logger, epoch)
+                        res = self.measure(plan, logs, logger, epoch)
                         postfix.update(e_u=f"{res['unlearn'].total:.3g}", e_r=f"{res['retain'].total:.3g}")
                     if self.geffect is not None and self.step in self.pg_steps:
-                        self.per_sample(micro)
-                    grad_norm = self._clip_and_step()
+                        self.per_sample(micro, plan)
+                    grad_norm = self.backend.clip_and_step(cfg.max_grad_norm)
+                    self.scheduler.step()
                     train_log.write(json.dumps({"step": self.step, "epoch": epoch, "grad_norm": grad_norm,
                                                 **logs}) + "\n")
                     train_log.flush()

@@ -21,7 +21,8 @@ from fastgeffect.distributed import check_divisible, is_main, shutdown
 from fastgeffect.embedded.tokenizer import TokenizerConfig, train_tokenizer
 from fastgeffect.geffect import read_geffect_log
 from fastgeffect.objectives import get_objective
-from fastgeffect.unlearn import UnlearnConfig, Unlearner, full_model_state
+from fastgeffect.training.backend import full_model_state
+from fastgeffect.unlearn import UnlearnConfig, Unlearner
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "red blue green old young tall quiet bright dark warm cold river stone forest city".split()
@@ -132,7 +133,7 @@ def _worker(rank, world, port, folder, out, how, dtype, grad_accum):
         u = _train(model, folder, out, grad_accum=grad_accum, accelerator=accelerator)
         assert u.strategy == how
         # the retain partners of this rank's samples at step 0, for the sampling test
-        chunks = u.global_chunks(0, 0)
+        chunks = u.plan(0, 0).global_chunks
         u.data.pairs.set_epoch(0)
         mine = [i for c in chunks[rank * grad_accum:(rank + 1) * grad_accum] for i in c]
         (out / f"retain{rank}.json").write_text(json.dumps([u.data.pairs[i]["retain"]["index"] for i in mine]))

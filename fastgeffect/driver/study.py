@@ -24,7 +24,9 @@ from ..jsonl import append_jsonl, truncate_jsonl
 from ..objectives import HPARAMS, OBJECTIVES, REGULARIZERS, Objective, get_objective
 from ..reference import ReferenceModel, RefLogprobCache
 from ..report import write_report
-from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict, full_model_state, to_device
+from ..training.backend import full_model_state
+from ..training.batches import to_device
+from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict
 from .cli import RESUME_KEYS, pg_steps
 from .evaluation import evaluate, retain_model_log, uwc_metrics
 from .launch import launch_details, launch_strategy, make_accelerator, use_fused, whole_model

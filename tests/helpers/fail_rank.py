@@ -4,11 +4,12 @@ import os
 import sys
 
 from fastgeffect import run, unlearn
+from fastgeffect.distributed import shutdown
 
 _train_step = unlearn.Unlearner.train_step
 
 
-def failing_train_step(self, micro):
+def failing_train_step(self, micro, plan):
     if self.rank == int(os.environ["FAIL_RANK"]) and self.step == int(os.environ["FAIL_AT_STEP"]):
         if os.environ.get("FAIL_KIND", "raise") == "raise":
             raise RuntimeError(f"injected failure on rank {self.rank}")
@@ -19,15 +20,15 @@ def failing_train_step(self, micro):
             raise FloatingPointError("non-finite loss (injected)")
         self.objective = nan_objective
         try:
-            return _train_step(self, micro)
+            return _train_step(self, micro, plan)
         finally:
             self.objective = objective
-    return _train_step(self, micro)
+    return _train_step(self, micro, plan)
 
 
 unlearn.Unlearner.train_step = failing_train_step
 
 if __name__ == "__main__":
     code = run.main(sys.argv[1:])
-    run.dist_.shutdown()
+    shutdown()
     sys.exit(code)

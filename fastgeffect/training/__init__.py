@@ -1,0 +1,2 @@
+"""The parts of the unlearning loop (:mod:`fastgeffect.unlearn`): the step plan, the batches, the
+data-parallel reductions of counts and logs, and the engine backends with checkpointing."""
