@@ -90,6 +90,17 @@ def test_fused_and_materialised_runs_agree(tmp_path):
         assert ra["weights"]["mean"] == pytest.approx(rb["weights"]["mean"], rel=1e-5)
 
 
+def test_gradient_accumulation_gives_the_same_geffects(tmp_path):
+    """One process, --grad-accum 2: the step's micro-batches share its counts, so the objective gradient,
+    the risk batches and hence the G-effects are those of one micro-batch (the risk batch is built from
+    the step's samples, not by stacking micro-batches of different lengths)."""
+    common = ["--method", "wga", "--eval", "none", "--epochs", "2", "--batch-size", "4", "--fused", "off"]
+    assert run(tmp_path / "one", *common) == 0
+    assert run(tmp_path / "two", *common, "--grad-accum", "2") == 0
+    a, b = (read_geffect_log(tmp_path / d / "geffect.jsonl") for d in ("one", "two"))
+    assert_same_geffects(a, b, 1e-6, groups=True)
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     out = tmp_path / "r"
     assert run(out, "--method", "ga", "--eval", "none", "--epochs", "1") == 0

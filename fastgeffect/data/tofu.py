@@ -37,7 +37,7 @@ def load_tofu_split(split: str, data_dir: Optional[Union[str, Path]] = None) -> 
     if split not in SPLIT_FIELDS:
         raise ValueError(f"unknown TOFU split {split!r}; valid: {', '.join(sorted(SPLIT_FIELDS))}")
     if data_dir is None:
-        import datasets
+        import datasets  # only for a hub download: the local-folder path never needs it
 
         rows = [dict(r) for r in datasets.load_dataset(HUB_NAME, split, split="train")]
     else:
