@@ -98,7 +98,7 @@ def test_gradient_accumulation_gives_the_same_geffects(tmp_path):
     assert run(tmp_path / "one", *common) == 0
     assert run(tmp_path / "two", *common, "--grad-accum", "2") == 0
     a, b = (read_geffect_log(tmp_path / d / "geffect.jsonl") for d in ("one", "two"))
-    assert_same_geffects(a, b, 1e-6, groups=True)
+    assert_same_geffects(a, b, 1e-5, groups=True)  # fp32 sums in another order, then trained on
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
