@@ -13,6 +13,7 @@ Triton branch included), one ``ForgetTerm`` line and its test.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
@@ -64,11 +65,14 @@ class TokenWeight:
     needs_explicit: bool = False  # caller-given weights
 
     def scalars(self, hp: Mapping[str, object]) -> Tuple[float, float]:
-        """(alpha, beta) from ``hp``, the defaults where a value is missing or None, 0 where unused."""
+        """(alpha, beta) from ``hp``, the defaults where a value is missing or None, 0 where unused;
+        a NaN or infinite value is refused (it would make every weight NaN or 0/1)."""
         out = []
         for k in ("alpha", "beta"):
             v = hp.get(k)
             out.append(float(self.defaults.get(k, 0.0) if v is None else v))
+            if not math.isfinite(out[-1]):
+                raise ValueError(f"{self.name}: {k} must be finite, got {v!r}")
         return out[0], out[1]
 
     def weights(self, logp: torch.Tensor, ref: Optional[torch.Tensor] = None,
