@@ -31,6 +31,7 @@ from torch.func import functional_call, jvp
 from .. import distributed as _dist
 from .. import ops as _ops
 from ..models import unwrap
+from .finite import check_finite_pg_effects
 from .groups import Grouping, GroupSpec, build_grouping
 from .risk import check_per_sample_losses, evaluate_risk
 from .sharded import sharded_per_sample_geffects
@@ -258,8 +259,10 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     params = grouping.params
     P = len(params)
     if mode in ("sharded", "zero3"):  # no whole parameters for the closed forms: exact shard dots
-        table, risk_value = sharded_per_sample_geffects(model, params, grouping.group_ids, len(grouping.names), mode,
-                                                        risk_fn, per_sample_losses_fn, accumulate_dtype)
+        table, risk_value, risk_norm2 = sharded_per_sample_geffects(
+            model, params, grouping.group_ids, len(grouping.names), mode, risk_fn, per_sample_losses_fn,
+            accumulate_dtype)
+        check_finite_pg_effects(table, grouping.names, lambda: risk_norm2)
         values = table.sum(0)
         if not return_details:
             return values
@@ -327,6 +330,12 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     table = torch.zeros(len(grouping.names), B, dtype=torch.float64)
     for i, c in cap.contrib.items():
         table[grouping.group_ids[i]] += c.to("cpu", torch.float64)
+    # a parameter acting outside its module shows a NaN/inf gradient only in its batch dot
+    batch_groups = None if batch_dots is None else \
+        torch.zeros(len(grouping.names), dtype=torch.float64).index_add_(0, torch.tensor(grouping.group_ids),
+                                                                         batch_dots.to(torch.float64))
+    check_finite_pg_effects(table, grouping.names, lambda: grouped_dots(G, G, grouping.group_ids, len(grouping.names),
+                                                                        accumulate_dtype), batch_groups)
     values = table.sum(0)
     if not return_details:
         return values
