@@ -316,6 +316,10 @@ def test_non_finite_inputs_are_named():
     r[0, 7] = float("inf")
     with pytest.raises(FloatingPointError, match="ref_logprobs"):
         L.tnpo(logits, labels, r)
+    w = torch.ones(B, T, dtype=torch.float64)
+    w[0, 7] = float("nan")  # caller-given weights: a NaN gave a NaN loss without an error
+    with pytest.raises(FloatingPointError, match="non-finite weights"):
+        L.token_weighted("weighted", logits, labels, weights=w)
 
 
 def test_unknown_wtnpo_form():

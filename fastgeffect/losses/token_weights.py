@@ -19,7 +19,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ._common import NumItems, check_aligned, prepare, weighted_token_loss
+from ._common import NumItems, check_aligned, check_finite, prepare, weighted_token_loss
 
 # w = fn(logp, ref, explicit, alpha, beta): every input detached and aligned; ref / explicit are None
 # unless the entry needs them
@@ -133,5 +133,7 @@ def token_weighted(objective: str, logits: torch.Tensor, labels: torch.Tensor,
     if weights is not None:
         check_aligned(weights, labels, "weights")
     tok_logp, mask, ref = prepare(logits, labels, ref_logprobs)
+    if weights is not None:
+        check_finite(weights.detach(), mask, "weights")
     w = entry.weights(tok_logp, ref, weights, hp)
     return weighted_token_loss(tok_logp, w, mask, num_items_in_batch, return_details, per_sample)
