@@ -228,8 +228,14 @@ SHARDED_NON_FINITE = textwrap.dedent("""
         L.ga(logits_of(model, batch), batch["labels"]).backward()
         g = dict(model.named_parameters())[ge.grouping.members("deep")[0]].grad
         g.to_local().view(-1)[0] = float("nan")
+        ddp_model = tiny_model("llama", layers=3)  # DDP: replicated parameters, each rank its own samples
+        ddp = GEffect(torch.nn.parallel.DistributedDataParallel(ddp_model))
+        ddp_terms = lambda: (L.token_logprobs(logits_of(ddp_model, batch), batch["labels"])
+                             * L.valid_mask(batch["labels"])).sum(1)
         for fn in (lambda: ge.measure({"r": risk}),
-                   lambda: ge.per_sample(lambda: risk() + nan_gradient(logits_of(model, batch)), terms)):
+                   lambda: ge.per_sample(lambda: risk() + nan_gradient(logits_of(model, batch)), terms),
+                   lambda: ddp.per_sample(lambda: L.nll(logits_of(ddp_model, batch), batch["labels"]),
+                                          lambda: ddp_terms() + nan_gradient(logits_of(ddp_model, batch)))):
             try:
                 fn()
                 print("no error")
@@ -241,7 +247,7 @@ SHARDED_NON_FINITE = textwrap.dedent("""
 
 
 def test_sharded_non_finite_gradients_are_named(tmp_path):
-    # FSDP2 (one gloo process): the sharded G-effect and PG-effect paths refuse NaN gradients too
+    # FSDP2 and DDP (one gloo process): the sharded and replicated paths refuse NaN gradients too
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
@@ -251,7 +257,8 @@ def test_sharded_non_finite_gradients_are_named(tmp_path):
     res = subprocess.run([sys.executable, "-c", SHARDED_NON_FINITE], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    measure, pg = res.stdout.splitlines()[:2]
+    measure, pg, ddp = res.stdout.splitlines()[:3]
     assert "for risk 'r' in group(s) deep: the objective gradient (p.grad) is non-finite in group(s) deep" in measure
     assert ("in group(s) embed, shallow, middle, deep, lm for sample(s) [0, 1, 2]: the gradient of risk 'risk_fn' "
             "is non-finite in group(s) embed, shallow, middle, deep, lm") in pg
+    assert "for sample(s) [0, 1, 2]: the gradient of risk 'risk_fn' is finite there, so the per-sample" in ddp

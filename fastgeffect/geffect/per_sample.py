@@ -253,7 +253,10 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     summed over ranks once (the full risk gradient), and each rank gets the PG-effects of its samples.
     Under FSDP2 and ZeRO-3 (no whole parameters) the same values come from exact dots of reduced
     gradient shards, one backward per sample of the global batch (:mod:`.sharded`); ``check`` does
-    not apply there."""
+    not apply there.
+
+    A NaN/inf PG-effect (a non-finite gradient of the risk or of the per-sample losses behind finite
+    values) raises ``FloatingPointError`` naming the groups, the samples and which gradient it was."""
     mode = _dist.reduction_mode(model)
     grouping = groups if isinstance(groups, Grouping) else build_grouping(unwrap(model), groups)
     params = grouping.params
@@ -334,6 +337,12 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     batch_groups = None if batch_dots is None else \
         torch.zeros(len(grouping.names), dtype=torch.float64).index_add_(0, torch.tensor(grouping.group_ids),
                                                                          batch_dots.to(torch.float64))
+    if mode == "replicated":  # each rank holds its own samples: every rank must raise when one does
+        bad_here = not (bool(torch.isfinite(table).all()) and (batch_groups is None or
+                                                               bool(torch.isfinite(batch_groups).all())))
+        if float(_dist.all_reduce_sum(torch.tensor(float(bad_here), dtype=torch.float64))) and not bad_here:
+            raise FloatingPointError("PG-effects are not finite (NaN/inf) on another rank; its error names the "
+                                     "groups, samples and the non-finite gradient")
     check_finite_pg_effects(table, grouping.names, lambda: grouped_dots(G, G, grouping.group_ids, len(grouping.names),
                                                                         accumulate_dtype), batch_groups)
     values = table.sum(0)
