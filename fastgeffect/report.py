@@ -13,8 +13,9 @@ import argparse
 import html
 import json
 import math
+import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -32,13 +33,109 @@ HEADLINE_METRICS = ("Model Utility", "Forget Quality", "Prob. Forget", "ROUGE Fo
                     "PS-exact forget", "PS-perturb forget", "PS-exact retain", "PS-perturb retain")
 
 
-def read_log(path: Path) -> List[dict]:
-    """The records of an optional JSON-lines log of a run (none when absent)."""
-    return read_jsonl(path, skip_torn_tail=True) if path.exists() else []
+Check = Callable[[object], Optional[str]]  # a JSON value -> what is wrong with it, or None
+
+
+def _is(types: tuple, what: str) -> Check:
+    return lambda v: None if isinstance(v, types) and not isinstance(v, bool) else \
+        f"is {json.dumps(v)}, expected {what}"
+
+
+NUMBER, TEXT, LIST = _is((int, float), "a number"), _is((str,), "a string"), _is((list,), "a list")
+
+
+def _numbers(names: Optional[Sequence[str]] = None) -> Check:
+    """An object of numbers (with at least ``names``)."""
+    def check(v):
+        if not isinstance(v, dict):
+            return f"is {json.dumps(v)}, expected an object of numbers"
+        for k in v if names is None else names:
+            if NUMBER(v.get(k)) is not None:
+                return f"has {k!r}: {json.dumps(v.get(k))}, expected a number"
+        return None
+    return check
+
+
+# the keys each log's records must have for the report, with the check of each value
+GEFFECT_KEYS = {"step": NUMBER, "risk": TEXT, "total": NUMBER, "groups": _numbers(), "risk_value": NUMBER}
+PG_KEYS = {"step": NUMBER, "pg_effect": LIST}
+TOKEN_WEIGHT_KEYS = {"index": NUMBER, "epoch": NUMBER, "tokens": LIST, "weights": LIST}
+# train_log.jsonl: only the records holding weight statistics or the inverse confidence are plotted
+TRAIN_KEYS = {"weights": {"step": NUMBER, "weights": _numbers(("mean", "min", "max"))},
+              "inv_conf": {"step": NUMBER, "inv_conf": NUMBER}}
+
+
+def _line_of(path: Path, index: int) -> int:
+    """The line number of record ``index`` of a JSON-lines file (blank lines hold no record)."""
+    with open(path, encoding="utf-8") as f:
+        lines = [n for n, line in enumerate(f, 1) if line.strip()]
+    return lines[index] if index < len(lines) else index + 1
+
+
+def _problem(record, keys: Mapping[str, Check]) -> Optional[str]:
+    if not isinstance(record, dict):
+        return f"a record must be a JSON object, got {json.dumps(record)}"
+    for key, check in keys.items():
+        if key not in record:
+            return f"the record has no {key!r}"
+        problem = check(record[key])
+        if problem is not None:
+            return f"{key!r} {problem}"
+    return None
+
+
+def check_records(path: Path, records: Sequence[dict], keys: Mapping[str, Check],
+                  when: Optional[Mapping[str, Mapping[str, Check]]] = None) -> List[dict]:
+    """``records`` of ``path`` if each passes ``keys`` (and, for each key of ``when`` it holds,
+    that entry's keys); else a ``ValueError`` naming the file, the line and the problem."""
+    for i, r in enumerate(records):
+        problem = _problem(r, keys)
+        for cond, extra in (when or {}).items():
+            if problem is None and cond in r:
+                problem = _problem(r, extra)
+        if problem is not None:
+            raise ValueError(f"{path}:{_line_of(path, i)}: {problem}; the report cannot use this record "
+                             "(repair or remove the line)")
+    return list(records)
+
+
+def read_log(path: Path, keys: Optional[Mapping[str, Check]] = None,
+             when: Optional[Mapping[str, Mapping[str, Check]]] = None) -> List[dict]:
+    """The checked records of an optional JSON-lines log of a run (none when absent); a torn last
+    line (a crash while writing) is dropped, a malformed line names the file and line."""
+    if not path.exists():
+        return []
+    return check_records(path, read_jsonl(path, skip_torn_tail=True), keys or {}, when)
 
 
 def read_json(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    """A JSON object file of a run (None when absent); a malformed one names the file."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e}); rerun the step that writes it or remove it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_run_folder(run_dir: Path) -> Path:
+    """``run_dir`` if it is a fastgeffect run folder (it holds config.json); else a clear error."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder (pass the --out folder of a "
+                                "`python -m fastgeffect.run`)")
+    if not (run_dir / "config.json").is_file():
+        raise ValueError(f"{run_dir} is not a run folder: it has no config.json (pass the --out folder of a "
+                         "`python -m fastgeffect.run`)")
+    return run_dir
+
+
+def read_geffects(path: Path) -> List[dict]:
+    """The checked records of a run's G-effect log (none when absent)."""
+    return check_records(path, read_geffect_log(path), GEFFECT_KEYS) if path.exists() else []
 
 
 def series(records: Sequence[dict], risk: str, key: Optional[str] = None) -> tuple:
@@ -124,7 +221,8 @@ def plot_weights(train_log: Sequence[dict], path: Path, title: str) -> bool:
         ax2.legend(loc="upper right", fontsize=8)
     ax.set_xlabel("step")
     ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
+    if rows:
+        ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -208,11 +306,14 @@ def geffect_totals(records: Sequence[dict]) -> str:
 
 def write_report(run_dir: Path) -> Path:
     """Plots and ``summary.md`` of one run folder; returns the summary's path."""
-    run_dir = Path(run_dir)
+    run_dir = check_run_folder(run_dir)
     cfg = read_json(run_dir / "config.json") or {}
     name = cfg.get("method", run_dir.name)
-    records = read_geffect_log(run_dir / "geffect.jsonl") if (run_dir / "geffect.jsonl").exists() else []
-    train_log = read_log(run_dir / "train_log.jsonl")
+    records = read_geffects(run_dir / "geffect.jsonl")
+    train_log = read_log(run_dir / "train_log.jsonl", when=TRAIN_KEYS)
+    pg_effects = read_log(run_dir / "pg_effects.jsonl", PG_KEYS)
+    token_weights = read_log(run_dir / "token_weights.jsonl", TOKEN_WEIGHT_KEYS)
+    before, after, uwc = (read_json(run_dir / f"metrics_{k}.json") for k in ("before", "after", "uwc"))
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     made = []
@@ -222,12 +323,10 @@ def write_report(run_dir: Path) -> Path:
         made += ["plots/geffect.png", "plots/risk.png"]
     if plot_weights(train_log, plots / "weights.png", f"objective weights of {name}"):
         made.append("plots/weights.png")
-    if plot_pg_effects(read_log(run_dir / "pg_effects.jsonl"), plots / "pg_effects.png", f"PG-effects of {name}"):
+    if plot_pg_effects(pg_effects, plots / "pg_effects.png", f"PG-effects of {name}"):
         made.append("plots/pg_effects.png")
-    if token_weights_html(read_log(run_dir / "token_weights.jsonl"), run_dir / "token_weights.html",
-                          f"token weights of {name} across epochs"):
+    if token_weights_html(token_weights, run_dir / "token_weights.html", f"token weights of {name} across epochs"):
         made.append("token_weights.html")
-    before, after, uwc = (read_json(run_dir / f"metrics_{k}.json") for k in ("before", "after", "uwc"))
     shown = {k: cfg.get(k) for k in SUMMARY_KEYS if cfg.get(k) is not None}
     shown.update(cfg.get("objective_hparams") or {})
     parts = [f"# {name} run\n", "Settings: " + ", ".join(f"{k}={v}" for k, v in shown.items()) +
@@ -247,18 +346,14 @@ def write_report(run_dir: Path) -> Path:
 
 def compare(run_dirs: Sequence[Path], out_dir: Optional[Path] = None) -> Path:
     """One metrics table and overlaid total G-effect curves of several runs."""
-    run_dirs = [Path(d) for d in run_dirs]
-    for d in run_dirs:
-        if not (d / "config.json").exists():
-            raise FileNotFoundError(f"{d} is not a run folder (no config.json)")
+    run_dirs = [check_run_folder(d) for d in run_dirs]
     out_dir = Path(out_dir) if out_dir else run_dirs[0].parent / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
     label = {d: f"{(read_json(d / 'config.json') or {}).get('method', d.name)} ({d.name})" for d in run_dirs}
     table = metrics_table({label[d]: read_json(d / "metrics_after.json") for d in run_dirs})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for d in run_dirs:
-        p = d / "geffect.jsonl"
-        records = read_geffect_log(p) if p.exists() else []
+        records = read_geffects(d / "geffect.jsonl")
         for ax, risk in zip(axes, ("unlearn", "retain")):
             steps, vals = series(records, risk)
             ax.plot(steps, cumulative(vals), label=label[d])
@@ -293,10 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.cmd == "show":
-        path = write_report(args.run_dir)
-    else:
-        path = compare(args.run_dirs, args.out)
+    try:
+        path = write_report(args.run_dir) if args.cmd == "show" else compare(args.run_dirs, args.out)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(path.read_text(encoding="utf-8"))
     return 0
 

@@ -265,6 +265,45 @@ def test_risk_raising_midway_leaves_no_gradient_behind(trained):
     assert_grads_restored(model, grads)
 
 
+def nan_gradient(x):
+    """0 with a NaN gradient: d sqrt(u)/du at u = 0 is inf, times the 0 of the chain rule."""
+    return torch.sqrt(x - x.detach()).sum() * 0.0
+
+
+def test_non_finite_objective_gradient_is_named(trained):
+    # NaN in p.grad (finite risk values) gave NaN G-effects without an error
+    model, batch, grads = trained
+    engine = GEffect(model)
+    name = engine.grouping.members("deep")[0]
+    p = dict(model.named_parameters())[name]
+    saved = p.grad.clone()
+    p.grad.view(-1)[0] = float("nan")
+    risks = {"unlearn": lambda: L.nll(logits_of(model, batch), batch["labels"]),
+             "retain": lambda: L.nll(logits_of(model, batch), batch["labels"]) * 2}
+    msg = r"risk 'unlearn' in group\(s\) deep; risk 'retain' in group\(s\) deep: the objective gradient \(p.grad\) " \
+          r"is non-finite in group\(s\) deep"
+    with pytest.raises(FloatingPointError, match=msg):
+        engine.measure(risks)
+    p.grad.copy_(saved)
+    assert_grads_restored(model, grads)
+
+
+def test_non_finite_risk_gradient_is_named(trained):
+    # a risk with a finite value and a NaN gradient in one group
+    model, batch, grads = trained
+    engine = GEffect(model)
+    name = engine.grouping.members("middle")[0]
+    p = dict(model.named_parameters())[name]
+    risks = {"ok": lambda: L.nll(logits_of(model, batch), batch["labels"]),
+             "bad": lambda: L.nll(logits_of(model, batch), batch["labels"]) + nan_gradient(p)}
+    msg = (r"for risk 'bad' in group\(s\) middle: the objective gradient \(p.grad\) is finite there, "
+           r"so the risk's gradient \(its value is finite\) is non-finite")
+    with pytest.raises(FloatingPointError, match=msg):
+        engine.measure(risks)
+    assert_grads_restored(model, grads)
+    assert math.isfinite(engine.measure({"ok": risks["ok"]})["ok"].total)
+
+
 def test_bad_risks_argument(trained):
     model, _, grads = trained
     engine = GEffect(model)

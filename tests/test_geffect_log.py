@@ -74,6 +74,20 @@ def test_reader_dedupes_last_wins(tmp_path):
         read_geffect_log(path)
 
 
+def test_logger_refuses_nan_and_inf(tmp_path):
+    # json.dumps wrote NaN / Infinity measurements, which strict JSON parsers reject
+    path = tmp_path / "ge.jsonl"
+    log = GEffectLogger(path)
+    log.log(0, {"unlearn": result(-1.0)})
+    for results, stats in (({"unlearn": result(1.0), "retain": result(float("nan"))}, None),
+                           ({"unlearn": result(1.0, risk=float("inf"))}, None),
+                           ({"unlearn": result(1.0)}, {"mean": float("nan")})):
+        with pytest.raises(ValueError, match="step 1, risk '(retain|unlearn)' holds NaN or inf"):
+            log.log(1, results, stats=stats)
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0]  # nothing half-written
+
+
 def test_logger_bad_input(tmp_path):
     log = GEffectLogger(tmp_path / "ge.jsonl")
     with pytest.raises(ValueError, match="risk name"):

@@ -1,5 +1,10 @@
 """Per-sample PG-effects (ghost dot products) against a naive loop of per-sample backward passes."""
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +169,96 @@ def test_bad_inputs():
     # hooks were removed: a plain forward/backward afterwards is unaffected
     L.nll(logits_of(model, batch), batch["labels"]).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def nan_gradient(x):
+    """0 per row with a NaN gradient: d sqrt(u)/du at u = 0 is inf, times the 0 of the chain rule."""
+    return torch.sqrt(x - x.detach()).reshape(x.shape[0], -1).sum(1) * 0.0
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_non_finite_gradients_are_named(check):
+    # finite risk and per-sample loss values with NaN gradients gave NaN PG-effects without an error
+    model = tiny_model("llama", layers=3)
+    batch = qa_batch(7)
+    ge = GEffect(model)
+    risk = lambda: L.nll(logits_of(model, batch), batch["labels"])  # noqa: E731
+    terms = lambda: per_sample_ga_terms(model, batch)  # noqa: E731
+    middle = dict(model.named_parameters())[ge.grouping.members("middle")[0]]
+    with pytest.raises(FloatingPointError, match=r"the gradient of risk 'risk_fn' is non-finite in group\(s\) middle"):
+        ge.per_sample(lambda: risk() + nan_gradient(middle[None]).sum(), terms, check=check)
+    # the per-sample losses' gradients NaN through the model's output: every group, every sample
+    with pytest.raises(FloatingPointError, match=r"in group\(s\) embed, shallow, middle, deep, lm for sample\(s\) "
+                       r"\[0, 1, 2\]: the gradient of risk 'risk_fn' is finite there, so the per-sample losses' "
+                       r"gradient is non-finite"):
+        ge.per_sample(risk, lambda: terms() + nan_gradient(logits_of(model, batch)), check=check)
+    # ... and through a parameter used outside its module: only the checked batch dot sees it
+    # (check=False trusts the closed forms, which see the module's own use only)
+    if check:
+        with pytest.raises(FloatingPointError, match=r"group\(s\) middle for the batch's gradient: the gradient "
+                           r"of risk 'risk_fn' is finite there"):
+            ge.per_sample(risk, lambda: terms() + nan_gradient(middle[None].expand(3, *middle.shape)))
+    assert all(p.grad is None for p in model.parameters())
+
+
+SHARDED_NON_FINITE = textwrap.dedent("""
+    import os, socket, sys
+    import torch
+    from helpers.model_families import logits_of, qa_batch, tiny_model
+    import fastgeffect.losses as L
+    from fastgeffect.distributed import fully_shard_blocks, shutdown
+    from fastgeffect.geffect import GEffect
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    model = tiny_model("llama", layers=3)
+    fully_shard_blocks(model)
+    ge = GEffect(model)
+    batch = qa_batch(5)
+    risk = lambda: L.nll(logits_of(model, batch), batch["labels"])
+    def terms():
+        lp, m = L.token_logprobs(logits_of(model, batch), batch["labels"]), L.valid_mask(batch["labels"])
+        return (lp * m).sum(1) / m.sum()
+    def nan_gradient(x):
+        return torch.sqrt(x - x.detach()).sum() * 0.0
+    try:
+        L.ga(logits_of(model, batch), batch["labels"]).backward()
+        g = dict(model.named_parameters())[ge.grouping.members("deep")[0]].grad
+        g.to_local().view(-1)[0] = float("nan")
+        ddp_model = tiny_model("llama", layers=3)  # DDP: replicated parameters, each rank its own samples
+        ddp = GEffect(torch.nn.parallel.DistributedDataParallel(ddp_model))
+        ddp_terms = lambda: (L.token_logprobs(logits_of(ddp_model, batch), batch["labels"])
+                             * L.valid_mask(batch["labels"])).sum(1)
+        for fn in (lambda: ge.measure({"r": risk}),
+                   lambda: ge.per_sample(lambda: risk() + nan_gradient(logits_of(model, batch)), terms),
+                   lambda: ddp.per_sample(lambda: L.nll(logits_of(ddp_model, batch), batch["labels"]),
+                                          lambda: ddp_terms() + nan_gradient(logits_of(ddp_model, batch)))):
+            try:
+                fn()
+                print("no error")
+            except FloatingPointError as e:
+                print(e)
+    finally:
+        shutdown()
+""")
+
+
+def test_sharded_non_finite_gradients_are_named(tmp_path):
+    # FSDP2 and DDP (one gloo process): the sharded and replicated paths refuse NaN gradients too
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", SHARDED_NON_FINITE], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    measure, pg, ddp = res.stdout.splitlines()[:3]
+    assert "for risk 'r' in group(s) deep: the objective gradient (p.grad) is non-finite in group(s) deep" in measure
+    assert ("in group(s) embed, shallow, middle, deep, lm for sample(s) [0, 1, 2]: the gradient of risk 'risk_fn' "
+            "is non-finite in group(s) embed, shallow, middle, deep, lm") in pg
+    assert "for sample(s) [0, 1, 2]: the gradient of risk 'risk_fn' is finite there, so the per-sample" in ddp

@@ -114,6 +114,41 @@ def test_extreme_logits_and_errors(backend):
                         positions="answer", backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_reference_vocabulary(backend):
+    """A reference bias of −inf on some entries (probability 0): the forward KL is finite and equals
+    losses.kl (0·log 0 = 0, no NaN); the reverse KL is +inf (the current model has mass there),
+    which the objective's finite-loss check refuses."""
+    N, H, V = 13, 16, 300
+    hidden, weight, bias, ref_hidden, ref_weight, _ = make_inputs(N, H, V, torch.float32, seed=6)
+    ref_bias = torch.zeros(V)
+    ref_bias[torch.randperm(V, generator=torch.Generator().manual_seed(6))[:100]] = float("-inf")
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_kl(h, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, backend=backend,
+                           chunk_size=4)
+    loss.backward()
+    h2 = hidden.double().requires_grad_()
+    logits = (h2 @ weight.double().t() + bias.double()).view(1, N, V)
+    ref_logits = (ref_hidden.double() @ ref_weight.double().t() + ref_bias.double()).view(1, N, V)
+    want = losses.kl(logits, ref_logits)
+    want.backward()
+    assert torch.isfinite(loss) and rel_err(loss.reshape(1), want.reshape(1)) < 3e-5
+    assert rel_err(h.grad, h2.grad) < 1e-4
+    rev = fused_linear_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias,
+                          direction="reverse", backend=backend, chunk_size=4)
+    assert float(rev) == math.inf
+
+
+@pytest.mark.parametrize("n", [0, -4, float("nan")])
+def test_num_items_must_be_positive(n):
+    # positions="all" divided by it unchecked: 0 gave a ZeroDivisionError, a negative count flipped the sign
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(11, 16, 97, torch.float32)
+    for positions in ("all", "answer"):
+        with pytest.raises(ValueError, match="num_items_in_batch must be"):
+            fused_linear_kl(hidden, weight, ref_hidden, ref_weight, labels=labels, positions=positions,
+                            num_items_in_batch=n)
+
+
 def test_bad_inputs():
     hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(11, 16, 97, torch.float32)
     with pytest.raises(ValueError, match="direction"):

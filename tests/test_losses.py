@@ -316,12 +316,125 @@ def test_non_finite_inputs_are_named():
     r[0, 7] = float("inf")
     with pytest.raises(FloatingPointError, match="ref_logprobs"):
         L.tnpo(logits, labels, r)
+    w = torch.ones(B, T, dtype=torch.float64)
+    w[0, 7] = float("nan")  # caller-given weights: a NaN gave a NaN loss without an error
+    with pytest.raises(FloatingPointError, match="non-finite weights"):
+        L.token_weighted("weighted", logits, labels, weights=w)
 
 
 def test_unknown_wtnpo_form():
     logits, labels, ref = make_batch(21)
     with pytest.raises(ValueError, match="eq16, product"):
         L.wtnpo(logits, labels, ref, wtnpo_form="bogus")
+
+
+def _every_loss(logits, labels, ref, **count):
+    """(name, call) of every logits loss; ``count`` is passed as num_items/num_seqs_in_batch."""
+    items = {"num_items_in_batch": count["n"]} if count else {}
+    seqs = {"num_seqs_in_batch": count["n"]} if count else {}
+    return [("ga", lambda: L.ga(logits, labels, **items)), ("nll", lambda: L.nll(logits, labels, **items)),
+            ("tnpo", lambda: L.tnpo(logits, labels, ref, **items)), ("npo", lambda: L.npo(logits, labels, ref, **seqs)),
+            ("simnpo", lambda: L.simnpo(logits, labels, **seqs)),
+            ("dpo", lambda: L.dpo(logits, labels, ref, logits, labels, ref, **seqs)),
+            ("kl", lambda: L.kl(logits, logits.detach() + 1, **items))]
+
+
+@pytest.mark.parametrize("n", [0, -3, torch.tensor(0), torch.tensor(-3.0), float("nan")])
+def test_counts_must_be_positive(n):
+    # 0 divided by zero (inf), a negative count flipped the sign of the sequence losses
+    logits, labels, ref = make_batch(23)
+    h = torch.randn(B, T, 8, dtype=torch.float64)
+    hidden = [("rmu", lambda: L.rmu(h, labels, L.control_vector(8, 2.0, dtype=torch.float64),
+                                    num_items_in_batch=n)),
+              ("rr", lambda: L.rr(h, h + 1, labels, num_items_in_batch=n))]
+    for name, fn in _every_loss(logits, labels, ref, n=n) + hidden:
+        arg = "num_seqs_in_batch" if name in ("npo", "simnpo", "dpo") else "num_items_in_batch"
+        with pytest.raises(ValueError, match=f"{arg} must be") as e:
+            fn()
+        assert isinstance(e.value, L.AllMaskedError) == (float(n) == 0), name
+
+
+@pytest.mark.parametrize("b, t, why", [(B, 0, "have 0 token"), (0, T, "batch is empty"), (B, 1, "have 1 token")])
+def test_degenerate_shapes_name_the_problem(b, t, why):
+    # T=0 raised an IndexError, B=0 and T=1 said "all labels are -100" (npo on B=0 returned NaN)
+    logits = torch.randn(b, t, V, dtype=torch.float64, requires_grad=True)
+    labels, ref = torch.randint(0, V, (b, t)), -torch.rand(b, t, dtype=torch.float64)
+    for name, fn in _every_loss(logits, labels, ref):
+        if name == "kl" and t == 1:
+            assert torch.isfinite(fn())  # the KL compares distributions at every position: one is enough
+            continue
+        with pytest.raises(L.AllMaskedError, match=why if name != "kl" else "no position for the KL"):
+            fn()
+    h = torch.randn(b, t, 8, dtype=torch.float64)
+    if t:
+        return  # the hidden-state losses act on unshifted positions: a single token counts
+    with pytest.raises(L.AllMaskedError, match="no position for the hidden-state loss"):
+        L.rr(h, h + 1)
+
+
+@pytest.mark.parametrize("beta", [0, -1.0, float("nan"), float("inf")])
+def test_sequence_losses_need_a_positive_beta(beta):
+    # −(2/β)·logσ(β·…): β = 0 was a ZeroDivisionError, a negative β an unbounded loss
+    logits, labels, ref = make_batch(25)
+    for name, fn in (("npo", lambda: L.npo(logits, labels, ref, beta=beta)),
+                     ("simnpo", lambda: L.simnpo(logits, labels, beta=beta)),
+                     ("dpo", lambda: L.dpo(logits, labels, ref, logits, labels, ref, beta=beta))):
+        with pytest.raises(ValueError, match=f"{name}: beta must be a positive finite number"):
+            fn()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_hyper_parameters_must_be_finite(bad):
+    # a NaN α or β made every token weight NaN (or 0/1 for ±inf) without an error
+    logits, labels, ref = make_batch(27)
+    with pytest.raises(ValueError, match="simnpo: delta must be finite"):
+        L.simnpo(logits, labels, delta=bad)
+    for name, fn in (("wga", lambda: L.wga(logits, labels, alpha=bad)),
+                     ("tnpo", lambda: L.tnpo(logits, labels, ref, beta=bad)),
+                     ("wtnpo", lambda: L.wtnpo(logits, labels, ref, alpha=bad))):
+        with pytest.raises(ValueError, match=f"{name}: (alpha|beta) must be finite"):
+            fn()
+
+
+def _masked_kl_reference(logp, logq):
+    """Σ p·(log p − log q) over the entries where p > 0 only (a plain loop over rows)."""
+    rows = []
+    for lp, lq in zip(logp.reshape(-1, logp.shape[-1]), logq.reshape(-1, logq.shape[-1])):
+        keep = lp > float("-inf")
+        rows.append((lp[keep].exp() * (lp[keep] - lq[keep])).sum())
+    return torch.stack(rows).mean()
+
+
+def test_kl_with_a_masked_reference():
+    # a reference masking vocabulary entries with −inf: KL(p_ref ‖ p_θ) is finite (0·log 0 = 0)
+    logits, labels, _ = make_batch(26)
+    g = torch.Generator().manual_seed(26)
+    ref_logits = 3 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    masked = torch.rand(B, T, V, generator=g) < 0.3
+    masked[..., 0] = False  # every row keeps some mass
+    ref_logits[masked] = float("-inf")
+    loss = L.kl(logits, ref_logits)
+    logq = torch.log_softmax(logits, -1)
+    want = _masked_kl_reference(torch.log_softmax(ref_logits, -1), logq)
+    assert_close(loss, want)
+    assert_close(grads(loss, logits), grads(want, logits))
+    # reverse KL(p_θ ‖ p_ref) is infinite there: refused, naming the cause and the finite direction
+    with pytest.raises(FloatingPointError, match="reverse KL is infinite: ref_logits are −inf.*forward KL is finite"):
+        L.kl(logits, ref_logits, direction="reverse")
+    # both masked alike: both directions finite
+    cur = logits.detach().masked_fill(masked, float("-inf")).requires_grad_()
+    for direction, (p, q) in (("forward", (ref_logits, cur)), ("reverse", (cur, ref_logits))):
+        loss = L.kl(cur, ref_logits, direction=direction)
+        want = _masked_kl_reference(torch.log_softmax(p, -1), torch.log_softmax(q, -1))
+        assert_close(loss, want)
+        assert bool(torch.isfinite(grads(loss, cur)).all())
+    # the current model at −inf where the reference has mass: the forward KL is the infinite one
+    with pytest.raises(FloatingPointError, match="forward KL is infinite: logits are −inf"):
+        L.kl(cur, ref_logits.masked_fill(masked, 0.0))
+    nan_ref = ref_logits.clone()
+    nan_ref[0, 1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="ref_logits contain NaN"):
+        L.kl(logits, nan_ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -21,11 +21,12 @@ from torch import nn
 
 from .. import distributed as _dist
 from ..models import unwrap
+from .finite import check_finite_geffects
 from .groups import GroupSpec, build_grouping
 from .per_sample import per_sample_geffects
 from .risk import RiskFn, evaluate_risk
 from .sharded import zero3_geffects
-from .stream import DEFAULT_CHUNK_NUMEL, DEFAULT_MAX_PENDING_BYTES, GradientDotStream
+from .stream import DEFAULT_CHUNK_NUMEL, DEFAULT_MAX_PENDING_BYTES, GradientDotStream, grouped_dots
 
 
 @dataclass
@@ -87,7 +88,9 @@ class GEffect:
         """G-effect of the objective gradient in ``p.grad`` for each named risk callable.
 
         Each callable is run (forward) and back-propagated in turn; the objective gradients are put
-        back afterwards (same tensors, same values), also when a risk raises.
+        back afterwards (same tensors, same values), also when a risk raises. A NaN/inf G-effect (a
+        non-finite objective or risk gradient behind a finite risk value) raises ``FloatingPointError``
+        naming the risk and group.
         """
         if not isinstance(risks, Mapping) or not risks:
             raise ValueError("risks must be a non-empty dict mapping a name to a zero-argument callable")
@@ -101,7 +104,7 @@ class GEffect:
         if mode == "zero3":  # DeepSpeed keeps the gradients in its own partitions, not in p.grad
             table, values = zero3_geffects(self.model, params, self.grouping.group_ids, len(self.grouping.names),
                                            risks, self.accumulate_dtype)
-            return self._reduce(risks, table, values)
+            return self._results(risks, table, values, lambda: None)
         if all(p.grad is None for p in params):
             raise RuntimeError("measure() found no objective gradient: every trainable p.grad is None. "
                                "Call loss.backward() on the objective before measuring")
@@ -121,13 +124,20 @@ class GEffect:
                 values.append(v)
                 del value
             table = stream.result()
-        return self._reduce(risks, table, values)
+        return self._results(risks, table, values, self._objective_norm2)
 
-    def _reduce(self, risks: Mapping[str, RiskFn], table: torch.Tensor, values: List[float]
-                ) -> Dict[str, GEffectResult]:
+    def _objective_norm2(self) -> torch.Tensor:
+        """Per-group squared norms of this rank's objective gradient (the error path only)."""
+        grads = [None if p.grad is None else _dist.local_part(p.grad) for p in self.grouping.params]
+        return grouped_dots(grads, grads, self.grouping.group_ids, len(self.grouping.names), self.accumulate_dtype)
+
+    def _results(self, risks: Mapping[str, RiskFn], table: torch.Tensor, values: List[float],
+                 objective_norm2: Callable[[], Optional[torch.Tensor]]) -> Dict[str, GEffectResult]:
         if _dist.is_distributed():  # the one all-reduce: per-group partial sums and the risk shares together
             packed = _dist.all_reduce_sum(torch.cat([table, torch.tensor(values, dtype=torch.float64)[:, None]], 1))
             table, values = packed[:, :-1], packed[:, -1].tolist()
+        # after the all-reduce, so that every rank sees the same table and raises alike
+        check_finite_geffects(table, self.grouping.names, list(risks), objective_norm2)
         out = {}
         for row, name in enumerate(risks):
             groups = {g: float(x) for g, x in zip(self.grouping.names, table[row].tolist())}

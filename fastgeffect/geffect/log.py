@@ -44,6 +44,21 @@ def read_geffect_log(path: Union[str, os.PathLike], dedupe: bool = True) -> List
     return [records[i] for i in keep]
 
 
+MEASURED = ("total", "groups", "risk_value", "weights")  # the fields a record's measurement fills
+
+
+def _dumps(record: dict) -> str:
+    """One JSON line. A NaN/inf measurement is refused (a wrong number, and strict JSON parsers
+    reject NaN/Infinity); ``extra`` fields are written as given (an overflowing inverse confidence
+    of a long GA run is a legitimate inf)."""
+    try:
+        json.dumps({k: record[k] for k in MEASURED if k in record}, allow_nan=False)
+    except ValueError:
+        raise ValueError(f"G-effect record of step {record['step']}, risk {record['risk']!r} holds NaN or inf "
+                         f"in {', '.join(k for k in MEASURED if k in record)}: {record}; nothing was written") from None
+    return json.dumps(record) + "\n"
+
+
 class GEffectLogger:
     """Appends one JSON line per measurement to ``path``::
 
@@ -80,7 +95,9 @@ class GEffectLogger:
             stats: Optional[Mapping[str, float]] = None, **extra) -> List[dict]:
         """Write one line per risk of ``results`` (the dict from ``GEffect.measure``, or one result
         with its ``risk`` name). ``weights``/``mask`` (or ready ``stats``) add objective weight statistics; ``extra``
-        entries (JSON-serialisable: epoch, objective name, loss terms, ...) go into every line."""
+        entries (JSON-serialisable: epoch, objective name, loss terms, ...) go into every line. A NaN or
+        inf measurement (total, groups, risk value, weight statistics) is refused, and then no line of
+        the call is written."""
         if self._f.closed:
             raise ValueError("the logger is closed")
         if isinstance(results, GEffectResult):
@@ -106,7 +123,7 @@ class GEffectLogger:
                     raise ValueError(f"extra field {k!r} collides with a standard field")
                 rec[k] = v
             lines.append(rec)
-        self._f.write("".join(json.dumps(r) + "\n" for r in lines))
+        self._f.write("".join(_dumps(r) for r in lines))  # every line serialised before any is written
         self._f.flush()
         if self.fsync:
             os.fsync(self._f.fileno())

@@ -31,6 +31,7 @@ from torch.func import functional_call, jvp
 from .. import distributed as _dist
 from .. import ops as _ops
 from ..models import unwrap
+from .finite import check_finite_pg_effects
 from .groups import Grouping, GroupSpec, build_grouping
 from .risk import check_per_sample_losses, evaluate_risk
 from .sharded import sharded_per_sample_geffects
@@ -252,14 +253,19 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     summed over ranks once (the full risk gradient), and each rank gets the PG-effects of its samples.
     Under FSDP2 and ZeRO-3 (no whole parameters) the same values come from exact dots of reduced
     gradient shards, one backward per sample of the global batch (:mod:`.sharded`); ``check`` does
-    not apply there."""
+    not apply there.
+
+    A NaN/inf PG-effect (a non-finite gradient of the risk or of the per-sample losses behind finite
+    values) raises ``FloatingPointError`` naming the groups, the samples and which gradient it was."""
     mode = _dist.reduction_mode(model)
     grouping = groups if isinstance(groups, Grouping) else build_grouping(unwrap(model), groups)
     params = grouping.params
     P = len(params)
     if mode in ("sharded", "zero3"):  # no whole parameters for the closed forms: exact shard dots
-        table, risk_value = sharded_per_sample_geffects(model, params, grouping.group_ids, len(grouping.names), mode,
-                                                        risk_fn, per_sample_losses_fn, accumulate_dtype)
+        table, risk_value, risk_norm2 = sharded_per_sample_geffects(
+            model, params, grouping.group_ids, len(grouping.names), mode, risk_fn, per_sample_losses_fn,
+            accumulate_dtype)
+        check_finite_pg_effects(table, grouping.names, lambda: risk_norm2)
         values = table.sum(0)
         if not return_details:
             return values
@@ -327,6 +333,18 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     table = torch.zeros(len(grouping.names), B, dtype=torch.float64)
     for i, c in cap.contrib.items():
         table[grouping.group_ids[i]] += c.to("cpu", torch.float64)
+    # a parameter acting outside its module shows a NaN/inf gradient only in its batch dot
+    batch_groups = None if batch_dots is None else \
+        torch.zeros(len(grouping.names), dtype=torch.float64).index_add_(0, torch.tensor(grouping.group_ids),
+                                                                         batch_dots.to(torch.float64))
+    if mode == "replicated":  # each rank holds its own samples: every rank must raise when one does
+        bad_here = not (bool(torch.isfinite(table).all()) and (batch_groups is None or
+                                                               bool(torch.isfinite(batch_groups).all())))
+        if float(_dist.all_reduce_sum(torch.tensor(float(bad_here), dtype=torch.float64))) and not bad_here:
+            raise FloatingPointError("PG-effects are not finite (NaN/inf) on another rank; its error names the "
+                                     "groups, samples and the non-finite gradient")
+    check_finite_pg_effects(table, grouping.names, lambda: grouped_dots(G, G, grouping.group_ids, len(grouping.names),
+                                                                        accumulate_dtype), batch_groups)
     values = table.sum(0)
     if not return_details:
         return values

@@ -136,19 +136,23 @@ def zero3_geffects(engine: nn.Module, params: Sequence[nn.Parameter], group_ids:
 def sharded_per_sample_geffects(model: nn.Module, params: Sequence[nn.Parameter], group_ids: Sequence[int],
                                 n_groups: int, mode: str, risk_fn: Callable[[], torch.Tensor],
                                 per_sample_losses_fn: Callable[[], torch.Tensor],
-                                accumulate_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, float]:
-    """``(table, risk)``: the (groups × local samples) PG-effects of this rank's samples and the
-    global risk value. ``risk_fn`` returns this rank's share of R; ``per_sample_losses_fn`` this
-    rank's (B_local,) objective terms (each sample's share of the global objective)."""
+                                accumulate_dtype: Optional[torch.dtype] = None
+                                ) -> Tuple[torch.Tensor, float, torch.Tensor]:
+    """``(table, risk, risk_norm2)``: the (groups × local samples) PG-effects of this rank's samples,
+    the global risk value and the per-group squared norms of ∇R (to tell, should the table be
+    non-finite, which gradient was). ``risk_fn`` returns this rank's share of R;
+    ``per_sample_losses_fn`` this rank's (B_local,) objective terms (each sample's share of the
+    global objective)."""
     world, me = _dist.world_size(), _dist.rank()
     order = list(_owners(_n_local(per_sample_losses_fn)))
-    table = torch.zeros(n_groups, len(order), dtype=torch.float64)
+    table = torch.zeros(n_groups, len(order) + 1, dtype=torch.float64)  # the last column: ||∇R||² per group
     mine: List[int] = []
     with LocalShards(model, params, mode) as shards:
         risk, share = evaluate_risk("risk_fn", risk_fn)
         grad_r = [None if g is None else g.detach().clone()  # ZeRO-3 reuses its partitions next
                   for g in shards.backward(risk * world)]
         del risk
+        table[:, -1] = grouped_dots(grad_r, grad_r, group_ids, n_groups, accumulate_dtype)
         for owner, k, column in order:
             losses = check_per_sample_losses(per_sample_losses_fn())
             term = losses[k] * world if owner == me else losses[0] * 0.0  # zero weight keeps collectives in step
@@ -157,7 +161,7 @@ def sharded_per_sample_geffects(model: nn.Module, params: Sequence[nn.Parameter]
                 mine.append(column)
             del losses, term
     table = _dist.all_reduce_sum(table)
-    return table[:, mine], float(_dist.all_reduce_sum(torch.tensor(share, dtype=torch.float64)))
+    return table[:, mine], float(_dist.all_reduce_sum(torch.tensor(share, dtype=torch.float64))), table[:, -1]
 
 
 def _n_local(per_sample_losses_fn: Callable[[], torch.Tensor]) -> int:

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..losses import IGNORE_INDEX, AllMaskedError
+from ..losses._common import positive_count
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -76,8 +77,7 @@ def compact_valid(labels: torch.Tensor, vocab: int, num_items=None) -> Tuple[tor
     if items is None and n_valid == 0:
         raise AllMaskedError("all labels are -100: the batch has no answer token to average over "
                              "(check the collator's question masking and max length)")
-    if items is not None and items <= 0:
-        raise AllMaskedError("num_items_in_batch must be positive: the accumulated batch has no valid token")
+    positive_count(items, "num_items_in_batch")
     idx = torch.nonzero_static(valid, size=n_valid).flatten() if n_valid else valid.new_zeros(0, dtype=torch.long)
     return idx, n_valid, items
 

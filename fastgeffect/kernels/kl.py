@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ..losses._common import positive_count
 from ..losses.kl import KL_DIRECTIONS, KL_POSITIONS
 from . import common
 from .dispatch import resolve_backend
@@ -38,6 +39,8 @@ def _run(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cfg, ne
             raise common.AllMaskedError("no rows for the KL")
         idx, n = None, N  # every row, in order: no compaction, no host synchronisation
         denom = N if num_items is None else num_items
+        if not isinstance(num_items, torch.Tensor):  # a tensor count stays unread: no host synchronisation
+            positive_count(num_items, "num_items_in_batch")
     else:
         idx, n, items = common.compact_valid(labels, V, num_items)
         denom = n if items is None else items

@@ -4,7 +4,8 @@ One program per row. Pass 1 keeps online log-sum-exps of the current (q) and ref
 logits plus the running sum ``Σ e^{z_r − m_r}(z_r − z_q)`` (forward) or
 ``Σ e^{z_q − m_q}(z_q − z_r)`` (reverse), rescaled as the running max moves, so that
 KL(r‖q) = A/s_r − lse_r + lse_q (and symmetrically) needs no (chunk × vocab) fp32 buffer.
-Pass 2 writes the gradient over the current logits. Contract identical to
+Pass 2 writes the gradient over the current logits. Entries of zero mass (logit −inf) follow
+0·log 0 = 0. Contract identical to
 :func:`.kl_torch.kl_chunk_torch`.
 """
 from __future__ import annotations
@@ -40,10 +41,11 @@ def _kl_rows(q_ptr, stride_q, r_ptr, stride_r, scale_ptr, kl_ptr, V,
         eq = tl.exp(zq - mq_new)
         er = tl.exp(zr - mr_new)
         diff = tl.where(msk, zq - zr, 0.0)
+        # 0·log 0 = 0: an entry of zero mass (logit −inf) adds nothing, not 0·∞ = NaN
         if REVERSE:
-            a = a * tl.exp(mq - mq_new) + tl.sum(eq * diff, axis=0)
+            a = a * tl.exp(mq - mq_new) + tl.sum(eq * tl.where(eq > 0, diff, 0.0), axis=0)
         else:
-            a = a * tl.exp(mr - mr_new) - tl.sum(er * diff, axis=0)
+            a = a * tl.exp(mr - mr_new) - tl.sum(er * tl.where(er > 0, diff, 0.0), axis=0)
         sq = sq * tl.exp(mq - mq_new) + tl.sum(eq, axis=0)
         sr = sr * tl.exp(mr - mr_new) + tl.sum(er, axis=0)
         mq = mq_new

@@ -10,6 +10,7 @@ column 0 is never valid), which is also how ``ref_logprobs`` are given.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -39,6 +40,8 @@ def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, name: str = 
         )
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} have an empty vocabulary dimension (shape {tuple(logits.shape)})")
 
 
 def check_aligned(x: torch.Tensor, labels: torch.Tensor, name: str) -> None:
@@ -52,8 +55,34 @@ def check_aligned(x: torch.Tensor, labels: torch.Tensor, name: str) -> None:
 def valid_mask(labels: torch.Tensor) -> torch.Tensor:
     """(B, T) bool mask of positions whose label is predicted: not -100 and not column 0."""
     mask = labels != IGNORE_INDEX
-    mask[:, 0] = False
+    mask[:, :1] = False  # column 0 has no prefix (a (B, 0) batch has no column at all)
     return mask
+
+
+def why_empty(mask: torch.Tensor) -> str:
+    """Why a (B, T) valid mask selects nothing: an empty batch, sequences too short to predict a
+    token, or every label -100; for the errors of the losses."""
+    b, t = mask.shape[0], mask.shape[-1]
+    if b == 0:
+        return "the batch is empty (0 sequences; check the data loader and the batch size)"
+    if t < 2:
+        return (f"the sequences have {t} token(s): a causal LM needs at least 2 (position t predicts "
+                "label t + 1), so nothing is predicted (check the max length and the truncation)")
+    return ("all labels are -100: the batch has no answer token to average over "
+            "(check the collator's question masking and max length)")
+
+
+def positive_count(n: NumItems, name: str) -> NumItems:
+    """``num_items_in_batch`` / ``num_seqs_in_batch`` as given (None stays None), refused unless a
+    positive finite number: 0 would divide by zero, a negative count flip the loss's sign."""
+    if n is None:
+        return None
+    v = float(n.detach().reshape(())) if isinstance(n, torch.Tensor) else float(n)
+    if v == 0:
+        raise AllMaskedError(f"{name} must be positive, got 0: the accumulated batch has nothing to average over")
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be a positive count (the accumulated batch's size), got {v}")
+    return n
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -70,7 +99,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"labels contain ids outside the vocabulary [0, {V})")
     nll = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
     out = torch.zeros(B, T, dtype=nll.dtype, device=logits.device)
-    out[:, 1:] = -nll.view(B, T - 1)
+    out[:, 1:] = -nll.view(B, max(T - 1, 0))
     return out
 
 
@@ -80,15 +109,11 @@ def count_valid(mask: torch.Tensor, num_items_in_batch: NumItems = None) -> torc
     n = mask.sum()
     if num_items_in_batch is None:
         if int(n) == 0:
-            raise AllMaskedError(
-                "all labels are -100: the batch has no answer token to average over "
-                "(check the collator's question masking and max length)"
-            )
+            raise AllMaskedError(why_empty(mask))
         return n
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(mask.device)
-    if int(num_items_in_batch) <= 0:
-        raise AllMaskedError("num_items_in_batch must be positive: the accumulated batch has no valid token")
+    positive_count(num_items_in_batch, "num_items_in_batch")
     return torch.as_tensor(num_items_in_batch, device=mask.device)
 
 
@@ -114,15 +139,30 @@ def sequence_logprobs(tok_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 def sequence_mean(values: torch.Tensor, num_seqs_in_batch: NumItems = None, per_sample: bool = False) -> torch.Tensor:
     """Mean over sequences; ``num_seqs_in_batch`` is the accumulated batch's sequence count.
     ``per_sample=True`` gives the (B,) contributions, which sum to the mean."""
-    denom = values.shape[0] if num_seqs_in_batch is None else num_seqs_in_batch
+    denom = values.shape[0] if num_seqs_in_batch is None else positive_count(num_seqs_in_batch, "num_seqs_in_batch")
     return values / denom if per_sample else values.sum() / denom
 
 
 def check_sequences_valid(mask: torch.Tensor) -> None:
+    """A sequence-level loss needs a non-empty batch and at least one valid label per sequence."""
+    if mask.shape[0] == 0 or mask.shape[-1] < 2:
+        raise AllMaskedError(f"{why_empty(mask)}; a sequence-level loss needs at least one label per sequence")
     empty = ~mask.any(-1)
     if bool(empty.any()):
         idx = empty.nonzero().flatten().tolist()
         raise AllMaskedError(f"sequences {idx} have no valid label: a sequence-level loss needs at least one")
+
+
+def check_beta(beta: float, loss: str) -> float:
+    """β of the ``−(2/β)·logσ(β·…)`` losses: positive and finite (0 divides by zero, a negative β
+    turns the bounded loss into an unbounded one)."""
+    try:
+        ok = math.isfinite(float(beta)) and float(beta) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{loss}: beta must be a positive finite number, got {beta!r}")
+    return beta
 
 
 def weighted_token_loss(

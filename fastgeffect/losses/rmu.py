@@ -4,7 +4,7 @@ from typing import Optional
 
 import torch
 
-from ._common import IGNORE_INDEX, AllMaskedError, NumItems
+from ._common import IGNORE_INDEX, AllMaskedError, NumItems, positive_count
 
 
 def control_vector(hidden_size: int, coeff: float, seed: int = 0, *, normalize: bool = False,
@@ -21,6 +21,9 @@ def control_vector(hidden_size: int, coeff: float, seed: int = 0, *, normalize: 
 def hidden_mask(hidden_states: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
     if hidden_states.dim() != 3:
         raise ValueError(f"hidden_states must be (batch, seq, hidden), got {tuple(hidden_states.shape)}")
+    if hidden_states.shape[0] == 0 or hidden_states.shape[1] == 0:
+        raise AllMaskedError(f"no position for the hidden-state loss: hidden_states have shape "
+                             f"{tuple(hidden_states.shape)} (an empty batch or empty sequences)")
     if labels is None:
         return torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
     if labels.shape != hidden_states.shape[:2]:
@@ -38,7 +41,7 @@ def masked_mse(diff: torch.Tensor, mask: torch.Tensor, num_items_in_batch: NumIt
     the position count under gradient accumulation."""
     diff = diff.float() if diff.dtype in (torch.float16, torch.bfloat16) else diff
     per_pos = diff.pow(2).mean(-1)
-    denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
+    denom = mask.sum() if num_items_in_batch is None else positive_count(num_items_in_batch, "num_items_in_batch")
     masked = torch.where(mask, per_pos, torch.zeros((), dtype=per_pos.dtype, device=per_pos.device))
     loss = (masked.sum(-1) if per_sample else masked.sum()) / denom
     if not bool(torch.isfinite(loss).all()):

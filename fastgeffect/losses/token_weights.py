@@ -13,12 +13,13 @@ Triton branch included), one ``ForgetTerm`` line and its test.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ._common import NumItems, check_aligned, prepare, weighted_token_loss
+from ._common import NumItems, check_aligned, check_finite, prepare, weighted_token_loss
 
 # w = fn(logp, ref, explicit, alpha, beta): every input detached and aligned; ref / explicit are None
 # unless the entry needs them
@@ -64,11 +65,14 @@ class TokenWeight:
     needs_explicit: bool = False  # caller-given weights
 
     def scalars(self, hp: Mapping[str, object]) -> Tuple[float, float]:
-        """(alpha, beta) from ``hp``, the defaults where a value is missing or None, 0 where unused."""
+        """(alpha, beta) from ``hp``, the defaults where a value is missing or None, 0 where unused;
+        a NaN or infinite value is refused (it would make every weight NaN or 0/1)."""
         out = []
         for k in ("alpha", "beta"):
             v = hp.get(k)
             out.append(float(self.defaults.get(k, 0.0) if v is None else v))
+            if not math.isfinite(out[-1]):
+                raise ValueError(f"{self.name}: {k} must be finite, got {v!r}")
         return out[0], out[1]
 
     def weights(self, logp: torch.Tensor, ref: Optional[torch.Tensor] = None,
@@ -129,5 +133,7 @@ def token_weighted(objective: str, logits: torch.Tensor, labels: torch.Tensor,
     if weights is not None:
         check_aligned(weights, labels, "weights")
     tok_logp, mask, ref = prepare(logits, labels, ref_logprobs)
+    if weights is not None:
+        check_finite(weights.detach(), mask, "weights")
     w = entry.weights(tok_logp, ref, weights, hp)
     return weighted_token_loss(tok_logp, w, mask, num_items_in_batch, return_details, per_sample)

@@ -1,0 +1,96 @@
+"""`python -m fastgeffect.report`: the summary of a run folder, and clear refusals of missing,
+foreign or damaged folders and logs (naming the file and line)."""
+import json
+
+import pytest
+
+from fastgeffect.report import main, write_report
+
+GROUPS = {"embed": -0.5, "shallow": -0.25, "middle": 0.25, "deep": -1.0, "lm": 0.5}
+
+
+def geffect_lines():
+    return [{"step": s, "risk": r, "total": sum(GROUPS.values()) * (s + 1), "groups": dict(GROUPS),
+             "risk_value": 2.0 - s, "tied": False} for s in range(2) for r in ("unlearn", "retain")]
+
+
+def write_lines(path, records, tail=""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail, encoding="utf-8")
+
+
+@pytest.fixture
+def run(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"method": "tnpo", "lr": 1e-5, "objective_hparams": {"beta": 4.0}}))
+    write_lines(d / "geffect.jsonl", geffect_lines())
+    write_lines(d / "train_log.jsonl", [{"step": s, "loss": 1.0 - s, "inv_conf": 3.0 + s,
+                                         "weights": {"mean": 0.5, "std": 0.1, "min": 0.1, "max": 0.9}}
+                                        for s in range(2)])
+    (d / "metrics_after.json").write_text(json.dumps({"Model Utility": 0.5, "Forget Quality": 0.01}))
+    return d
+
+
+def test_show_writes_the_summary(run, capsys):
+    assert main(["show", str(run)]) == 0
+    summary = (run / "summary.md").read_text()
+    assert summary.startswith("# tnpo run") and "beta=4.0" in summary and "| Model Utility |" in summary
+    assert "| unlearn |" in summary and (run / "plots" / "geffect.png").exists()
+    assert (run / "plots" / "weights.png").exists()
+    assert "# tnpo run" in capsys.readouterr().out
+
+
+def test_show_refuses_a_missing_folder(tmp_path, capsys):
+    # was a FileNotFoundError traceback from mkdir
+    missing = tmp_path / "nope"
+    assert main(["show", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing}: no such run folder" in err and "--out" in err
+    assert not missing.exists()
+
+
+def test_show_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    # wrote summary.md and plots/ into any folder, with exit 0
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main(["show", str(tmp_path)]) == 2
+    assert "is not a run folder: it has no config.json" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert main(["compare", str(tmp_path), str(tmp_path / "x")]) == 2
+
+
+def test_torn_last_line_is_dropped(run):
+    # a crash while appending leaves a line without its newline: not a record
+    write_lines(run / "train_log.jsonl", [{"step": 0, "inv_conf": 3.0}], tail='{"step": 1, "inv_c')
+    write_lines(run / "geffect.jsonl", geffect_lines(), tail='{"step": 2, "risk": "unl')
+    assert "| unlearn |" in write_report(run).read_text()
+
+
+def test_malformed_middle_line_names_the_file(run):
+    (run / "train_log.jsonl").write_text('{"step": 0, "inv_conf": 3.0}\n{"step": 1, "inv_c\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"train_log\.jsonl:2: not a JSON record"):
+        write_report(run)
+    assert not (run / "summary.md").exists()
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda r: r.pop("groups"), "the record has no 'groups'"),
+    (lambda r: r["groups"].update(lm=None), "'groups' has 'lm': null, expected a number"),
+    (lambda r: r.update(total="x"), "'total' is \"x\", expected a number"),
+])
+def test_bad_geffect_record_names_file_and_line(run, edit, problem):
+    # a record without groups was a KeyError naming nothing
+    records = geffect_lines()
+    edit(records[2])
+    (run / "geffect.jsonl").write_text("\n" + "".join(json.dumps(r) + "\n" for r in records))  # a blank first line
+    with pytest.raises(ValueError, match=r"geffect\.jsonl:4: " + problem.replace("(", r"\(").replace(")", r"\)")):
+        write_report(run)
+
+
+def test_bad_train_log_and_metrics_name_the_file(run, capsys):
+    write_lines(run / "train_log.jsonl", [{"step": 0, "weights": {"count": 0}}])
+    assert main(["show", str(run)]) == 2
+    assert "train_log.jsonl:1: 'weights' has 'mean': null, expected a number" in capsys.readouterr().err
+    write_lines(run / "train_log.jsonl", [{"step": 0}])
+    (run / "metrics_after.json").write_text('{"Model Utility": 0.5,')
+    with pytest.raises(ValueError, match=r"metrics_after\.json: not a JSON file"):
+        write_report(run)
