@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 from .cli_help import HelpFormatter, examples
 from .data.tofu import RETAIN_OF
 from .distributed import write_json_main
+from .driver.artefacts import load_json_dict
 from .driver.cli import build_parser as build_run_parser
 from .driver.cli import parse_args as parse_run_args
 from .objectives import HPARAMS, OBJECTIVES, get_objective
@@ -213,7 +214,11 @@ def read_metrics(folder: Path) -> Dict[str, float]:
     for name, prefix in (("metrics_after.json", ""), ("metrics_uwc.json", "uwc ")):
         p = folder / name
         if p.exists():
-            row.update({prefix + k: v for k, v in json.loads(p.read_text()).items() if isinstance(v, (int, float))})
+            try:
+                metrics = load_json_dict(p)
+            except ValueError as e:
+                raise SystemExit(f"{e}; rerun that run: python -m fastgeffect.sweep ... -- --overwrite") from None
+            row.update({prefix + k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return row
 
 

@@ -71,6 +71,9 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     stamp = os.path.getmtime(out / "wga-alpha0.5" / "summary.md")
     assert tiny(out, "--method", "wga", "--alpha", "0.5", "--seed", "1") == 0
     assert os.path.getmtime(out / "wga-alpha0.5" / "summary.md") == stamp
+    (out / "wga-alpha0.5" / "metrics_after.json").write_text("")  # a reused run's results are read strictly
+    with pytest.raises(SystemExit, match="wga-alpha0.5/metrics_after.json is not valid JSON"):
+        tiny(out, "--method", "wga", "--alpha", "0.5", "--seed", "1")
 
 
 def test_whole_grid_is_checked_before_the_first_run(tmp_path, capsys):
