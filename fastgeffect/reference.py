@@ -9,6 +9,8 @@ for a PEFT model, the same model with its adapters disabled.
 from __future__ import annotations
 
 import contextlib
+import os
+import pickle
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Union
 
@@ -111,12 +113,26 @@ class RefLogprobCache:
         return out
 
     def save(self, path: Union[str, Path]) -> None:
+        """Atomic: an interrupted or failed save never leaves a half file under ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.entries, tmp)
-        tmp.replace(path)  # atomic: an interrupted save never leaves a half file
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: concurrent savers never mix
+        try:
+            torch.save(self.entries, tmp)
+            tmp.replace(path)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError naming no file
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"could not write the reference log-probs to {path}: {e}") from e
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "RefLogprobCache":
-        return cls(torch.load(path, weights_only=True))
+        """ValueError naming ``path`` when it is not a complete cache (truncated, or another file)."""
+        try:
+            entries = torch.load(path, weights_only=True)
+        except (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:  # what torch raises
+            raise ValueError(f"{path} is not a readable reference log-prob cache, truncated or corrupt "
+                             f"({type(e).__name__}: {e})") from None
+        if not isinstance(entries, dict) or not all(isinstance(k, int) and torch.is_tensor(v) and v.dim() == 1
+                                                    for k, v in entries.items()):
+            raise ValueError(f"{path} is not a reference log-prob cache (a dict of sample index → 1-D tensor)")
+        return cls(entries)

@@ -6,7 +6,11 @@
 
 Runs are sequential, one folder each under ``--out``; they share the cached target model and a
 ``shared/`` folder with the reference log-probs, the retain model's log and the evaluation before
-unlearning. A finished run is reused when the sweep is run again; an interrupted one is resumed.
+unlearning (each kept with the fingerprint of the model and data it was computed for). Every run of
+the grid is checked before the first starts. ``runs.json`` records the flags each run was started
+with: when the sweep is run again, a run started with the same settings is reused (finished) or
+resumed (interrupted); one started with other settings (another --seed, --regularizer, or flags
+after --) is refused, naming them: give the sweep another --out, or pass ``-- --overwrite``.
 The table (``sweep.md``, ``sweep.json``) gives, per setting, UWC-calibrated PS-exact and
 PS-perturb on retain (↑) and forget (↓) data as in the paper's Tables 2–10, plus the calibrated
 α, Model Utility and Forget Quality after unlearning.
@@ -16,37 +20,72 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .cli_help import HelpFormatter, examples
 from .data.tofu import RETAIN_OF
-from .objectives import OBJECTIVES
+from .distributed import write_json_main
+from .driver.artefacts import load_json_dict
+from .driver.cli import build_parser as build_run_parser
+from .driver.cli import parse_args as parse_run_args
+from .objectives import HPARAMS, OBJECTIVES, get_objective
 from .run import main as run_main
 
 GRID_FLAGS = ("alpha", "beta", "lam", "lr", "delta", "steering_coeff")
 COLUMNS = (("PS-exact retain", "PS-exact retain ↑"), ("PS-exact forget", "PS-exact unlearn ↓"),
            ("PS-perturb retain", "PS-perturb retain ↑"), ("PS-perturb forget", "PS-perturb unlearn ↓"))
+RUNS_FILE = "runs.json"  # {run name: the run flags it was started with}
+# run flags that never change a finished run's results, or only say where it is (the folder itself)
+IGNORED = ("no_progress", "resume", "overwrite", "stop_at_step", "out", "shared_dir")
+UNSET = object()
 
 
-def parse_grid(text: str, flag: str) -> List[float]:
+def flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def parse_grid(text: str, dest: str) -> List[float]:
+    """Comma-separated finite numbers, each once and each with its own run name."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"--{flag.replace('_', '-')}: expected comma-separated numbers, got {text!r}") from None
+        raise SystemExit(f"{flag(dest)}: expected comma-separated numbers, got {text!r}") from None
     if not values:
-        raise SystemExit(f"--{flag.replace('_', '-')}: empty grid")
+        raise SystemExit(f"{flag(dest)}: empty grid {text!r}; give at least one value, or leave the flag out")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise SystemExit(f"{flag(dest)}: {bad[0]} is not a finite number")
+    names = [f"{dest}{v:g}" for v in values]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            j = names.index(name)
+            raise SystemExit(f"{flag(dest)}: {values[j]!r} and {values[i]!r} are the same setting (run {name}); "
+                             "give each value once (at most 6 significant digits)")
     return values
+
+
+def parse_methods(args) -> List[str]:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None \
+        else [args.method]
+    if not methods:
+        raise SystemExit(f"--methods: empty list {args.methods!r}; give comma-separated objectives")
+    unknown = [m for m in methods if m not in OBJECTIVES]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; valid: {', '.join(OBJECTIVES)}")
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise SystemExit(f"--methods: {', '.join(twice)} given twice; give each method once")
+    return methods
 
 
 def settings(args) -> List[Dict[str, object]]:
     """Every (method, hyper-parameter values) combination of the sweep."""
-    methods = args.methods.split(",") if args.methods else [args.method]
-    unknown = [m for m in methods if m not in OBJECTIVES]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; valid: {', '.join(OBJECTIVES)}")
-    grids = {f: parse_grid(getattr(args, f), f) for f in GRID_FLAGS if getattr(args, f)}
+    methods = parse_methods(args)
+    grids = {f: parse_grid(getattr(args, f), f) for f in GRID_FLAGS if getattr(args, f) is not None}
     out = []
     for method in methods:
         for values in itertools.product(*grids.values()):
@@ -58,20 +97,115 @@ def run_name(setting: Dict[str, object]) -> str:
     return "-".join([str(setting["method"])] + [f"{k}{v:g}" for k, v in setting.items() if k != "method"])
 
 
-def run_one(setting: Dict[str, object], out: Path, args, extra: Sequence[str]) -> Path:
-    folder = out / run_name(setting)
-    if (folder / "summary.md").exists():
-        return folder  # finished earlier: reuse
-    argv = ["--method", str(setting["method"]), "--split", args.split, "--out", str(folder),
+def run_argv(setting: Dict[str, object], out: Path, args, extra: Sequence[str]) -> List[str]:
+    """The flags of one run (without --resume)."""
+    argv = ["--method", str(setting["method"]), "--split", args.split, "--out", str(out / run_name(setting)),
             "--shared-dir", str(out / "shared"), "--seed", str(args.seed)]
     if args.regularizer:
         argv += ["--regularizer", args.regularizer]
     for k, v in setting.items():
         if k != "method":
-            argv += [f"--{k.replace('_', '-')}", repr(v)]
-    if (folder / "config.json").exists():
-        argv.append("--resume")
-    run_main(argv + list(extra))
+            argv += [flag(k), repr(v)]
+    return argv + list(extra)
+
+
+def check_extra(extra: Sequence[str], swept: Sequence[str]) -> None:
+    """Flags after -- must not set what the sweep sets itself (argparse's last value would win)."""
+    owned = ["method", "out", "shared_dir", "seed", "split", "regularizer", "resume", *swept]
+    parser = build_run_parser()
+    parser.set_defaults(**{d: UNSET for d in owned})
+    try:
+        parsed = parser.parse_args(list(extra))
+    except SystemExit as e:
+        raise SystemExit("sweep: the run flags after -- are invalid (see above); nothing was run") from e
+    given = [d for d, v in vars(parsed).items() if d in owned and v is not UNSET]
+    if given:
+        raise SystemExit(f"after --: {', '.join(flag(d) for d in given)} is set by the sweep; give it to the sweep "
+                         "itself (python -m fastgeffect.sweep --help)")
+
+
+def check_run(name: str, argv: Sequence[str]) -> None:
+    """What the run would refuse at its start: its flags, and the objective with its hyper-parameters."""
+    try:
+        run_args = parse_run_args(list(argv))
+    except SystemExit as e:
+        raise SystemExit(f"sweep: run {name} has invalid flags (see above); nothing was run") from e
+    hp = {n: getattr(run_args, n) for n in HPARAMS if getattr(run_args, n) is not None}
+    regularizer = run_args.regularizer or OBJECTIVES[run_args.method].default_regularizer
+    try:
+        get_objective(run_args.method, regularizer=regularizer, lam=run_args.lam, **hp)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"sweep: run {name} would fail: {e}; nothing was run") from None
+
+
+def settings_diff(started: Sequence[str], now: Sequence[str]) -> Dict[str, tuple]:
+    """Run settings (flag → (then, now)) that differ between two run command lines."""
+    try:
+        then = vars(parse_run_args(list(started)))
+    except SystemExit:
+        return {"(flags)": (" ".join(started), " ".join(now))}
+    current = vars(parse_run_args(list(now)))
+    return {flag(k): (then.get(k), current.get(k)) for k in sorted(set(then) | set(current))
+            if k not in IGNORED and then.get(k) != current.get(k)}
+
+
+def started_with(folder: Path, recorded: Dict[str, List[str]]) -> Optional[List[str]]:
+    """The flags the run in ``folder`` was started with: from the sweep's record, else its config."""
+    if folder.name in recorded:
+        return recorded[folder.name]
+    try:
+        return list(json.loads((folder / "config.json").read_text())["argv"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def plan(combos: Sequence[Dict[str, object]], out: Path, args, extra: Sequence[str]) -> List[tuple]:
+    """(name, argv, action) per run, action "run", "resume" or "reuse"; refuses, before any run, a grid
+    that some run would refuse and run folders holding a run with other settings."""
+    recorded = read_recorded(out)
+    overwrite = "--overwrite" in extra
+    steps = []
+    for setting in combos:
+        name, argv = run_name(setting), run_argv(setting, out, args, extra)
+        check_run(name, argv)
+        folder = out / name
+        action = "run"
+        if (folder / "config.json").exists() and not overwrite:
+            started = started_with(folder, recorded)
+            if started is None:
+                raise SystemExit(f"{folder} holds a run whose flags are unknown (no {RUNS_FILE} entry, no argv in "
+                                 "config.json); remove it, or pass -- --overwrite to rerun every run")
+            diff = settings_diff(started, argv)
+            if diff:
+                changes = "; ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in diff.items())
+                raise SystemExit(f"{folder} holds a run with other settings ({changes}); nothing was run. Give the "
+                                 "sweep another --out, or pass -- --overwrite to rerun every run")
+            action = "reuse" if (folder / "summary.md").exists() else "resume"
+        steps.append((name, argv, action))
+    return steps
+
+
+def read_recorded(out: Path) -> Dict[str, List[str]]:
+    path = out / RUNS_FILE
+    if not path.exists():
+        return {}
+    try:
+        recorded = json.loads(path.read_text())
+    except ValueError as e:
+        raise SystemExit(f"{path} is not valid JSON ({e}); remove it (runs are then checked against their "
+                         "config.json)") from None
+    if not isinstance(recorded, dict):
+        raise SystemExit(f"{path} is not a JSON object of run name → flags; remove it")
+    return recorded
+
+
+def run_one(name: str, argv: List[str], action: str, out: Path) -> Path:
+    folder = out / name
+    if action != "reuse":
+        recorded = read_recorded(out)
+        if action == "run":  # a resumed run keeps the flags it was started with
+            write_json_main(out / RUNS_FILE, {**recorded, name: argv})
+        run_main(argv + (["--resume"] if action == "resume" else []))
     return folder
 
 
@@ -80,7 +214,11 @@ def read_metrics(folder: Path) -> Dict[str, float]:
     for name, prefix in (("metrics_after.json", ""), ("metrics_uwc.json", "uwc ")):
         p = folder / name
         if p.exists():
-            row.update({prefix + k: v for k, v in json.loads(p.read_text()).items() if isinstance(v, (int, float))})
+            try:
+                metrics = load_json_dict(p)
+            except ValueError as e:
+                raise SystemExit(f"{e}; rerun that run: python -m fastgeffect.sweep ... -- --overwrite") from None
+            row.update({prefix + k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return row
 
 
@@ -114,22 +252,31 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     combos = settings(args)
+    check_extra(extra, [f for f in GRID_FLAGS if getattr(args, f) is not None])
     out = args.out or Path(f"runs/sweep-{(args.methods or args.method).replace(',', '_')}-{args.split}")
+    steps = plan(combos, out, args, extra)  # everything checked before the first run
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, s in enumerate(combos, 1):
-        print(f"[{i}/{len(combos)}] {run_name(s)}", flush=True)
-        folder = run_one(s, out, args, extra)
-        rows.append({"name": run_name(s), "setting": s, "folder": str(folder), "metrics": read_metrics(folder)})
+    for i, ((name, run_flags, action), s) in enumerate(zip(steps, combos), 1):
+        print(f"[{i}/{len(steps)}] {name}" + (" (finished earlier: reused)" if action == "reuse" else ""),
+              flush=True)
+        folder = run_one(name, run_flags, action, out)
+        rows.append({"name": name, "setting": s, "folder": str(folder), "metrics": read_metrics(folder)})
         # written after every run, so an interrupted sweep keeps what it has
-        (out / "sweep.json").write_text(json.dumps(rows, indent=2))
-        (out / "sweep.md").write_text(f"# Sweep ({args.split}), UWC-calibrated\n\n" + table(rows))
+        write_json_main(out / "sweep.json", rows)
+        write_text_atomic(out / "sweep.md", f"# Sweep ({args.split}), UWC-calibrated\n\n" + table(rows))
     print((out / "sweep.md").read_text())
     return 0
 

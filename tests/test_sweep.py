@@ -43,3 +43,56 @@ def test_grid_names_and_bad_input(tmp_path):
         main(["--methods", "ga,bogus", "--out", str(out)])
     with pytest.raises(SystemExit, match="comma-separated numbers"):
         main(["--alpha", "a,b", "--out", str(out)])
+
+
+def tiny(out, *sweep, extra=()):
+    return main([*sweep, "--out", str(out), "--", "--size", "tiny", "--epochs", "1", "--eval", "none",
+                 "--no-progress", *extra])
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    out = tmp_path / "grid"
+    two = ["--epochs", "2"]
+    assert tiny(out, "--method", "wga", "--alpha", "0.5", extra=[*two, "--stop-at-step", "1"]) == 0
+    assert not (out / "wga-alpha0.5" / "summary.md").exists()  # interrupted
+    assert json.loads((out / "runs.json").read_text())["wga-alpha0.5"][:2] == ["--method", "wga"]
+    assert tiny(out, "--method", "wga", "--alpha", "0.5", extra=two) == 0  # the same settings: resumed
+    assert (out / "wga-alpha0.5" / "summary.md").exists()
+    config = (out / "wga-alpha0.5" / "config.json").read_text()
+    for sweep, extra, named in ((["--seed", "1"], two, "--seed 0 → 1"),
+                                (["--regularizer", "gd"], two, "--regularizer None → 'gd'"),
+                                ([], ["--epochs", "3"], "--epochs 2 → 3")):
+        with pytest.raises(SystemExit, match=f"holds a run with other settings \\({named}\\); nothing was run"):
+            tiny(out, "--method", "wga", "--alpha", "0.5", *sweep, extra=extra)
+        assert (out / "wga-alpha0.5" / "config.json").read_text() == config
+    # --overwrite reruns with the new settings, which are then reused
+    assert tiny(out, "--method", "wga", "--alpha", "0.5", "--seed", "1", extra=["--overwrite"]) == 0
+    assert json.loads((out / "wga-alpha0.5" / "config.json").read_text())["seed"] == 1
+    stamp = os.path.getmtime(out / "wga-alpha0.5" / "summary.md")
+    assert tiny(out, "--method", "wga", "--alpha", "0.5", "--seed", "1") == 0
+    assert os.path.getmtime(out / "wga-alpha0.5" / "summary.md") == stamp
+    (out / "wga-alpha0.5" / "metrics_after.json").write_text("")  # a reused run's results are read strictly
+    with pytest.raises(SystemExit, match="wga-alpha0.5/metrics_after.json is not valid JSON"):
+        tiny(out, "--method", "wga", "--alpha", "0.5", "--seed", "1")
+
+
+def test_whole_grid_is_checked_before_the_first_run(tmp_path, capsys):
+    out = tmp_path / "grid"
+    with pytest.raises(SystemExit, match=r"run ga-beta4 would fail: unknown hyper-parameter\(s\) \['beta'\]"):
+        tiny(out, "--methods", "tnpo,ga", "--beta", "4")
+    with pytest.raises(SystemExit, match="the run flags after -- are invalid"):
+        tiny(out, "--method", "wga", "--alpha", "1", extra=["--epochs", "x"])
+    assert "--epochs: invalid int value" in capsys.readouterr().err
+    for sweep, extra, message in ((["--alpha", ""], [], "--alpha: empty grid"),
+                                  (["--alpha", ","], [], "--alpha: empty grid"),
+                                  (["--alpha", "1,1.0"], [], "--alpha: 1.0 and 1.0 are the same setting"),
+                                  (["--alpha", "0.1,0.1000001"], [], "are the same setting \\(run alpha0.1\\)"),
+                                  (["--alpha", "nan"], [], "--alpha: nan is not a finite number"),
+                                  (["--methods", "ga,ga"], [], "--methods: ga given twice"),
+                                  (["--methods", ""], [], "--methods: empty list"),
+                                  (["--alpha", "1"], ["--seed", "3"], "--seed is set by the sweep"),
+                                  (["--alpha", "1"], ["--out", "x"], "--out is set by the sweep"),
+                                  (["--alpha", "1"], ["--alpha=2"], "--alpha is set by the sweep")):
+        with pytest.raises(SystemExit, match=message):
+            tiny(out, "--method", "wga", *sweep, extra=extra)
+    assert not out.exists()  # nothing was run, nothing was written

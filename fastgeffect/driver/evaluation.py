@@ -9,7 +9,9 @@ from typing import Optional
 from transformers import AutoModelForCausalLM
 
 from ..data.tofu import RETAIN_OF
+from ..distributed import write_json_main
 from ..eval import evaluate_tofu, ps_report, uwc_calibrate
+from .artefacts import before_fingerprint, cached, load_json_dict, retain_log_fingerprint
 from .presets import Preset
 from .targets import Target
 
@@ -25,19 +27,36 @@ def evaluate(model, target: Target, sets, out_dir: Path, args, retain_log) -> di
     return metrics
 
 
+def before_metrics(model, target: Target, sets, args, shared: Path, retain_log) -> dict:
+    """The evaluation before unlearning (logs in ``shared/eval_before``), kept in ``shared`` with
+    its fingerprint: computed once per model, data and evaluation size."""
+    def compute(path: Path) -> dict:
+        metrics = evaluate(model, target, sets, shared / "eval_before", args, retain_log)
+        write_json_main(path, metrics)
+        return metrics
+    return cached(shared / "metrics_before.json", before_fingerprint(target, args.split, args.eval_size, retain_log),
+                  compute, load_json_dict, recompute=args.overwrite, lock_dir=shared)
+
+
 def retain_model_log(target: Target, sets, args, shared: Path, preset: Preset) -> Optional[str]:
     """The forget-set log of a retain-only model, for Forget Quality: ``--retain-log``, computed for
     the embedded twin (kept in ``shared``), or TOFU's published one in ``--data-dir/retain_model_logs``."""
     if args.retain_log:
         return args.retain_log
     if target.retain_model_path is not None:
-        path = shared / "retain_model" / "eval_log_forget.json"
-        if not path.exists():
+        def compute(path: Path) -> str:
             twin = AutoModelForCausalLM.from_pretrained(target.retain_model_path)
             evaluate_tofu(twin, target.tokenizer, target.template, {"forget": sets["forget"]},
                           out_dir=path.parent, ds_size=args.eval_size, max_length=target.max_length,
                           batch_size=args.eval_batch_size, progress=not args.no_progress)
-        return str(path)
+            return str(path)
+
+        def check(path: Path) -> str:
+            load_json_dict(path)
+            return str(path)
+        return cached(shared / "retain_model" / "eval_log_forget.json",
+                      retain_log_fingerprint(target, args.split, args.eval_size), compute, check,
+                      recompute=args.overwrite, lock_dir=shared)
     if preset.retain_log_name and target.data_dir:
         name = f"{preset.retain_log_name}_{RETAIN_OF[args.split]}_wd0.01_eval_log_forget.json"
         path = Path(target.data_dir) / "retain_model_logs" / name

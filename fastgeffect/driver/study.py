@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,8 +26,9 @@ from ..report import write_report
 from ..training.backend import full_model_state
 from ..training.batches import to_device
 from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict
+from .artefacts import cached, reference_fingerprint
 from .cli import RESUME_KEYS, pg_steps
-from .evaluation import evaluate, retain_model_log, uwc_metrics
+from .evaluation import before_metrics, evaluate, retain_model_log, uwc_metrics
 from .launch import launch_details, launch_strategy, make_accelerator, use_fused, whole_model
 from .presets import Preset, resolve_preset
 from .run_folder import RunFolder, default_run_name
@@ -60,23 +60,24 @@ def train_config(args) -> UnlearnConfig:
     return cfg
 
 
-def reference_caches(objective: Objective, model, data: UnlearningData, shared: Path,
-                     device) -> Dict[str, RefLogprobCache]:
+def reference_caches(objective: Objective, target: Target, data: UnlearningData, shared: Path, device,
+                     args) -> Dict[str, RefLogprobCache]:
     """Reference log-probs of every sub-batch the objective compares with θ_o (forget answers, and
-    refusals for DPO-style objectives), computed once before unlearning and kept in ``shared``."""
+    refusals for DPO-style objectives), computed once before unlearning and kept in ``shared``
+    with their fingerprint (:mod:`.artefacts`)."""
     caches = {}
     for key in objective.term.ref_batches:
         name = "forget" if key == "forget" else "forget_idk"  # forget_win/forget_idk: the refusals
-        path = shared / f"ref_logprobs_{name}.pt"
-        if path.exists():
-            caches[key] = RefLogprobCache.load(path)
-            continue
         ds = data.forget if name == "forget" else data.pairs.forget_idk
-        loader = torch.utils.data.DataLoader(ds, batch_size=32, collate_fn=collate_qa)
-        cache = RefLogprobCache.compute(model, loader, device=device)  # every rank (deterministic)
-        if dist_.is_main():
-            cache.save(path)
-        caches[key] = cache
+
+        def compute(path: Path, ds=ds) -> RefLogprobCache:
+            loader = torch.utils.data.DataLoader(ds, batch_size=32, collate_fn=collate_qa)
+            cache = RefLogprobCache.compute(target.model, loader, device=device)  # every rank (deterministic)
+            if dist_.is_main():
+                cache.save(path)
+            return cache
+        caches[key] = cached(shared / f"ref_logprobs_{name}.pt", reference_fingerprint(target, args.split, name,
+                             args.seed), compute, RefLogprobCache.load, recompute=args.overwrite, lock_dir=shared)
     return caches
 
 
@@ -164,18 +165,16 @@ def run_study(args, argv: Optional[List[str]] = None) -> int:
                               fused=fused, **hp)
     shared = Path(args.shared_dir) if args.shared_dir else out
     shared.mkdir(parents=True, exist_ok=True)
-    objective.ref_caches.update(reference_caches(objective, model, data, shared, device))
+    objective.ref_caches.update(reference_caches(objective, target, data, shared, device, args))
     timer.phase("reference", t)
 
     sets = load_tofu_sets(args.split, target.data_dir) if args.eval == "full" and main_rank else None
     retain_log = retain_model_log(target, sets, args, shared, preset) if sets else None
-    if sets and not (out / "metrics_before.json").exists():
+    if sets:
         t = time.perf_counter()
-        if not (shared / "metrics_before.json").exists():
-            dist_.write_json_main(shared / "metrics_before.json",
-                                  evaluate(model, target, sets, shared / "eval_before", args, retain_log))
+        before = before_metrics(model, target, sets, args, shared, retain_log)
         if shared != out:
-            shutil.copyfile(shared / "metrics_before.json", out / "metrics_before.json")
+            dist_.write_json_main(out / "metrics_before.json", before)
         timer.phase("eval_before", t)
     dist_.barrier()
 
