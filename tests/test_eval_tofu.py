@@ -269,3 +269,20 @@ def test_log_writes_are_atomic_on_a_full_disk(toy, tmp_path):
     assert res.returncode != 0 and "cannot write" in res.stderr and "eval_log_forget.json" in res.stderr
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     load_logs(tmp_path)
+
+
+def test_cli_names_a_missing_or_empty_model_folder(tmp_path, capsys):
+    from fastgeffect.eval.__main__ import main
+
+    (tmp_path / "empty").mkdir()
+    for model, problem in ((tmp_path / "none", "no such folder"), ("./relative/model", "no such folder"),
+                           (tmp_path / "empty", "the folder holds no config.json")):
+        assert main(["tofu", "--model", str(model)]) == 2
+        err = capsys.readouterr().err
+        assert f"--model {model}: {problem}" in err and "Repo id" not in err
+
+
+def test_generation_budget_must_be_positive(toy):
+    model, tok, recs = toy
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        greedy_generate(model, tok, [TPL.prompt(recs[0]["question"])], max_new_tokens=0)

@@ -41,6 +41,19 @@ def check_not_smaller(path: Path, metrics: dict) -> None:
                          "elsewhere with --out FILE (or pass --retain-log / all four logs to keep them)")
 
 
+def check_model_path(flag: str, name: str, files=("config.json",)) -> None:
+    """A local model folder must hold a saved model: otherwise transformers reads the path as a hub
+    name and fails with an unrelated message ("Repo id must be in the form ...")."""
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+    if path.is_dir():
+        if not any((path / f).is_file() for f in files):
+            raise FileNotFoundError(f"{flag} {name}: the folder holds no {' or '.join(files)}, so nothing was "
+                                    "saved there (save_pretrained writes it); give the saved folder or a hub name")
+    elif looks_local or path.exists():
+        raise FileNotFoundError(f"{flag} {name}: no such folder (a hub name has the form org/name)")
+
+
 def _aggregate(args) -> int:
     logs = load_logs(args.logs)
     retain = load_retain_log(args.retain_log) if args.retain_log else None
@@ -67,7 +80,10 @@ def _tofu(args) -> int:
     from ..data.templates import get_template
     from .tofu import evaluate_tofu, load_tofu_sets
 
-    # the data and the retain log are read and checked before the (slow) model is loaded
+    # the paths, the data and the retain log are checked before the (slow) model is loaded
+    check_model_path("--model", args.model)
+    if args.tokenizer:
+        check_model_path("--tokenizer", args.tokenizer, ("tokenizer_config.json", "tokenizer.json", "config.json"))
     sets = load_tofu_sets(args.split, args.data_dir)
     retain = None
     if args.retain_log:
