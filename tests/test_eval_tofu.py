@@ -286,3 +286,27 @@ def test_generation_budget_must_be_positive(toy):
     model, tok, recs = toy
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         greedy_generate(model, tok, [TPL.prompt(recs[0]["question"])], max_new_tokens=0)
+
+
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_huge_losses_give_strict_json_logs_and_finite_metrics(toy, tmp_path):
+    """A model with ~2e4 nats per token (unlearning can get there): the per-sample truth ratio
+    overflows, which TOFU's format wrote as Infinity; here it is null and the metrics stay finite."""
+    model, tok, recs = toy
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(1e5)
+    res = evaluate_tofu(sharp, tok, TPL, {"retain": recs, "forget": recs, "real_authors": recs, "world_facts": recs},
+                        out_dir=tmp_path, max_new_tokens=2, progress=False)
+    forget = _strict((tmp_path / "eval_log_forget.json").read_text())
+    assert None in forget["truth_ratio"].values() and min(forget["avg_gt_loss"].values()) > 1e3
+    for p in tmp_path.glob("*.json"):
+        _strict(p.read_text())
+    assert all(math.isfinite(v) for v in res["metrics"].values()), res["metrics"]
+    assert aggregate(load_logs(tmp_path)) == pytest.approx(res["metrics"])
