@@ -20,14 +20,13 @@ What is never done: dotting two unreduced per-rank gradients (Σ_r <a_r, g_r> is
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .jsonfile import write_json
 from .models import find_block_list, is_deepspeed
 
 try:  # DTensor: FSDP2 parameters and gradients
@@ -179,13 +178,9 @@ def check_divisible(batch_size: int, world: int, grad_accum: int) -> None:
 
 
 def write_json_main(path: Path, obj) -> None:
-    """Atomic JSON write on the main process only."""
-    if not is_main():
-        return
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    """Atomic, strict JSON write (:func:`fastgeffect.jsonfile.write_json`) on the main process only."""
+    if is_main():
+        write_json(path, obj)
 
 
 __all__ = ["is_distributed", "world_size", "rank", "is_main", "barrier", "all_reduce_sum", "all_gather_objects",

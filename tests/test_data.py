@@ -1,4 +1,7 @@
 """Data pipeline: loader, encoding/collation, retain pool, seeded pairing, TOFU folder layout."""
+import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +90,10 @@ def test_qadataset_rejects_bad_rows(tok):
         QADataset([{"question": "Who?"}], tok, PHI, 32, answers=["a", "b"])
     with pytest.raises(ValueError, match="no answer token"):
         QADataset([{"question": "Who is it " * 20, "answer": "me"}], tok, PHI, 16)
+    with pytest.raises(ValueError, match=r"the 'answer' field of rows \[1\] is not a string \(row 1: None\)"):
+        QADataset([{"question": "Who?", "answer": "me"}, {"question": "Who?", "answer": None}], tok, PHI, 32)
+    with pytest.raises(ValueError, match=r"the answers given of rows \[0\] is not a string"):
+        QADataset([{"question": "Who?"}], tok, PHI, 32, answers=[3])
 
 
 def test_retain_pool_excludes_heldout_rows(folder):
@@ -206,3 +213,51 @@ def test_subset_of_few_authors(tmp_path):
     assert load_tofu_split("world_facts_perturbed", tmp_path) == load_tofu_split("world_facts_perturbed", TOFU)
     with pytest.raises(ValueError, match="--authors"):
         subset_tofu(TOFU, tmp_path, 201)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"question": "Who?", "answer": None}, r"row 2 has 'answer' = None, expected a string \(question 'Who\?'\)"),
+    ({"question": "Who?"}, "row 2 has no 'answer' field"),
+    ({"question": "Who?", "answer": 3}, "row 2 has 'answer' = 3"),
+    (["Who?", "me"], "row 2 is a list, not an object"),
+])
+def test_loader_names_the_bad_row(folder, tmp_path, row, problem):
+    data = _copy(folder, tmp_path / "data")
+    lines = (data / "forget10.json").read_text(encoding="utf-8").splitlines()
+    lines[2] = json.dumps(row)
+    (data / "forget10.json").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"TOFU split 'forget10' \({re.escape(str(data))}/forget10.json\): {problem}"):
+        load_tofu_split("forget10", data)
+
+
+def test_loader_checks_perturbed_answers_of_every_row(folder, tmp_path):
+    data = _copy(folder, tmp_path / "data")
+    rows = [json.loads(x) for x in (data / "forget10_perturbed.json").read_text().splitlines()]
+    rows[3]["perturbed_answer"] = []
+    (data / "forget10_perturbed.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"row 3 has 'perturbed_answer' = \[\], expected a non-empty list of strings"):
+        load_tofu_split("forget10_perturbed", data)
+
+
+def test_non_utf8_data_names_the_file(folder, tmp_path):
+    data = _copy(folder, tmp_path / "data")
+    (data / "retain90.json").write_bytes((data / "retain90.json").read_bytes().replace(b"a", b"\xe9", 1))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(data / 'retain90.json'))} is not UTF-8 text.*convert"):
+        load_tofu_split("retain90", data)
+
+
+def test_subset_of_a_truncated_perturbed_file_names_that_file(folder, tmp_path):
+    """A forget10_perturbed.json cut short was reported as 'a forget01 row lacks ...'."""
+    src = _copy(folder, tmp_path / "src")
+    lines = (src / "forget10_perturbed.json").read_text().splitlines(keepends=True)
+    (src / "forget10_perturbed.json").write_text("".join(lines[:-1]))  # the last author's last row is gone
+    with pytest.raises(ValueError, match=rf"{re.escape(str(src / 'forget10_perturbed.json'))} has no row for row 79 "
+                                         "of full.json .*truncated"):
+        subset_tofu(src, tmp_path / "out", 10, questions_per_author=4)
+    subset_tofu(folder, tmp_path / "ok", 10, questions_per_author=4)
+    assert load_tofu_split("forget10", tmp_path / "ok") == load_tofu_split("full", folder)[-4:]

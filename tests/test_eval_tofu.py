@@ -3,6 +3,9 @@ recomputed independently; log files; bad input; loading the real TOFU files."""
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from fastgeffect.eval import (
     greedy_generate,
     load_logs,
     load_tofu_sets,
+    ps_scores,
 )
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "tofu"
@@ -185,3 +189,124 @@ def test_cli_tofu_on_a_saved_tiny_model(toy, tmp_path):
     assert set(logs) == set(FILES) and all(len(v["avg_gt_loss"]) == 3 for v in logs.values())
     assert main(["aggregate", "--logs", str(out), "--retain-log", str(out / "eval_log_forget.json")]) == 0
     assert json.loads((out / "metrics.json").read_text())["Forget Quality"] == 1.0
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True])
+def test_non_positive_ds_size_is_refused(toy, size):
+    """`[:-1]` silently dropped the last row, `[:0]` (falsy) evaluated every row."""
+    model, tok, recs = toy
+    with pytest.raises(ValueError, match=r"ds_size must be a positive number of rows .*got"):
+        evaluate_set(model, tok, TPL, recs[:3], "forget", ds_size=size, generate=False)
+    with pytest.raises(ValueError, match="ds_size must be a positive"):
+        evaluate_tofu(model, tok, TPL, {"forget": recs[:3]}, ds_size=size, progress=False)
+    assert len(evaluate_set(model, tok, TPL, recs[:3], "forget", ds_size=None, generate=False)["gt_loss"]) == 3
+
+
+@pytest.mark.parametrize("flag, value", [("--ds-size", "-1"), ("--ds-size", "0"), ("--batch-size", "0"),
+                                         ("--max-length", "-5"), ("--max-new-tokens", "0"), ("--ds-size", "a")])
+def test_cli_refuses_non_positive_counts_as_usage_errors(flag, value, capsys):
+    from fastgeffect.eval.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["tofu", "--model", "no/such-model", flag, value])
+    assert e.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value, problem", [("answer", None, "'answer' of record 1 is None, not a string"),
+                                                   ("perturbed_answer", [], "'perturbed_answer' of record 1 is"),
+                                                   ("answer", "missing", "records \\[1\\] lack the field 'answer'")])
+def test_bad_record_fields_are_named(toy, field, value, problem):
+    model, tok, recs = toy
+    bad = [dict(r) for r in recs[:3]]
+    if value == "missing":
+        del bad[1][field]
+    else:
+        bad[1][field] = value
+    with pytest.raises(ValueError, match=f"forget: .*{problem}"):
+        evaluate_set(model, tok, TPL, bad, "forget", generate=False)
+    if field == "answer":  # PS scored str(None) = "None" as the answer
+        with pytest.raises(ValueError, match=problem):
+            ps_scores(model, tok, TPL, bad)
+
+
+def test_non_finite_model_outputs_are_refused(toy):
+    model, tok, recs = toy
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.lm_head.weight[5].fill_(math.nan)
+    with pytest.raises(ValueError, match=r"forget: the model's answer loss of sample 0 is nan .*not finite"):
+        evaluate_set(broken, tok, TPL, recs[:3], "forget", generate=False)
+
+
+def test_retain_log_is_read_and_checked_before_evaluating(toy, tmp_path):
+    """A torn or mismatched retain log fails at once (model=None: nothing is evaluated), naming the file."""
+    model, tok, recs = toy
+    evaluate_tofu(model, tok, TPL, {"forget": recs[:5]}, out_dir=tmp_path, max_new_tokens=3, progress=False)
+    log = tmp_path / "eval_log_forget.json"
+    with pytest.raises(ValueError, match=rf"{log}.* has 5 samples but this forget evaluation 3: the same forget "
+                                         "split evaluated with another eval size; evaluate with ds_size .*5"):
+        evaluate_tofu(None, tok, TPL, {"forget": recs}, retain_log=log, ds_size=3, progress=False)
+    with pytest.raises(ValueError, match=r"other ground-truth answers \(samples \[0, 1, 2\]\).*another forget split"):
+        evaluate_tofu(None, tok, TPL, {"forget": recs[5:]}, retain_log=log, progress=False)
+    log.write_text("")  # what a full disk left before writes were atomic
+    with pytest.raises(ValueError, match=rf"{log}: is empty; .*delete it and rerun"):
+        evaluate_tofu(None, tok, TPL, {"forget": recs[:5]}, retain_log=log, progress=False)
+
+
+def test_log_writes_are_atomic_on_a_full_disk(toy, tmp_path):
+    """A file-size limit makes every write past 2 kB fail like a full disk: the logs of the earlier
+    evaluation stay whole and no temporary is left."""
+    model, tok, recs = toy
+    evaluate_tofu(model, tok, TPL, {"forget": recs[:2]}, out_dir=tmp_path, max_new_tokens=3, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert all(len(b) < 4096 for b in before.values())
+    big = {"eval_log_forget.json": {"avg_gt_loss": {str(i): 1.0 for i in range(500)}}}
+    code = ("import resource, signal, sys; from fastgeffect.eval import write_logs; "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+            f"write_logs({big!r}, sys.argv[1])")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert res.returncode != 0 and "cannot write" in res.stderr and "eval_log_forget.json" in res.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    load_logs(tmp_path)
+
+
+def test_cli_names_a_missing_or_empty_model_folder(tmp_path, capsys):
+    from fastgeffect.eval.__main__ import main
+
+    (tmp_path / "empty").mkdir()
+    for model, problem in ((tmp_path / "none", "no such folder"), ("./relative/model", "no such folder"),
+                           (tmp_path / "empty", "the folder holds no config.json")):
+        assert main(["tofu", "--model", str(model)]) == 2
+        err = capsys.readouterr().err
+        assert f"--model {model}: {problem}" in err and "Repo id" not in err
+
+
+def test_generation_budget_must_be_positive(toy):
+    model, tok, recs = toy
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        greedy_generate(model, tok, [TPL.prompt(recs[0]["question"])], max_new_tokens=0)
+
+
+def _strict(text: str):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_huge_losses_give_strict_json_logs_and_finite_metrics(toy, tmp_path):
+    """A model with ~2e4 nats per token (unlearning can get there): the per-sample truth ratio
+    overflows, which TOFU's format wrote as Infinity; here it is null and the metrics stay finite."""
+    model, tok, recs = toy
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(1e5)
+    res = evaluate_tofu(sharp, tok, TPL, {"retain": recs, "forget": recs, "real_authors": recs, "world_facts": recs},
+                        out_dir=tmp_path, max_new_tokens=2, progress=False)
+    forget = _strict((tmp_path / "eval_log_forget.json").read_text())
+    assert None in forget["truth_ratio"].values() and min(forget["avg_gt_loss"].values()) > 1e3
+    for p in tmp_path.glob("*.json"):
+        _strict(p.read_text())
+    assert all(math.isfinite(v) for v in res["metrics"].values()), res["metrics"]
+    assert aggregate(load_logs(tmp_path)) == pytest.approx(res["metrics"])

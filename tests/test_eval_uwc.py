@@ -32,6 +32,12 @@ def test_search_edges():
     assert res["alpha"] == 0.0 and len(res["history"]) == 1 + 7
     with pytest.raises(ValueError, match="tolerance"):
         calibrate_alpha(lambda a: 1.0, 1.0, 1.5)
+    with pytest.raises(ValueError, match="alpha_tol must be positive, got nan"):
+        calibrate_alpha(lambda a: 0.5 + 0.5 * (a == 0), 1.0, 0.1, alpha_tol=float("nan"))
+    with pytest.raises(ValueError, match="reference score must be a finite number, got nan"):
+        calibrate_alpha(lambda a: 1.0, float("nan"), 0.1)
+    with pytest.raises(ValueError, match="alpha=1.0 is nan"):
+        calibrate_alpha(lambda a: float("nan"), 1.0, 0.1)
 
 
 @pytest.mark.parametrize("tied", [False, True])

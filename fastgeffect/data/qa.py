@@ -35,6 +35,9 @@ class QADataset(Dataset):
             missing = [i for i, r in enumerate(rows) if key not in r]
             if missing:
                 raise ValueError(f"rows {missing[:5]} have no {key!r} field")
+            _check_text([r[key] for r in rows], f"the {key!r} field")
+        if answers is not None:
+            _check_text(answers, "the answers given")
         self.rows = list(rows)
         self.max_length = max_length
         self.indices = list(range(len(rows))) if indices is None else [int(i) for i in indices]
@@ -53,6 +56,13 @@ class QADataset(Dataset):
         item = {k: v[i] for k, v in self.tensors.items()}
         item["index"] = self.indices[i]
         return item
+
+
+def _check_text(values: Sequence, what: str) -> None:
+    """A null or a number would be encoded as the text "None" or fail deep in the tokenizer."""
+    bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"{what} of rows {bad[:5]} is not a string (row {bad[0]}: {values[bad[0]]!r})")
 
 
 def retain_pool(retain_rows: Sequence[dict], heldout_rows: Sequence[dict]) -> List[int]:

@@ -116,15 +116,22 @@ def subset_tofu(src_dir: Union[str, Path], out_dir: Union[str, Path], n_authors:
         raise ValueError(f"--authors must be in [1, {len(all_authors)}], got {n_authors}")
     counts = author_counts(n_authors)
     h, f = counts["heldout"], counts["forget10"]
-    perturbed = {(r["question"], r["answer"]): r for split in ("retain_perturbed", "forget10_perturbed")
-                 for r in load_tofu_split(split, src_dir)}
-    n_perturbed_forget = len(load_tofu_split("forget10_perturbed", src_dir)) // questions_per_author
-    n_perturbed_held = len(load_tofu_split("retain_perturbed", src_dir)) // questions_per_author
-    if f > n_perturbed_forget or h > n_perturbed_held:
-        raise ValueError(f"{n_authors} authors need {h} held-out and {f} forget authors with perturbed "
-                         f"rows; {src_dir} has {n_perturbed_held} and {n_perturbed_forget}")
-    chosen = (list(range(h)) + list(range(h, n_authors - f))
-              + list(range(len(all_authors) - f, len(all_authors))))
+    held, forgotten = list(range(h)), list(range(len(all_authors) - f, len(all_authors)))
+    perturbed = {}
+    for split, needed in (("retain_perturbed", held), ("forget10_perturbed", forgotten)):
+        rows = {(r["question"], r["answer"]): r for r in load_tofu_split(split, src_dir)}
+        if len(needed) > len(rows) // questions_per_author:
+            raise ValueError(f"{n_authors} authors need {len(needed)} authors with perturbed rows in "
+                             f"{Path(src_dir) / f'{split}.json'}, which has {len(rows) // questions_per_author}")
+        for a in needed:  # named here: a missing row would surface as another split's problem
+            for i, r in enumerate(all_authors[a]):
+                key = (r["question"], r["answer"])
+                if key not in rows:
+                    raise ValueError(f"{Path(src_dir) / f'{split}.json'} has no row for row "
+                                     f"{a * questions_per_author + i} of full.json (question {r['question'][:60]!r}): "
+                                     "the file is truncated or from another TOFU version; fetch it again")
+                perturbed[key] = rows[key]
+    chosen = held + list(range(h, n_authors - f)) + forgotten
     authors = [[{**r, **perturbed.get((r["question"], r["answer"]), {})} for r in all_authors[a]] for a in chosen]
     written = write_tofu_folder(out_dir, authors, load_tofu_split("real_authors_perturbed", src_dir),
                                 load_tofu_split("world_facts_perturbed", src_dir))

@@ -3,7 +3,7 @@ folder holding those files or, only when the user names it, from the hub."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from ..jsonl import read_jsonl
 
@@ -28,8 +28,30 @@ for _p in ("90", "95", "99"):
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 
 
+def check_rows(rows: Sequence, split: str, source: str) -> None:
+    """Every row of a split is an object with the split's fields, strings (``perturbed_answer``: a
+    non-empty list of strings): a null answer would otherwise be trained on or scored as "None",
+    a missing one fail as a bare KeyError."""
+    if not rows:
+        raise ValueError(f"TOFU split {split!r} ({source}) is empty")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"TOFU split {split!r} ({source}): row {i} is a {type(row).__name__}, not an object "
+                             "with the fields " + ", ".join(SPLIT_FIELDS[split]))
+        for f in SPLIT_FIELDS[split]:
+            v = row.get(f)
+            ok = (isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v)) \
+                if f == "perturbed_answer" else isinstance(v, str)
+            if not ok:
+                problem = f"has no {f!r} field" if f not in row else f"has {f!r} = {v!r}"
+                want = "a non-empty list of strings" if f == "perturbed_answer" else "a string"
+                raise ValueError(f"TOFU split {split!r} ({source}): row {i} {problem}, expected {want} "
+                                 f"(question {str(row.get('question', ''))[:60]!r}); fix or remove the row, or "
+                                 "fetch the split again")
+
+
 def load_tofu_split(split: str, data_dir: Optional[Union[str, Path]] = None) -> List[dict]:
-    """Rows of one TOFU config as a list of dicts.
+    """Rows of one TOFU config as a list of dicts, every row checked (:func:`check_rows`).
 
     ``data_dir`` is a folder holding ``<split>.json`` (JSON lines, as on the hub). With
     ``data_dir=None`` the split is loaded from the hub with ``datasets`` (a download).
@@ -40,14 +62,16 @@ def load_tofu_split(split: str, data_dir: Optional[Union[str, Path]] = None) -> 
         import datasets  # only for a hub download: the local-folder path never needs it
 
         rows = [dict(r) for r in datasets.load_dataset(HUB_NAME, split, split="train")]
+        source = f"{HUB_NAME} on the hub"
     else:
         path = Path(data_dir) / f"{split}.json"
         if not path.is_file():
             raise FileNotFoundError(f"TOFU split {split!r} not found: expected {path}")
-        rows = read_jsonl(path)
-    if not rows:
-        raise ValueError(f"TOFU split {split!r} is empty")
-    missing = [f for f in SPLIT_FIELDS[split] if f not in rows[0]]
-    if missing:
-        raise ValueError(f"TOFU split {split!r} lacks fields {missing}")
+        try:
+            rows = read_jsonl(path)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason}): TOFU's files are UTF-8 JSON lines; convert "
+                             "it (e.g. iconv -t UTF-8) or fetch the split again") from None
+        source = str(path)
+    check_rows(rows, split, source)
     return rows

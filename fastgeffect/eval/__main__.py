@@ -4,23 +4,70 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from ..cli_help import HelpFormatter
 from ..data.tofu import RETAIN_OF
-from .aggregate import aggregate, format_table, load_logs, load_retain_log
+from ..jsonfile import JSONFileError, read_json, write_json
+from .aggregate import aggregate, check_retain_log, format_table, load_logs, load_retain_log
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count (rows, tokens, batch size): a usage error unless >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def check_not_smaller(path: Path, metrics: dict) -> None:
+    """Refuse to replace an existing metrics file by one that lacks some of its metrics (a
+    ``--partial`` aggregation or one without ``--retain-log`` would drop e.g. Forget Quality)."""
+    if not path.exists():
+        return
+    try:
+        old = read_json(path)
+    except JSONFileError as e:  # a torn file holds no result to keep: it is recomputed
+        print(f"note: replacing a broken file: {e}", file=sys.stderr)
+        return
+    lost = [k for k in old if k not in metrics] if isinstance(old, dict) else ["(not a metrics object)"]
+    if lost:
+        raise ValueError(f"{path} already holds {len(old)} metrics and this aggregation has {len(metrics)}, "
+                         f"without {lost[:4]}{'...' if len(lost) > 4 else ''}: not overwritten; write it "
+                         "elsewhere with --out FILE (or pass --retain-log / all four logs to keep them)")
+
+
+def check_model_path(flag: str, name: str, files=("config.json",)) -> None:
+    """A local model folder must hold a saved model: otherwise transformers reads the path as a hub
+    name and fails with an unrelated message ("Repo id must be in the form ...")."""
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+    if path.is_dir():
+        if not any((path / f).is_file() for f in files):
+            raise FileNotFoundError(f"{flag} {name}: the folder holds no {' or '.join(files)}, so nothing was "
+                                    "saved there (save_pretrained writes it); give the saved folder or a hub name")
+    elif looks_local or path.exists():
+        raise FileNotFoundError(f"{flag} {name}: no such folder (a hub name has the form org/name)")
 
 
 def _aggregate(args) -> int:
     logs = load_logs(args.logs)
     retain = load_retain_log(args.retain_log) if args.retain_log else None
-    metrics = aggregate(logs, retain, require_all=not args.partial)
-    print(format_table(metrics))
+    try:
+        metrics = aggregate(logs, retain, require_all=not args.partial)
+    except ValueError as e:  # the message names the TOFU file: say where it was read from
+        where = f"logs: {args.logs}" + (f"; retain log: {args.retain_log}" if args.retain_log else "")
+        raise ValueError(f"{e} ({where})") from None
     logs_dir = Path(args.logs) if Path(args.logs).is_dir() else Path(args.logs).parent
     out = Path(args.out) if args.out else logs_dir / "metrics.json"
-    out.write_text(json.dumps(metrics, indent=2))
+    if not args.out:
+        check_not_smaller(out, metrics)
+    print(format_table(metrics))
+    write_json(out, metrics)
     print(f"wrote {out}")
     return 0
 
@@ -33,14 +80,23 @@ def _tofu(args) -> int:
     from ..data.templates import get_template
     from .tofu import evaluate_tofu, load_tofu_sets
 
+    # the paths, the data and the retain log are checked before the (slow) model is loaded
+    check_model_path("--model", args.model)
+    if args.tokenizer:
+        check_model_path("--tokenizer", args.tokenizer, ("tokenizer_config.json", "tokenizer.json", "config.json"))
+    sets = load_tofu_sets(args.split, args.data_dir)
+    retain = None
+    if args.retain_log:
+        retain = load_retain_log(args.retain_log)
+        forget = sets["forget"][:args.ds_size]
+        check_retain_log(retain, len(forget), [r["answer"] for r in forget], name=args.retain_log)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    sets = load_tofu_sets(args.split, args.data_dir)
     out_dir = Path(args.out or Path(args.model) / "eval_results" / f"ds_size{args.ds_size}")
     res = evaluate_tofu(model, tokenizer, get_template(args.template), sets, out_dir=out_dir,
-                        retain_log=args.retain_log, ds_size=args.ds_size, max_length=args.max_length,
+                        retain_log=retain, ds_size=args.ds_size, max_length=args.max_length,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     print(format_table(res["metrics"]))
     print(f"logs written to {out_dir}")
@@ -56,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Quality, ...) and write metrics.json.", formatter_class=HelpFormatter)
     a.add_argument("--logs", required=True, help="folder with the four TOFU logs, or eval_log_aggregated.json")
     a.add_argument("--retain-log", help="a retain-only model's eval_log_forget.json (for Forget Quality)")
-    a.add_argument("--out", help="output JSON (default: metrics.json next to the logs)")
+    a.add_argument("--out", help="output JSON (default: metrics.json next to the logs, never replaced by fewer "
+                   "metrics)")
     a.add_argument("--partial", action="store_true", help="allow fewer than four log files")
     t = sub.add_parser("tofu", help="evaluate a model on TOFU and write TOFU's logs",
                        description="Evaluate a causal LM on TOFU's four sets and write TOFU's per-sample logs "
@@ -68,10 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--template", default="phi", choices=["phi", "llama2", "chat"], help="prompt template")
     t.add_argument("--retain-log", help="a retain-only model's eval_log_forget.json (for Forget Quality)")
     t.add_argument("--out", help="output folder (default: MODEL/eval_results/ds_sizeN)")
-    t.add_argument("--ds-size", type=int, default=300, help="rows per evaluation set (TOFU's ds_size)")
-    t.add_argument("--max-length", type=int, default=200, help="token length of prompt + answer (TOFU's)")
-    t.add_argument("--max-new-tokens", type=int, help="generation budget (default: TOFU's max_length rule)")
-    t.add_argument("--batch-size", type=int, default=32, help="sequences per evaluation batch")
+    t.add_argument("--ds-size", type=positive_int, default=300, help="rows per evaluation set (TOFU's ds_size)")
+    t.add_argument("--max-length", type=positive_int, default=200, help="token length of prompt + answer (TOFU's)")
+    t.add_argument("--max-new-tokens", type=positive_int, help="generation budget (default: TOFU's max_length rule)")
+    t.add_argument("--batch-size", type=positive_int, default=32, help="sequences per evaluation batch")
     t.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights' dtype")
     t.add_argument("--device", help="cpu / cuda / cuda:N (default: cuda when available)")
     return p
@@ -81,7 +138,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _aggregate(args) if args.cmd == "aggregate" else _tofu(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, a missing file, a full disk: named, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

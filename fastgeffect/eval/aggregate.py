@@ -14,20 +14,28 @@ Per evaluation file (``eval_log.json`` → "Retain", ``eval_real_author_wo_optio
   the forget truth ratios r of the model and of a retain-only model; ``log Forget Quality`` is
   its natural log.
 
+Exponentials are taken in log space (softmax, expm1), so the large losses of an unlearned model
+never give a 0/0; ``log Forget Quality`` is None when the p-value underflows to 0.
+
 Input checks (never a silent wrong number): a log missing a needed key, keys whose sample
-indices differ, per-sample lists of different lengths, an empty log, and a retain log whose
-sample count differs from the forget log's (a retain model of another split) raise ``ValueError``;
-when both forget logs carry ``generated_text``, their ground-truth answers must agree too.
+indices differ, a per-sample value that is not a finite number (null, NaN, a string), per-sample
+lists of different lengths or empty, an empty log, and a retain log whose sample count differs
+from the forget log's (another eval size, or a retain model of another split) raise
+``ValueError`` naming the file, key and sample; when both forget logs carry ``generated_text``,
+their ground-truth answers must agree too. A torn or empty log file is named (``read_json``).
 """
 from __future__ import annotations
 
-import json
 import math
+import warnings
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
+from scipy.special import logsumexp
 from scipy.stats import hmean, ks_2samp
+
+from ..jsonfile import read_json
 
 FILES = {
     "eval_log.json": "Retain",
@@ -37,6 +45,20 @@ FILES = {
 }
 UTILITY_FILES = ("eval_log.json", "eval_real_author_wo_options.json", "eval_real_world_wo_options.json")
 METRICS = ("ROUGE", "Prob.", "Truth Ratio")
+SPLIT_ROWS = "forget01 has 40 rows, forget05 200, forget10 400, each cut to the eval size, TOFU's 300"
+
+
+def _number_problem(v) -> Optional[str]:
+    """What is wrong with a per-sample value (a finite number, or a non-empty list of them), or None."""
+    if isinstance(v, (list, tuple)):
+        if not v:
+            return "an empty list"
+        return next((p for p in map(_number_problem, v) if p), None)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return f"{v!r}, not a number"
+    if not math.isfinite(v):
+        return f"{v}, not a finite number"
+    return None
 
 
 def _values(log: Mapping, key: str, fname: str, ref_keys=None) -> np.ndarray:
@@ -48,23 +70,29 @@ def _values(log: Mapping, key: str, fname: str, ref_keys=None) -> np.ndarray:
     if ref_keys is not None and list(entry.keys()) != ref_keys:
         raise ValueError(f"{fname}: {key!r} covers samples {len(entry)} that differ from the log's other "
                          f"entries ({len(ref_keys)}); the log is inconsistent")
+    for i, v in entry.items():  # a null, NaN or string would become a NaN metric
+        problem = _number_problem(v)
+        if problem:
+            raise ValueError(f"{fname}: {key!r} of sample {i!r} is {problem}: the evaluation that wrote this log "
+                             "failed (non-finite model outputs?) or the file was edited; re-evaluate the model")
     vals = list(entry.values())
     if isinstance(vals[0], (list, tuple)):
-        lens = {len(v) for v in vals}
+        lens = {len(v) if isinstance(v, (list, tuple)) else 1 for v in vals}
         if len(lens) != 1:
             raise ValueError(f"{fname}: {key!r} has per-sample lists of different lengths {sorted(lens)}")
     return np.asarray(vals, dtype=np.float64)
 
 
-def truth_ratio_r(log: Mapping, fname: str = "log") -> np.ndarray:
-    """TOFU's aggregate statistic r = exp(mean avg perturbed loss − avg paraphrased loss) per sample."""
+def log_truth_ratio(log: Mapping, fname: str = "log") -> np.ndarray:
+    """log r per sample, r = exp(mean avg perturbed loss − avg paraphrased loss) TOFU's aggregate
+    statistic. Kept in log space: r over- or underflows for the large losses unlearning gives."""
     para = log.get("avg_paraphrased_loss")
     keys = list(para.keys()) if isinstance(para, Mapping) else None
     para = _values(log, "avg_paraphrased_loss", fname)
     pert = _values(log, "average_perturb_loss", fname, keys)
     if pert.ndim == 1:  # a single perturbed answer per sample
         pert = pert[:, None]
-    return np.exp(pert.mean(axis=-1) - para)
+    return pert.mean(axis=-1) - para
 
 
 def file_metrics(log: Mapping, fname: str) -> Dict[str, float]:
@@ -78,18 +106,19 @@ def file_metrics(log: Mapping, fname: str) -> Dict[str, float]:
     if "eval_log" in fname:
         prob = float(np.mean(np.exp(-gt)))
     else:
-        p_true = np.exp(-gt)
-        p_false = np.exp(-_values(log, "average_perturb_loss", fname, keys))
-        if p_false.ndim == 1:
-            p_false = p_false[:, None]
-        prob = float(np.mean(p_true / np.concatenate([p_true[:, None], p_false], axis=1).sum(-1)))
+        pert = _values(log, "average_perturb_loss", fname, keys)
+        if pert.ndim == 1:
+            pert = pert[:, None]
+        # p_true / (p_true + Σ p_perturbed), p = exp(−avg loss), as a softmax: no 0/0 when every p underflows
+        neg = -np.concatenate([gt[:, None], pert], axis=1)
+        prob = float(np.mean(np.exp(neg[:, 0] - logsumexp(neg, axis=1))))
     rouge = float(_values(log, "rougeL_recall", fname, keys).mean())
     _values(log, "avg_paraphrased_loss", fname, keys)  # same samples as the rest
-    r = truth_ratio_r(log, fname)
+    lr = log_truth_ratio(log, fname)
     if name == "Forget":
-        tr = float(np.mean(np.minimum(r, 1 / r)))
+        tr = float(np.mean(np.exp(-np.abs(lr))))  # min(r, 1/r)
     else:
-        tr = float(np.mean(np.maximum(0, 1 - 1 / r)))
+        tr = float(np.mean(-np.expm1(-np.maximum(lr, 0))))  # max(0, 1 − 1/r)
     return {f"ROUGE {name}": rouge, f"Prob. {name}": prob, f"Truth Ratio {name}": tr}
 
 
@@ -97,29 +126,56 @@ def _norm(s: str) -> str:
     return "".join(str(s).split())  # decoding may move spaces around punctuation
 
 
-def forget_quality(forget_log: Mapping, retain_forget_log: Mapping) -> Dict[str, float]:
-    """KS-test p-value between the forget truth ratios of the model and of a retain-only model."""
-    fname = "eval_log_forget.json"
-    a = truth_ratio_r(forget_log, fname)
-    b = truth_ratio_r(retain_forget_log, "retain model's " + fname)
-    if len(a) != len(b):
-        raise ValueError(f"the retain model's forget log has {len(b)} samples but this forget log has {len(a)}: "
-                         "it comes from another forget split "
-                         "(forget01: 40, forget05: 200, forget10: 300 with ds_size=300)")
-    ga, gb = forget_log.get("generated_text"), retain_forget_log.get("generated_text")
-    if isinstance(ga, Mapping) and isinstance(gb, Mapping) and len(ga) == len(gb):
-        bad = [k for (k, x), y in zip(ga.items(), gb.values()) if _norm(x[-1]) != _norm(y[-1])]
+def _ground_truths(log: Mapping) -> Optional[List[str]]:
+    """The ground-truth answers of a log's ``generated_text`` ([prompt, generation, truth]), if any."""
+    gen = log.get("generated_text")
+    if not isinstance(gen, Mapping) or not all(isinstance(x, (list, tuple)) and x for x in gen.values()):
+        return None
+    return [str(x[-1]) for x in gen.values()]
+
+
+def check_retain_log(retain_forget_log: Mapping, n: int, answers: Optional[Sequence[str]] = None,
+                     name: str = "the retain model's eval_log_forget.json") -> None:
+    """Refuse a retain model's forget log that does not cover the same forget rows as ``n``
+    samples with ground truths ``answers`` (when known): another forget split or eval size."""
+    n_retain = len(log_truth_ratio(retain_forget_log, name))
+    theirs = _ground_truths(retain_forget_log)
+    if answers is not None and theirs is not None:
+        bad = [i for i, (x, y) in enumerate(zip(answers, theirs)) if _norm(x) != _norm(y)]
         if bad:
-            raise ValueError(f"the retain model's forget log has other ground-truth answers (samples {bad[:5]}): "
-                             "it was made on another forget set")
-    res = ks_2samp(a, b)
+            raise ValueError(f"{name} has other ground-truth answers (samples {bad[:5]}): it was made on another "
+                             f"forget set (another forget split: {SPLIT_ROWS}); use the retain log of this split")
+        same_rows = True
+    else:
+        same_rows = False
+    if n_retain == n:
+        return
+    if same_rows:
+        raise ValueError(f"{name} has {n_retain} samples but this forget evaluation {n}: the same forget split "
+                         f"evaluated with another eval size; evaluate with ds_size (--eval-size, --ds-size) "
+                         f"{n_retain} to match it, or remake the retain log with {n}")
+    raise ValueError(f"{name} has {n_retain} samples but this forget log has {n}: the sizes differ. Either the "
+                     f"eval size (ds_size, --eval-size, --ds-size) differs: evaluate with {n_retain} to match it "
+                     f"(or remake the retain log with {n}); or it comes from another forget split ({SPLIT_ROWS})")
+
+
+def forget_quality(forget_log: Mapping, retain_forget_log: Mapping) -> Dict[str, Optional[float]]:
+    """KS-test p-value between the forget truth ratios of the model and of a retain-only model
+    (on log r: the test only ranks the values). ``log Forget Quality`` is None when the p-value
+    underflows to 0."""
+    a = log_truth_ratio(forget_log, "eval_log_forget.json")
+    check_retain_log(retain_forget_log, len(a), _ground_truths(forget_log))
+    res = ks_2samp(a, log_truth_ratio(retain_forget_log, "the retain model's eval_log_forget.json"))
     p = float(res.pvalue)
-    return {"Forget Quality": p, "log Forget Quality": math.log(p) if p > 0 else -math.inf,
+    if p == 0:
+        warnings.warn("Forget Quality is 0 (the KS p-value underflows): log Forget Quality is undefined "
+                      "and reported as None (null in JSON)", stacklevel=2)
+    return {"Forget Quality": p, "log Forget Quality": math.log(p) if p > 0 else None,
             "KS Test PVal Forget": p, "KS Test Forget": float(res.statistic)}
 
 
 def aggregate(logs: Mapping[str, Mapping], retain_forget_log: Optional[Mapping] = None, *,
-              require_all: bool = True) -> Dict[str, float]:
+              require_all: bool = True) -> Dict[str, Optional[float]]:
     """Aggregate TOFU logs ``{file name: per-sample log}``.
 
     ``require_all=True`` (TOFU's setting) needs all four files. With ``require_all=False`` the
@@ -132,7 +188,7 @@ def aggregate(logs: Mapping[str, Mapping], retain_forget_log: Optional[Mapping] 
     missing = [f for f in FILES if f not in logs]
     if require_all and missing:
         raise ValueError(f"missing TOFU log files {missing}")
-    out: Dict[str, float] = {}
+    out: Dict[str, Optional[float]] = {}
     for fname in FILES:
         if fname in logs:
             out.update(file_metrics(logs[fname], fname))
@@ -145,12 +201,20 @@ def aggregate(logs: Mapping[str, Mapping], retain_forget_log: Optional[Mapping] 
     return out
 
 
+def _read_log(path: Path) -> dict:
+    """A JSON object from a log file (read_json names a torn or empty file)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a TOFU log is a JSON object, this file holds a {type(data).__name__}")
+    return data
+
+
 def load_logs(path: Union[str, Path]) -> Dict[str, dict]:
     """TOFU logs from a folder holding the four files, or from ``eval_log_aggregated.json``
     (one JSON nesting them under their file names)."""
     p = Path(path)
     if p.is_dir():
-        logs = {f: json.loads((p / f).read_text()) for f in FILES if (p / f).is_file()}
+        logs = {f: _read_log(p / f) for f in FILES if (p / f).is_file()}
         if not logs:
             agg = p / "eval_log_aggregated.json"
             if agg.is_file():
@@ -159,7 +223,7 @@ def load_logs(path: Union[str, Path]) -> Dict[str, dict]:
         return logs
     if not p.is_file():
         raise FileNotFoundError(f"no such log file or folder: {p}")
-    data = json.loads(p.read_text())
+    data = _read_log(p)
     suffix = [f for f in FILES if p.name.endswith(f)]  # e.g. phi_retain95_wd0_eval_log_forget.json
     if "avg_gt_loss" in data:
         if not suffix:
@@ -170,6 +234,9 @@ def load_logs(path: Union[str, Path]) -> Dict[str, dict]:
     if not nested:
         raise ValueError(f"{p} is neither a TOFU log file nor an eval_log_aggregated.json "
                          f"(top-level keys {sorted(data)[:6]})")
+    bad = [k for k, v in nested.items() if not isinstance(v, dict)]
+    if bad:
+        raise ValueError(f"{p}: the entries {bad} are not per-sample logs (JSON objects)")
     return nested
 
 
@@ -180,7 +247,7 @@ def load_retain_log(retain) -> dict:
         return dict(retain["eval_log_forget.json"]) if "eval_log_forget.json" in retain else dict(retain)
     p = Path(retain)
     if p.is_file():
-        data = json.loads(p.read_text())
+        data = _read_log(p)
         if "avg_gt_loss" in data:  # a bare forget log, whatever its file name
             return data
     logs = load_logs(p)
@@ -189,6 +256,6 @@ def load_retain_log(retain) -> dict:
     return logs["eval_log_forget.json"]
 
 
-def format_table(metrics: Mapping[str, float]) -> str:
+def format_table(metrics: Mapping[str, Optional[float]]) -> str:
     w = max(len(k) for k in metrics)
-    return "\n".join(f"{k:<{w}}  {v:.6g}" for k, v in metrics.items())
+    return "\n".join(f"{k:<{w}}  {'undefined' if v is None else format(v, '.6g')}" for k, v in metrics.items())

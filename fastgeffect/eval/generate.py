@@ -38,6 +38,8 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_length: Opt
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens is None and max_length is None:
         raise ValueError("give max_length or max_new_tokens")
+    if max_new_tokens is not None and max_new_tokens < 1:  # an empty generation would score as a real one
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if len(prompts) == 0:
         return []
     device = model_device(model)

@@ -8,7 +8,8 @@ For each evaluation set this reproduces TOFU's ``get_all_evals``:
 * ``avg_paraphrased_loss`` / ``paraphrased_loss`` / ``num_token_paraphrased``: loss of the base
   answer (``paraphrased_answer`` on retain/forget, ``answer`` on real authors / world facts);
 * ``average_perturb_loss`` / ``perturb_loss`` / ``num_token_perturb``: the perturbed answers;
-* ``truth_ratio`` = exp(avg_paraphrased_loss − mean avg perturbed loss), TOFU's per-sample value;
+* ``truth_ratio`` = exp(avg_paraphrased_loss − mean avg perturbed loss), TOFU's per-sample value
+  (null where it overflows: files are strict JSON, written atomically);
 * ``normalized_gt_loss`` on real authors / world facts.
 
 Indices are the string positions "0", "1", ... of the (first ``ds_size``) records. Differences
@@ -18,7 +19,7 @@ the two agree), and batches are length-sorted.
 """
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Union
 
@@ -27,8 +28,9 @@ from tqdm.auto import tqdm
 
 from ..data.templates import Template
 from ..data.tofu import load_tofu_split
-from ._common import as_list, check_records
-from .aggregate import aggregate, load_retain_log
+from ..jsonfile import write_json
+from ._common import as_list, check_ds_size, check_records
+from .aggregate import aggregate, check_retain_log, load_retain_log
 from .generate import greedy_generate
 from .losses import answer_losses
 
@@ -59,17 +61,29 @@ def _idx(values) -> Dict[str, object]:
     return {str(i): v for i, v in enumerate(values)}
 
 
+def _check_finite(task: str, key: str, values: torch.Tensor, records: Sequence[dict]) -> None:
+    """A NaN/inf loss would turn every metric of the set into NaN: refuse it, naming the sample."""
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        i = int(bad[0][0])
+        raise ValueError(f"{task}: the model's {key} of sample {i} is {values[i].tolist()} (question "
+                         f"{records[i]['question'][:60]!r}): its outputs are not finite (a diverged or overflowing "
+                         "model, or a too small dtype), so no metric can be computed")
+
+
 def evaluate_set(model, tokenizer, template: Template, records: Sequence[dict], task: str, *,
                  ds_size: Optional[int] = 300, max_length: int = 200, max_new_tokens: Optional[int] = None,
                  batch_size: int = 32, generate: bool = True, progress=None) -> dict:
     """TOFU's per-sample log of one set. ``task`` is one of ``retain``, ``forget``,
     ``real_authors``, ``world_facts`` (it picks the base answer key and whether
     ``normalized_gt_loss`` is written). Only the first ``ds_size`` records are used, as TOFU's
-    ``ds_size=300``; ``generate=False`` skips generation and ROUGE (losses only)."""
+    ``ds_size=300`` (None: all; zero or a negative size is refused); ``generate=False`` skips
+    generation and ROUGE (losses only). A non-finite loss (a diverged model) is refused."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
     base_key = TASKS[task][1]
-    records = list(records[:ds_size] if ds_size else records)
+    check_ds_size(ds_size)
+    records = list(records[:ds_size] if ds_size is not None else records)
     check_records(records, ("question", "answer", base_key, "perturbed_answer"), task)
     perturbed = [as_list(r["perturbed_answer"]) for r in records]
     k = len(perturbed[0])
@@ -83,6 +97,7 @@ def evaluate_set(model, tokenizer, template: Template, records: Sequence[dict], 
 
     gt_loss, gt_n = answer_losses(model, tokenizer, template, qs, [r["answer"] for r in records],
                                   max_length=max_length, batch_size=batch_size)
+    _check_finite(task, "answer loss", gt_loss, records)
     log["avg_gt_loss"] = _idx((gt_loss / gt_n).tolist())
     log["gt_loss"] = _idx(gt_loss.tolist())
     log["num_token_gt"] = _idx(gt_n.tolist())
@@ -100,13 +115,18 @@ def evaluate_set(model, tokenizer, template: Template, records: Sequence[dict], 
     flat_a = [a for p in perturbed for a in p]
     pl, pn = answer_losses(model, tokenizer, template, flat_q, flat_a, max_length=max_length, batch_size=batch_size)
     pl, pn = pl.view(len(records), k), pn.view(len(records), k)
+    _check_finite(task, "perturbed answer losses", pl, records)
     bl, bn = answer_losses(model, tokenizer, template, qs, [r[base_key] for r in records],
                            max_length=max_length, batch_size=batch_size)
+    _check_finite(task, f"{base_key} loss", bl, records)
     avg_pert = pl / pn
     avg_base = bl / bn
     log["average_perturb_loss"] = _idx(avg_pert.tolist())
     log["avg_paraphrased_loss"] = _idx(avg_base.tolist())
-    log["truth_ratio"] = _idx(torch.exp(avg_base - avg_pert.mean(-1)).tolist())
+    # JSON has no infinity: a ratio that overflows (avg losses ~700 apart) is logged as null; the
+    # aggregator recomputes it in log space from the two losses
+    log["truth_ratio"] = _idx([v if math.isfinite(v) else None
+                               for v in torch.exp(avg_base - avg_pert.mean(-1)).tolist()])
     log["paraphrased_loss"] = _idx(bl.tolist())
     log["perturb_loss"] = _idx(pl.tolist())
     log["num_token_paraphrased"] = _idx(bn.tolist())
@@ -120,14 +140,13 @@ def evaluate_set(model, tokenizer, template: Template, records: Sequence[dict], 
 
 
 def write_logs(logs: Mapping[str, dict], out_dir: Union[str, Path]) -> Path:
-    """Write each log under its TOFU file name, plus ``eval_log_aggregated.json`` nesting them."""
+    """Write each log under its TOFU file name, plus ``eval_log_aggregated.json`` nesting them; each
+    file atomically (a crash or a full disk leaves no partial log for a rerun to trip over)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for fname, log in logs.items():
-        with open(out / fname, "w") as f:
-            json.dump(log, f, indent=4)
-    with open(out / "eval_log_aggregated.json", "w") as f:
-        json.dump(dict(logs), f, indent=4)
+        write_json(out / fname, log, indent=4)
+    write_json(out / "eval_log_aggregated.json", dict(logs), indent=4)
     return out
 
 
@@ -141,14 +160,25 @@ def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Seque
     record lists in TOFU's schema. Returns ``{"metrics": aggregated metrics, "logs": {file name:
     per-sample log}}``; with ``out_dir`` the logs are written there under TOFU's names.
     ``retain_log`` (a path or an ``eval_log_forget.json`` dict of a retain-only model) adds
-    Forget Quality. Model Utility needs the three non-forget sets; with fewer, only the
-    available sub-metrics are reported.
+    Forget Quality; it is read and checked against the forget rows before anything is evaluated.
+    Model Utility needs the three non-forget sets; with fewer, only the available sub-metrics are
+    reported.
     """
     unknown = [s for s in sets if s not in TASKS]
     if unknown:
         raise ValueError(f"unknown set names {unknown}; valid: {', '.join(TASKS)}")
     if not sets:
         raise ValueError("no set to evaluate")
+    check_ds_size(ds_size)
+    retain = None
+    if retain_log is not None:
+        if "forget" not in sets:
+            raise ValueError("a retain_log (for Forget Quality) needs the forget set among the sets")
+        retain = load_retain_log(retain_log)
+        forget = sets["forget"][:ds_size]
+        check_records(forget, ("answer",), "forget")
+        name = retain_log if isinstance(retain_log, (str, Path)) else "the retain model's eval_log_forget.json"
+        check_retain_log(retain, len(forget), [r["answer"] for r in forget], name=str(name))
     was_training = model.training
     model.eval()
     logs = {}
@@ -164,11 +194,9 @@ def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Seque
         model.train(was_training)
     if out_dir is not None:
         write_logs(logs, out_dir)
-    retain = load_retain_log(retain_log) if retain_log is not None else None
     metrics = aggregate(logs, retain, require_all=False)
     if out_dir is not None:
-        with open(Path(out_dir) / "metrics.json", "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(Path(out_dir) / "metrics.json", metrics)
     return {"metrics": metrics, "logs": logs}
 
 

@@ -9,6 +9,7 @@ CPU. α = 0 uses θ_o's tensors and α = 1 leaves θ_u untouched, so both ends a
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -75,13 +76,17 @@ def calibrate_alpha(score: Callable[[float], float], reference: float, tolerance
     """
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
-    if alpha_tol <= 0:
+    if not alpha_tol > 0:  # NaN included: the bisection would stop at once with α = 0
         raise ValueError(f"alpha_tol must be positive, got {alpha_tol}")
+    if not math.isfinite(reference):  # every comparison with a NaN bar is False: α would drift to 0
+        raise ValueError(f"the reference score must be a finite number, got {reference}")
     bar = (1 - tolerance) * reference
     history = []
 
     def ok(a):
         s = float(score(a))
+        if not math.isfinite(s):
+            raise ValueError(f"the score of the mixture at alpha={a} is {s}, not a finite number")
         history.append((a, s))
         return s >= bar
 
