@@ -84,6 +84,13 @@ def test_resume_of_a_missing_folder_is_refused(tmp_path):
     assert list((tmp_path / "empty").iterdir()) == []  # left as found: no lock file
 
 
+def test_resume_of_a_torn_config_is_named(tmp_path):
+    claim(tmp_path / "run").release()
+    (tmp_path / "run" / "config.json").write_text('{"method": ')
+    with pytest.raises(SystemExit, match=r"config.json is not valid JSON .*--overwrite"):
+        claim(tmp_path / "run", resume=True, resume_keys=("method",))
+
+
 def test_overwrite_keeps_the_lock_and_restores_the_marker(tmp_path):
     folder = claim(tmp_path / "run")
     folder.write_config({"method": "ga"})
@@ -127,6 +134,8 @@ BAD_FLAGS = [
     (["--pg-steps", "a"], "--pg-steps must be comma-separated integers"),
     (["--pg-steps", "0,-2"], "--pg-steps: steps are >= 0, or -1"),
     (["--stop-at-step", "-1"], "--stop-at-step must be"),
+    (["--model", ""], "--model is empty"),
+    (["--out", " "], "--out is empty"),
     (["--device", "tpu"], "--device 'tpu'"),
     (["--device", "cuda:99"], "--device cuda:99"),
 ]

@@ -186,6 +186,9 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not ok(value):
             ap.error(f"{flag(name)} must be {want}, got {value}")
+    for name in ("model", "data_dir", "retain_log", "cache_dir", "shared_dir", "out"):
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            ap.error(f"{flag(name)} is empty: give a path, or leave the flag out for its default")
     if args.batch_size % args.grad_accum:
         ap.error(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}: every "
                  "micro-batch takes batch-size / grad-accum samples")

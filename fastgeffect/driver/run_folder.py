@@ -113,7 +113,11 @@ class RunFolder:
         if resume:
             if not self.has_config():
                 raise SystemExit(f"--resume: {self.path} has no config.json, it is not a run folder")
-            saved = json.loads(self.config_path.read_text())
+            try:
+                saved = json.loads(self.config_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise SystemExit(f"--resume: {self.config_path} is not valid JSON ({e}); the run cannot be "
+                                 "checked: start it again with --overwrite") from None
             diff = {k: (saved.get(k), settings.get(k)) for k in resume_keys if saved.get(k) != settings.get(k)}
             if diff:
                 raise SystemExit(f"--resume: {self.path} was run with other settings {diff} (saved, now); resume "

@@ -31,7 +31,7 @@ from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict
 from .cli import pg_steps, settings
 from .evaluation import evaluate, retain_model_log, uwc_metrics
 from .inputs import check_inputs
-from .launch import launch_details, launch_strategy, make_accelerator, use_fused, whole_model
+from .launch import check_fused, launch_details, launch_strategy, make_accelerator, use_fused, whole_model
 from .presets import Preset, resolve_preset
 from .run_folder import RunFolder
 from .targets import Target, build_target
@@ -137,6 +137,7 @@ def run_study(args, argv: Optional[List[str]] = None) -> int:
     args.regularizer = args.regularizer or term.default_regularizer
     accelerator = make_accelerator()
     strategy = launch_strategy(accelerator, args.fsdp2)
+    check_fused(args.fused)
     ucfg = train_config(args)
     if accelerator is not None:
         dist_.check_divisible(args.batch_size, accelerator.num_processes, args.grad_accum)
