@@ -103,9 +103,11 @@ def test_overwrite_keeps_the_lock_and_restores_the_marker(tmp_path):
 def test_config_is_completed_once(tmp_path):
     folder = claim(tmp_path / "run")
     folder.write_config({"method": "ga"})
-    folder.complete_config({"max_length": 64})
+    folder.complete_config({"max_length": 64, "dtype": "float32"})
     folder.complete_config({"max_length": 128})  # a resumed run keeps the first run's
-    assert json.loads(folder.config_path.read_text()) == {"method": "ga", "max_length": 64}
+    assert json.loads(folder.config_path.read_text()) == {"method": "ga", "max_length": 64, "dtype": "float32"}
+    with pytest.raises(SystemExit, match=r"other resolved settings \{'dtype': \('float32', 'bfloat16'\)\}"):
+        folder.complete_config({"dtype": "bfloat16"}, must_agree=("dtype",))  # resumed on other hardware
     folder.write_error("boom", None, folder / "state.pt")
     folder.clear_error()
     assert not (folder / "error.json").exists()

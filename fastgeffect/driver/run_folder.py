@@ -151,10 +151,14 @@ class RunFolder:
         if not self.has_config():
             write_json_main(self.config_path, config)
 
-    def complete_config(self, extra: dict) -> None:
+    def complete_config(self, extra: dict, must_agree: Sequence[str] = ()) -> None:
         """Add what set-up found (resolved choices, the target's details) to ``config.json``, once:
-        keys already there (a resumed run's) are kept."""
+        keys already there (a resumed run's) are kept, and those in ``must_agree`` must be equal."""
         saved = json.loads(self.config_path.read_text())
+        diff = {k: (saved[k], extra[k]) for k in must_agree if k in saved and saved[k] != extra[k]}
+        if diff:
+            raise SystemExit(f"--resume: {self.path} was run with other resolved settings {diff} (saved, now): "
+                             "resume it on the same kind of device, or pass --device / --bf16 / --fused explicitly")
         if any(k not in saved for k in extra):
             write_json_main(self.config_path, {**saved, **{k: v for k, v in extra.items() if k not in saved}})
 

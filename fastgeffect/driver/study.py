@@ -193,8 +193,10 @@ def study(args, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, fold
         target = build_target(args, preset, device)
     timer.phase("setup", timer.t0)
     fused = use_fused(args.fused, target.model)
-    if main_rank:
-        folder.complete_config({"fused_resolved": fused, "max_length": target.max_length, "setup": target.info})
+    if main_rank:  # what the flags leave to the machine must not change when resuming elsewhere
+        resolved = {"fused_resolved": fused, "max_length_resolved": target.max_length, "device_type": device.type,
+                    "dtype": str(next(target.model.parameters()).dtype).removeprefix("torch.")}
+        folder.complete_config({**resolved, "setup": target.info}, must_agree=list(resolved))
 
     refusal_key = "forget_win" if "forget_win" in term.needs_batches else "forget_idk"
     data = load_unlearning_data(target.data_dir, args.split, target.tokenizer, target.template, target.max_length,
