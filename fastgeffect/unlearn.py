@@ -21,6 +21,7 @@ backend object (:mod:`fastgeffect.training.backend`), chosen once.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -51,7 +52,7 @@ class UnlearnConfig:
     lr: float = 2e-5
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     geffect_every: int = 1  # 0: never
     geffect_batch: int = 16  # samples in each risk batch
     geffect_groups: str = "paper"
@@ -66,8 +67,10 @@ class UnlearnConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ValueError(f"max_grad_norm must be a finite number >= 0 (0: no clipping), got {self.max_grad_norm}")
 
 
 class NonFiniteLoss(FloatingPointError):

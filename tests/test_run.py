@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 from helpers.geffect_logs import abs_sum, assert_same_geffects
 
+from fastgeffect.driver import study as study_module
 from fastgeffect.geffect import read_geffect_log
 from fastgeffect.run import main
+from fastgeffect.unlearn import Unlearner
 
 SHARED_TOFU = Path(__file__).resolve().parents[1] / ".." / "shared" / "tofu"
 
@@ -80,6 +82,35 @@ def test_resume_gives_the_same_geffect_log(tmp_path):
     assert [json.loads(x)["step"] for x in lines] == list(range(9))
 
 
+def token_weight_rows(out):
+    return [json.loads(x) for x in (out / "token_weights.jsonl").read_text().splitlines()]
+
+
+def assert_same_token_weights(a, b):
+    assert [(r["step"], r["epoch"], r["index"], r["tokens"]) for r in a] == \
+        [(r["step"], r["epoch"], r["index"], r["tokens"]) for r in b]
+    for ra, rb in zip(a, b):
+        assert rb["weights"] == pytest.approx(ra["weights"], rel=1e-5, abs=1e-7)
+
+
+def test_resume_keeps_every_token_weight_row(tmp_path):
+    """Stopped mid-epoch, then at an epoch end (a state saved at the step of the epoch-end rows),
+    then resumed to the end: token_weights.jsonl equals the uninterrupted run's; resuming a finished
+    run changes none of its logs."""
+    common = ["--method", "wga", "--eval", "none", "--epochs", "3", "--batch-size", "2", "--pg-steps", ""]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run(full, *common) == 0
+    want = token_weight_rows(full)
+    assert [r["epoch"] for r in want] == [e for e in range(4) for _ in range(3)]  # before + 3 epoch ends
+    assert run(part, *common, "--stop-at-step", "4") == 0
+    assert run(part, *common, "--resume", "--stop-at-step", "6") == 0  # 3 steps per epoch: an epoch end
+    assert run(part, *common, "--resume") == 0
+    assert_same_token_weights(want, token_weight_rows(part))
+    logs = {n: (full / n).read_text() for n in ("token_weights.jsonl", "train_log.jsonl", "geffect.jsonl")}
+    assert run(full, *common, "--resume") == 0
+    assert {n: (full / n).read_text() for n in logs} == logs
+
+
 def test_fused_and_materialised_runs_agree(tmp_path):
     common = ["--method", "tnpo", "--eval", "none", "--epochs", "1"]
     assert run(tmp_path / "f", *common, "--fused", "on") == 0
@@ -106,6 +137,14 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     assert run(out, "--method", "ga", "--eval", "none", "--epochs", "1") == 0
     with pytest.raises(SystemExit, match="other settings"):
         run(out, "--method", "npo", "--eval", "none", "--epochs", "1", "--resume")
+    for flag, value in (("--max-grad-norm", "0.5"), ("--weight-decay", "0"), ("--warmup-epochs", "0"),
+                        ("--geffect-groups", "blocks"), ("--eval-size", "3"), ("--pg-steps", "0"), ("--eval", "full"),
+                        ("--fused", "off"), ("--max-length", "32"), ("--geffect-batch", "4"), ("--lam", "2")):
+        key = flag[2:].replace("-", "_")
+        with pytest.raises(SystemExit, match=rf"other settings \{{'{key}': "):
+            run(out, "--method", "ga", "--eval", "none", "--epochs", "1", "--resume", flag, value)
+    # where and how often state is saved, and progress bars, may change
+    assert run(out, "--method", "ga", "--eval", "none", "--epochs", "1", "--resume", "--save-every", "1") == 0
     assert run(out, "--method", "npo", "--eval", "none", "--epochs", "1", "--overwrite") == 0
     assert json.loads((out / "config.json").read_text())["method"] == "npo"
 
@@ -128,6 +167,47 @@ def test_nan_loss_stops_with_state_saved(tmp_path):
     err = json.loads((out / "error.json").read_text())
     assert "non-finite" in err["error"] and err["step"] > 0
     assert (out / "state.pt").exists()
+
+
+def test_ctrl_c_names_the_saved_state_and_resume_completes(tmp_path, monkeypatch, capsys):
+    common = ["--method", "ga", "--eval", "none", "--epochs", "2", "--batch-size", "2", "--save-every", "2"]
+    out = tmp_path / "int"
+    train_step = Unlearner.train_step
+
+    def interrupted_at_step_3(self, micro, plan):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return train_step(self, micro, plan)
+    monkeypatch.setattr(Unlearner, "train_step", interrupted_at_step_3)
+    assert run(out, *common) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: the last resumable state is {out / 'state.pt'}; continue with --resume --out {out}" in err
+    assert json.loads((out / "error.json").read_text())["error"] == "interrupted (KeyboardInterrupt)"
+    monkeypatch.undo()
+    assert run(out, *common, "--resume") == 0
+    assert not (out / "error.json").exists()  # a successful resume clears the stale error
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == list(range(6))
+
+
+def test_the_folder_is_claimed_before_set_up(tmp_path, monkeypatch):
+    out = tmp_path / "claimed"
+
+    def failing_set_up(*a, **k):
+        assert json.loads((out / "config.json").read_text())["method"] == "ga"  # written first
+        with pytest.raises(SystemExit, match="in use by another run"):
+            run(out, "--method", "ga")
+        raise OSError("no route to the hub")
+    monkeypatch.setattr(study_module, "build_target", failing_set_up)
+    with pytest.raises(OSError, match="no route"):
+        run(out, "--method", "ga", "--eval", "none", "--epochs", "1")
+    assert "no route to the hub" in json.loads((out / "error.json").read_text())["error"]
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match=r"stopped with an error \(error.json\): pass --resume"):
+        run(out, "--method", "ga", "--eval", "none", "--epochs", "1")
+    assert run(out, "--method", "ga", "--eval", "none", "--epochs", "1", "--resume") == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["fused_resolved"] is True and "setup" in cfg  # completed after set-up
+    assert not (out / "error.json").exists()
 
 
 def test_bad_input_is_named(tmp_path, capsys):

@@ -6,7 +6,14 @@ hyper-parameter name, default: each objective's own), so a new objective needs n
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
 from typing import Optional, Sequence
+
+import torch
 
 from ..cli_help import HelpFormatter, examples
 from ..data.tofu import RETAIN_OF
@@ -15,9 +22,23 @@ from .presets import PRESETS
 
 PROG = "python -m fastgeffect.run"
 
-# flags that must agree with the saved config when resuming
-RESUME_KEYS = ("method", "regularizer", "split", "size", "data_dir", "authors", "model", "preset", "seed",
-               "epochs", "batch_size", "grad_accum", "lr", "lam", "alpha", "beta", "geffect_every")
+# the only flags that may differ when resuming: where the run is, the resume switches, progress bars,
+# when the resumable state is saved and whether the final model is saved; they change no number of
+# the run. Every other flag must agree with config.json (docs: README "What is safe")
+MAY_CHANGE_ON_RESUME = ("out", "resume", "overwrite", "no_progress", "stop_at_step", "save_every", "save_model")
+NAME_KEYS = ("method", "regularizer", "split", "seed")  # spelled out in the default run folder's name
+
+# "-1e-3", "-.5", "-inf": values, not flags (argparse's own pattern only knows "-1" and "-1.5")
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that reads negative numbers in scientific notation as values, so that
+    ``--lr -1e-3`` reaches the range check instead of failing as "expected one argument"."""
+
+    def __init__(self, *a, **k) -> None:
+        super().__init__(*a, **k)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
 
 def _defaults_of(name: str) -> str:
@@ -28,7 +49,7 @@ def _defaults_of(name: str) -> str:
 
 
 def build_parser(doc: str = "") -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description=doc.strip().split("\n\n")[0] if doc else None,
+    ap = Parser(prog=PROG, description=doc.strip().split("\n\n")[0] if doc else None,
                                  epilog=examples(doc), formatter_class=HelpFormatter)
     g = ap.add_argument_group("objective")
     g.add_argument("--method", default="tnpo", choices=sorted(OBJECTIVES), help="unlearning objective")
@@ -77,7 +98,8 @@ def build_parser(doc: str = "") -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
     g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up length, then linear decay")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping threshold (global L2 norm)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="gradient clipping threshold (global L2 norm; 0: no clipping)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order, retain pairing and embedded target")
     g.add_argument("--device", default=None, help="cpu / cuda / cuda:N (default: cuda when available)")
     g.add_argument("--fsdp2", action="store_true",
@@ -105,7 +127,8 @@ def build_parser(doc: str = "") -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int, default=32, help="sequences per evaluation batch")
     g.add_argument("--no-uwc", action="store_true", help="skip UWC calibration")
     g.add_argument("--out", default=None,
-                   help="run folder (default: runs/<method>-<regularizer>-<split>-seed<seed>)")
+                   help="run folder (default: runs/<method>-<regularizer>-<split>-seed<seed>, plus -<hash> "
+                        "of the other settings that differ from their defaults)")
     once = g.add_mutually_exclusive_group()
     once.add_argument("--resume", action="store_true", help="continue the run in --out")
     once.add_argument("--overwrite", action="store_true", help="replace the run in --out")
@@ -119,8 +142,105 @@ def build_parser(doc: str = "") -> argparse.ArgumentParser:
     return ap
 
 
+def _finite(lo: float, strict: bool = False, hi: float = math.inf):
+    """A check that a number is finite and at least ``lo`` (above it when ``strict``) and below ``hi``."""
+    return lambda v: math.isfinite(v) and (v > lo if strict else v >= lo) and v < hi
+
+
+# every number a run reads: (flag, check, what it must be); None means "the default" and is not checked
+NUMBER_CHECKS = (
+    ("lr", _finite(0, strict=True), "a finite number > 0"),
+    ("weight_decay", _finite(0), "a finite number >= 0"),
+    ("warmup_epochs", _finite(0), "a finite number >= 0"),
+    ("max_grad_norm", _finite(0), "a finite number >= 0 (0: no clipping)"),
+    ("lam", _finite(0), "a finite number >= 0"),
+    ("alpha", _finite(0), "a finite number >= 0"),
+    ("beta", _finite(0, strict=True), "a finite number > 0 (the losses divide by it)"),
+    ("delta", _finite(-math.inf), "a finite number"),
+    ("steering_coeff", _finite(-math.inf), "a finite number"),
+    ("epochs", _finite(1), "an integer >= 1"),
+    ("batch_size", _finite(1), "an integer >= 1"),
+    ("grad_accum", _finite(1), "an integer >= 1"),
+    ("geffect_batch", _finite(1), "an integer >= 1"),
+    ("geffect_every", _finite(0), "an integer >= 0 (0: never)"),
+    ("eval_size", _finite(1), "an integer >= 1"),
+    ("eval_batch_size", _finite(1), "an integer >= 1"),
+    ("max_length", _finite(1), "an integer >= 1"),
+    ("authors", _finite(1), "an integer >= 1"),
+    ("save_every", _finite(0), "an integer >= 0 (0: epoch ends only)"),
+    ("stop_at_step", _finite(0), "an integer >= 0"),
+    ("seed", _finite(0, hi=2 ** 32), "an integer in [0, 2^32)"),
+    ("control_seed", _finite(0, hi=2 ** 32), "an integer in [0, 2^32)"),
+    ("rmu_layer", _finite(-1), "a block index >= 0, or -1 (the middle block)"),
+    ("rr_layer", _finite(-1), "a block index >= 0, or -1 (the middle block)"),
+)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit 2) for flag values out of range, before anything is read or written."""
+    for name, ok, want in NUMBER_CHECKS:
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            ap.error(f"{flag(name)} must be {want}, got {value}")
+    for name in ("model", "data_dir", "retain_log", "cache_dir", "shared_dir", "out"):
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            ap.error(f"{flag(name)} is empty: give a path, or leave the flag out for its default")
+    if args.batch_size % args.grad_accum:
+        ap.error(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}: every "
+                 "micro-batch takes batch-size / grad-accum samples")
+    try:
+        steps = pg_steps(args)
+    except ValueError:
+        ap.error(f"--pg-steps must be comma-separated integers (-1: the last step), got {args.pg_steps!r}")
+    if any(s < -1 for s in steps):
+        ap.error(f"--pg-steps: steps are >= 0, or -1 for the last step, got {args.pg_steps!r}")
+    if args.device is not None:
+        check_device(ap, args.device)
+
+
+def check_device(ap: argparse.ArgumentParser, name: str) -> None:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        ap.error(f"--device {name!r} is not a device: use cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device {name!r}: only cpu, cuda and cuda:N are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            ap.error(f"--device {name}: CUDA is not available here (use --device cpu, or leave --device out)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            ap.error(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """The flags that define a run's results: all but :data:`MAY_CHANGE_ON_RESUME`."""
+    return {k: v for k, v in vars(args).items() if k not in MAY_CHANGE_ON_RESUME}
+
+
+def default_out(args: argparse.Namespace, defaults: argparse.Namespace) -> Path:
+    """``runs/<method>-<regularizer>-<split>-seed<seed>``, plus ``-<8 hex>`` hashing every other setting
+    that differs from its default, so runs over any hyper-parameter never share a folder."""
+    regularizer = args.regularizer or OBJECTIVES[args.method].default_regularizer
+    name = f"{args.method}-{regularizer}-{args.split}-seed{args.seed}"
+    ref = settings(defaults)
+    changed = {k: v for k, v in settings(args).items() if k not in NAME_KEYS and v != ref[k]}
+    if changed:
+        name += "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+    return Path("runs") / name
+
+
 def parse_args(argv: Optional[Sequence[str]] = None, doc: str = "") -> argparse.Namespace:
-    return build_parser(doc).parse_args(argv)
+    """The parsed flags, checked (usage errors otherwise), with ``--out`` resolved."""
+    ap = build_parser(doc)
+    args = ap.parse_args(argv)
+    check_args(ap, args)
+    if args.out is None:
+        args.out = str(default_out(args, ap.parse_args([])))
+    return args
 
 
 def pg_steps(args) -> tuple:

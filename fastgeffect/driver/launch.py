@@ -60,13 +60,17 @@ def launch_details(accelerator: Optional[Accelerator]) -> dict:
     return out
 
 
+def check_fused(choice: str) -> None:
+    """``--fused on`` needs one process: the fused path calls the inner decoder directly, bypassing a
+    DDP/FSDP wrapper's forward (checked before any work; :func:`use_fused` then turns auto off)."""
+    if choice == "on" and dist_.world_size() > 1:
+        raise SystemExit("--fused on is not available in multi-process runs (it bypasses the DDP/FSDP "
+                         "wrapper's forward); use --fused off or auto")
+
+
 def use_fused(choice: str, model: torch.nn.Module) -> bool:
-    """Whether the fused LM-head losses run (``--fused auto|on|off``)."""
-    # the fused path calls the inner decoder directly, bypassing a DDP/FSDP wrapper's forward
+    """Whether the fused LM-head losses run (``--fused auto|on|off``; ``on`` was checked by :func:`check_fused`)."""
     if dist_.world_size() > 1:
-        if choice == "on":
-            raise SystemExit("--fused on is not available in multi-process runs (it bypasses the DDP/FSDP "
-                             "wrapper's forward); use --fused off or auto")
         return False
     if choice != "auto":
         return choice == "on"

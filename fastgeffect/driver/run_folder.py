@@ -1,26 +1,32 @@
 """The run folder: where a run's configuration, logs, errors and timings live.
 
-A folder holding a run (its ``config.json``) is never reused silently: ``resume`` continues it
-when the settings in ``RESUME_KEYS`` agree, ``overwrite`` replaces it. Only the main process
-writes; every write is atomic (JSON) or line by line (JSON-lines logs).
+A run claims its folder before any work (:meth:`RunFolder.prepare`): an exclusive lock on
+``<folder>/.lock`` held for the run's life, so two runs never write into one folder, and a marker
+file, ``.fastgeffect-run``, that makes the folder recognisably a run: ``--overwrite`` deletes only
+such folders. A folder holding a run (its ``config.json``) is never reused silently: ``resume``
+continues it when the settings agree, ``overwrite`` replaces it. Only the main process writes;
+every write is atomic (JSON) or line by line (JSON-lines logs).
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import fcntl
+import os
 import shutil
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 from ..distributed import write_json_main
+from ..jsonfile import read_json
 
-
-def default_run_name(method: str, regularizer: str, split: str, seed: int) -> str:
-    return f"{method}-{regularizer}-{split}-seed{seed}"
+LOCK = ".lock"
+MARKER = ".fastgeffect-run"
 
 
 class RunFolder:
     def __init__(self, path) -> None:
         self.path = Path(path)
+        self._lock_fd: Optional[int] = None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -32,34 +38,140 @@ class RunFolder:
     def has_config(self) -> bool:
         return self.config_path.exists()
 
+    def is_run(self) -> bool:
+        """The folder was claimed by a fastgeffect run (it holds the marker)."""
+        return (self.path / MARKER).exists()
+
+    # ---- claiming -----------------------------------------------------------------------------
     def prepare(self, *, resume: bool, overwrite: bool, settings: Dict[str, object],
                 resume_keys: Sequence[str]) -> None:
-        """Create the folder, or check that it may be continued (``resume``) or replaced (``overwrite``)."""
-        if self.has_config():
-            if overwrite:
-                shutil.rmtree(self.path)
-            elif resume:
-                saved = json.loads(self.config_path.read_text())
-                diff = {k: (saved.get(k), settings.get(k)) for k in resume_keys if saved.get(k) != settings.get(k)}
-                if diff:
-                    raise SystemExit(f"--resume: {self.path} was run with other settings {diff} (saved, now)")
-            else:
-                raise SystemExit(f"{self.path} holds another run (config.json): pass --resume to continue it or "
-                                 "--overwrite to replace it")
-        elif resume and self.path.exists() and any(self.path.iterdir()):
-            raise SystemExit(f"--resume: {self.path} has no config.json, it is not a run folder")
+        """Claim the folder: lock it, then check that it may be started (new, empty or an unfinished
+        claim), continued (``resume``: its ``config.json`` agrees on ``resume_keys``) or replaced
+        (``overwrite``: a fastgeffect run). A refusal leaves the folder as it was found."""
+        if self.path.exists() and not self.path.is_dir():
+            raise SystemExit(f"--out {self.path} is a file, not a folder")
+        if resume and not self.path.exists():
+            raise SystemExit(f"--resume: {self.path} does not exist, there is no run to continue (leave out "
+                             "--resume to start it)")
+        created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
+        held = self._lock_fd is not None
+        lock_created = self._lock()
+        try:
+            self._check(resume, overwrite, settings, resume_keys)
+        except SystemExit:
+            if not held:  # leave the folder as found: no lock file in a folder that is not a run
+                self.release(remove_lock=lock_created and not self.is_run())
+                if created:
+                    with contextlib.suppress(OSError):
+                        self.path.rmdir()
+            raise
+        if not self.is_run():
+            (self.path / MARKER).write_text("a fastgeffect run folder (--overwrite may delete it)\n")
 
+    def _lock(self) -> bool:
+        """Take the exclusive lock (no wait); True when this call created the lock file.
+
+        ``flock`` locks belong to the open file: the kernel drops them when the process ends, however
+        it ends (kill -9 included), so a lock file left by a dead run is not a held lock. The pid in
+        the file only names the holder in the message."""
+        if self._lock_fd is not None:
+            return False
+        path = self.path / LOCK
+        created = not path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = path.read_text().strip() or "unknown"
+            raise SystemExit(f"{self.path} is in use by another run (pid {holder}, lock {path}): wait for it to "
+                             "end, or choose another --out") from None
+        except OSError as e:
+            os.close(fd)
+            raise SystemExit(f"cannot lock {path} ({e}): put --out on a file system with file locks") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        return created
+
+    def release(self, remove_lock: bool = False) -> None:
+        """Drop the lock (the lock file stays in a run folder: removing it would race a waiting run)."""
+        if self._lock_fd is None:
+            return
+        if remove_lock:
+            with contextlib.suppress(OSError):
+                (self.path / LOCK).unlink()
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def _check(self, resume: bool, overwrite: bool, settings: Dict[str, object], resume_keys: Sequence[str]) -> None:
+        if self.has_config() and not self.is_run():
+            raise SystemExit(f"{self.path} has a config.json but is not a fastgeffect run folder (no {MARKER}; "
+                             "a model folder?): it is left untouched; choose another --out (a run of an older "
+                             f"fastgeffect: create an empty {MARKER} file there to adopt it)")
+        if resume:
+            if not self.has_config():
+                raise SystemExit(f"--resume: {self.path} has no config.json, it is not a run folder")
+            try:
+                saved = json.loads(self.config_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise SystemExit(f"--resume: {self.config_path} is not valid JSON ({e}); the run cannot be "
+                                 "checked: start it again with --overwrite") from None
+            diff = {k: (saved.get(k), settings.get(k)) for k in resume_keys if saved.get(k) != settings.get(k)}
+            if diff:
+                raise SystemExit(f"--resume: {self.path} was run with other settings {diff} (saved, now); resume "
+                                 "with the saved values, or start another run (another --out, or --overwrite)")
+            return
+        if overwrite and self.is_run():
+            self._clear()
+            return
+        if self.has_config():
+            failed = " that stopped with an error (error.json)" if (self.path / "error.json").exists() else ""
+            raise SystemExit(f"{self.path} holds another run (config.json){failed}: pass --resume to continue it "
+                             "(with the same settings) or --overwrite to replace it")
+        others = sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
+        if others and not self.is_run():
+            raise SystemExit(f"{self.path} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+                             " and not a fastgeffect run folder: choose another --out")
+
+    def _clear(self) -> None:
+        """Delete the run's contents; the folder and its lock file stay (the lock is held)."""
+        for p in self.path.iterdir():
+            if p.name == LOCK:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    # ---- files ----------------------------------------------------------------------------------
     def write_config(self, config: dict) -> None:
         """The run's configuration, written once (a resumed run keeps the first one)."""
         if not self.has_config():
             write_json_main(self.config_path, config)
 
-    def write_error(self, message: str, step: int, state: Path) -> None:
+    def complete_config(self, extra: dict, must_agree: Sequence[str] = ()) -> None:
+        """Add what set-up found (resolved choices, the target's details) to ``config.json``, once:
+        keys already there (a resumed run's) are kept, and those in ``must_agree`` must be equal."""
+        saved = read_json(self.config_path)
+        diff = {k: (saved[k], extra[k]) for k in must_agree if k in saved and saved[k] != extra[k]}
+        if diff:
+            raise SystemExit(f"--resume: {self.path} was run with other resolved settings {diff} (saved, now): "
+                             "resume it on the same kind of device, or pass --device / --bf16 / --fused explicitly")
+        if any(k not in saved for k in extra):
+            write_json_main(self.config_path, {**saved, **{k: v for k, v in extra.items() if k not in saved}})
+
+    def write_error(self, message: str, step: Optional[int], state: Path) -> None:
         write_json_main(self.path / "error.json", {"error": message, "step": step, "state": str(state)})
+
+    def clear_error(self) -> None:
+        """A run that finished (or stopped as asked) has no error: a stale ``error.json`` goes."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / "error.json").unlink()
 
     def add_timing(self, times: Dict[str, float], resumed: bool) -> None:
         """Append this invocation's phase timings to ``timing.json`` (one entry per start or resume)."""
         path = self.path / "timing.json"
-        previous = json.loads(path.read_text()) if path.exists() else []
+        previous = read_json(path) if path.exists() else []
         write_json_main(path, previous + [{"resumed": bool(resumed), **times}])

@@ -6,12 +6,12 @@ to the run folder as it goes; an interrupted run continues with ``--resume``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import torch
 
@@ -19,19 +19,21 @@ from .. import distributed as dist_
 from ..data.collate import collate_pairs, collate_qa
 from ..data.unlearning import UnlearningData, load_unlearning_data
 from ..eval import load_tofu_sets
-from ..jsonl import append_jsonl, truncate_jsonl
+from ..jsonfile import read_json
+from ..jsonl import append_jsonl, read_jsonl, truncate_jsonl
 from ..objectives import HPARAMS, OBJECTIVES, REGULARIZERS, Objective, get_objective
 from ..reference import ReferenceModel, RefLogprobCache
 from ..report import write_report
-from ..training.backend import full_model_state
+from ..training.backend import STATE_FILE, StateNotSaved, full_model_state
 from ..training.batches import to_device
 from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict
 from .artefacts import cached, reference_fingerprint
-from .cli import RESUME_KEYS, pg_steps
+from .cli import pg_steps, settings
 from .evaluation import before_metrics, evaluate, retain_model_log, uwc_metrics
-from .launch import launch_details, launch_strategy, make_accelerator, use_fused, whole_model
+from .inputs import check_inputs
+from .launch import check_fused, launch_details, launch_strategy, make_accelerator, use_fused, whole_model
 from .presets import Preset, resolve_preset
-from .run_folder import RunFolder, default_run_name
+from .run_folder import RunFolder
 from .targets import Target, build_target
 
 
@@ -104,6 +106,17 @@ def token_weight_rows(objective: Objective, model, data: UnlearningData, tokeniz
     return rows
 
 
+def resume_token_weights(path: Path, step: int) -> Set[int]:
+    """Drop the token-weight rows recorded after the saved ``step`` (the resumed run records them
+    again) and a torn last line; the epochs whose rows remain. Rows at ``step`` itself stay: an
+    epoch's rows are recorded after its state is saved, and a run resumed from that state does not
+    pass that epoch end again."""
+    if not path.exists():
+        return set()
+    truncate_jsonl(path, step + 1)
+    return {r["epoch"] for r in read_jsonl(path)}
+
+
 class Timer:
     """Seconds spent per phase of this invocation."""
 
@@ -116,6 +129,8 @@ class Timer:
 
 
 def run_study(args, argv: Optional[List[str]] = None) -> int:
+    """Check everything the flags say, claim the run folder, then run the study in it; the folder's
+    lock is held until the end. Exit codes: 0 done (or stopped as asked), 130 interrupted (Ctrl-C)."""
     preset = resolve_preset(args.preset, args.model)
     args.preset = preset.name
     args.lr = args.lr if args.lr is not None else preset.lr
@@ -123,18 +138,49 @@ def run_study(args, argv: Optional[List[str]] = None) -> int:
     args.regularizer = args.regularizer or term.default_regularizer
     accelerator = make_accelerator()
     strategy = launch_strategy(accelerator, args.fsdp2)
+    check_fused(args.fused)
     ucfg = train_config(args)
     if accelerator is not None:
         dist_.check_divisible(args.batch_size, accelerator.num_processes, args.grad_accum)
     hp = objective_hparams(args, preset)
     get_objective(args.method, regularizer=args.regularizer, lam=args.lam, **hp)  # validate before any work
+    check_inputs(args)
     main_rank = dist_.is_main()  # only the main process writes and evaluates; the others wait at barriers
-    if main_rank:
-        folder = RunFolder(args.out or Path("runs") / default_run_name(args.method, args.regularizer, args.split,
-                                                                         args.seed))
-        folder.prepare(resume=args.resume, overwrite=args.overwrite, settings=vars(args), resume_keys=RESUME_KEYS)
+    folder = RunFolder(args.out)
+    if main_rank:  # claimed before any work, with the settings; set-up completes config.json later
+        run_settings = settings(args)
+        folder.prepare(resume=args.resume, overwrite=args.overwrite, settings=run_settings,
+                       resume_keys=list(run_settings))
+        folder.write_config({
+            **vars(args), "objective_hparams": hp, "train": config_dict(ucfg), "argv": list(argv or sys.argv[1:]),
+            "distributed": {"world_size": dist_.world_size(), "grad_accum": args.grad_accum,
+                            "per_rank_micro_batch": args.batch_size // (dist_.world_size() * args.grad_accum),
+                            "strategy": strategy, **launch_details(accelerator)}})
     dist_.barrier()
-    folder = dist_.broadcast_object(folder if main_rank else None)
+    try:
+        return study(args, preset, hp, ucfg, accelerator, folder)
+    except KeyboardInterrupt:
+        if main_rank:
+            state = folder / STATE_FILE
+            saved = f"the last resumable state is {state}" if state.exists() else "no resumable state yet"
+            print(f"\ninterrupted: {saved}; continue with --resume --out {folder.path}", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                folder.write_error("interrupted (KeyboardInterrupt)", None, state)
+        return 130
+    except Exception as e:
+        if main_rank and not dist_.is_distributed():  # (a distributed failure writes its own, naming the rank)
+            with contextlib.suppress(OSError):
+                folder.write_error(f"{type(e).__name__}: {e}", None, folder / STATE_FILE)
+        raise
+    finally:
+        folder.release()
+
+
+def study(args, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, folder: RunFolder) -> int:
+    """The study in a claimed run folder: set-up, reference log-probs, evaluation before, unlearning,
+    then :func:`finish`."""
+    main_rank = dist_.is_main()
+    term = OBJECTIVES[args.method]
     out = folder.path
     device = accelerator.device if accelerator is not None else \
         torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -148,12 +194,10 @@ def run_study(args, argv: Optional[List[str]] = None) -> int:
         target = build_target(args, preset, device)
     timer.phase("setup", timer.t0)
     fused = use_fused(args.fused, target.model)
-    folder.write_config({
-        **vars(args), "fused_resolved": fused, "objective_hparams": hp, "train": config_dict(ucfg),
-        "max_length": target.max_length, "setup": target.info, "argv": list(argv or sys.argv[1:]),
-        "distributed": {"world_size": dist_.world_size(), "grad_accum": args.grad_accum,
-                        "per_rank_micro_batch": args.batch_size // (dist_.world_size() * args.grad_accum),
-                        "strategy": strategy, **launch_details(accelerator)}})
+    if main_rank:  # what the flags leave to the machine must not change when resuming elsewhere
+        resolved = {"fused_resolved": fused, "max_length_resolved": target.max_length, "device_type": device.type,
+                    "dtype": str(next(target.model.parameters()).dtype).removeprefix("torch.")}
+        folder.complete_config({**resolved, "setup": target.info}, must_agree=list(resolved))
 
     refusal_key = "forget_win" if "forget_win" in term.needs_batches else "forget_idk"
     data = load_unlearning_data(target.data_dir, args.split, target.tokenizer, target.template, target.max_length,
@@ -178,11 +222,16 @@ def run_study(args, argv: Optional[List[str]] = None) -> int:
         timer.phase("eval_before", t)
     dist_.barrier()
 
+    recorded: Set[int] = set()  # epochs whose token-weight rows are in the file (0: before unlearning)
+
     def record_token_weights(u: Unlearner, epoch: int, step: int) -> None:
+        if epoch in recorded:  # recorded before the state this run resumed from
+            return
         # every rank runs the forward (a sharded model needs all of them); the main one writes
         rows = token_weight_rows(objective, u.model, data, target.tokenizer, epoch, step, device)
         if main_rank:
             append_jsonl(out / "token_weights.jsonl", rows)
+        recorded.add(epoch)
 
     def on_epoch_end(epoch: int, u: Unlearner) -> None:
         record_token_weights(u, epoch + 1, u.step)
@@ -196,10 +245,14 @@ def run_study(args, argv: Optional[List[str]] = None) -> int:
     unlearner = Unlearner(model, objective, data, ucfg, out, device=device, progress=not args.no_progress,
                           on_epoch_end=on_epoch_end, accelerator=None if args.fsdp2 else accelerator)
     resumed = args.resume and unlearner.resume()
-    if main_rank:
-        truncate_jsonl(out / "token_weights.jsonl", unlearner.step)
+    recorded.update(dist_.broadcast_object(resume_token_weights(out / "token_weights.jsonl", unlearner.step)
+                                           if main_rank else None))
+    # the rows of the weights training starts from: the target's (step -1), or those of the epoch end the
+    # state was saved at (the state is saved before its epoch's rows are recorded)
     if unlearner.step == 0:
         record_token_weights(unlearner, 0, -1)
+    elif unlearner.start_batch == 0:
+        record_token_weights(unlearner, unlearner.start_epoch, unlearner.step)
     t = time.perf_counter()
     try:
         status = unlearner.run()
@@ -207,6 +260,10 @@ def run_study(args, argv: Optional[List[str]] = None) -> int:
         folder.write_error(str(e), unlearner.step, unlearner.state_path)
         raise SystemExit(f"stopped: {e}; the last finite state is in {unlearner.state_path} "
                          "(train_log.jsonl holds the last finite values)") from None
+    except StateNotSaved as e:
+        with contextlib.suppress(OSError):  # the disk may be full: error.json may not fit either
+            folder.write_error(str(e), unlearner.step, unlearner.state_path)
+        raise SystemExit(f"stopped: {e}") from None
     except Exception as e:
         if not dist_.is_distributed():
             raise
@@ -220,6 +277,7 @@ def run_study(args, argv: Optional[List[str]] = None) -> int:
     timer.phase("unlearn", t)
     if not status["completed"]:
         if main_rank:
+            folder.clear_error()
             print(f"stopped after step {status['step']} as asked; continue with --resume --out {out}")
         return 0
     model = whole_model(unlearner.model, target.load_original, full_model_state, device)  # None off the main rank
@@ -247,12 +305,13 @@ def finish(args, target: Target, preset: Preset, model, sets, retain_log, folder
         timer.phase("eval_after", t)
         if not args.no_uwc:
             t = time.perf_counter()
-            before = json.loads((out / "metrics_before.json").read_text())
+            before = read_json(out / "metrics_before.json")
             dist_.write_json_main(out / "metrics_uwc.json", uwc_metrics(model, target, sets, args, preset, device,
                                                                         before.get("PS-exact retain")))
             timer.phase("uwc", t)
     timer.phase("total", timer.t0)
     folder.add_timing(timer.times, resumed)
+    folder.clear_error()
     summary = write_report(out)
     print(summary.read_text(encoding="utf-8"))
     print(f"run folder: {out}")

@@ -27,13 +27,8 @@ class Target:
 
 
 def embedded_target(args, device: torch.device) -> Target:
-    """The tiny offline target (built and cached on first use), on generated or real TOFU text."""
-    if args.authors is not None and args.data_dir is None:
-        raise SystemExit("--authors needs --data-dir (a folder of TOFU files)")
-    if args.data_dir is not None and args.authors is None:
-        raise SystemExit("without --model, --data-dir needs --authors N (real TOFU text on the tiny pipeline)")
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        raise SystemExit(f"--data-dir {args.data_dir} is not a folder")
+    """The tiny offline target (built and cached on first use), on generated or real TOFU text
+    (``--data-dir`` and ``--authors`` were checked by :func:`.inputs.check_inputs`)."""
     emb = build_embedded(args.cache_dir, size=args.size, seed=args.seed, forget_split=args.split,
                          tofu_dir=args.data_dir, n_authors=args.authors)
     model = emb.load_target().to(device)

@@ -15,6 +15,7 @@ everything it points to is written, so an interruption always leaves the last wh
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +29,10 @@ from ..models import is_deepspeed, unwrap
 
 STATE_FILE = "state.pt"
 DEEPSPEED_DIR = "deepspeed_state"
+
+
+class StateNotSaved(OSError):
+    """The resumable state could not be written (a full disk, a read-only folder); the previous one is intact."""
 
 
 class Backend(Protocol):
@@ -90,8 +95,9 @@ class PlainBackend:
         return torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
 
     def clip_and_step(self, max_grad_norm: float) -> float:
-        """Clip to ``max_grad_norm`` and step; the gradient norm before clipping."""
-        grad_norm = self._clip(max_grad_norm)
+        """Clip to ``max_grad_norm`` (0: no clipping, as in Hugging Face's Trainer and DeepSpeed) and step;
+        the gradient norm before clipping."""
+        grad_norm = self._clip(max_grad_norm if max_grad_norm > 0 else math.inf)  # inf: the norm, unclipped
         if dist_.is_dtensor(grad_norm):
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
@@ -175,8 +181,15 @@ class DeepSpeedBackend:
 
 def write_atomic(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: an interruption never leaves a half-written state
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: an interruption never leaves a half-written state
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError ("enforce fail")
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise StateNotSaved(f"could not write the resumable state {path} ({type(e).__name__}: {e}); the previous "
+                            f"state there is intact: free space or make {path.parent} writable, then continue with "
+                            f"--resume --out {path.parent}") from e
 
 
 def read_state(path: Path, deepspeed: bool) -> dict:

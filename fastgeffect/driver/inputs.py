@@ -1,0 +1,63 @@
+"""Checks of the files and folders a run's flags name, done before the run folder is claimed, so a
+wrong path costs no set-up and leaves nothing behind; each message names the flag and the fix."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..eval import load_retain_log
+
+# what Forget Quality reads of a retain model's forget log (the rest is checked where it is used)
+RETAIN_LOG_KEYS = ("avg_paraphrased_loss", "average_perturb_loss")
+
+
+def looks_like_path(name: str) -> bool:
+    """A ``--model`` value meant as a local folder rather than a hub name (``name`` or ``org/name``)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_model(name: str) -> None:
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SystemExit(f"--model {name} is a file; pass the folder that holds config.json and the weights")
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"--model {name} is a folder without config.json, not a Hugging Face model folder "
+                             "(save_pretrained writes config.json and the weights there)")
+    elif looks_like_path(name):
+        raise SystemExit(f"--model {name}: no such folder (a hub model is named name or org/name)")
+
+
+def check_data(args) -> None:
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise SystemExit(f"--data-dir {args.data_dir} is not a folder")
+    if args.model is None:  # the embedded target: generated text, or real TOFU text of N authors
+        if args.authors is not None and args.data_dir is None:
+            raise SystemExit("--authors needs --data-dir (a folder of TOFU files)")
+        if args.data_dir is not None and args.authors is None:
+            raise SystemExit("without --model, --data-dir needs --authors N (real TOFU text on the tiny pipeline)")
+
+
+def check_retain_log(path: str) -> None:
+    """A light check that ``--retain-log`` is a retain model's forget log (the evaluation checks its values)."""
+    if not Path(path).exists():
+        raise SystemExit(f"--retain-log {path}: no such file (pass the eval_log_forget.json of a retain-only model)")
+    try:
+        log = load_retain_log(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise SystemExit(f"--retain-log {path} is not a TOFU forget log ({type(e).__name__}: {e}); pass the "
+                         "eval_log_forget.json of a retain-only model") from None
+    missing = [k for k in RETAIN_LOG_KEYS if not isinstance(log, dict) or k not in log]
+    if missing:
+        raise SystemExit(f"--retain-log {path} has no {', '.join(missing)}: pass the eval_log_forget.json of a "
+                         "retain-only model")
+
+
+def check_inputs(args) -> None:
+    """Every path a flag names: ``--model``, ``--data-dir`` (with ``--authors``), ``--retain-log``."""
+    if args.model is not None:
+        check_model(args.model)
+    check_data(args)
+    if args.retain_log is not None:
+        check_retain_log(args.retain_log)
+
