@@ -221,7 +221,8 @@ class Unlearner:
                 inv_conf.append(torch.exp(-d["logprobs"][d["mask"]].double()).cpu())
         logs, weights, inv_conf = global_logs(logs, len(micro), weights, inv_conf)
         if inv_conf:
-            logs["inv_conf"] = float(torch.cat(inv_conf).mean())
+            value = float(torch.cat(inv_conf).mean())
+            logs["inv_conf"] = value if math.isfinite(value) else None  # 1/p overflows as p underflows: undefined
         if weights:
             w = torch.cat(weights)
             logs["weights"] = {"mean": float(w.mean()), "std": float(w.std(unbiased=False)) if w.numel() > 1 else 0.0,
@@ -290,21 +291,23 @@ class Unlearner:
                         return {"completed": False, "step": self.step}
                     plan = self.plan(epoch, b)
                     micro = step_batches(self.data.pairs, plan, self.device)
-                    try:
+                    try:  # a non-finite loss, G-effect or gradient norm stops every rank before the step
                         logs = self.train_step(micro, plan)
-                    except NonFiniteLoss:
+                        postfix = {"loss": f"{logs['loss']:.3g}"}
+                        if self.geffect is not None and self.step % cfg.geffect_every == 0:
+                            res = self.measure(plan, logs, logger, epoch)
+                            postfix.update(e_u=f"{res['unlearn'].total:.3g}", e_r=f"{res['retain'].total:.3g}")
+                        if self.geffect is not None and self.step in self.pg_steps:
+                            self.per_sample(micro, plan)
+                        grad_norm = self.backend.clip_and_step(cfg.max_grad_norm)
+                    except FloatingPointError as e:
                         self.save(epoch, b)  # the last finite state, resumable (all ranks stop together)
-                        raise
-                    postfix = {"loss": f"{logs['loss']:.3g}"}
-                    if self.geffect is not None and self.step % cfg.geffect_every == 0:
-                        res = self.measure(plan, logs, logger, epoch)
-                        postfix.update(e_u=f"{res['unlearn'].total:.3g}", e_r=f"{res['retain'].total:.3g}")
-                    if self.geffect is not None and self.step in self.pg_steps:
-                        self.per_sample(micro, plan)
-                    grad_norm = self.backend.clip_and_step(cfg.max_grad_norm)
+                        if isinstance(e, NonFiniteLoss):
+                            raise
+                        raise NonFiniteLoss(f"step {self.step}: {e}") from e
                     self.scheduler.step()
                     train_log.write(json.dumps({"step": self.step, "epoch": epoch, "grad_norm": grad_norm,
-                                                **logs}) + "\n")
+                                                **logs}, allow_nan=False) + "\n")
                     train_log.flush()
                     self.step += 1
                     bar.update(1)

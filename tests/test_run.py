@@ -169,6 +169,22 @@ def test_nan_loss_stops_with_state_saved(tmp_path):
     assert (out / "state.pt").exists()
 
 
+def test_non_finite_gradient_is_never_stepped_into_the_saved_state(tmp_path):
+    """Without G-effects nothing measures the gradient before the step: the gradient norm does. The run
+    stops before stepping into NaN weights, and the state it saves is finite."""
+    import torch
+
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match="last finite state"):
+        run(out, "--method", "ga", "--eval", "none", "--epochs", "4", "--batch-size", "1", "--lr", "1e30",
+            "--warmup-epochs", "0", "--geffect-every", "0", "--pg-steps", "")
+    assert json.loads((out / "error.json").read_text())["step"] > 0
+    state = torch.load(out / "state.pt", map_location="cpu", weights_only=False)
+    assert all(bool(torch.isfinite(t).all()) for t in state["model"].values())
+    for line in (out / "train_log.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in train_log.jsonl"))  # strict JSON
+
+
 def test_ctrl_c_names_the_saved_state_and_resume_completes(tmp_path, monkeypatch, capsys):
     common = ["--method", "ga", "--eval", "none", "--epochs", "2", "--batch-size", "2", "--save-every", "2"]
     out = tmp_path / "int"

@@ -100,8 +100,11 @@ class PlainBackend:
         grad_norm = self._clip(max_grad_norm if max_grad_norm > 0 else math.inf)  # inf: the norm, unclipped
         if dist_.is_dtensor(grad_norm):
             grad_norm = grad_norm.full_tensor()
+        norm = float(grad_norm)  # the global norm: every rank refuses alike
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"the objective's gradient norm is {norm}: the optimiser step is not taken")
         self.optimizer.step()
-        return float(grad_norm)
+        return norm
 
     def save(self, path: Path, meta: dict) -> None:
         if dist_.is_distributed():  # a collective: the whole model and optimiser state on every rank
