@@ -17,7 +17,7 @@ from fastgeffect.data.pairs import ForgetRetainDataset
 from fastgeffect.data.qa import QADataset
 from fastgeffect.data.templates import get_template
 from fastgeffect.data.unlearning import UnlearningData
-from fastgeffect.distributed import check_divisible, is_main, shutdown
+from fastgeffect.distributed import barrier, check_divisible, is_main, shutdown
 from fastgeffect.embedded.tokenizer import TokenizerConfig, train_tokenizer
 from fastgeffect.geffect import read_geffect_log
 from fastgeffect.objectives import get_objective
@@ -129,16 +129,24 @@ def _worker(rank, world, port, folder, out, how, dtype, grad_accum):
                 Unlearner(model, get_objective("ga"), _data(folder), UnlearnConfig(batch_size=3), out)
             except ValueError as e:
                 (out / f"error{rank}.txt").write_text(str(e))
-            return
-        u = _train(model, folder, out, grad_accum=grad_accum, accelerator=accelerator)
-        assert u.strategy == how
-        # the retain partners of this rank's samples at step 0, for the sampling test
-        chunks = u.plan(0, 0).global_chunks
-        u.data.pairs.set_epoch(0)
-        mine = [i for c in chunks[rank * grad_accum:(rank + 1) * grad_accum] for i in c]
-        (out / f"retain{rank}.json").write_text(json.dumps([u.data.pairs[i]["retain"]["index"] for i in mine]))
-    finally:
+        else:
+            u = _train(model, folder, out, grad_accum=grad_accum, accelerator=accelerator)
+            assert u.strategy == how
+            # the retain partners of this rank's samples at step 0, for the sampling test
+            chunks = u.plan(0, 0).global_chunks
+            u.data.pairs.set_epoch(0)
+            mine = [i for c in chunks[rank * grad_accum:(rank + 1) * grad_accum] for i in c]
+            (out / f"retain{rank}.json").write_text(json.dumps([u.data.pairs[i]["retain"]["index"] for i in mine]))
+    except BaseException:
         shutdown()  # barrier first: a rank leaving while a peer still talks to it can die in C++ teardown
+        raise
+    # Done, every file closed: both ranks meet, then leave without the interpreter's teardown, where
+    # DeepSpeed's and gloo's C++ threads occasionally abort ("terminate called without an active
+    # exception", SIGABRT) after all the work is written.
+    barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(setup, tmp_path, how, dtype=torch.float64, grad_accum=2):
