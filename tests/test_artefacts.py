@@ -9,18 +9,7 @@ from fastgeffect.driver import artefacts
 from fastgeffect.reference import RefLogprobCache
 from fastgeffect.run import main
 
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    """One embedded cache for the module: each tiny target is built once."""
-    path = tmp_path_factory.mktemp("fg-cache")
-    old = os.environ.get("FASTGEFFECT_CACHE")
-    os.environ["FASTGEFFECT_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("FASTGEFFECT_CACHE")
-    else:
-        os.environ["FASTGEFFECT_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("module_embedded_cache")  # tiny targets built once per module
 
 
 def run(out, *extra):

@@ -1,7 +1,6 @@
 """The driver end to end at the tiny embedded size: outputs, effect of unlearning, resume, bad input."""
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,7 @@ from fastgeffect.unlearn import Unlearner
 SHARED_TOFU = Path(__file__).resolve().parents[1] / ".." / "shared" / "tofu"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    """One embedded cache for the module: the tiny target is built once."""
-    path = tmp_path_factory.mktemp("fg-cache")
-    old = os.environ.get("FASTGEFFECT_CACHE")
-    os.environ["FASTGEFFECT_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("FASTGEFFECT_CACHE")
-    else:
-        os.environ["FASTGEFFECT_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("module_embedded_cache")  # tiny targets built once per module
 
 
 def run(out, *extra):
