@@ -90,12 +90,18 @@ def test_matches_reference(synth):
     assert len([k for k in got if k.split()[0] in ("Prob.", "ROUGE", "Truth")]) == 12
 
 
-def test_both_layouts_and_cli(synth, tmp_path):
-    logs, retain = synth
+def logs_folder(tmp_path, logs):
+    """A run's evaluation folder holding one file per TOFU log."""
     folder = tmp_path / "run"
     folder.mkdir()
     for f, log in logs.items():
         (folder / f).write_text(json.dumps(log))
+    return folder
+
+
+def test_both_layouts_and_cli(synth, tmp_path):
+    logs, retain = synth
+    folder = logs_folder(tmp_path, logs)
     (tmp_path / "eval_log_aggregated.json").write_text(json.dumps(logs))
     (tmp_path / "retain.json").write_text(json.dumps({"eval_log_forget.json": retain}))
     a = aggregate(load_logs(folder), load_retain_log(tmp_path / "retain.json"))
@@ -253,10 +259,7 @@ def test_retain_log_of_another_eval_size_says_which_size_matches(synth):
 
 def test_aggregate_cli_never_replaces_metrics_with_fewer(synth, tmp_path, capsys):
     logs, retain = synth
-    folder = tmp_path / "run"
-    folder.mkdir()
-    for f, log in logs.items():
-        (folder / f).write_text(json.dumps(log))
+    folder = logs_folder(tmp_path, logs)
     (tmp_path / "retain.json").write_text(json.dumps(retain))
     full = ["aggregate", "--logs", str(folder), "--retain-log", str(tmp_path / "retain.json")]
     assert cli(full) == 0
