@@ -18,7 +18,7 @@ inputs during forward+backward (gradients included): on CUDA ``max_memory_alloca
 each method runs in its own process and the peak RSS (VmHWM, reset after set-up) is read.
 
 Run: ``python benchmarks/bench_losses.py`` (CPU, small shapes) or ``--device cuda``; as a
-pytest-benchmark suite: ``pytest benchmarks/bench_losses.py``.
+pytest-benchmark suite: ``pytest benchmarks/ --benchmark-only`` (``test_bench_kernels.py``).
 """
 from __future__ import annotations
 
@@ -323,32 +323,6 @@ def run_kl(device: str = "cpu", shapes: Optional[Dict[str, tuple]] = None, n_tok
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
-
-
-# ---- pytest-benchmark suite (tiny CPU shapes; `pytest benchmarks/bench_losses.py`) ----------------
-def _bench_case(method):
-    import pytest
-    h, w, labels, ref = make_inputs(256, 64, 4000, torch.float32, "cpu", 0.5)
-    try:
-        fn = loss_fn(method, "cpu")
-    except RuntimeError as e:
-        pytest.skip(str(e))
-
-    def step():
-        h.grad = w.grad = None
-        fn(h, w, labels, ref).backward()
-    return step
-
-
-def _make_bench(method):
-    def test(benchmark):
-        benchmark(_bench_case(method))
-    test.__name__ = f"test_bench_{method}"
-    return test
-
-
-for _m in ("eager", "torch_chunked", "ours"):
-    globals()[f"test_bench_{_m}"] = _make_bench(_m)
 
 
 def main(argv=None):
