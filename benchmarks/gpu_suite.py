@@ -11,7 +11,8 @@ lose its results.
    the fused KL vs eager; grouped dot accumulation (``bench_dot``); the G-effect engine and
    per-sample G-effects (``bench_geffect``).
 
-Every section has a share of the time budget (420 s, ``--quick`` 180 s), checked inside it, and is
+Every section has a share of the time budget (420 s, ``--quick`` 180 s; the build counts against
+it), checked inside it between measurements, and is
 written to ``--out DIR`` (default ``$OUT`` when set, else ``benchmarks/suite-<time>``) as soon as
 it is measured: ``NN-<section>.md`` and ``.json``, plus ``RESULTS.md``, all sections so far, the
 table to paste into ``benchmarks/RESULTS.md``. The paper's copy-to-host pattern at 7B scale
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import os
 import platform
@@ -77,12 +77,12 @@ def generic_table(rows) -> str:
 
 
 def section_runners(device: str, quick: bool, paper: bool):
-    """``stem -> (deadline -> (rows, markdown))``; imported here, after the build, so that the
-    freshly built extension is the one loaded."""
-    correctness = importlib.import_module("correctness")
-    bench_losses = importlib.import_module("bench_losses")
-    bench_dot = importlib.import_module("bench_dot")
-    bench_geffect = importlib.import_module("bench_geffect")
+    """``stem -> (deadline -> (rows, markdown))``."""
+    # imported here, after the build, so that the freshly built extension is the one loaded
+    import bench_dot
+    import bench_geffect
+    import bench_losses
+    import correctness
     gpu = device == "cuda"
     if gpu:
         shapes = dict(list(bench_losses.GPU_SHAPES.items())[:1]) if quick else bench_losses.GPU_SHAPES
