@@ -74,9 +74,10 @@ def time_it(fn: Callable[[], None], device: str, reps: int, warmup: bool = True)
 
 
 def run(device: str = "cpu", scale: float | None = None, reps: int | None = None,
-        dtypes=(torch.bfloat16, torch.float32), paper: bool = True) -> List[dict]:
+        dtypes=(torch.bfloat16, torch.float32), paper: bool = True, deadline: float | None = None) -> List[dict]:
     """Rows: one per (dtype, implementation) with time (ms), bandwidth (GB/s of input read) and
-    speed-up vs the torch fallback; on CUDA one more row for device-to-device copy bandwidth."""
+    speed-up vs the torch fallback; on CUDA one more row for device-to-device copy bandwidth.
+    Dtypes not started by ``deadline`` (a ``time.perf_counter()`` value) are left out."""
     if scale is None:
         scale = 1.0 if device == "cuda" else 1 / 16
     if reps is None:
@@ -85,6 +86,8 @@ def run(device: str = "cpu", scale: float | None = None, reps: int | None = None
     shapes = llama_grad_shapes(scale)
     rows: List[dict] = []
     for dtype in dtypes:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         elem = torch.empty((), dtype=dtype).element_size()
         numel = sum(math.prod(s) for s, _ in shapes)
         if device == "cuda":  # both lists plus fallback temporaries must fit

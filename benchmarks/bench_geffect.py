@@ -281,28 +281,21 @@ def loop_b1(model, params, risk, ids, labels, denom, acc_dtype):
 
 # ---- main ---------------------------------------------------------------------------------------
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                    help="model/batch sizes (default: llama7b on CUDA, cpu100m otherwise)")
-    for k in ("hidden", "layers", "inter", "heads", "vocab", "batch", "seq", "ps_seq"):
-        ap.add_argument("--" + k.replace("_", "-"), type=int, default=None)
-    ap.add_argument("--ps-batch", type=int, default=16, help="batch size of the per-sample comparison")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    ap.add_argument("--repeats", type=int, default=3, help="timing repeats (best of, round-robin)")
-    ap.add_argument("--skip", default="",
-                    help="comma list of parts to skip: naive,paper,per-sample,loop-retain,loop-b1")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    preset = PRESETS[args.preset or ("llama7b" if device.type == "cuda" else "cpu100m")]
-    for k, v in preset.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    skip = set(filter(None, args.skip.split(",")))
+SIZES = ("hidden", "layers", "inter", "heads", "vocab", "batch", "seq", "ps_seq")
+
+
+def run(device=None, preset=None, repeats=3, skip=(), ps_batch=16, dtype=None, deadline=None, **sizes):
+    """Rows of the two tables (``table`` = "measure" / "accumulation" / "per-sample"). ``preset``
+    defaults to llama7b on CUDA, cpu100m otherwise; ``sizes`` (any of ``SIZES``) override it;
+    ``skip`` names parts to leave out (naive, paper, per-sample, loop-retain, loop-b1); the
+    per-sample part is also left out once ``deadline`` (a ``time.perf_counter()`` value) has passed."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = dict(PRESETS[preset or ("llama7b" if device.type == "cuda" else "cpu100m")])
+    cfg.update({k: v for k, v in sizes.items() if v is not None})
+    if dtype is not None:
+        cfg["dtype"] = dtype
+    args = argparse.Namespace(ps_batch=ps_batch, repeats=repeats, **cfg)
     dtype = getattr(torch, args.dtype)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 16)))
 
     model = build(args, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -374,21 +367,14 @@ def main(argv=None):
                 err = float((e - other[name]).abs().max() / other[name].abs().sum().clamp_min(1e-30))
                 print(f"# {name}: engine vs {label} max group diff / sum|groups| = {err:.1e}")
 
-    ref_t = rows[0][3]
-    ref_mem = rows[0][1]
-    print()
-    print("| method | extra peak (MiB) | beyond ref (MiB) | beyond ref / one grad copy | kept on host (MiB) | time (s) "
-          "| time / ref |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, extra, host, t in rows:
-        beyond = extra - ref_mem + host
-        print(f"| {name} | {extra / 2**20:.1f} | {beyond / 2**20:.1f} | {100 * beyond / grad_bytes:.1f}% | "
-              f"{host / 2**20:.0f} | {t:.3f} | {t / ref_t:.2f} |")
-    print(f"\n# dot accumulation inside engine.measure: {acc_seconds:.3f} s in {acc_calls} dot_accumulate_ calls = "
-          f"{100 * acc_seconds / tb:.1f}% of the two risk backwards ({tb:.3f} s)")
-
-    if "per-sample" in skip:
-        return
+    ref_t, ref_mem = rows[0][3], rows[0][1]
+    out = [dict(table="measure", method=name, extra_mib=extra / 2**20, beyond_ref_mib=(extra - ref_mem + host) / 2**20,
+                beyond_ref_pct=100 * (extra - ref_mem + host) / grad_bytes, host_mib=host / 2**20, s=t,
+                vs_ref=t / ref_t) for name, extra, host, t in rows]
+    out.append(dict(table="accumulation", s=acc_seconds, calls=acc_calls, pct_of_backward=100 * acc_seconds / tb,
+                    backward_s=tb))
+    if "per-sample" in skip or (deadline is not None and time.perf_counter() > deadline):
+        return out
     # ---- per-sample PG-effects ----
     B = args.ps_batch
     ids, labels = batch(B, args.ps_seq, args.vocab, device, 3)
@@ -417,13 +403,55 @@ def main(argv=None):
         prow.append([name, t, v])
         prow[0][1] = t_ghost = min(t_ghost, timed(device, ghost, 1)[0])
         prow[1][1] = t_fast = min(t_fast, timed(device, ghost_unchecked, 1)[0])
-    print(f"\n# per-sample PG-effects, B={B} x {args.ps_seq} tokens")
-    print("| method | time (s) | × ghost (checked) | × ghost (check=False) | max |diff| / max |value| |")
-    print("| --- | --- | --- | --- | --- |")
     ref_v = prow[-1][2].cpu().double()
     for name, t, v in prow:
         err = float((v.cpu().double() - ref_v).abs().max() / ref_v.abs().max().clamp_min(1e-30))
-        print(f"| {name} | {t:.3f} | {t / t_ghost:.1f} | {t / t_fast:.1f} | {err:.1e} |")
+        out.append(dict(table="per-sample", method=name, batch=B, tokens=args.ps_seq, s=t, vs_ghost=t / t_ghost,
+                        vs_unchecked=t / t_fast, rel_err=err))
+    return out
+
+
+def format_table(rows):
+    """The markdown tables of ``run``'s rows."""
+    lines = ["| method | extra peak (MiB) | beyond ref (MiB) | beyond ref / one grad copy | kept on host (MiB) "
+             "| time (s) | time / ref |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["table"] == "measure":
+            lines.append(f"| {r['method']} | {r['extra_mib']:.1f} | {r['beyond_ref_mib']:.1f} | "
+                         f"{r['beyond_ref_pct']:.1f}% | {r['host_mib']:.0f} | {r['s']:.3f} | {r['vs_ref']:.2f} |")
+        elif r["table"] == "accumulation":
+            lines.append(f"\ndot accumulation inside engine.measure: {r['s']:.3f} s in {r['calls']} dot_accumulate_ "
+                         f"calls = {r['pct_of_backward']:.1f}% of the two risk backwards ({r['backward_s']:.3f} s)")
+    ps = [r for r in rows if r["table"] == "per-sample"]
+    if ps:
+        lines += [f"\nper-sample PG-effects, B={ps[0]['batch']} x {ps[0]['tokens']} tokens\n",
+                  "| method | time (s) | × ghost (checked) | × ghost (check=False) | max |diff| / max |value| |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['method']} | {r['s']:.3f} | {r['vs_ghost']:.1f} | {r['vs_unchecked']:.1f} | "
+                  f"{r['rel_err']:.1e} |" for r in ps]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="model/batch sizes (default: llama7b on CUDA, cpu100m otherwise)")
+    for k in SIZES:
+        ap.add_argument("--" + k.replace("_", "-"), type=int, default=None)
+    ap.add_argument("--ps-batch", type=int, default=16, help="batch size of the per-sample comparison")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    ap.add_argument("--repeats", type=int, default=3, help="timing repeats (best of, round-robin)")
+    ap.add_argument("--skip", default="",
+                    help="comma list of parts to skip: naive,paper,per-sample,loop-retain,loop-b1")
+    args = ap.parse_args(argv)
+    if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
+        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 16)))
+    skip = set(filter(None, args.skip.split(",")))
+    rows = run(device=args.device, preset=args.preset, repeats=args.repeats, skip=skip, ps_batch=args.ps_batch,
+               dtype=args.dtype, **{k: getattr(args, k) for k in SIZES})
+    print()
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ inputs during forward+backward (gradients included): on CUDA ``max_memory_alloca
 each method runs in its own process and the peak RSS (VmHWM, reset after set-up) is read.
 
 Run: ``python benchmarks/bench_losses.py`` (CPU, small shapes) or ``--device cuda``; as a
-pytest-benchmark suite: ``pytest benchmarks/bench_losses.py``.
+pytest-benchmark suite: ``pytest benchmarks/ --benchmark-only`` (``test_bench_kernels.py``).
 """
 from __future__ import annotations
 
@@ -199,8 +199,9 @@ def _measure_in_subprocess(method, n_tokens, hidden, vocab, dtype, masked, reps,
 
 def run(device: str = "cpu", shapes: Optional[Dict[str, tuple]] = None, n_tokens: Optional[int] = None,
         dtype: Optional[torch.dtype] = None, methods=METHODS, masked: float = 0.5, reps: Optional[int] = None,
-        subprocess_cpu: bool = True) -> List[Dict]:
-    """One row per (shape, method) with ms, peak_mb, and ratios against eager (and the floor)."""
+        subprocess_cpu: bool = True, deadline: Optional[float] = None) -> List[Dict]:
+    """One row per (shape, method) with ms, peak_mb, and ratios against eager (and the floor);
+    methods not started by ``deadline`` (a ``time.perf_counter()`` value) are rows saying so."""
     shapes = shapes or (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
     n_tokens = n_tokens or (8192 if device == "cuda" else 1024)
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
@@ -209,6 +210,9 @@ def run(device: str = "cpu", shapes: Optional[Dict[str, tuple]] = None, n_tokens
     for name, (hidden, vocab) in shapes.items():
         results = {}
         for method in methods:
+            if deadline is not None and time.perf_counter() > deadline:
+                results[method] = dict(method=method, skipped="time budget used up")
+                continue
             try:
                 if device == "cpu" and subprocess_cpu:
                     r = _measure_in_subprocess(method, n_tokens, hidden, vocab, dtype, masked, reps)
@@ -265,9 +269,11 @@ def format_table(rows: List[Dict]) -> str:
 
 
 def run_kl(device: str = "cpu", shapes: Optional[Dict[str, tuple]] = None, n_tokens: Optional[int] = None,
-           dtype: Optional[torch.dtype] = None, reps: Optional[int] = None) -> List[Dict]:
+           dtype: Optional[torch.dtype] = None, reps: Optional[int] = None,
+           deadline: Optional[float] = None) -> List[Dict]:
     """Forward KL(p_ref ‖ p_θ) over all rows: eager (two materialised fp32 log-softmaxes, as
-    ``fastgeffect.losses.kl``) vs ours (``fused_linear_kl``); in-process (CUDA peak memory)."""
+    ``fastgeffect.losses.kl``) vs ours (``fused_linear_kl``); in-process (CUDA peak memory).
+    Shapes not started by ``deadline`` are left out."""
     from fastgeffect import losses
     from fastgeffect.kernels import fused_linear_kl
     shapes = shapes or (GPU_SHAPES if device == "cuda" else CPU_SHAPES)
@@ -276,6 +282,8 @@ def run_kl(device: str = "cpu", shapes: Optional[Dict[str, tuple]] = None, n_tok
     reps = reps or (5 if device == "cuda" else 3)
     rows = []
     for name, (hidden, vocab) in shapes.items():
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         h, w, _, _ = make_inputs(n_tokens, hidden, vocab, dtype, device, 0.0)
         rh, _, _, _ = make_inputs(n_tokens, hidden, vocab, dtype, device, 0.0, seed=1)
         rh = rh.detach()
@@ -315,32 +323,6 @@ def run_kl(device: str = "cpu", shapes: Optional[Dict[str, tuple]] = None, n_tok
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
-
-
-# ---- pytest-benchmark suite (tiny CPU shapes; `pytest benchmarks/bench_losses.py`) ----------------
-def _bench_case(method):
-    import pytest
-    h, w, labels, ref = make_inputs(256, 64, 4000, torch.float32, "cpu", 0.5)
-    try:
-        fn = loss_fn(method, "cpu")
-    except RuntimeError as e:
-        pytest.skip(str(e))
-
-    def step():
-        h.grad = w.grad = None
-        fn(h, w, labels, ref).backward()
-    return step
-
-
-def _make_bench(method):
-    def test(benchmark):
-        benchmark(_bench_case(method))
-    test.__name__ = f"test_bench_{method}"
-    return test
-
-
-for _m in ("eager", "torch_chunked", "ours"):
-    globals()[f"test_bench_{_m}"] = _make_bench(_m)
 
 
 def main(argv=None):
