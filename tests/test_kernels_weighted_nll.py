@@ -288,3 +288,15 @@ def test_gpu_triton_matches_reference(objective):
     assert rel_err(logp.cpu(), ref_logp) < 4e-2
     for p, g in zip(params, ref_grads):
         assert rel_err(p.grad.cpu(), g) < 1e-1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (Triton on a non-current device)")
+def test_gpu_triton_on_second_device():
+    hidden, weight, bias, labels, _, _ = make_inputs(64, 64, 1000, torch.float32, seed=2)
+    params = [t.to("cuda:1").requires_grad_() for t in (hidden, weight, bias)]
+    loss = call("ga", *params, labels.to("cuda:1"), None, None, "triton")
+    loss.backward()
+    ref_loss, ref_grads, _ = reference(hidden, weight, bias, labels, "ga", None, None, *default_ab("ga"))
+    assert rel_err(loss.cpu().reshape(1), ref_loss.reshape(1)) < 1e-3
+    for p, g in zip(params, ref_grads):
+        assert rel_err(p.grad.cpu(), g) < 1e-2

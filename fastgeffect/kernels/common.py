@@ -6,6 +6,7 @@ Shapes: ``hidden`` (N, H), ``weight`` (V, H), ``labels`` (N,) *aligned* (row i p
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -56,6 +57,13 @@ def check_per_token(x: Optional[torch.Tensor], n: int, device: torch.device, nam
         raise ValueError(f"{name} must be floating point, got {x.dtype}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but hidden is on {device}")
+
+
+def launch_device(t: torch.Tensor):
+    """Context for a Triton launch on ``t``: Triton takes device and stream from the *current*
+    CUDA device, so a tensor on cuda:1 (``--device cuda:1``, a ``device_map`` model) needs that
+    device made current. CPU tensors (the interpreter) need nothing."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def compact_valid(labels: torch.Tensor, vocab: int, num_items=None) -> Tuple[torch.Tensor, int, Optional[float]]:
