@@ -18,3 +18,11 @@ def test_launch_device_makes_the_tensors_gpu_current():
     with common.launch_device(t):
         assert torch.cuda.current_device() == 1
     assert torch.cuda.current_device() == 0
+
+
+def test_grads_needed():
+    h, w, b = (torch.zeros(2, 3, requires_grad=True), torch.zeros(4, 3), torch.zeros(4, requires_grad=True))
+    assert common.grads_needed(h, w, b) == (True, False, True)
+    assert common.grads_needed(h, w, None) == (True, False, False)
+    with torch.no_grad():
+        assert common.grads_needed(h, w, b) == (False, False, False)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fastgeffect import losses
-from fastgeffect.kernels import fused_linear_weighted_nll
+from fastgeffect.kernels import fused_linear_weighted_nll, lm_head
+from fastgeffect.kernels import weighted_nll as wnll
 from fastgeffect.kernels.dispatch import resolve_backend
 from fastgeffect.losses import AllMaskedError
 
@@ -300,3 +301,20 @@ def test_gpu_triton_on_second_device():
     assert rel_err(loss.cpu().reshape(1), ref_loss.reshape(1)) < 1e-3
     for p, g in zip(params, ref_grads):
         assert rel_err(p.grad.cpu(), g) < 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_skips_the_gradient_gemms(backend, monkeypatch):
+    hidden, weight, bias, labels, ref, _ = make_inputs(33, 16, 200, torch.float32, seed=8)
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    want = call("tnpo", *params, labels, ref, None, backend)
+    needs = []
+    real = lm_head.chunked_lm_head
+    monkeypatch.setattr(wnll, "chunked_lm_head", lambda *a: needs.append(a[-1]) or real(*a))
+    monkeypatch.setattr(lm_head, "addmm_fp32_", lambda *a: pytest.fail("dW accumulated under no_grad"))
+    with torch.no_grad():
+        got, logp = call("tnpo", *params, labels, ref, None, backend, return_logprobs=True)
+    frozen = call("tnpo", hidden, weight, bias, labels, ref, None, backend)  # nothing requires grad
+    assert needs == [(False, False, False)] * 2
+    assert not got.requires_grad and torch.equal(got, want.detach()) and torch.equal(frozen, got)
+    assert logp.shape == (33,)

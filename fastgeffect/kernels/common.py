@@ -149,6 +149,15 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     return acc.add_(a @ b)
 
 
+def grads_needed(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[bool, bool, bool]:
+    """(d hidden?, d weight?, d bias?) for a fused call. False everywhere under ``torch.no_grad()``
+    or when nothing requires grad: the call then skips the two gradient GEMMs and the (vocab ×
+    hidden) fp32 accumulator (the autograd Function's ``needs_input_grad`` does not see no_grad)."""
+    on = torch.is_grad_enabled()
+    return (on and hidden.requires_grad, on and weight.requires_grad,
+            on and bias is not None and bias.requires_grad)
+
+
 def grad_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulator dtype for weight/bias gradients: fp32, or fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

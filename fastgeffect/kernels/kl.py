@@ -106,4 +106,6 @@ def fused_linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torc
         raise ValueError("the Triton kernels take fp32/bf16/fp16; use backend='torch' for fp64")
     cfg = (direction == "reverse", positions, num_items_in_batch, backend, chunk_size)
     detached = [None if t is None else t.detach() for t in (ref_hidden, ref_weight, ref_bias)]
-    return _FusedKL.apply(hidden, weight, bias, *detached, labels, cfg)
+    if any(common.grads_needed(hidden, weight, bias)):
+        return _FusedKL.apply(hidden, weight, bias, *detached, labels, cfg)
+    return _run(hidden, weight, bias, *detached, labels, cfg, (False, False, False))[0]  # evaluation: loss only

@@ -126,5 +126,8 @@ def fused_linear_weighted_nll(hidden: torch.Tensor, weight: torch.Tensor, labels
         raise ValueError("weights are only used by objective='weighted'")
     backend = resolve_backend(backend, hidden.device)
     cfg = (entry, alpha, beta, reduction, num_items_in_batch, backend, chunk_size)
-    loss, logp = _FusedWeightedNLL.apply(hidden, weight, bias, labels, ref_logprobs, weights, cfg)
+    if any(common.grads_needed(hidden, weight, bias)):
+        loss, logp = _FusedWeightedNLL.apply(hidden, weight, bias, labels, ref_logprobs, weights, cfg)
+    else:  # evaluation: loss and log-probs only
+        loss, logp, *_ = _run(hidden, weight, bias, labels, ref_logprobs, weights, cfg, (False, False, False))
     return (loss, logp) if return_logprobs else loss
