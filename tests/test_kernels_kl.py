@@ -193,3 +193,17 @@ def test_no_grad_skips_the_gradient_gemms(backend, monkeypatch):
         got = fused_linear_kl(h, weight, ref_hidden, ref_weight, bias=bias, backend=backend)
     assert needs == [(False, False, False)]
     assert not got.requires_grad and torch.equal(got, want.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_with_fp32_weights(backend):
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(25, 32, 200, torch.float32, seed=6)
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_kl(*params[:2], ref_hidden, ref_weight, bias=params[2], backend=backend)
+    loss.backward()
+    bf16 = [t.bfloat16() for t in (hidden, weight, bias, ref_hidden, ref_weight)]
+    ref_loss, ref_grads = reference(*bf16, labels, "forward", "all")
+    assert rel_err(loss.reshape(1), ref_loss.reshape(1)) < 5e-2
+    for p, g in zip(params, ref_grads):
+        assert p.grad.dtype == torch.float32 and rel_err(p.grad, g) < 5e-2

@@ -318,3 +318,18 @@ def test_no_grad_skips_the_gradient_gemms(backend, monkeypatch):
     assert needs == [(False, False, False)] * 2
     assert not got.requires_grad and torch.equal(got, want.detach()) and torch.equal(frozen, got)
     assert logp.shape == (33,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_with_fp32_weights(backend):
+    # autocast casts the LM-head operands to bf16; fp32 parameters get fp32 gradients
+    hidden, weight, bias, labels, ref, _ = make_inputs(40, 32, 300, torch.float32, seed=9)
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = call("wtnpo", *params, labels, ref, None, backend)
+    loss.backward()
+    bf16 = [t.bfloat16() for t in (hidden, weight, bias)]
+    ref_loss, ref_grads, _ = reference(*bf16, labels, "wtnpo", ref, None, *default_ab("wtnpo"))
+    assert loss.dtype == torch.float32 and rel_err(loss.reshape(1), ref_loss.reshape(1)) < 2e-2
+    for p, g in zip(params, ref_grads):
+        assert p.grad.dtype == torch.float32 and rel_err(p.grad, g) < 5e-2

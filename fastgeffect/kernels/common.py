@@ -59,6 +59,18 @@ def check_per_token(x: Optional[torch.Tensor], n: int, device: torch.device, nam
         raise ValueError(f"{name} is on {x.device} but hidden is on {device}")
 
 
+def autocast_inputs(device: torch.device, *tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """The LM-head operands as ``torch.autocast`` would cast them for a matmul on ``device``: to
+    the autocast dtype when it is on (fp64 and None untouched), unchanged otherwise. The fused
+    call then runs with autocast off in that one dtype, and autograd casts the gradients back
+    through these casts (to fp32 master weights, say)."""
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dt = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
 def launch_device(t: torch.Tensor):
     """Context for a Triton launch on ``t``: Triton takes device and stream from the *current*
     CUDA device, so a tensor on cuda:1 (``--device cuda:1``, a ``device_map`` model) needs that

@@ -89,6 +89,8 @@ def fused_linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torc
         raise ValueError(f"unknown KL direction {direction!r}; valid: {', '.join(KL_DIRECTIONS)}")
     if positions not in KL_POSITIONS:
         raise ValueError(f"unknown KL positions {positions!r}; valid: {', '.join(KL_POSITIONS)}")
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = common.autocast_inputs(
+        hidden.device, hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     common.check_head(hidden, weight, bias)
     common.check_head(ref_hidden, ref_weight, ref_bias, what="ref_hidden")
     if ref_hidden.shape[0] != hidden.shape[0]:
@@ -106,6 +108,7 @@ def fused_linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torc
         raise ValueError("the Triton kernels take fp32/bf16/fp16; use backend='torch' for fp64")
     cfg = (direction == "reverse", positions, num_items_in_batch, backend, chunk_size)
     detached = [None if t is None else t.detach() for t in (ref_hidden, ref_weight, ref_bias)]
-    if any(common.grads_needed(hidden, weight, bias)):
-        return _FusedKL.apply(hidden, weight, bias, *detached, labels, cfg)
-    return _run(hidden, weight, bias, *detached, labels, cfg, (False, False, False))[0]  # evaluation: loss only
+    with torch.autocast(hidden.device.type, enabled=False):  # one compute dtype (autocast_inputs)
+        if any(common.grads_needed(hidden, weight, bias)):
+            return _FusedKL.apply(hidden, weight, bias, *detached, labels, cfg)
+        return _run(hidden, weight, bias, *detached, labels, cfg, (False, False, False))[0]  # evaluation: loss only

@@ -102,6 +102,7 @@ def fused_linear_weighted_nll(hidden: torch.Tensor, weight: torch.Tensor, labels
     non-finite loss. Raises ``AllMaskedError`` when no label is valid and no
     ``num_items_in_batch`` is given, like :mod:`fastgeffect.losses`.
     """
+    hidden, weight, bias = common.autocast_inputs(hidden.device, hidden, weight, bias)
     common.check_head(hidden, weight, bias)
     N = hidden.shape[0]
     common.check_labels(labels, N, hidden.device)
@@ -126,8 +127,9 @@ def fused_linear_weighted_nll(hidden: torch.Tensor, weight: torch.Tensor, labels
         raise ValueError("weights are only used by objective='weighted'")
     backend = resolve_backend(backend, hidden.device)
     cfg = (entry, alpha, beta, reduction, num_items_in_batch, backend, chunk_size)
-    if any(common.grads_needed(hidden, weight, bias)):
-        loss, logp = _FusedWeightedNLL.apply(hidden, weight, bias, labels, ref_logprobs, weights, cfg)
-    else:  # evaluation: loss and log-probs only
-        loss, logp, *_ = _run(hidden, weight, bias, labels, ref_logprobs, weights, cfg, (False, False, False))
+    with torch.autocast(hidden.device.type, enabled=False):  # one compute dtype (autocast_inputs)
+        if any(common.grads_needed(hidden, weight, bias)):
+            loss, logp = _FusedWeightedNLL.apply(hidden, weight, bias, labels, ref_logprobs, weights, cfg)
+        else:  # evaluation: loss and log-probs only
+            loss, logp, *_ = _run(hidden, weight, bias, labels, ref_logprobs, weights, cfg, (False, False, False))
     return (loss, logp) if return_logprobs else loss
