@@ -175,15 +175,11 @@ def grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def scale_grads(grads, grad_output: torch.Tensor, dtypes):
-    """Multiply the forward-computed gradients by the upstream scalar and cast to the inputs'
-    dtypes; no host synchronisation (the multiply runs even when grad_output is 1)."""
-    out = []
-    for g, dt in zip(grads, dtypes):
-        if g is None:
-            out.append(None)
-        elif g.dtype == dt:
-            out.append(g * grad_output.to(dt))
-        else:
-            out.append(g.to(dt).mul_(grad_output.to(dt)))
-    return tuple(out)
+def scale_grads(grads, grad_output: torch.Tensor, scale: torch.Tensor, dtypes):
+    """The backward of a fused loss: the forward stored its gradients *unscaled* (a per-token
+    gradient ``w·(onehot − p)``, not ``w·(onehot − p)/N``, which underflows fp16 at large N·V);
+    multiply by ``scale · grad_output`` in fp32 (fp64) and cast to the inputs' dtypes last, so
+    neither a half-precision accumulator nor a large ``grad_output`` (65536 overflows fp16) loses
+    anything. No host synchronisation (the multiply runs even when grad_output is 1)."""
+    factor = grad_output.to(scale.dtype) * scale
+    return tuple(None if g is None else (g.to(factor.dtype) * factor).to(dt) for g, dt in zip(grads, dtypes))

@@ -46,29 +46,31 @@ def _run(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cfg, ne
         denom = n if items is None else items
     scale = scale_of(denom, acc, hidden.device)
     total = torch.zeros((), dtype=acc, device=hidden.device)
+    unit = torch.ones((), dtype=acc, device=hidden.device)  # gradients stored unscaled (fp16 underflow)
     chunk_op, write_grad = _chunk_op(backend), any(need)
 
     def op(rows, logits):
         ref_logits = linear(take(ref_hidden, rows), ref_weight, ref_bias)
-        total.add_(chunk_op(logits, ref_logits, scale, reverse, write_grad).sum(dtype=acc))
+        total.add_(chunk_op(logits, ref_logits, unit, reverse, write_grad).sum(dtype=acc))
 
     chunk = common.chunk_rows(n, V, hidden.device, buffers=2, chunk_size=chunk_size) if n else 1
     grads = chunked_lm_head(hidden, weight, bias, idx, n, chunk, op, need)
-    return (total * scale, *grads)
+    return (total * scale, *grads, scale)
 
 
 class _FusedKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cfg):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        loss, gh, gw, gb = _run(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cfg, need)
-        ctx.save_for_backward(gh, gw, gb)
+        loss, gh, gw, gb, scale = _run(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cfg, need)
+        ctx.save_for_backward(gh, gw, gb, scale)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        gh, gw, gb = common.scale_grads(ctx.saved_tensors, grad_loss, ctx.dtypes)
+        *grads, scale = ctx.saved_tensors
+        gh, gw, gb = common.scale_grads(grads, grad_loss, scale, ctx.dtypes)
         return gh, gw, gb, None, None, None, None, None
 
 
