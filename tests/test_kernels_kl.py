@@ -207,3 +207,12 @@ def test_autocast_with_fp32_weights(backend):
     assert rel_err(loss.reshape(1), ref_loss.reshape(1)) < 5e-2
     for p, g in zip(params, ref_grads):
         assert p.grad.dtype == torch.float32 and rel_err(p.grad, g) < 5e-2
+
+
+def test_double_backward_raises():
+    hidden, weight, bias, ref_hidden, ref_weight, _ = make_inputs(12, 16, 50, torch.float32, seed=1)
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_kl(h, weight, ref_hidden, ref_weight, backend="torch")
+    (g,) = torch.autograd.grad(loss ** 2, h, create_graph=True)  # grad_output depends on h
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()

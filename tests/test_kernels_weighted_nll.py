@@ -347,3 +347,14 @@ def test_fp16_gradients_do_not_underflow(backend, grad_output):
     for p, g in zip(params, ref_grads):  # in norm: the small entries are the ones that underflowed
         err = float((p.grad.double() / grad_output - g).norm() / g.norm())
         assert p.grad.isfinite().all() and err < 2e-3  # 1e-2 to 3e-2 when stored scaled in fp16
+
+
+def test_double_backward_raises():
+    hidden, weight, bias, labels, _, _ = make_inputs(12, 16, 50, torch.float32, seed=1)
+    h = hidden.clone().requires_grad_()
+    loss = call("ga", h, weight, bias, labels, None, None, "torch")
+    # loss² makes grad_output depend on h: without once_differentiable the second derivative would
+    # silently miss the fused loss's own Hessian term
+    (g,) = torch.autograd.grad(loss ** 2, h, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..losses._common import positive_count
 from ..losses.kl import KL_DIRECTIONS, KL_POSITIONS
@@ -68,6 +69,7 @@ class _FusedKL(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # the stored gradients are constants: a double backward must raise, not detach
     def backward(ctx, grad_loss):
         *grads, scale = ctx.saved_tensors
         gh, gw, gb = common.scale_grads(grads, grad_loss, scale, ctx.dtypes)

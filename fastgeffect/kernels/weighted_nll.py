@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..losses.token_weights import ALL, token_weight
 from . import common
@@ -70,6 +71,7 @@ class _FusedWeightedNLL(torch.autograd.Function):
         return loss, logp
 
     @staticmethod
+    @once_differentiable  # the stored gradients are constants: a double backward must raise, not detach
     def backward(ctx, grad_loss, _grad_logp):
         *grads, scale = ctx.saved_tensors
         gh, gw, gb = common.scale_grads(grads, grad_loss, scale, ctx.dtypes)
