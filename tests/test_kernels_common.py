@@ -26,3 +26,21 @@ def test_grads_needed():
     assert common.grads_needed(h, w, None) == (True, False, False)
     with torch.no_grad():
         assert common.grads_needed(h, w, b) == (False, False, False)
+
+
+@pytest.mark.parametrize("n,vocab,device,buffers,want", [
+    (100000, 32000, "cpu", 1, 128), (100000, 128256, "cpu", 1, 32), (100000, 256000, "cpu", 2, 16),
+    (100000, 97, "cpu", 1, 32768), (50, 32000, "cpu", 1, 50),
+    (100000, 32000, "cuda", 1, 4096), (100000, 128256, "cuda", 1, 1024), (100000, 128256, "cuda", 2, 1024),
+    (100000, 256000, "cuda", 2, 512), (1 << 21, 97, "cuda", 1, 1 << 20), (300, 128256, "cuda", 1, 300),
+    (100000, 1 << 30, "cuda", 1, 1),
+])
+def test_chunk_rows(n, vocab, device, buffers, want):
+    # CUDA: >= 1024 rows where 2^28 elements allow (the dW accumulator is re-read once per chunk)
+    assert common.chunk_rows(n, vocab, torch.device(device), buffers=buffers) == want
+
+
+def test_chunk_rows_override():
+    assert common.chunk_rows(100, 32000, torch.device("cuda"), chunk_size=7) == 7
+    with pytest.raises(ValueError, match="chunk_size"):
+        common.chunk_rows(100, 32000, torch.device("cpu"), chunk_size=0)

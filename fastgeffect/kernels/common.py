@@ -102,16 +102,28 @@ def compact_valid(labels: torch.Tensor, vocab: int, num_items=None) -> Tuple[tor
     return idx, n_valid, items
 
 
+# Logits elements per chunk buffer. CPU: small, the torch path makes fp32 temporaries of it.
+# CUDA: at least 1024 rows so that each chunk's dW GEMM, which re-reads the fp32 (vocab × hidden)
+# accumulator, stays long next to that read (256 rows at V=128k cost ~1.8× the GEMM time), with
+# 2^27 elements as the target and 2^28 as the cap (512 MB of bf16 per buffer).
+CPU_ELEMENTS = 1 << 22
+CUDA_ELEMENTS, CUDA_MAX_ELEMENTS, CUDA_MIN_ROWS = 1 << 27, 1 << 28, 1024
+
+
 def chunk_rows(n_rows: int, vocab: int, device: torch.device, buffers: int = 1,
                chunk_size: Optional[int] = None) -> int:
-    """Rows per chunk: a fixed budget of logits elements per buffer (power-of-two rows), so the
-    (chunk × vocab) buffers stay small next to the LM-head weight while the matmuls stay large."""
+    """Rows per chunk (a power of two, at most ``n_rows``): a budget of logits elements per
+    (chunk × vocab) buffer, ``buffers`` of them, so the buffers stay small next to the LM-head
+    weight while the matmuls stay large. ``chunk_size`` overrides."""
     if chunk_size is not None:
         if int(chunk_size) <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         return int(chunk_size)
-    budget = (1 << 25) if device.type == "cuda" else (1 << 22)
-    rows = max(16, budget // (vocab * buffers))
+    per_row = vocab * buffers
+    if device.type == "cuda":
+        rows = min(max(CUDA_ELEMENTS // per_row, CUDA_MIN_ROWS), max(1, CUDA_MAX_ELEMENTS // per_row))
+    else:
+        rows = max(16, CPU_ELEMENTS // per_row)
     rows = 1 << (rows.bit_length() - 1)
     return max(1, min(rows, n_rows))
 
