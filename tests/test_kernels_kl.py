@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fastgeffect import losses
-from fastgeffect.kernels import fused_linear_kl
+from fastgeffect.kernels import fused_linear_kl, lm_head
+from fastgeffect.kernels import kl as kl_mod
 from fastgeffect.losses import AllMaskedError
 
 BACKENDS = ["torch", "triton"]
@@ -177,3 +178,41 @@ def test_gpu_triton_matches_reference(direction):
     assert rel_err(loss.cpu().reshape(1), want.reshape(1)) < 5e-2
     for p, g in zip(params, grads):
         assert rel_err(p.grad.cpu(), g) < 1e-1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_skips_the_gradient_gemms(backend, monkeypatch):
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(23, 16, 150, torch.float32, seed=4)
+    h = hidden.clone().requires_grad_()
+    want = fused_linear_kl(h, weight, ref_hidden, ref_weight, bias=bias, backend=backend)
+    needs = []
+    real = lm_head.chunked_lm_head
+    monkeypatch.setattr(kl_mod, "chunked_lm_head", lambda *a: needs.append(a[-1]) or real(*a))
+    monkeypatch.setattr(lm_head, "addmm_fp32_", lambda *a: pytest.fail("dW accumulated under no_grad"))
+    with torch.no_grad():
+        got = fused_linear_kl(h, weight, ref_hidden, ref_weight, bias=bias, backend=backend)
+    assert needs == [(False, False, False)]
+    assert not got.requires_grad and torch.equal(got, want.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_with_fp32_weights(backend):
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(25, 32, 200, torch.float32, seed=6)
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_kl(*params[:2], ref_hidden, ref_weight, bias=params[2], backend=backend)
+    loss.backward()
+    bf16 = [t.bfloat16() for t in (hidden, weight, bias, ref_hidden, ref_weight)]
+    ref_loss, ref_grads = reference(*bf16, labels, "forward", "all")
+    assert rel_err(loss.reshape(1), ref_loss.reshape(1)) < 5e-2
+    for p, g in zip(params, ref_grads):
+        assert p.grad.dtype == torch.float32 and rel_err(p.grad, g) < 5e-2
+
+
+def test_double_backward_raises():
+    hidden, weight, bias, ref_hidden, ref_weight, _ = make_inputs(12, 16, 50, torch.float32, seed=1)
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_kl(h, weight, ref_hidden, ref_weight, backend="torch")
+    (g,) = torch.autograd.grad(loss ** 2, h, create_graph=True)  # grad_output depends on h
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fastgeffect import losses
-from fastgeffect.kernels import fused_linear_weighted_nll
+from fastgeffect.kernels import fused_linear_weighted_nll, lm_head
+from fastgeffect.kernels import weighted_nll as wnll
 from fastgeffect.kernels.dispatch import resolve_backend
 from fastgeffect.losses import AllMaskedError
 
@@ -288,3 +289,72 @@ def test_gpu_triton_matches_reference(objective):
     assert rel_err(logp.cpu(), ref_logp) < 4e-2
     for p, g in zip(params, ref_grads):
         assert rel_err(p.grad.cpu(), g) < 1e-1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (Triton on a non-current device)")
+def test_gpu_triton_on_second_device():
+    hidden, weight, bias, labels, _, _ = make_inputs(64, 64, 1000, torch.float32, seed=2)
+    params = [t.to("cuda:1").requires_grad_() for t in (hidden, weight, bias)]
+    loss = call("ga", *params, labels.to("cuda:1"), None, None, "triton")
+    loss.backward()
+    ref_loss, ref_grads, _ = reference(hidden, weight, bias, labels, "ga", None, None, *default_ab("ga"))
+    assert rel_err(loss.cpu().reshape(1), ref_loss.reshape(1)) < 1e-3
+    for p, g in zip(params, ref_grads):
+        assert rel_err(p.grad.cpu(), g) < 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_skips_the_gradient_gemms(backend, monkeypatch):
+    hidden, weight, bias, labels, ref, _ = make_inputs(33, 16, 200, torch.float32, seed=8)
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    want = call("tnpo", *params, labels, ref, None, backend)
+    needs = []
+    real = lm_head.chunked_lm_head
+    monkeypatch.setattr(wnll, "chunked_lm_head", lambda *a: needs.append(a[-1]) or real(*a))
+    monkeypatch.setattr(lm_head, "addmm_fp32_", lambda *a: pytest.fail("dW accumulated under no_grad"))
+    with torch.no_grad():
+        got, logp = call("tnpo", *params, labels, ref, None, backend, return_logprobs=True)
+    frozen = call("tnpo", hidden, weight, bias, labels, ref, None, backend)  # nothing requires grad
+    assert needs == [(False, False, False)] * 2
+    assert not got.requires_grad and torch.equal(got, want.detach()) and torch.equal(frozen, got)
+    assert logp.shape == (33,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_with_fp32_weights(backend):
+    # autocast casts the LM-head operands to bf16; fp32 parameters get fp32 gradients
+    hidden, weight, bias, labels, ref, _ = make_inputs(40, 32, 300, torch.float32, seed=9)
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = call("wtnpo", *params, labels, ref, None, backend)
+    loss.backward()
+    bf16 = [t.bfloat16() for t in (hidden, weight, bias)]
+    ref_loss, ref_grads, _ = reference(*bf16, labels, "wtnpo", ref, None, *default_ab("wtnpo"))
+    assert loss.dtype == torch.float32 and rel_err(loss.reshape(1), ref_loss.reshape(1)) < 2e-2
+    for p, g in zip(params, ref_grads):
+        assert p.grad.dtype == torch.float32 and rel_err(p.grad, g) < 5e-2
+
+
+@pytest.mark.parametrize("backend,grad_output", [("torch", 1.0), ("torch", 65536.0), ("triton", 65536.0)])
+def test_fp16_gradients_do_not_underflow(backend, grad_output):
+    # scale·p = 1/(2048·8192) ≈ 6e-8 per logit is below fp16's normal range: the gradients are stored
+    # unscaled, scaled in fp32 in the backward; grad_output 65536 does not fit fp16 (max 65504)
+    hidden, weight, bias, labels, _, _ = make_inputs(2048, 32, 8192, torch.float16, seed=3, masked=0.0)
+    params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss = call("ga", *params, labels, None, None, backend)
+    loss.backward(torch.tensor(grad_output))
+    _, ref_grads, _ = reference(hidden, weight, bias, labels, "ga", None, None, 0.0, 0.0)
+    for p, g in zip(params, ref_grads):  # in norm: the small entries are the ones that underflowed
+        err = float((p.grad.double() / grad_output - g).norm() / g.norm())
+        assert p.grad.isfinite().all() and err < 2e-3  # 1e-2 to 3e-2 when stored scaled in fp16
+
+
+def test_double_backward_raises():
+    hidden, weight, bias, labels, _, _ = make_inputs(12, 16, 50, torch.float32, seed=1)
+    h = hidden.clone().requires_grad_()
+    loss = call("ga", h, weight, bias, labels, None, None, "torch")
+    # loss² makes grad_output depend on h: without once_differentiable the second derivative would
+    # silently miss the fused loss's own Hessian term
+    (g,) = torch.autograd.grad(loss ** 2, h, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()

@@ -6,6 +6,7 @@ Shapes: ``hidden`` (N, H), ``weight`` (V, H), ``labels`` (N,) *aligned* (row i p
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -58,6 +59,25 @@ def check_per_token(x: Optional[torch.Tensor], n: int, device: torch.device, nam
         raise ValueError(f"{name} is on {x.device} but hidden is on {device}")
 
 
+def autocast_inputs(device: torch.device, *tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """The LM-head operands as ``torch.autocast`` would cast them for a matmul on ``device``: to
+    the autocast dtype when it is on (fp64 and None untouched), unchanged otherwise. The fused
+    call then runs with autocast off in that one dtype, and autograd casts the gradients back
+    through these casts (to fp32 master weights, say)."""
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dt = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
+def launch_device(t: torch.Tensor):
+    """Context for a Triton launch on ``t``: Triton takes device and stream from the *current*
+    CUDA device, so a tensor on cuda:1 (``--device cuda:1``, a ``device_map`` model) needs that
+    device made current. CPU tensors (the interpreter) need nothing."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def compact_valid(labels: torch.Tensor, vocab: int, num_items=None) -> Tuple[torch.Tensor, int, Optional[float]]:
     """Row indices of the valid labels, their count, and ``num_items_in_batch`` as a float.
 
@@ -82,16 +102,28 @@ def compact_valid(labels: torch.Tensor, vocab: int, num_items=None) -> Tuple[tor
     return idx, n_valid, items
 
 
+# Logits elements per chunk buffer. CPU: small, the torch path makes fp32 temporaries of it.
+# CUDA: at least 1024 rows so that each chunk's dW GEMM, which re-reads the fp32 (vocab × hidden)
+# accumulator, stays long next to that read (256 rows at V=128k cost ~1.8× the GEMM time), with
+# 2^27 elements as the target and 2^28 as the cap (512 MB of bf16 per buffer).
+CPU_ELEMENTS = 1 << 22
+CUDA_ELEMENTS, CUDA_MAX_ELEMENTS, CUDA_MIN_ROWS = 1 << 27, 1 << 28, 1024
+
+
 def chunk_rows(n_rows: int, vocab: int, device: torch.device, buffers: int = 1,
                chunk_size: Optional[int] = None) -> int:
-    """Rows per chunk: a fixed budget of logits elements per buffer (power-of-two rows), so the
-    (chunk × vocab) buffers stay small next to the LM-head weight while the matmuls stay large."""
+    """Rows per chunk (a power of two, at most ``n_rows``): a budget of logits elements per
+    (chunk × vocab) buffer, ``buffers`` of them, so the buffers stay small next to the LM-head
+    weight while the matmuls stay large. ``chunk_size`` overrides."""
     if chunk_size is not None:
         if int(chunk_size) <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         return int(chunk_size)
-    budget = (1 << 25) if device.type == "cuda" else (1 << 22)
-    rows = max(16, budget // (vocab * buffers))
+    per_row = vocab * buffers
+    if device.type == "cuda":
+        rows = min(max(CUDA_ELEMENTS // per_row, CUDA_MIN_ROWS), max(1, CUDA_MAX_ELEMENTS // per_row))
+    else:
+        rows = max(16, CPU_ELEMENTS // per_row)
     rows = 1 << (rows.bit_length() - 1)
     return max(1, min(rows, n_rows))
 
@@ -141,20 +173,25 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     return acc.add_(a @ b)
 
 
+def grads_needed(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[bool, bool, bool]:
+    """(d hidden?, d weight?, d bias?) for a fused call. False everywhere under ``torch.no_grad()``
+    or when nothing requires grad: the call then skips the two gradient GEMMs and the (vocab ×
+    hidden) fp32 accumulator (the autograd Function's ``needs_input_grad`` does not see no_grad)."""
+    on = torch.is_grad_enabled()
+    return (on and hidden.requires_grad, on and weight.requires_grad,
+            on and bias is not None and bias.requires_grad)
+
+
 def grad_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulator dtype for weight/bias gradients: fp32, or fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def scale_grads(grads, grad_output: torch.Tensor, dtypes):
-    """Multiply the forward-computed gradients by the upstream scalar and cast to the inputs'
-    dtypes; no host synchronisation (the multiply runs even when grad_output is 1)."""
-    out = []
-    for g, dt in zip(grads, dtypes):
-        if g is None:
-            out.append(None)
-        elif g.dtype == dt:
-            out.append(g * grad_output.to(dt))
-        else:
-            out.append(g.to(dt).mul_(grad_output.to(dt)))
-    return tuple(out)
+def scale_grads(grads, grad_output: torch.Tensor, scale: torch.Tensor, dtypes):
+    """The backward of a fused loss: the forward stored its gradients *unscaled* (a per-token
+    gradient ``w·(onehot − p)``, not ``w·(onehot − p)/N``, which underflows fp16 at large N·V);
+    multiply by ``scale · grad_output`` in fp32 (fp64) and cast to the inputs' dtypes last, so
+    neither a half-precision accumulator nor a large ``grad_output`` (65536 overflows fp16) loses
+    anything. No host synchronisation (the multiply runs even when grad_output is 1)."""
+    factor = grad_output.to(scale.dtype) * scale
+    return tuple(None if g is None else (g.to(factor.dtype) * factor).to(dt) for g, dt in zip(grads, dtypes))

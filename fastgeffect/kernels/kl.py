@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..losses._common import positive_count
 from ..losses.kl import KL_DIRECTIONS, KL_POSITIONS
@@ -46,29 +47,32 @@ def _run(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cfg, ne
         denom = n if items is None else items
     scale = scale_of(denom, acc, hidden.device)
     total = torch.zeros((), dtype=acc, device=hidden.device)
+    unit = torch.ones((), dtype=acc, device=hidden.device)  # gradients stored unscaled (fp16 underflow)
     chunk_op, write_grad = _chunk_op(backend), any(need)
 
     def op(rows, logits):
         ref_logits = linear(take(ref_hidden, rows), ref_weight, ref_bias)
-        total.add_(chunk_op(logits, ref_logits, scale, reverse, write_grad).sum(dtype=acc))
+        total.add_(chunk_op(logits, ref_logits, unit, reverse, write_grad).sum(dtype=acc))
 
     chunk = common.chunk_rows(n, V, hidden.device, buffers=2, chunk_size=chunk_size) if n else 1
     grads = chunked_lm_head(hidden, weight, bias, idx, n, chunk, op, need)
-    return (total * scale, *grads)
+    return (total * scale, *grads, scale)
 
 
 class _FusedKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cfg):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        loss, gh, gw, gb = _run(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cfg, need)
-        ctx.save_for_backward(gh, gw, gb)
+        loss, gh, gw, gb, scale = _run(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, cfg, need)
+        ctx.save_for_backward(gh, gw, gb, scale)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss
 
     @staticmethod
+    @once_differentiable  # the stored gradients are constants: a double backward must raise, not detach
     def backward(ctx, grad_loss):
-        gh, gw, gb = common.scale_grads(ctx.saved_tensors, grad_loss, ctx.dtypes)
+        *grads, scale = ctx.saved_tensors
+        gh, gw, gb = common.scale_grads(grads, grad_loss, scale, ctx.dtypes)
         return gh, gw, gb, None, None, None, None, None
 
 
@@ -89,6 +93,8 @@ def fused_linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torc
         raise ValueError(f"unknown KL direction {direction!r}; valid: {', '.join(KL_DIRECTIONS)}")
     if positions not in KL_POSITIONS:
         raise ValueError(f"unknown KL positions {positions!r}; valid: {', '.join(KL_POSITIONS)}")
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = common.autocast_inputs(
+        hidden.device, hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     common.check_head(hidden, weight, bias)
     common.check_head(ref_hidden, ref_weight, ref_bias, what="ref_hidden")
     if ref_hidden.shape[0] != hidden.shape[0]:
@@ -106,4 +112,7 @@ def fused_linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torc
         raise ValueError("the Triton kernels take fp32/bf16/fp16; use backend='torch' for fp64")
     cfg = (direction == "reverse", positions, num_items_in_batch, backend, chunk_size)
     detached = [None if t is None else t.detach() for t in (ref_hidden, ref_weight, ref_bias)]
-    return _FusedKL.apply(hidden, weight, bias, *detached, labels, cfg)
+    with torch.autocast(hidden.device.type, enabled=False):  # one compute dtype (autocast_inputs)
+        if any(common.grads_needed(hidden, weight, bias)):
+            return _FusedKL.apply(hidden, weight, bias, *detached, labels, cfg)
+        return _run(hidden, weight, bias, *detached, labels, cfg, (False, False, False))[0]  # evaluation: loss only

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import launch_device
 from .weighted_nll_triton import NEG_BIG, block_v
 
 
@@ -81,7 +82,8 @@ def kl_chunk_triton(logits: torch.Tensor, ref_logits: torch.Tensor, scale: torch
     C, V = logits.shape
     assert logits.stride(1) == 1 and ref_logits.stride(1) == 1, "logits chunks must be row-contiguous"
     out = torch.empty(C, dtype=torch.float32, device=logits.device)
-    _kl_rows[(C,)](logits, logits.stride(0), ref_logits, ref_logits.stride(0), scale, out, V,
-                   REVERSE=reverse, WRITE_GRAD=write_grad, BLOCK_V=block_v(V),
-                   num_warps=8 if V >= 4096 else 4)
+    with launch_device(logits):
+        _kl_rows[(C,)](logits, logits.stride(0), ref_logits, ref_logits.stride(0), scale, out, V,
+                       REVERSE=reverse, WRITE_GRAD=write_grad, BLOCK_V=block_v(V),
+                       num_warps=8 if V >= 4096 else 4)
     return out

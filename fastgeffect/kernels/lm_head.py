@@ -33,8 +33,9 @@ def chunked_lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                     need: Tuple[bool, bool, bool]):
     """Run ``op(rows, logits)`` over the logits of rows ``idx`` (all ``n`` rows in order when None),
     ``chunk`` rows at a time. When a gradient is needed (``need`` = d hidden?, d weight?, d bias?),
-    ``op`` must leave the scaled d loss / d logits in ``logits``. Returns (d hidden in the hidden's
-    dtype, fp32 (fp64) d weight, d bias), None where not needed."""
+    ``op`` must leave d loss / d logits in ``logits`` (unscaled: the backward applies
+    1/denominator). Returns (d hidden in the hidden's dtype, fp32 (fp64) d weight, d bias), None
+    where not needed."""
     acc = grad_dtype(hidden.dtype)
     V = weight.shape[0]
     g_hidden = torch.zeros_like(hidden) if need[0] else None

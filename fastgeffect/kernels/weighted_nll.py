@@ -4,15 +4,17 @@
 ``scale = 1 / (valid count or num_items_in_batch)``. Valid rows are gathered first, then
 processed in chunks: logits chunk = LM-head matmul, the chunk op (Triton or torch) turns it
 into per-row log-probs, weights and the logits gradient in place, and two more matmuls turn
-that into d(hidden) and an fp32-accumulated d(weight). The backward only multiplies the stored
-gradients by the upstream scalar. Peak extra memory: a few (chunk × vocab) buffers, d(hidden)
-and the fp32 d(weight) accumulator — never (tokens × vocab).
+that into d(hidden) and an fp32-accumulated d(weight), all unscaled. The backward multiplies the
+stored gradients by ``scale ×`` the upstream scalar in fp32 (``common.scale_grads``). Peak extra
+memory: a few (chunk × vocab) buffers, d(hidden) and the fp32 d(weight) accumulator — never
+(tokens × vocab).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..losses.token_weights import ALL, token_weight
 from . import common
@@ -34,7 +36,8 @@ def _chunk_op(backend: str):
 
 def _run(hidden, weight, bias, labels, ref, explicit, cfg, need):
     """The whole fused computation. ``need`` = (d hidden?, d weight?, d bias?).
-    Returns loss (0-d fp32/fp64), per-token logp (N,), and the three gradients (or None)."""
+    Returns loss (0-d fp32/fp64), per-token logp (N,), the three gradients (or None) *unscaled*,
+    and the scale ``1/denominator`` that the backward applies (``common.scale_grads``)."""
     entry, alpha, beta, reduction, num_items, backend, chunk_size = cfg
     N, V = hidden.shape[0], weight.shape[0]
     acc = common.grad_dtype(hidden.dtype)
@@ -43,32 +46,35 @@ def _run(hidden, weight, bias, labels, ref, explicit, cfg, need):
     scale = scale_of(denom, acc, hidden.device)
     logp_all = torch.zeros(N, dtype=acc, device=hidden.device)
     total = torch.zeros((), dtype=acc, device=hidden.device)
+    unit = torch.ones((), dtype=acc, device=hidden.device)  # gradients stored unscaled (fp16 underflow)
     chunk_op, write_grad = _chunk_op(backend), any(need)
 
     def op(rows, logits):
-        lp, wlp = chunk_op(logits, take(labels, rows), take(ref, rows), take(explicit, rows), scale, entry,
+        lp, wlp = chunk_op(logits, take(labels, rows), take(ref, rows), take(explicit, rows), unit, entry,
                            alpha, beta, write_grad)
         logp_all.index_copy_(0, rows, lp.to(acc))
         total.add_(wlp.sum(dtype=acc))
 
     chunk = common.chunk_rows(n_valid, V, hidden.device, chunk_size=chunk_size) if n_valid else 1
     grads = chunked_lm_head(hidden, weight, bias, idx, n_valid, chunk, op, need)
-    return (total * scale, logp_all, *grads)
+    return (total * scale, logp_all, *grads, scale)
 
 
 class _FusedWeightedNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref, explicit, cfg):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        loss, logp, gh, gw, gb = _run(hidden, weight, bias, labels, ref, explicit, cfg, need)
-        ctx.save_for_backward(gh, gw, gb)
+        loss, logp, gh, gw, gb, scale = _run(hidden, weight, bias, labels, ref, explicit, cfg, need)
+        ctx.save_for_backward(gh, gw, gb, scale)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(logp)
         return loss, logp
 
     @staticmethod
+    @once_differentiable  # the stored gradients are constants: a double backward must raise, not detach
     def backward(ctx, grad_loss, _grad_logp):
-        gh, gw, gb = common.scale_grads(ctx.saved_tensors, grad_loss, ctx.dtypes)
+        *grads, scale = ctx.saved_tensors
+        gh, gw, gb = common.scale_grads(grads, grad_loss, scale, ctx.dtypes)
         return gh, gw, gb, None, None, None, None
 
 
@@ -102,6 +108,7 @@ def fused_linear_weighted_nll(hidden: torch.Tensor, weight: torch.Tensor, labels
     non-finite loss. Raises ``AllMaskedError`` when no label is valid and no
     ``num_items_in_batch`` is given, like :mod:`fastgeffect.losses`.
     """
+    hidden, weight, bias = common.autocast_inputs(hidden.device, hidden, weight, bias)
     common.check_head(hidden, weight, bias)
     N = hidden.shape[0]
     common.check_labels(labels, N, hidden.device)
@@ -126,5 +133,9 @@ def fused_linear_weighted_nll(hidden: torch.Tensor, weight: torch.Tensor, labels
         raise ValueError("weights are only used by objective='weighted'")
     backend = resolve_backend(backend, hidden.device)
     cfg = (entry, alpha, beta, reduction, num_items_in_batch, backend, chunk_size)
-    loss, logp = _FusedWeightedNLL.apply(hidden, weight, bias, labels, ref_logprobs, weights, cfg)
+    with torch.autocast(hidden.device.type, enabled=False):  # one compute dtype (autocast_inputs)
+        if any(common.grads_needed(hidden, weight, bias)):
+            loss, logp = _FusedWeightedNLL.apply(hidden, weight, bias, labels, ref_logprobs, weights, cfg)
+        else:  # evaluation: loss and log-probs only
+            loss, logp, *_ = _run(hidden, weight, bias, labels, ref_logprobs, weights, cfg, (False, False, False))
     return (loss, logp) if return_logprobs else loss

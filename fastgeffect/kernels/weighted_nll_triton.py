@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..losses import token_weights as tw
+from .common import launch_device
 
 # The token-weight table's kernel codes (fastgeffect/losses/token_weights.py), compile-time
 # constants of the branch below; the branch must equal each entry's torch function (tested).
@@ -101,9 +102,10 @@ def weighted_nll_chunk_triton(logits: torch.Tensor, labels: torch.Tensor, ref: O
     logp = torch.empty(C, dtype=torch.float32, device=logits.device)
     wlogp = torch.empty_like(logp)
     dummy = logp  # never read when the objective has no such input (constexpr branch)
-    _weighted_nll_rows[(C,)](
-        logits, logits.stride(0), labels, dummy if ref is None else ref,
-        dummy if explicit is None else explicit, scale, logp, wlogp, V, float(alpha), float(beta),
-        CODE=entry.code, WRITE_GRAD=write_grad, BLOCK_V=block_v(V), num_warps=8 if V >= 4096 else 4,
-    )
+    with launch_device(logits):
+        _weighted_nll_rows[(C,)](
+            logits, logits.stride(0), labels, dummy if ref is None else ref,
+            dummy if explicit is None else explicit, scale, logp, wlogp, V, float(alpha), float(beta),
+            CODE=entry.code, WRITE_GRAD=write_grad, BLOCK_V=block_v(V), num_warps=8 if V >= 4096 else 4,
+        )
     return logp, wlogp
