@@ -14,7 +14,7 @@ import torch
 from helpers.tiny_models import qa_batch, tiny_llama
 
 import fastgeffect.ops as ops
-from fastgeffect.ops import _extension
+from fastgeffect.ops import _extension, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_EXT = ops.extension_available("cpu")
@@ -223,6 +223,37 @@ def test_built_extension_loads():
     if not built:
         pytest.skip("fastgeffect._C not built in this checkout (pip install --no-build-isolation -e .)")
     assert HAS_EXT, _extension.load_error("cpu")
+
+
+def test_backend_info_reports_cpu_and_cuda():
+    info = ops.backend_info()
+    assert set(info) == {"cpu", "cuda"}
+    for entry in info.values():
+        assert entry["loaded"] == (entry["reason"] is None)
+    assert info["cpu"]["loaded"] == HAS_EXT
+    assert info["cuda"]["loaded"] == ops.extension_available("cuda")
+    assert info["cuda"]["gpu_visible"] == torch.cuda.is_available() and info["cuda"]["torch_cuda"] == torch.version.cuda
+
+
+def test_cuda_arch_list_defaults_to_a100_and_h100():
+    assert build_config.cuda_arch_list({}) == "8.0;9.0+PTX"
+    assert build_config.cuda_arch_list({"TORCH_CUDA_ARCH_LIST": " "}) == "8.0;9.0+PTX"
+    assert build_config.cuda_arch_list({"TORCH_CUDA_ARCH_LIST": "8.6"}) == "8.6"
+
+
+def test_nvcc_release_is_parsed():
+    out = "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, V13.0.88\n"
+    assert build_config.nvcc_release(out) == "13.0"
+    assert build_config.nvcc_release("garbage") is None
+
+
+@pytest.mark.parametrize("torch_cuda, nvcc, problem", [
+    (None, "13.0", "CPU build"), ("12.8", None, "nvcc not found"), ("12.8", "13.0", "major version"),
+    ("12.8", "12.4", None), ("13.0", "13.0", None)])
+def test_cuda_build_problem(torch_cuda, nvcc, problem):
+    """A major mismatch makes torch abort the whole build: the CUDA part is skipped with a reason."""
+    got = build_config.cuda_build_problem(torch_cuda, nvcc)
+    assert (got is None) if problem is None else (problem in got)
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
