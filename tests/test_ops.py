@@ -14,6 +14,7 @@ import torch
 from helpers.tiny_models import qa_batch, tiny_llama
 
 import fastgeffect.ops as ops
+from fastgeffect.geffect.stream import default_accumulate_dtype
 from fastgeffect.ops import _extension, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,6 +305,16 @@ def test_cuda_unaligned_views_and_streams(backend):
     torch.cuda.current_stream().wait_stream(stream)
     want = (a.double() * b.double()).sum()
     assert abs(acc.double().item() - want.item()) <= 1e-5 * (1 + (a.double() * b.double()).abs().sum().item())
+
+
+@pytest.mark.parametrize("device, want", [("cpu", torch.float64), ("cuda", torch.float64), ("cuda:1", torch.float64),
+                                          ("mps", torch.float32)])
+def test_default_accumulate_dtype_is_fp64_on_cpu_and_cuda(device, want):
+    """fp64 on CUDA too (docs/design.md §4.1); fp32 only where the device has no fp64."""
+    assert default_accumulate_dtype(torch.device(device)) == want
+    assert default_accumulate_dtype(torch.device(device), torch.float32) == torch.float32
+    with pytest.raises(ValueError, match="accumulate_dtype"):
+        default_accumulate_dtype(torch.device(device), torch.bfloat16)
 
 
 # -- G-effect engine on both backends --------------------------------------------------------------
