@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.devices import HAS_CUDA
 from helpers.tiny_models import qa_batch, tiny_llama
 
 import fastgeffect.ops as ops
@@ -19,7 +20,7 @@ from fastgeffect.ops import _extension, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_EXT = ops.extension_available("cpu")
-NO_CUDA = not torch.cuda.is_available()
+NO_CUDA = not HAS_CUDA
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"compiled extension not loaded: {_extension.load_error('cpu')}")
 BACKENDS = [pytest.param("ext", marks=needs_ext), "torch"]
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -294,15 +295,17 @@ def test_cuda_matches_float64_reference(backend, acc_dtype):
 @pytest.mark.parametrize("backend", ["ext"], indirect=True)
 def test_cuda_unaligned_views_and_streams(backend):
     base_a = torch.randn(100003, device="cuda", dtype=torch.bfloat16)
-    base_b = torch.randn(100003, device="cuda")
-    a, b = base_a[1:], base_b[3:100003 - 2 + 3 - 1]  # odd offsets: scalar path
+    base_b = torch.randn(100005, device="cuda")
+    a, b = base_a[1:], base_b[3:]  # odd element offsets, 100002 each: unaligned, the scalar path
     assert a.shape == b.shape
     acc = torch.zeros(1, device="cuda")
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        stream.wait_stream(torch.cuda.current_stream())
+    side = torch.cuda.Stream()
+    # Outside the side stream's context: inside it, current_stream() *is* the side stream and the
+    # wait would order nothing after the default stream that wrote the inputs.
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
         ops.dot_accumulate_(acc, [a], [b], [0])
-    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.current_stream().wait_stream(side)
     want = (a.double() * b.double()).sum()
     assert abs(acc.double().item() - want.item()) <= 1e-5 * (1 + (a.double() * b.double()).abs().sum().item())
 
