@@ -3,7 +3,10 @@
 The compiled extension (``csrc/``) is optional: the package falls back to plain torch when it
 is absent. Build without it with ``FASTGEFFECT_NO_EXT=1``.
 """
+import importlib.util
 import os
+import subprocess
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
@@ -31,10 +34,32 @@ extras_require = {
 }
 
 
+def _load_build_config():
+    # by path: importing ``fastgeffect`` itself would need its dependencies at build time
+    path = Path(__file__).parent / "fastgeffect" / "ops" / "build_config.py"
+    spec = importlib.util.spec_from_file_location("build_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_config = _load_build_config()
+
+
+def _nvcc_release(cuda_home):
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return build_config.nvcc_release(out)
+
+
 def compiled_extensions():
     """``fastgeffect._C`` (CPU, C++) everywhere; ``fastgeffect._C_cuda`` where torch has CUDA and
-    nvcc is found. Opt out with ``FASTGEFFECT_NO_EXT=1`` (all) or ``FASTGEFFECT_NO_CUDA_EXT=1``.
-    A failed compile is reported and the package installs with the torch fallback."""
+    nvcc has torch's CUDA major version. Opt out with ``FASTGEFFECT_NO_EXT=1`` (all) or
+    ``FASTGEFFECT_NO_CUDA_EXT=1``. A failed compile is reported and the package installs with the
+    torch fallback; a failed CUDA build never takes the CPU one with it."""
     if os.environ.get("FASTGEFFECT_NO_EXT") == "1":
         return [], {}
     try:
@@ -45,12 +70,30 @@ def compiled_extensions():
     cxx = ["-O3", "-g0"]  # -g0: the default -g from sysconfig makes a 5 MB .so
     exts = [CppExtension("fastgeffect._C", ["csrc/bindings.cpp", "csrc/dot_core.cpp"],
                          extra_compile_args={"cxx": cxx})]
-    if torch.version.cuda and CUDA_HOME and os.environ.get("FASTGEFFECT_NO_CUDA_EXT") != "1":
-        exts.append(CUDAExtension("fastgeffect._C_cuda", ["csrc/bindings_cuda.cpp", "csrc/dot_cuda.cu"],
-                                  extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}))
+    if os.environ.get("FASTGEFFECT_NO_CUDA_EXT") != "1":
+        problem = build_config.cuda_build_problem(torch.version.cuda, CUDA_HOME and _nvcc_release(CUDA_HOME))
+        if problem is None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = build_config.cuda_arch_list(os.environ)
+            exts.append(CUDAExtension("fastgeffect._C_cuda", ["csrc/bindings_cuda.cpp", "csrc/dot_cuda.cu"],
+                                      extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}))
+        else:
+            print(f"WARNING: not building fastgeffect._C_cuda: {problem}; CUDA uses the torch fallback.")
 
     class OptionalBuildExtension(BuildExtension):
-        # setuptools' ``optional`` flag does not catch torch's ninja errors (RuntimeError).
+        # setuptools' ``optional`` flag does not catch torch's ninja errors (RuntimeError), and torch's
+        # own checks (CUDA version, arch list) run for the whole step, outside ``build_extension``.
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+                return
+            except Exception as e:  # noqa: BLE001 - any failure falls back, never aborts the install
+                print(f"WARNING: building the extensions failed; retrying without CUDA.\n{e}")
+            self.extensions = [ext for ext in self.extensions if ext.name != "fastgeffect._C_cuda"]
+            try:
+                super().build_extensions()
+            except Exception as e:  # noqa: BLE001
+                print(f"WARNING: could not build the CPU extension; fastgeffect will use its torch fallback.\n{e}")
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
@@ -58,7 +101,6 @@ def compiled_extensions():
                 print(f"WARNING: could not build {ext.name}; fastgeffect will use its torch fallback.\n{e}")
 
     return exts, {"build_ext": OptionalBuildExtension}
-
 
 ext_modules, cmdclass = compiled_extensions()
 

@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-# Triton kernels run on CPU tensors through the interpreter when no GPU is present (docs/design.md §8).
+# Triton kernels run on CPU tensors through the interpreter when no GPU is present (docs/design.md §8);
+# with a GPU they compile for it and the tests put their Triton cases on CUDA (helpers/devices.py).
 # Must be set before triton is imported anywhere.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

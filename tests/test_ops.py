@@ -11,14 +11,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.devices import HAS_CUDA
 from helpers.tiny_models import qa_batch, tiny_llama
 
 import fastgeffect.ops as ops
-from fastgeffect.ops import _extension
+from fastgeffect.geffect.stream import default_accumulate_dtype
+from fastgeffect.ops import _extension, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_EXT = ops.extension_available("cpu")
-NO_CUDA = not torch.cuda.is_available()
+NO_CUDA = not HAS_CUDA
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"compiled extension not loaded: {_extension.load_error('cpu')}")
 BACKENDS = [pytest.param("ext", marks=needs_ext), "torch"]
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -225,6 +227,65 @@ def test_built_extension_loads():
     assert HAS_EXT, _extension.load_error("cpu")
 
 
+def test_backend_info_reports_cpu_and_cuda():
+    info = ops.backend_info()
+    assert set(info) == {"cpu", "cuda"}
+    for entry in info.values():
+        assert entry["loaded"] == (entry["reason"] is None)
+    assert info["cpu"]["loaded"] == HAS_EXT
+    assert info["cuda"]["loaded"] == ops.extension_available("cuda")
+    assert info["cuda"]["gpu_visible"] == torch.cuda.is_available() and info["cuda"]["torch_cuda"] == torch.version.cuda
+
+
+def test_cuda_arch_list_defaults_to_a100_and_h100():
+    assert build_config.cuda_arch_list({}) == "8.0;9.0+PTX"
+    assert build_config.cuda_arch_list({"TORCH_CUDA_ARCH_LIST": " "}) == "8.0;9.0+PTX"
+    assert build_config.cuda_arch_list({"TORCH_CUDA_ARCH_LIST": "8.6"}) == "8.6"
+
+
+def test_nvcc_release_is_parsed():
+    out = "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, V13.0.88\n"
+    assert build_config.nvcc_release(out) == "13.0"
+    assert build_config.nvcc_release("garbage") is None
+
+
+@pytest.mark.parametrize("torch_cuda, nvcc, problem", [
+    (None, "13.0", "CPU build"), ("12.8", None, "nvcc not found"), ("12.8", "13.0", "major version"),
+    ("12.8", "12.4", None), ("13.0", "13.0", None)])
+def test_cuda_build_problem(torch_cuda, nvcc, problem):
+    """A major mismatch makes torch abort the whole build: the CUDA part is skipped with a reason."""
+    got = build_config.cuda_build_problem(torch_cuda, nvcc)
+    assert (got is None) if problem is None else (problem in got)
+
+
+# setup.py run as under a CUDA torch whose own build-wide check fails (as with nvcc 13 and a cu12 wheel)
+FAILING_CUDA_BUILD = """
+import os, runpy, sys, torch, torch.utils.cpp_extension as ce
+torch.version.cuda = "13.0"
+ce.CUDA_HOME = "{cuda_home}"
+def check(*a):
+    raise RuntimeError("simulated CUDA version mismatch")
+ce._check_cuda_version = check
+sys.argv = ["setup.py", "build_ext", "-b", "{out}", "-t", "{out}/tmp"]
+runpy.run_path("setup.py", run_name="__main__")
+print("ARCH", os.environ["TORCH_CUDA_ARCH_LIST"])
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("c++") is None, reason="needs nvcc and a C++ compiler")
+def test_failed_cuda_build_step_still_builds_the_cpu_extension(tmp_path):
+    """torch checks nvcc for the whole build step, outside any one extension: when that fails,
+    setup.py says so once and builds ``_C`` alone; the arch list defaults to A100 + H100."""
+    cuda_home = str(Path(shutil.which("nvcc")).resolve().parents[1])
+    code = FAILING_CUDA_BUILD.format(cuda_home=cuda_home, out=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_CUDA_ARCH_LIST", "FASTGEFFECT_NO_EXT")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("retrying without CUDA") == 1 and "simulated CUDA version mismatch" in r.stdout
+    assert "ARCH 8.0;9.0+PTX" in r.stdout
+    assert list((tmp_path / "fastgeffect").glob("_C.*")) and not list((tmp_path / "fastgeffect").glob("_C_cuda.*"))
+
+
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_cmake_build_and_ctest(tmp_path):
     build = tmp_path / "build"
@@ -262,17 +323,29 @@ def test_cuda_matches_float64_reference(backend, acc_dtype):
 @pytest.mark.parametrize("backend", ["ext"], indirect=True)
 def test_cuda_unaligned_views_and_streams(backend):
     base_a = torch.randn(100003, device="cuda", dtype=torch.bfloat16)
-    base_b = torch.randn(100003, device="cuda")
-    a, b = base_a[1:], base_b[3:100003 - 2 + 3 - 1]  # odd offsets: scalar path
+    base_b = torch.randn(100005, device="cuda")
+    a, b = base_a[1:], base_b[3:]  # odd element offsets, 100002 each: unaligned, the scalar path
     assert a.shape == b.shape
     acc = torch.zeros(1, device="cuda")
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        stream.wait_stream(torch.cuda.current_stream())
+    side = torch.cuda.Stream()
+    # Outside the side stream's context: inside it, current_stream() *is* the side stream and the
+    # wait would order nothing after the default stream that wrote the inputs.
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
         ops.dot_accumulate_(acc, [a], [b], [0])
-    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.current_stream().wait_stream(side)
     want = (a.double() * b.double()).sum()
     assert abs(acc.double().item() - want.item()) <= 1e-5 * (1 + (a.double() * b.double()).abs().sum().item())
+
+
+@pytest.mark.parametrize("device, want", [("cpu", torch.float64), ("cuda", torch.float64), ("cuda:1", torch.float64),
+                                          ("mps", torch.float32)])
+def test_default_accumulate_dtype_is_fp64_on_cpu_and_cuda(device, want):
+    """fp64 on CUDA too (docs/design.md §4.1); fp32 only where the device has no fp64."""
+    assert default_accumulate_dtype(torch.device(device)) == want
+    assert default_accumulate_dtype(torch.device(device), torch.float32) == torch.float32
+    with pytest.raises(ValueError, match="accumulate_dtype"):
+        default_accumulate_dtype(torch.device(device), torch.bfloat16)
 
 
 # -- G-effect engine on both backends --------------------------------------------------------------

@@ -48,7 +48,7 @@ class GEffect:
 
     ``groups``: ``"paper"`` (embed/shallow/middle/deep/lm), ``"blocks"``, ``"params"``, a mapping
     group -> parameter names, or a callable ``model -> mapping``. ``accumulate_dtype`` defaults to
-    fp64 on CPU and fp32 on accelerators. Only trainable parameters count.
+    fp64 on CPU and CUDA, fp32 on other accelerators. Only trainable parameters count.
 
     Data parallel (see :mod:`fastgeffect.distributed`): pass the DDP-wrapped or FSDP2-sharded model,
     or the DeepSpeed ZeRO-3 engine (after ``engine.backward`` of the objective, before ``engine.step``);

@@ -6,9 +6,12 @@ falls back to plain torch, warning once per device type.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 from types import ModuleType
+
+import torch
 
 _MODULES = {"cpu": "fastgeffect._C", "cuda": "fastgeffect._C_cuda"}
 _loaded: dict[str, ModuleType | None] = {}
@@ -50,3 +53,16 @@ def warn_fallback_once(device_type: str) -> None:
     _warned.add(device_type)
     warnings.warn(f"fastgeffect: compiled dot_accumulate_ unavailable on {device_type}: "
                   f"{load_error(device_type)}; using the torch fallback", RuntimeWarning, stacklevel=3)
+
+
+def backend_info() -> dict[str, dict]:
+    """Per device type ('cpu', 'cuda'): the compiled ``module``, whether it was ``built`` (found on
+    the path), whether it ``loaded``, and ``reason`` when it did not (None when it did). The CUDA
+    entry also says whether torch has CUDA and sees a GPU."""
+    info = {}
+    for device_type, name in _MODULES.items():
+        loaded = _load(device_type) is not None
+        info[device_type] = {"module": name, "built": importlib.util.find_spec(name) is not None,
+                             "loaded": loaded, "reason": None if loaded else load_error(device_type)}
+    info["cuda"].update(torch_cuda=torch.version.cuda, gpu_visible=torch.cuda.is_available())
+    return info
