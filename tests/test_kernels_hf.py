@@ -3,6 +3,7 @@ parameter gradients as fastgeffect.losses on the model's materialised logits, an
 module is never called."""
 import pytest
 import torch
+from helpers.devices import device_for, to_device
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
 from fastgeffect import losses
@@ -46,8 +47,9 @@ def grads(model):
 @pytest.mark.parametrize("objective", ["nll", "wga", "wtnpo"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_causal_lm_loss_matches_unfused(family, tied, objective, backend):
-    model = tiny(family, tied)
-    ids, attn, labels, ref = batch()
+    dev = device_for(backend)
+    model = tiny(family, tied).to(dev)
+    ids, attn, labels, ref = to_device(dev, *batch())
     kw = {"ref_logprobs": ref} if objective == "wtnpo" else {}
     head_calls = []
     hook = model.get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1))

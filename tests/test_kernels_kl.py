@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from helpers.devices import device_for
 
 from fastgeffect import losses
 from fastgeffect.kernels import fused_linear_kl, lm_head
@@ -13,7 +14,7 @@ BACKENDS = ["torch", "triton"]
 TOL = {torch.float32: 3e-5, torch.bfloat16: 5e-2}
 
 
-def make_inputs(N, H, V, dtype, seed=0, ref_h=None):
+def make_inputs(N, H, V, dtype, seed=0, ref_h=None, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     ref_h = ref_h or H
     hidden = torch.randn(N, H, generator=gen).to(dtype)
@@ -24,7 +25,8 @@ def make_inputs(N, H, V, dtype, seed=0, ref_h=None):
     labels = torch.randint(0, V, (N,), generator=gen)
     labels[torch.rand(N, generator=gen) < 0.4] = -100
     labels[1] = 0
-    return hidden, weight, bias, ref_hidden, ref_weight, labels
+    # drawn on the CPU (same values everywhere), then moved where the backend runs
+    return tuple(t.to(device) for t in (hidden, weight, bias, ref_hidden, ref_weight, labels))
 
 
 def reference(hidden, weight, bias, ref_hidden, ref_weight, labels, direction, positions):
@@ -50,7 +52,8 @@ def rel_err(a, b):
 @pytest.mark.parametrize("N,H,V,dtype", [(27, 16, 97, torch.float32), (21, 64, 5000, torch.float32),
                                           (19, 40, 1001, torch.bfloat16)])
 def test_matches_float64_reference(backend, direction, positions, N, H, V, dtype):
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(N, H, V, dtype, seed=V)
+    dev = device_for(backend)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(N, H, V, dtype, seed=V, device=dev)
     params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     ref_weight.requires_grad_()  # the reference side must stay detached
     loss = fused_linear_kl(params[0], params[1], ref_hidden, ref_weight, labels=labels, direction=direction,
@@ -70,12 +73,13 @@ def test_matches_float64_reference(backend, direction, positions, N, H, V, dtype
 def test_matches_losses_kl(backend, direction, positions):
     """(B, T) rows given to fused_linear_kl with labels shifted left give losses.kl on (B, T, V) logits."""
     B, T, H, V = 3, 7, 16, 113
-    hidden, weight, bias, ref_hidden, ref_weight, _ = make_inputs(B * T, H, V, torch.float32, seed=1)
+    dev = device_for(backend)
+    hidden, weight, bias, ref_hidden, ref_weight, _ = make_inputs(B * T, H, V, torch.float32, seed=1, device=dev)
     gen = torch.Generator().manual_seed(2)
-    labels = torch.randint(0, V, (B, T), generator=gen)
+    labels = torch.randint(0, V, (B, T), generator=gen).to(dev)
     labels[:, :3] = -100
     labels[1, 5:] = -100
-    aligned = torch.cat([labels[:, 1:], torch.full((B, 1), -100)], 1).reshape(-1)
+    aligned = torch.cat([labels[:, 1:], torch.full((B, 1), -100, device=dev)], 1).reshape(-1)
     h = hidden.clone().requires_grad_()
     loss = fused_linear_kl(h, weight, ref_hidden, ref_weight, labels=aligned, direction=direction,
                            positions=positions, bias=bias, backend=backend, chunk_size=4)
@@ -91,7 +95,9 @@ def test_matches_losses_kl(backend, direction, positions):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_identical_models_give_zero_and_mixed_widths_work(backend):
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(15, 24, 200, torch.float32, seed=3, ref_h=8)
+    dev = device_for(backend)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(15, 24, 200, torch.float32, seed=3, ref_h=8,
+                                                                       device=dev)
     zero = fused_linear_kl(hidden, weight, hidden, weight, backend=backend)
     assert abs(float(zero)) < 1e-5
     loss = fused_linear_kl(hidden, weight, ref_hidden, ref_weight, backend=backend)  # ref is narrower
@@ -104,14 +110,15 @@ def test_identical_models_give_zero_and_mixed_widths_work(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_logits_and_errors(backend):
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(11, 32, 300, torch.bfloat16, seed=4)
+    dev = device_for(backend)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(11, 32, 300, torch.bfloat16, seed=4, device=dev)
     h = (hidden.float() * 2e3).to(torch.bfloat16).requires_grad_()
     for direction in ("forward", "reverse"):
         loss = fused_linear_kl(h, weight, ref_hidden * 500, ref_weight, direction=direction, backend=backend)
         (g,) = torch.autograd.grad(loss, (h,))
         assert torch.isfinite(loss) and bool(torch.isfinite(g).all())
     with pytest.raises(AllMaskedError):
-        fused_linear_kl(hidden, weight, ref_hidden, ref_weight, labels=torch.full((11,), -100),
+        fused_linear_kl(hidden, weight, ref_hidden, ref_weight, labels=torch.full((11,), -100, device=dev),
                         positions="answer", backend=backend)
 
 
@@ -121,9 +128,11 @@ def test_masked_reference_vocabulary(backend):
     losses.kl (0·log 0 = 0, no NaN); the reverse KL is +inf (the current model has mass there),
     which the objective's finite-loss check refuses."""
     N, H, V = 13, 16, 300
-    hidden, weight, bias, ref_hidden, ref_weight, _ = make_inputs(N, H, V, torch.float32, seed=6)
+    dev = device_for(backend)
+    hidden, weight, bias, ref_hidden, ref_weight, _ = make_inputs(N, H, V, torch.float32, seed=6, device=dev)
     ref_bias = torch.zeros(V)
     ref_bias[torch.randperm(V, generator=torch.Generator().manual_seed(6))[:100]] = float("-inf")
+    ref_bias = ref_bias.to(dev)
     h = hidden.clone().requires_grad_()
     loss = fused_linear_kl(h, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, backend=backend,
                            chunk_size=4)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers.devices import TRITON_DEVICE, device_for, needs_interpreter
 
 from fastgeffect import losses
 from fastgeffect.kernels import fused_linear_weighted_nll, lm_head
@@ -20,7 +21,7 @@ OBJECTIVES = ["ga", "nll", "wga", "tnpo", "wtnpo", "wtnpo_product", "weighted"]
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
 
 
-def make_inputs(N, H, V, dtype, seed=0, masked=0.3, bias=True, scale=1.0):
+def make_inputs(N, H, V, dtype, seed=0, masked=0.3, bias=True, scale=1.0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     hidden = (torch.randn(N, H, generator=gen) * scale).to(dtype)
     weight = (torch.randn(V, H, generator=gen) / math.sqrt(H)).to(dtype)
@@ -30,7 +31,8 @@ def make_inputs(N, H, V, dtype, seed=0, masked=0.3, bias=True, scale=1.0):
     labels[0] = 3  # at least one valid row
     ref = -torch.rand(N, generator=gen) * 8.0
     explicit = torch.randn(N, generator=gen)
-    return hidden, weight, b, labels, ref, explicit
+    # drawn on the CPU (same values everywhere), then moved where the backend runs
+    return tuple(None if t is None else t.to(device) for t in (hidden, weight, b, labels, ref, explicit))
 
 
 def reference(hidden, weight, bias, labels, objective, ref, explicit, alpha, beta, denom=None, reduction="mean"):
@@ -59,7 +61,7 @@ def reference(hidden, weight, bias, labels, objective, ref, explicit, alpha, bet
     total = (weights * logp).sum()
     loss = total if reduction == "sum" else total / (mask.sum() if denom is None else denom)
     grads = torch.autograd.grad(loss, params)
-    full_logp = torch.zeros(labels.shape[0], dtype=torch.float64)
+    full_logp = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
     full_logp[mask] = lp
     return loss.detach(), grads, full_logp
 
@@ -76,7 +78,7 @@ def call(objective, hidden, weight, bias, labels, ref, explicit, backend, **kw):
 
 
 def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
@@ -90,7 +92,8 @@ def default_ab(objective):
 @pytest.mark.parametrize("N,H,V,dtype", [(37, 16, 97, torch.float32), (45, 48, 1000, torch.float32),
                                           (19, 256, 5000, torch.float32), (29, 40, 777, torch.bfloat16)])
 def test_matches_float64_reference(backend, objective, N, H, V, dtype):
-    hidden, weight, bias, labels, ref, explicit = make_inputs(N, H, V, dtype, seed=N + V)
+    dev = device_for(backend)
+    hidden, weight, bias, labels, ref, explicit = make_inputs(N, H, V, dtype, seed=N + V, device=dev)
     if objective == "wga":  # make p^alpha weights non-negligible
         hidden = hidden * 0.2
     params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
@@ -113,16 +116,18 @@ def test_matches_float64_reference(backend, objective, N, H, V, dtype):
 def test_matches_losses_module(backend, objective):
     """Same value and gradient as fastgeffect.losses on the materialised (1, N+1, V) logits."""
     N, H, V = 23, 20, 131
-    hidden, weight, bias, labels, ref, _ = make_inputs(N, H, V, torch.float32, seed=7)
+    dev = device_for(backend)
+    hidden, weight, bias, labels, ref, _ = make_inputs(N, H, V, torch.float32, seed=7, device=dev)
     hidden = hidden * 0.3
     h1, h2 = hidden.clone().requires_grad_(), hidden.double().requires_grad_()
     loss = call(objective, h1, weight, bias, labels, ref, None, backend, chunk_size=5)
     loss.backward()
     # losses take unshifted logits (logits[t] predicts lab[t+1]): prepend -100 to the labels and
     # append an unused logits row
-    logits = torch.cat([h2 @ weight.double().t() + bias.double(), torch.zeros(1, V, dtype=torch.float64)])[None]
-    lab = torch.cat([torch.tensor([-100]), labels])[None]
-    refa = torch.cat([torch.zeros(1), ref]).double()[None]
+    logits = torch.cat([h2 @ weight.double().t() + bias.double(),
+                        torch.zeros(1, V, dtype=torch.float64, device=dev)])[None]
+    lab = torch.cat([torch.tensor([-100], device=dev), labels])[None]
+    refa = torch.cat([torch.zeros(1, device=dev), ref]).double()[None]
     name = "wtnpo" if objective == "wtnpo_product" else objective
     fn = getattr(losses, name)
     kw = {"wtnpo_form": "product"} if objective == "wtnpo_product" else {}
@@ -135,7 +140,8 @@ def test_matches_losses_module(backend, objective):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_num_items_sum_and_grad_output(backend):
     N, H, V = 30, 16, 211
-    hidden, weight, bias, labels, ref, _ = make_inputs(N, H, V, torch.float32, seed=3)
+    dev = device_for(backend)
+    hidden, weight, bias, labels, ref, _ = make_inputs(N, H, V, torch.float32, seed=3, device=dev)
     n = int((labels != -100).sum())
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
@@ -151,7 +157,8 @@ def test_num_items_sum_and_grad_output(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chunk_size_and_no_grad_do_not_change_the_result(backend):
-    hidden, weight, bias, labels, ref, _ = make_inputs(41, 24, 300, torch.float32, seed=5)
+    dev = device_for(backend)
+    hidden, weight, bias, labels, ref, _ = make_inputs(41, 24, 300, torch.float32, seed=5, device=dev)
     outs = [call("wtnpo", hidden, weight, bias, labels, ref, None, backend, chunk_size=c) for c in (1, 7, 64, None)]
     for o in outs[1:]:
         assert torch.allclose(o, outs[0], rtol=1e-6, atol=1e-7)
@@ -163,7 +170,8 @@ def test_chunk_size_and_no_grad_do_not_change_the_result(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_only_requested_gradients(backend):
-    hidden, weight, bias, labels, _, _ = make_inputs(17, 16, 97, torch.float32, seed=11)
+    dev = device_for(backend)
+    hidden, weight, bias, labels, _, _ = make_inputs(17, 16, 97, torch.float32, seed=11, device=dev)
     h = hidden.clone().requires_grad_()
     loss = call("nll", h, weight, bias, labels, None, None, backend)  # frozen head (e.g. LoRA)
     loss.backward()
@@ -173,7 +181,8 @@ def test_only_requested_gradients(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_masked(backend):
-    hidden, weight, bias, labels, _, _ = make_inputs(9, 16, 97, torch.float32)
+    dev = device_for(backend)
+    hidden, weight, bias, labels, _, _ = make_inputs(9, 16, 97, torch.float32, device=dev)
     labels[:] = -100
     with pytest.raises(AllMaskedError):
         call("ga", hidden, weight, bias, labels, None, None, backend)
@@ -188,7 +197,8 @@ def test_all_masked(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_extreme_logits_stay_finite(backend, dtype):
     N, H, V = 13, 32, 500
-    hidden, weight, bias, labels, ref, _ = make_inputs(N, H, V, dtype, seed=2, bias=False)
+    dev = device_for(backend)
+    hidden, weight, bias, labels, ref, _ = make_inputs(N, H, V, dtype, seed=2, bias=False, device=dev)
     big = 1e4 if dtype != torch.float16 else 1e3  # logits up to ~±1e4 (fp16: ~±1e3, its range is 6.5e4)
     hidden = (hidden.float() * big / hidden.float().abs().max()).to(dtype).requires_grad_()
     weight = (weight.float() / weight.float().abs().max()).to(dtype).requires_grad_()
@@ -200,9 +210,10 @@ def test_extreme_logits_stay_finite(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
-    hidden, weight, bias, labels, ref, _ = make_inputs(20, 16, 97, torch.float32, seed=4)
+    dev = device_for(backend)
+    hidden, weight, bias, labels, ref, _ = make_inputs(20, 16, 97, torch.float32, seed=4, device=dev)
     want = call("tnpo", hidden, weight, bias, labels, ref, None, backend)
-    wide = torch.zeros(20, 32)
+    wide = torch.zeros(20, 32, device=dev)
     wide[:, ::2] = hidden
     wt = weight.t().contiguous().t()  # same values, column-major
     lab2 = torch.stack([labels, labels], 1)[:, 0]
@@ -243,7 +254,8 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend"):
         f(hidden, weight, labels, backend="cuda")
     with pytest.raises(ValueError, match="fp64"):
-        f(hidden.double(), weight.double(), labels, backend="triton")
+        f(hidden.double().to(TRITON_DEVICE), weight.double().to(TRITON_DEVICE), labels.to(TRITON_DEVICE),
+          backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         f(hidden, weight, labels, backend="triton")
@@ -254,13 +266,20 @@ def test_backend_dispatch(monkeypatch):
     monkeypatch.delenv("FASTGEFFECT_BACKEND", raising=False)
     assert resolve_backend("auto", cpu) == "torch"
     assert resolve_backend("auto", cuda) == "triton"
-    assert resolve_backend("triton", cpu) == "triton"  # the interpreter is on in the tests
     monkeypatch.setenv("FASTGEFFECT_BACKEND", "triton")
-    assert resolve_backend("auto", cpu) == "triton"
     assert resolve_backend("torch", cuda) == "torch"  # an explicit argument wins over the env
     monkeypatch.setenv("FASTGEFFECT_BACKEND", "fast")
     with pytest.raises(ValueError, match="FASTGEFFECT_BACKEND"):
         resolve_backend("auto", cpu)
+
+
+@needs_interpreter
+def test_triton_on_cpu_tensors_under_the_interpreter(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("FASTGEFFECT_BACKEND", raising=False)
+    assert resolve_backend("triton", cpu) == "triton"  # the interpreter is on in the tests
+    monkeypatch.setenv("FASTGEFFECT_BACKEND", "triton")
+    assert resolve_backend("auto", cpu) == "triton"
 
 
 def test_env_backend_reaches_the_triton_kernel(monkeypatch):
@@ -269,7 +288,7 @@ def test_env_backend_reaches_the_triton_kernel(monkeypatch):
     real = wt.weighted_nll_chunk_triton
     monkeypatch.setattr(wt, "weighted_nll_chunk_triton", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setenv("FASTGEFFECT_BACKEND", "triton")
-    hidden, weight, _, labels, _, _ = make_inputs(10, 16, 97, torch.float32)
+    hidden, weight, _, labels, _, _ = make_inputs(10, 16, 97, torch.float32, device=TRITON_DEVICE)
     fused_linear_weighted_nll(hidden, weight, labels)
     assert calls
 

@@ -5,6 +5,7 @@ import inspect
 
 import pytest
 import torch
+from helpers.devices import TRITON_DEVICE, to_device
 
 import fastgeffect.losses as L
 from fastgeffect.losses import token_weights as tw
@@ -54,7 +55,7 @@ def test_generic_loss_checks_its_inputs():
 
 @pytest.mark.parametrize("entry", tw.ALL, ids=lambda w: f"{w.name}-{w.code}")
 def test_triton_branch_equals_table_function(entry):
-    """Under TRITON_INTERPRET=1 (conftest.py) on CPU: the kernel's per-row w·logp and logits gradient
+    """On the GPU, or under TRITON_INTERPRET=1 (conftest.py) on CPU: the kernel's per-row w·logp and logits gradient
     against the entry's torch function evaluated on float64 log-probs."""
     from fastgeffect.kernels.weighted_nll_triton import weighted_nll_chunk_triton
 
@@ -66,8 +67,9 @@ def test_triton_branch_equals_table_function(entry):
     explicit = torch.randn(C, generator=gen)
     alpha, beta = 0.7, 1.3
     scale = torch.tensor(0.25)
-    grad = logits.clone()
-    logp, wlogp = weighted_nll_chunk_triton(grad, labels, ref, explicit, scale, entry, alpha, beta, True)
+    grad, *args = to_device(TRITON_DEVICE, logits.clone(), labels, ref, explicit, scale)
+    logp, wlogp = weighted_nll_chunk_triton(grad, *args, entry, alpha, beta, True)
+    grad, logp, wlogp = grad.cpu(), logp.cpu(), wlogp.cpu()
 
     z = logits.double()
     want_logp = torch.log_softmax(z, -1).gather(1, labels[:, None]).squeeze(1)
