@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, TypeVar, Union
 
 from .. import distributed as dist_
+from ..jsonfile import JSONFileError, read_json
 
 VERSION = 1  # bump when an artefact computed from the same inputs changes (its meaning or its code)
 LOCK_NAME = ".shared.lock"
@@ -167,8 +168,8 @@ def cached(artefact: PathLike, fingerprint: dict, compute: Callable[[Path], T], 
 def load_json_dict(path: PathLike) -> dict:
     """A JSON object from ``path``; ValueError naming the file otherwise."""
     try:
-        obj = json.loads(Path(path).read_text())
-    except ValueError as e:
+        obj = read_json(path)
+    except JSONFileError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a JSON object")
