@@ -42,7 +42,7 @@ def reference(hidden, weight, bias, ref_hidden, ref_weight, labels, direction, p
 
 
 def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
@@ -191,7 +191,8 @@ def test_gpu_triton_matches_reference(direction):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_skips_the_gradient_gemms(backend, monkeypatch):
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(23, 16, 150, torch.float32, seed=4)
+    dev = device_for(backend)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(23, 16, 150, torch.float32, seed=4, device=dev)
     h = hidden.clone().requires_grad_()
     want = fused_linear_kl(h, weight, ref_hidden, ref_weight, bias=bias, backend=backend)
     needs = []
@@ -206,9 +207,10 @@ def test_no_grad_skips_the_gradient_gemms(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_with_fp32_weights(backend):
-    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(25, 32, 200, torch.float32, seed=6)
+    dev = device_for(backend)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs(25, 32, 200, torch.float32, seed=6, device=dev)
     params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
         loss = fused_linear_kl(*params[:2], ref_hidden, ref_weight, bias=params[2], backend=backend)
     loss.backward()
     bf16 = [t.bfloat16() for t in (hidden, weight, bias, ref_hidden, ref_weight)]

@@ -324,7 +324,7 @@ def test_gpu_triton_on_second_device():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_skips_the_gradient_gemms(backend, monkeypatch):
-    hidden, weight, bias, labels, ref, _ = make_inputs(33, 16, 200, torch.float32, seed=8)
+    hidden, weight, bias, labels, ref, _ = make_inputs(33, 16, 200, torch.float32, seed=8, device=device_for(backend))
     params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     want = call("tnpo", *params, labels, ref, None, backend)
     needs = []
@@ -342,9 +342,10 @@ def test_no_grad_skips_the_gradient_gemms(backend, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_with_fp32_weights(backend):
     # autocast casts the LM-head operands to bf16; fp32 parameters get fp32 gradients
-    hidden, weight, bias, labels, ref, _ = make_inputs(40, 32, 300, torch.float32, seed=9)
+    dev = device_for(backend)
+    hidden, weight, bias, labels, ref, _ = make_inputs(40, 32, 300, torch.float32, seed=9, device=dev)
     params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
         loss = call("wtnpo", *params, labels, ref, None, backend)
     loss.backward()
     bf16 = [t.bfloat16() for t in (hidden, weight, bias)]
@@ -358,13 +359,14 @@ def test_autocast_with_fp32_weights(backend):
 def test_fp16_gradients_do_not_underflow(backend, grad_output):
     # scale·p = 1/(2048·8192) ≈ 6e-8 per logit is below fp16's normal range: the gradients are stored
     # unscaled, scaled in fp32 in the backward; grad_output 65536 does not fit fp16 (max 65504)
-    hidden, weight, bias, labels, _, _ = make_inputs(2048, 32, 8192, torch.float16, seed=3, masked=0.0)
+    dev = device_for(backend)
+    hidden, weight, bias, labels, _, _ = make_inputs(2048, 32, 8192, torch.float16, seed=3, masked=0.0, device=dev)
     params = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     loss = call("ga", *params, labels, None, None, backend)
-    loss.backward(torch.tensor(grad_output))
+    loss.backward(torch.tensor(grad_output, device=dev))
     _, ref_grads, _ = reference(hidden, weight, bias, labels, "ga", None, None, 0.0, 0.0)
     for p, g in zip(params, ref_grads):  # in norm: the small entries are the ones that underflowed
-        err = float((p.grad.double() / grad_output - g).norm() / g.norm())
+        err = float((p.grad.double().cpu() / grad_output - g.cpu()).norm() / g.cpu().norm())
         assert p.grad.isfinite().all() and err < 2e-3  # 1e-2 to 3e-2 when stored scaled in fp16
 
 
