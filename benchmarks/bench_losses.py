@@ -325,6 +325,63 @@ def run_kl(device: str = "cpu", shapes: Optional[Dict[str, tuple]] = None, n_tok
     return rows
 
 
+CHUNK_SHAPES = {"gpu": ("llama3-8b", 4096, 128256), "cpu": ("cpu-v32000", 256, 32000)}
+
+
+def run_chunks(device: str = "cpu", shape: Optional[tuple] = None, n_tokens: Optional[int] = None,
+               dtype: Optional[torch.dtype] = None, rows_list=None, reps: Optional[int] = None,
+               deadline: Optional[float] = None) -> List[Dict]:
+    """The fused loss (ours, TNPO weights) at one large-vocab shape with the rows per chunk forced
+    to each of ``rows_list`` and once at the default (``kernels.common.chunk_rows``): every chunk's
+    dW GEMM re-reads the fp32 (V × H) accumulator, so small chunks at large V cost time; the
+    default should sit at or near the fastest. Chunk sizes not started by ``deadline`` are left out."""
+    from fastgeffect.kernels import common
+    name, hidden, vocab = shape or CHUNK_SHAPES["gpu" if device == "cuda" else "cpu"]
+    n_tokens = n_tokens or (8192 if device == "cuda" else 1024)
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    reps = reps or (5 if device == "cuda" else 2)
+    default = common.chunk_rows(n_tokens, vocab, torch.device(device))
+    rows_list = rows_list or ((256, 512, 1024, 2048, 4096) if device == "cuda" else (16, 64, 256))
+    h, w, labels, ref = make_inputs(n_tokens, hidden, vocab, dtype, device, 0.0)
+    rows = []
+    for chunk in [None, *sorted(set(rows_list) - {default})]:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+
+        def step():
+            h.grad = w.grad = None
+            loss = fused_linear_weighted_nll(h, w, labels, objective="tnpo", ref_logprobs=ref, beta=BETA,
+                                             chunk_size=chunk)
+            loss.backward()
+            return loss
+        step()  # compile / warm-up
+        times = []
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        rows.append(dict(shape=name, hidden=hidden, vocab=vocab, tokens=n_tokens,
+                         dtype=str(dtype).replace("torch.", ""), device=device,
+                         chunk_rows=chunk or default, default=chunk is None,
+                         ms=1e3 * statistics.median(times)))
+    base = rows[0]["ms"] if rows else None
+    for r in rows:
+        r["time_vs_default"] = r["ms"] / base
+    return rows
+
+
+def format_chunks(rows: List[Dict]) -> str:
+    lines = ["| shape (H, V) | tokens | dtype | rows per chunk | ms fwd+bwd | time × default |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        label = f"{r['chunk_rows']} (default)" if r["default"] else str(r["chunk_rows"])
+        lines.append(f"| {r['shape']} ({r['hidden']}, {r['vocab']}) | {r['tokens']} | {r['dtype']} | {label} | "
+                     f"{r['ms']:.1f} | {r['time_vs_default']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

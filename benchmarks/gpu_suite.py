@@ -47,7 +47,8 @@ SECTIONS = (("correctness", "Correctness against float64 (before any timing)", 0
             ("losses", "Fused token-weighted loss (TNPO weights), forward+backward", 0.30),
             ("kl", "Fused KL regulariser (forward KL, all positions), forward+backward", 0.15),
             ("dot", "Grouped dot accumulation (bench_dot)", 0.15),
-            ("geffect", "G-effect engine and per-sample G-effects (bench_geffect)", 0.25))
+            ("geffect", "G-effect engine and per-sample G-effects (bench_geffect)", 0.20),
+            ("chunks", "Rows per chunk of the fused loss at a large vocabulary (default vs forced)", 0.05))
 TINY_LM_SHAPES = {"tiny": (64, 2000)}
 TINY_MODEL = dict(hidden=64, layers=2, inter=128, heads=4, vocab=512, batch=2, seq=32, ps_seq=16)
 
@@ -113,11 +114,17 @@ def section_runners(device: str, quick: bool, paper: bool):
                                  ps_batch=16 if gpu else 4, **model)
         return rows, bench_geffect.format_table(rows)
 
+    def chunks(deadline):
+        shape = None if gpu else ("tiny", *TINY_LM_SHAPES["tiny"])
+        rows = bench_losses.run_chunks(device, shape, None if gpu else tokens, reps=reps, deadline=deadline)
+        return rows, bench_losses.format_chunks(rows)
+
     def check(deadline):
         rows = correctness.run(device, quick=quick, deadline=deadline)
         return rows, correctness.format_table(rows)
 
-    return {"correctness": check, "losses": losses, "kl": kl, "dot": dot, "geffect": geffect}
+    return {"correctness": check, "losses": losses, "kl": kl, "dot": dot, "geffect": geffect,
+            "chunks": chunks}
 
 
 def default_out() -> str:

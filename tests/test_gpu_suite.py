@@ -32,6 +32,9 @@ def test_cpu_quick_run_writes_every_section_with_correctness_first(tmp_path):
     tables = {r["table"] for r in json.loads((tmp_path / "05-geffect.json").read_text())["rows"]}
     assert tables == {"measure", "accumulation", "per-sample"}
     assert "paper" not in (tmp_path / "05-geffect.md").read_text()  # the copy-to-host style only with --paper
+    chunks = json.loads((tmp_path / "06-chunks.json").read_text())["rows"]
+    assert chunks[0]["default"] and chunks[0]["time_vs_default"] == 1.0
+    assert len({r["chunk_rows"] for r in chunks}) == len(chunks) >= 2  # the default against forced sizes
 
 
 def test_a_spent_budget_still_writes_each_section_saying_so(tmp_path):
