@@ -1,0 +1,154 @@
+"""GEffectCallback under a plain HF ``Trainer`` with a GA ``compute_loss`` and gradient accumulation:
+the logged G-effects equal ``−‖∇NLL(forget)‖²`` and ``−⟨∇NLL(retain), ∇NLL(forget)⟩`` computed
+independently at the initial weights; training with the callback is training without it."""
+import glob
+import math
+
+import pytest
+import torch
+from helpers.tiny_models import qa_batch, tiny_llama
+from transformers import Trainer, TrainingArguments
+
+from fastgeffect.geffect import build_grouping, read_geffect_log
+from fastgeffect.integrations.hf import GEffectCallback
+from fastgeffect.losses import ga, nll
+from fastgeffect.unlearn import nll_risk
+
+FORGET = {k: v for k, v in qa_batch(1, b=4, t=10).items() if k != "index"}
+RETAIN = {k: v for k, v in qa_batch(2, b=3, t=10).items() if k != "index"}
+
+
+class Rows(torch.utils.data.Dataset):
+    """The forget batch's rows: with 2 rows per micro-batch and accumulation 2, every step's
+    accumulated GA gradient is that of the whole forget batch."""
+
+    def __len__(self):
+        return FORGET["input_ids"].shape[0]
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in FORGET.items()}
+
+
+class GATrainer(Trainer):
+    """A plain Trainer whose loss is GA, normalised by the tokens of the whole accumulated step."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        loss = ga(out.logits, inputs["labels"], num_items_in_batch=num_items_in_batch)
+        return (loss, out) if return_outputs else loss
+
+
+def train(tmp_path, model, lr, callback=None, max_grad_norm=0.0, report_to=()):
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=3, learning_rate=lr, optim="sgd", lr_scheduler_type="constant",
+                             max_grad_norm=max_grad_norm, report_to=list(report_to), logging_steps=1,
+                             save_strategy="no", use_cpu=True, seed=0)
+    trainer = GATrainer(model=model, args=args, train_dataset=Rows())
+    if callback is not None:
+        callback.attach(trainer)
+    trainer.train()
+    return trainer
+
+
+def nll_grads(model, batch):
+    model.zero_grad()
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    nll(out.logits, batch["labels"]).backward()
+    grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return grads
+
+
+def expected_geffects(model):
+    """Per-group and total G-effects of GA on FORGET, from the two NLL gradients at ``model``'s weights."""
+    g_f, g_r = nll_grads(model, FORGET), nll_grads(model, RETAIN)
+    grouping = build_grouping(model, "paper")
+    group_of = {id(p): grouping.names[g] for p, g in zip(grouping.params, grouping.group_ids)}
+    out = {"unlearn": {}, "retain": {}}
+    for name, p in model.named_parameters():
+        g = group_of[id(p)]
+        for risk, grad in (("unlearn", g_f[name]), ("retain", g_r[name])):
+            out[risk][g] = out[risk].get(g, 0.0) - float((grad * g_f[name]).sum())
+    scale = {"unlearn": sum(float((g * g).sum()) for g in g_f.values()),
+             "retain": math.sqrt(sum(float((g * g).sum()) for g in g_f.values())
+                                 * sum(float((g * g).sum()) for g in g_r.values()))}
+    return out, scale
+
+
+def test_logged_geffects_of_ga_equal_the_gradient_products(tmp_path):
+    model = tiny_llama(seed=0)
+    expected, scale = expected_geffects(model)
+    cb = GEffectCallback(risk_batches={"unlearn": FORGET, "retain": RETAIN}, out=str(tmp_path / "geffect.jsonl"))
+    trainer = train(tmp_path / "run", model, lr=0.0, callback=cb)
+    records = read_geffect_log(tmp_path / "geffect.jsonl")
+    assert [(r["step"], r["risk"]) for r in records] == [(s, k) for s in range(3) for k in ("unlearn", "retain")]
+    for r in records:
+        tol = 1e-4 * scale[r["risk"]]
+        assert set(r["groups"]) == set(expected[r["risk"]])
+        for g, v in expected[r["risk"]].items():
+            assert r["groups"][g] == pytest.approx(v, abs=tol), (r["step"], r["risk"], g)
+        assert r["total"] == pytest.approx(math.fsum(expected[r["risk"]].values()), abs=tol)
+    assert records[0]["total"] < 0  # GA raises the forget NLL: -||∇NLL||²
+    logged = [h for h in trainer.state.log_history if "geffect/unlearn/total" in h]
+    assert [h["step"] for h in logged] == [1, 2, 3]  # one entry per logged step, after the step's loss
+    for h in logged:
+        for risk in ("unlearn", "retain"):
+            for g, v in expected[risk].items():
+                assert h[f"geffect/{risk}/{g}"] == pytest.approx(v, abs=1e-4 * scale[risk])
+        assert h["risk/unlearn"] == pytest.approx(records[0]["risk_value"], rel=1e-6)
+
+
+def test_training_with_the_callback_is_training_without_it(tmp_path):
+    base = tiny_llama(seed=3)
+    results = []
+    for name, cb in (("plain", None), ("measured", GEffectCallback({"unlearn": FORGET, "retain": RETAIN}, out=None))):
+        model = tiny_llama(seed=3)
+        model.load_state_dict(base.state_dict())
+        train(tmp_path / name, model, lr=0.05, callback=cb, max_grad_norm=1.0)  # clipping on, as by default
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert any(not torch.equal(a, b) for a, b in zip(results[0], base.parameters()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_geffects_reach_tensorboard_through_report_to(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # optional test dependency
+
+    cb = GEffectCallback({"unlearn": FORGET}, every=2, groups="blocks", out=None)
+    train(tmp_path, tiny_llama(), lr=0.0, callback=cb, report_to=["tensorboard"])
+    files = glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
+    assert files
+    acc = EventAccumulator(files[0]).Reload()
+    tags = set(acc.Tags()["scalars"])
+    want = {"train/geffect/unlearn/total", "train/risk/unlearn", "train/loss"}
+    want |= {f"train/geffect/unlearn/block.{i}" for i in range(3)}
+    assert want <= tags, sorted(tags)
+    # measured at steps 0 and 2 (every=2): logged with the losses of steps 1 and 3
+    assert [e.step for e in acc.Scalars("train/geffect/unlearn/total")] == [1, 3]
+
+
+def test_bad_arguments_are_refused_with_their_name(tmp_path):
+    with pytest.raises(ValueError, match="non-empty dict"):
+        GEffectCallback({})
+    with pytest.raises(ValueError, match=r"lacks \['labels'\]"):
+        GEffectCallback({"unlearn": {"input_ids": FORGET["input_ids"], "attention_mask": FORGET["attention_mask"]}})
+    with pytest.raises(ValueError, match="every"):
+        GEffectCallback({"unlearn": FORGET}, every=0)
+    with pytest.raises(TypeError, match="risk_fn"):
+        GEffectCallback({"unlearn": FORGET}, risk_fn="nll")
+    model = tiny_llama()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    trainer = GATrainer(model=model, args=args, train_dataset=Rows(), callbacks=[GEffectCallback({"unlearn": FORGET})])
+    with pytest.raises(RuntimeError, match="attach"):
+        trainer.train()
+
+
+def test_a_given_risk_fn_replaces_the_nll(tmp_path):
+    model = tiny_llama(seed=0)
+    expected, scale = expected_geffects(model)
+    twice = GEffectCallback({"unlearn": FORGET}, groups={"all": [n for n, _ in model.named_parameters()]},
+                            out=str(tmp_path / "g.jsonl"), risk_fn=lambda m, b: 2 * nll_risk(m, b))
+    train(tmp_path / "run", model, lr=0.0, callback=twice)
+    for r in read_geffect_log(tmp_path / "g.jsonl"):
+        assert r["groups"] == {"all": r["total"]}
+        assert r["total"] == pytest.approx(2 * math.fsum(expected["unlearn"].values()), abs=2e-4 * scale["unlearn"])
