@@ -2,48 +2,30 @@
 the logged G-effects equal ``−‖∇NLL(forget)‖²`` and ``−⟨∇NLL(retain), ∇NLL(forget)⟩`` computed
 independently at the initial weights; training with the callback is training without it."""
 import glob
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from helpers.tiny_models import qa_batch, tiny_llama
-from transformers import Trainer, TrainingArguments
+from helpers.ga_trainer import FORGET, RETAIN, GATrainer, Rows, ga_trainer
+from helpers.tiny_models import tiny_llama
+from transformers import TrainingArguments
 
 from fastgeffect.geffect import build_grouping, read_geffect_log
 from fastgeffect.integrations.hf import GEffectCallback
-from fastgeffect.losses import ga, nll
+from fastgeffect.losses import nll
 from fastgeffect.unlearn import nll_risk
 
-FORGET = {k: v for k, v in qa_batch(1, b=4, t=10).items() if k != "index"}
-RETAIN = {k: v for k, v in qa_batch(2, b=3, t=10).items() if k != "index"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
-class Rows(torch.utils.data.Dataset):
-    """The forget batch's rows: with 2 rows per micro-batch and accumulation 2, every step's
-    accumulated GA gradient is that of the whole forget batch."""
-
-    def __len__(self):
-        return FORGET["input_ids"].shape[0]
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in FORGET.items()}
-
-
-class GATrainer(Trainer):
-    """A plain Trainer whose loss is GA, normalised by the tokens of the whole accumulated step."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        loss = ga(out.logits, inputs["labels"], num_items_in_batch=num_items_in_batch)
-        return (loss, out) if return_outputs else loss
-
-
-def train(tmp_path, model, lr, callback=None, max_grad_norm=0.0, report_to=()):
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             max_steps=3, learning_rate=lr, optim="sgd", lr_scheduler_type="constant",
-                             max_grad_norm=max_grad_norm, report_to=list(report_to), logging_steps=1,
-                             save_strategy="no", use_cpu=True, seed=0)
-    trainer = GATrainer(model=model, args=args, train_dataset=Rows())
+def train(out_dir, model, lr, callback=None, **kw):
+    trainer = ga_trainer(out_dir, model, lr, **kw)
     if callback is not None:
         callback.attach(trainer)
     trainer.train()
@@ -89,6 +71,8 @@ def test_logged_geffects_of_ga_equal_the_gradient_products(tmp_path):
             assert r["groups"][g] == pytest.approx(v, abs=tol), (r["step"], r["risk"], g)
         assert r["total"] == pytest.approx(math.fsum(expected[r["risk"]].values()), abs=tol)
     assert records[0]["total"] < 0  # GA raises the forget NLL: -||∇NLL||²
+    with torch.no_grad():
+        assert records[0]["risk_value"] == pytest.approx(float(nll_risk(model, FORGET)), rel=1e-6)
     logged = [h for h in trainer.state.log_history if "geffect/unlearn/total" in h]
     assert [h["step"] for h in logged] == [1, 2, 3]  # one entry per logged step, after the step's loss
     for h in logged:
@@ -152,3 +136,30 @@ def test_a_given_risk_fn_replaces_the_nll(tmp_path):
     for r in read_geffect_log(tmp_path / "g.jsonl"):
         assert r["groups"] == {"all": r["total"]}
         assert r["total"] == pytest.approx(2 * math.fsum(expected["unlearn"].values()), abs=2e-4 * scale["unlearn"])
+
+
+def test_under_ddp_the_geffects_are_those_of_one_process(tmp_path):
+    """2 gloo processes (torchrun), one forget row per rank and micro-batch: the same G-effects as
+    the gradient products of one process, in the main rank's log and in every rank's Trainer logs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          f"--master_port={port}", str(ROOT / "tests/helpers/hf_callback_ddp.py"), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    expected, scale = expected_geffects(tiny_llama(seed=0))
+    records = read_geffect_log(tmp_path / "geffect.jsonl")
+    assert [(r["step"], r["risk"]) for r in records] == [(s, k) for s in range(3) for k in ("unlearn", "retain")]
+    with torch.no_grad():
+        model = tiny_llama(seed=0)
+        risk = {k: float(nll_risk(model, b)) for k, b in (("unlearn", FORGET), ("retain", RETAIN))}
+    for r in records:
+        assert r["total"] == pytest.approx(math.fsum(expected[r["risk"]].values()), abs=1e-4 * scale[r["risk"]])
+        assert r["risk_value"] == pytest.approx(risk[r["risk"]], rel=1e-5)  # the main rank's, counted once
+    logged = [json.loads((tmp_path / f"logged{rank}.json").read_text()) for rank in (0, 1)]
+    assert logged[0] == logged[1] and len(logged[0]) == 3
+    for h in logged[0]:
+        for g, v in expected["unlearn"].items():
+            assert h[f"geffect/unlearn/{g}"] == pytest.approx(v, abs=1e-4 * scale["unlearn"])
