@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Dict, Mapping
+from typing import TYPE_CHECKING, Dict, Mapping
 
-from .geffect import GEffectResult
+if TYPE_CHECKING:  # a type only: the command line imports these names without the engine
+    from .geffect import GEffectResult
 
 
 def _number(v) -> bool:
