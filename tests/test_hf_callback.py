@@ -18,8 +18,9 @@ from helpers.tiny_models import tiny_llama
 from transformers import TrainingArguments
 
 from fastgeffect.geffect import build_grouping, read_geffect_log
-from fastgeffect.integrations.hf import GEffectCallback
+from fastgeffect.integrations.hf import GEffectCallback, UnlearningTrainer
 from fastgeffect.losses import nll
+from fastgeffect.objectives import get_objective
 from fastgeffect.unlearn import nll_risk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,3 +185,23 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
     assert records[0]["total"] < 0  # GA on the forget rows themselves: -||∇NLL||² at step 0
     assert glob.glob(str(tmp_path / "ga-run" / "runs" / "**" / "events.out.tfevents.*"), recursive=True)
     assert sum("geffect/retain/lm" in h for h in scope["trainer"].state.log_history) == 4
+
+
+def test_under_the_unlearning_trainer(tmp_path):
+    """Our UnlearningTrainer with the GA objective on items whose forget rows are FORGET's: the same
+    G-effects (its whole-step counts make the accumulated gradient that of the whole forget batch)."""
+    model = tiny_llama(seed=0)
+    expected, scale = expected_geffects(model)
+    rows = Rows()
+    items = [{"forget": {**rows[i], "index": torch.tensor(i)}, "retain": {k: v[0] for k, v in RETAIN.items()}}
+             for i in range(len(rows))]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, max_steps=2, learning_rate=0.0, optim="sgd",
+                             max_grad_norm=0.0, report_to=[], logging_steps=1, save_strategy="no", use_cpu=True)
+    trainer = UnlearningTrainer(model=model, args=args, train_dataset=items, objective=get_objective("ga"))
+    GEffectCallback({"unlearn": FORGET, "retain": RETAIN}, out=str(tmp_path / "g.jsonl")).attach(trainer)
+    trainer.train()
+    records = read_geffect_log(tmp_path / "g.jsonl")
+    assert len(records) == 4
+    for r in records:
+        assert r["total"] == pytest.approx(math.fsum(expected[r["risk"]].values()), abs=1e-4 * scale[r["risk"]])

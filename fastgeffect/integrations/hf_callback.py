@@ -100,10 +100,10 @@ class GEffectCallback(TrainerCallback):
             return
         if self.geffect is None:  # built on the model as prepared for training (e.g. sharded by FSDP2)
             self.geffect = GEffect(model, groups=self.groups)
-        device = next(model.parameters()).device
+            device = next(model.parameters()).device
+            self.risk_batches = {name: to_device(dict(batch), device) for name, batch in self.risk_batches.items()}
         weight = 1.0 if dist_.is_main() else 0.0
-        risks = {name: self._risk(model, to_device(dict(batch), device), weight)
-                 for name, batch in self.risk_batches.items()}
+        risks = {name: self._risk(model, batch, weight) for name, batch in self.risk_batches.items()}
         was_training = model.training
         model.eval()  # risks without dropout (and without drawing random numbers)
         try:
