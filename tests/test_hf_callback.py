@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -127,6 +128,19 @@ def test_bad_arguments_are_refused_with_their_name(tmp_path):
     trainer = GATrainer(model=model, args=args, train_dataset=Rows(), callbacks=[GEffectCallback({"unlearn": FORGET})])
     with pytest.raises(RuntimeError, match="attach"):
         trainer.train()
+
+
+def test_what_cannot_be_measured_is_refused_before_training():
+    cb = GEffectCallback({"unlearn": FORGET}, out=None)
+    with pytest.raises(RuntimeError, match="on_pre_optimizer_step"):  # a transformers without the event
+        cb.attach(SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[])))
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    cb.trainer = SimpleNamespace(is_deepspeed_enabled=True)
+    with pytest.raises(NotImplementedError, match="DeepSpeed"):
+        cb.on_train_begin(SimpleNamespace(fp16=False), state, None)
+    cb.trainer = SimpleNamespace(is_deepspeed_enabled=False)
+    with pytest.raises(NotImplementedError, match="fp16"):
+        cb.on_train_begin(SimpleNamespace(fp16=True), state, None)
 
 
 def test_a_given_risk_fn_replaces_the_nll(tmp_path):

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Callable, Dict, List, Optional
 
 import torch
+import transformers
 from transformers import TrainerCallback
 
 from .. import distributed as dist_
@@ -75,6 +76,9 @@ class GEffectCallback(TrainerCallback):
 
     def attach(self, trainer) -> "GEffectCallback":
         """Register with ``trainer`` (once) and keep it, to put the values into its logs."""
+        if not hasattr(trainer.callback_handler, "on_pre_optimizer_step"):  # else it would never measure
+            raise RuntimeError(f"GEffectCallback needs a transformers Trainer with the on_pre_optimizer_step "
+                               f"event (transformers {transformers.__version__} has none): upgrade transformers")
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
         self.trainer = trainer
