@@ -123,6 +123,7 @@ class GEffectCallback(TrainerCallback):
             acc[1] += 1
 
     def _risk(self, model, batch: dict, weight: float) -> Callable[[], torch.Tensor]:
+        """The zero-argument risk the engine calls (a function, so each binds its own batch)."""
         return lambda: self.risk_fn(model, batch) * weight
 
     def on_log(self, args, state, control, logs=None, **kwargs):
