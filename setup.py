@@ -26,8 +26,10 @@ install_requires = [
 
 extras_require = {
     # deepspeed: the ZeRO-3 tests run on CPU (gloo), like the DDP and FSDP2 ones
-    "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "deepspeed", "ruff"],
+    "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "deepspeed", "ruff", "tensorboard"],
     "peft": ["peft"],
+    # --report-to tensorboard
+    "tensorboard": ["tensorboard"],
     # the alternatives benchmarks/bench_losses.py compares against (their kernels need CUDA)
     "bench": ["liger-kernel", "cut-cross-entropy", "psutil"],
     "dist": ["deepspeed"],

@@ -271,7 +271,9 @@ class Unlearner:
                 f.write(json.dumps(rec) + "\n")
 
     # ---- the loop ---------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, on_step: Optional[Callable[[dict, Optional[dict]], None]] = None) -> dict:
+        """Train to the end (or ``stop_at_step``). ``on_step(row, geffects)`` after each step: its
+        ``train_log.jsonl`` row and its G-effect results (None when not measured), e.g. TensorBoard."""
         cfg = self.cfg
         main = dist_.is_main()
         if main:
@@ -294,6 +296,7 @@ class Unlearner:
                     try:  # a non-finite loss, G-effect or gradient norm stops every rank before the step
                         logs = self.train_step(micro, plan)
                         postfix = {"loss": f"{logs['loss']:.3g}"}
+                        res = None
                         if self.geffect is not None and self.step % cfg.geffect_every == 0:
                             res = self.measure(plan, logs, logger, epoch)
                             postfix.update(e_u=f"{res['unlearn'].total:.3g}", e_r=f"{res['retain'].total:.3g}")
@@ -306,9 +309,11 @@ class Unlearner:
                             raise
                         raise NonFiniteLoss(f"step {self.step}: {e}") from e
                     self.scheduler.step()
-                    train_log.write(json.dumps({"step": self.step, "epoch": epoch, "grad_norm": grad_norm,
-                                                **logs}, allow_nan=False) + "\n")
+                    row = {"step": self.step, "epoch": epoch, "grad_norm": grad_norm, **logs}
+                    train_log.write(json.dumps(row, allow_nan=False) + "\n")
                     train_log.flush()
+                    if on_step is not None:
+                        on_step(row, res)
                     self.step += 1
                     bar.update(1)
                     bar.set_postfix(postfix)

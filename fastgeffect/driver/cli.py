@@ -18,14 +18,17 @@ import torch
 from ..cli_help import HelpFormatter, examples
 from ..data.tofu import RETAIN_OF
 from ..objectives import HPARAMS, OBJECTIVES, REGULARIZER_NAMES, REGULARIZERS
+from ..tensorboard import tensorboard_missing
 from .presets import PRESETS
 
 PROG = "python -m fastgeffect.run"
 
 # the only flags that may differ when resuming: where the run is, the resume switches, progress bars,
-# when the resumable state is saved and whether the final model is saved; they change no number of
-# the run. Every other flag must agree with config.json (docs: README "What is safe")
-MAY_CHANGE_ON_RESUME = ("out", "resume", "overwrite", "no_progress", "stop_at_step", "save_every", "save_model")
+# when the resumable state is saved, whether the final model is saved and whether TensorBoard files are
+# written; they change no number of the run. Every other flag must agree with config.json (docs: README
+# "What is safe")
+MAY_CHANGE_ON_RESUME = ("out", "resume", "overwrite", "no_progress", "stop_at_step", "save_every", "save_model",
+                        "report_to")
 NAME_KEYS = ("method", "regularizer", "split", "seed")  # spelled out in the default run folder's name
 
 # "-1e-3", "-.5", "-inf": values, not flags (argparse's own pattern only knows "-1" and "-1.5")
@@ -139,6 +142,9 @@ def build_parser(doc: str = "") -> argparse.ArgumentParser:
     g.add_argument("--stop-at-step", type=int, default=None,
                    help="stop after N steps with the state saved, as if interrupted (continue with --resume)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--report-to", default="none", choices=("none", "tensorboard"),
+                   help="also write TensorBoard event files to <out>/tensorboard: losses, objective-weight "
+                        "statistics and G-effects per group at every step, evaluation metrics before and after")
     return ap
 
 
@@ -200,6 +206,8 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error(f"--pg-steps: steps are >= 0, or -1 for the last step, got {args.pg_steps!r}")
     if args.device is not None:
         check_device(ap, args.device)
+    if args.report_to == "tensorboard" and tensorboard_missing():
+        ap.error(f"--report-to tensorboard: {tensorboard_missing()}")
 
 
 def check_device(ap: argparse.ArgumentParser, name: str) -> None:

@@ -24,6 +24,8 @@ from ..jsonl import append_jsonl, read_jsonl, truncate_jsonl
 from ..objectives import HPARAMS, OBJECTIVES, REGULARIZERS, Objective, get_objective
 from ..reference import ReferenceModel, RefLogprobCache
 from ..report import write_report
+from ..scalars import metric_scalars
+from ..tensorboard import TensorBoardLog
 from ..training.backend import STATE_FILE, StateNotSaved, full_model_state
 from ..training.batches import to_device
 from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict
@@ -115,6 +117,14 @@ def resume_token_weights(path: Path, step: int) -> Set[int]:
         return set()
     truncate_jsonl(path, step + 1)
     return {r["epoch"] for r in read_jsonl(path)}
+
+
+def tensorboard_log(args, out: Path, step: int) -> Optional[TensorBoardLog]:
+    """With ``--report-to tensorboard``, on the main process: event files in ``<out>/tensorboard``
+    from ``step`` on (what an interrupted attempt wrote from there is hidden)."""
+    if args.report_to != "tensorboard" or not dist_.is_main():
+        return None
+    return TensorBoardLog(out / "tensorboard", purge_step=step)
 
 
 class Timer:
@@ -253,9 +263,12 @@ def study(args, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, fold
         record_token_weights(unlearner, 0, -1)
     elif unlearner.start_batch == 0:
         record_token_weights(unlearner, unlearner.start_epoch, unlearner.step)
+    tb = tensorboard_log(args, out, unlearner.step)
+    if tb is not None and unlearner.step == 0 and sets:
+        tb.scalars(0, metric_scalars(before, "eval_before"))
     t = time.perf_counter()
     try:
-        status = unlearner.run()
+        status = unlearner.run(on_step=None if tb is None else tb.step)
     except NonFiniteLoss as e:
         folder.write_error(str(e), unlearner.step, unlearner.state_path)
         raise SystemExit(f"stopped: {e}; the last finite state is in {unlearner.state_path} "
@@ -274,6 +287,9 @@ def study(args, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, fold
         print(f"[fastgeffect] {msg}; continue with --resume --out {out}", file=sys.stderr, flush=True)
         folder.write_error(msg, unlearner.step, unlearner.state_path)
         raise
+    finally:
+        if tb is not None:
+            tb.close()
     timer.phase("unlearn", t)
     if not status["completed"]:
         if main_rank:
@@ -285,30 +301,38 @@ def study(args, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, fold
         dist_.barrier()
         return 0
     try:
-        finish(args, target, preset, model, sets, retain_log, folder, device, timer, resumed)
+        finish(args, target, preset, model, sets, retain_log, folder, device, timer, resumed, unlearner.step)
     finally:
         dist_.barrier()
     return 0
 
 
 def finish(args, target: Target, preset: Preset, model, sets, retain_log, folder: RunFolder, device,
-           timer: Timer, resumed: bool) -> None:
-    """Main process: save the model, evaluate after unlearning, calibrate with UWC, report."""
+           timer: Timer, resumed: bool, step: int) -> None:
+    """Main process: save the model, evaluate after unlearning (at ``step``, the number of steps taken),
+    calibrate with UWC, report."""
     out = folder.path
+    tb = tensorboard_log(args, out, step) if sets else None
     if args.save_model:
         model.save_pretrained(out / "model")
         target.tokenizer.save_pretrained(out / "model")
     if sets:
         t = time.perf_counter()
-        dist_.write_json_main(out / "metrics_after.json",
-                              evaluate(model, target, sets, out / "eval_after", args, retain_log))
+        after = evaluate(model, target, sets, out / "eval_after", args, retain_log)
+        dist_.write_json_main(out / "metrics_after.json", after)
+        if tb is not None:
+            tb.scalars(step, metric_scalars(after, "eval_after"))
         timer.phase("eval_after", t)
         if not args.no_uwc:
             t = time.perf_counter()
             before = read_json(out / "metrics_before.json")
-            dist_.write_json_main(out / "metrics_uwc.json", uwc_metrics(model, target, sets, args, preset, device,
-                                                                        before.get("PS-exact retain")))
+            uwc = uwc_metrics(model, target, sets, args, preset, device, before.get("PS-exact retain"))
+            dist_.write_json_main(out / "metrics_uwc.json", uwc)
+            if tb is not None:
+                tb.scalars(step, metric_scalars(uwc, "eval_uwc"))
             timer.phase("uwc", t)
+        if tb is not None:
+            tb.close()
     timer.phase("total", timer.t0)
     folder.add_timing(timer.times, resumed)
     folder.clear_error()

@@ -1,5 +1,7 @@
 """Hugging Face ``Trainer`` integration: unlearning on paired forget/retain batches.
 
+``GEffectCallback`` (:mod:`.hf_callback`, re-exported here) measures G-effects inside any ``Trainer``.
+
 Each training item is a dict of sub-batches (``{"forget": {...}, "retain": {...}}`` plus
 ``forget_idk`` / ``forget_win`` where the objective needs them). The trainer counts, over all
 micro-batches of one optimiser step, the items every reduction divides by (tokens, positions,
@@ -17,6 +19,7 @@ from transformers import Trainer
 
 from ..objectives import Objective
 from ..objectives.base import count_items
+from .hf_callback import GEffectCallback
 
 
 class UnlearningTrainer(Trainer):
@@ -73,3 +76,6 @@ class UnlearningTrainer(Trainer):
             self._term_sums.clear()
             self._term_count = 0
         super().log(logs, *args, **kwargs)
+
+
+__all__ = ["UnlearningTrainer", "GEffectCallback"]

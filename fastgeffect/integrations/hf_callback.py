@@ -1,0 +1,142 @@
+"""G-effects inside any Hugging Face ``Trainer``: a callback measuring at ``on_pre_optimizer_step``.
+
+At that event the gradient of the whole optimiser step (all accumulated micro-batches, all-reduced
+under DDP) sits in ``p.grad`` and the optimiser has not used it yet, so the engine's
+``<∇R, g>`` (docs/design.md §4) is the step's G-effect whatever the Trainer's ``compute_loss`` is:
+a plain ``Trainer`` subclass, :class:`~fastgeffect.integrations.hf.UnlearningTrainer`, or an
+open-unlearning trainer. The engine puts ``p.grad`` back as it found it, and the risks run in eval
+mode without touching any random state, so training is unchanged.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Callable, Dict, List, Optional
+
+import torch
+import transformers
+from transformers import TrainerCallback
+
+from .. import distributed as dist_
+from ..geffect import GEffect, GEffectLogger
+from ..geffect.groups import GroupSpec
+from ..scalars import geffect_scalars
+from ..training.batches import to_device
+from ..unlearn import nll_risk
+
+RiskOf = Callable[[torch.nn.Module, dict], torch.Tensor]
+NLL_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+class GEffectCallback(TrainerCallback):
+    """Measures G-effects of each ``every``-th optimiser step of a ``Trainer``.
+
+    ``risk_batches``: name -> batch (a dict of tensors), e.g. ``{"unlearn": forget_batch, "retain":
+    retain_batch}``; each risk is the model's token-mean NLL on its batch (``input_ids``,
+    ``attention_mask``, HF ``labels``), or ``risk_fn(model, batch)`` (a scalar tensor) when given.
+    ``groups``: as :class:`~fastgeffect.GEffect` (``"paper"``, ``"blocks"``, ``"params"``, a mapping).
+    ``out``: the JSON-lines G-effect log, records as the driver's ``geffect.jsonl`` (None: no file).
+
+    Attach it with ``GEffectCallback(...).attach(trainer)`` (it adds itself): the values reach the
+    Trainer's logs, hence ``report_to``, through ``trainer.log`` as ``geffect/<risk>/<group>``,
+    ``geffect/<risk>/total`` and ``risk/<risk>``, averaged over the steps measured since the last log
+    (as the Trainer averages its loss); the JSON-lines log holds every measured step.
+
+    What is measured is the gradient the optimiser is about to apply: with ``max_grad_norm > 0``
+    (HF's default 1.0) the Trainer has already clipped it, so the G-effects are those of the clipped
+    step; ``max_grad_norm=0`` gives the raw objective gradient, as the driver logs it.
+
+    Data parallel (accelerate DDP or FSDP2): every rank holds the same ``risk_batches``; the main
+    rank's risk counts, the others contribute its gradient times 0, so the all-reduced result is the
+    risk of the whole batch, for any ``risk_fn``. Not supported: DeepSpeed (it steps inside
+    ``backward``, before this event) and fp16 loss scaling (the gradient may still be scaled).
+    """
+
+    def __init__(self, risk_batches: Mapping, every: int = 1, groups: GroupSpec = "paper",
+                 out: Optional[str] = "geffect.jsonl", risk_fn: Optional[RiskOf] = None):
+        if not isinstance(risk_batches, Mapping) or not risk_batches:
+            raise ValueError("risk_batches must be a non-empty dict mapping a risk name to a batch (a dict of tensors)")
+        for name, batch in risk_batches.items():
+            if not isinstance(batch, Mapping):
+                raise TypeError(f"risk batch {name!r} must be a dict of tensors, got {type(batch).__name__}")
+            missing = [k for k in NLL_KEYS if k not in batch]
+            if risk_fn is None and missing:
+                raise ValueError(f"risk batch {name!r} lacks {missing}: the default NLL risk needs "
+                                 f"{list(NLL_KEYS)} (or pass risk_fn(model, batch))")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        if risk_fn is not None and not callable(risk_fn):
+            raise TypeError(f"risk_fn must be a callable (model, batch) -> scalar tensor, got {type(risk_fn).__name__}")
+        self.risk_batches = dict(risk_batches)
+        self.every, self.groups, self.out = every, groups, out
+        self.risk_fn: RiskOf = risk_fn or nll_risk
+        self.trainer = None
+        self.geffect: Optional[GEffect] = None
+        self.logger: Optional[GEffectLogger] = None
+        self._pending: Dict[str, List[float]] = {}  # scalar name -> [sum, count] since the last log
+
+    def attach(self, trainer) -> "GEffectCallback":
+        """Register with ``trainer`` (once) and keep it, to put the values into its logs."""
+        if not hasattr(trainer.callback_handler, "on_pre_optimizer_step"):  # else it would never measure
+            raise RuntimeError(f"GEffectCallback needs a transformers Trainer with the on_pre_optimizer_step "
+                               f"event (transformers {transformers.__version__} has none): upgrade transformers")
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self.trainer = trainer
+        return self
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is None:
+            raise RuntimeError("GEffectCallback has no trainer to log to: add it with "
+                               "GEffectCallback(...).attach(trainer) instead of callbacks=[...]")
+        if getattr(self.trainer, "is_deepspeed_enabled", False):
+            raise NotImplementedError("GEffectCallback does not support DeepSpeed: it steps the optimiser inside "
+                                      "backward, before on_pre_optimizer_step sees the gradient (use DDP or FSDP2)")
+        if args.fp16:
+            raise NotImplementedError("GEffectCallback does not support fp16 mixed precision: the gradient at "
+                                      "on_pre_optimizer_step may still carry the loss scale (use bf16 or fp32)")
+        if self.out is not None and state.is_world_process_zero:
+            # a run resumed from a checkpoint re-measures the steps after it without duplicate lines
+            self.logger = GEffectLogger(self.out, resume_step=state.global_step)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
+        step = state.global_step  # 0-based index of the step about to be taken, as in the driver's log
+        if step % self.every:
+            return
+        if self.geffect is None:  # built on the model as prepared for training (e.g. sharded by FSDP2)
+            self.geffect = GEffect(model, groups=self.groups)
+            device = next(model.parameters()).device
+            self.risk_batches = {name: to_device(dict(batch), device) for name, batch in self.risk_batches.items()}
+        weight = 1.0 if dist_.is_main() else 0.0
+        risks = {name: self._risk(model, batch, weight) for name, batch in self.risk_batches.items()}
+        was_training = model.training
+        model.eval()  # risks without dropout (and without drawing random numbers)
+        try:
+            results = self.geffect.measure(risks)
+        finally:
+            model.train(was_training)
+        if self.logger is not None:
+            extra = {"lr": float(lr_scheduler.get_last_lr()[0])} if lr_scheduler is not None else {}
+            self.logger.log(step, results, **extra)
+        for name, value in geffect_scalars(results).items():
+            acc = self._pending.setdefault(name, [0.0, 0])
+            acc[0] += value
+            acc[1] += 1
+
+    def _risk(self, model, batch: dict, weight: float) -> Callable[[], torch.Tensor]:
+        """The zero-argument risk the engine calls (a function, so each binds its own batch)."""
+        return lambda: self.risk_fn(model, batch) * weight
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._pending:
+            return
+        values = {name: s / n for name, (s, n) in self._pending.items()}
+        self._pending = {}  # cleared first: the nested on_log of this call finds nothing to add
+        self.trainer.log(values)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+
+
+__all__ = ["GEffectCallback"]

@@ -1,0 +1,221 @@
+"""GEffectCallback under a plain HF ``Trainer`` with a GA ``compute_loss`` and gradient accumulation:
+the logged G-effects equal ``−‖∇NLL(forget)‖²`` and ``−⟨∇NLL(retain), ∇NLL(forget)⟩`` computed
+independently at the initial weights; training with the callback is training without it."""
+import glob
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers.ga_trainer import FORGET, RETAIN, GATrainer, Rows, ga_trainer
+from helpers.tiny_models import tiny_llama
+from transformers import TrainingArguments
+
+from fastgeffect.geffect import build_grouping, read_geffect_log
+from fastgeffect.integrations.hf import GEffectCallback, UnlearningTrainer
+from fastgeffect.losses import nll
+from fastgeffect.objectives import get_objective
+from fastgeffect.unlearn import nll_risk
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(out_dir, model, lr, callback=None, **kw):
+    trainer = ga_trainer(out_dir, model, lr, **kw)
+    if callback is not None:
+        callback.attach(trainer)
+    trainer.train()
+    return trainer
+
+
+def nll_grads(model, batch):
+    model.zero_grad()
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    nll(out.logits, batch["labels"]).backward()
+    grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return grads
+
+
+def expected_geffects(model):
+    """Per-group and total G-effects of GA on FORGET, from the two NLL gradients at ``model``'s weights."""
+    g_f, g_r = nll_grads(model, FORGET), nll_grads(model, RETAIN)
+    grouping = build_grouping(model, "paper")
+    group_of = {id(p): grouping.names[g] for p, g in zip(grouping.params, grouping.group_ids)}
+    out = {"unlearn": {}, "retain": {}}
+    for name, p in model.named_parameters():
+        g = group_of[id(p)]
+        for risk, grad in (("unlearn", g_f[name]), ("retain", g_r[name])):
+            out[risk][g] = out[risk].get(g, 0.0) - float((grad * g_f[name]).sum())
+    scale = {"unlearn": sum(float((g * g).sum()) for g in g_f.values()),
+             "retain": math.sqrt(sum(float((g * g).sum()) for g in g_f.values())
+                                 * sum(float((g * g).sum()) for g in g_r.values()))}
+    return out, scale
+
+
+def test_logged_geffects_of_ga_equal_the_gradient_products(tmp_path):
+    model = tiny_llama(seed=0)
+    expected, scale = expected_geffects(model)
+    cb = GEffectCallback(risk_batches={"unlearn": FORGET, "retain": RETAIN}, out=str(tmp_path / "geffect.jsonl"))
+    trainer = train(tmp_path / "run", model, lr=0.0, callback=cb)
+    records = read_geffect_log(tmp_path / "geffect.jsonl")
+    assert [(r["step"], r["risk"]) for r in records] == [(s, k) for s in range(3) for k in ("unlearn", "retain")]
+    for r in records:
+        tol = 1e-4 * scale[r["risk"]]
+        assert set(r["groups"]) == set(expected[r["risk"]])
+        for g, v in expected[r["risk"]].items():
+            assert r["groups"][g] == pytest.approx(v, abs=tol), (r["step"], r["risk"], g)
+        assert r["total"] == pytest.approx(math.fsum(expected[r["risk"]].values()), abs=tol)
+    assert records[0]["total"] < 0  # GA raises the forget NLL: -||∇NLL||²
+    with torch.no_grad():
+        assert records[0]["risk_value"] == pytest.approx(float(nll_risk(model, FORGET)), rel=1e-6)
+    logged = [h for h in trainer.state.log_history if "geffect/unlearn/total" in h]
+    assert [h["step"] for h in logged] == [1, 2, 3]  # one entry per logged step, after the step's loss
+    for h in logged:
+        for risk in ("unlearn", "retain"):
+            for g, v in expected[risk].items():
+                assert h[f"geffect/{risk}/{g}"] == pytest.approx(v, abs=1e-4 * scale[risk])
+        assert h["risk/unlearn"] == pytest.approx(records[0]["risk_value"], rel=1e-6)
+
+
+def test_training_with_the_callback_is_training_without_it(tmp_path):
+    base = tiny_llama(seed=3)
+    results = []
+    for name, cb in (("plain", None), ("measured", GEffectCallback({"unlearn": FORGET, "retain": RETAIN}, out=None))):
+        model = tiny_llama(seed=3)
+        model.load_state_dict(base.state_dict())
+        train(tmp_path / name, model, lr=0.05, callback=cb, max_grad_norm=1.0)  # clipping on, as by default
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert any(not torch.equal(a, b) for a, b in zip(results[0], base.parameters()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_geffects_reach_tensorboard_through_report_to(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # optional test dependency
+
+    cb = GEffectCallback({"unlearn": FORGET}, every=2, groups="blocks", out=None)
+    train(tmp_path, tiny_llama(), lr=0.0, callback=cb, report_to=["tensorboard"])
+    files = glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
+    assert files
+    acc = EventAccumulator(files[0]).Reload()
+    tags = set(acc.Tags()["scalars"])
+    want = {"train/geffect/unlearn/total", "train/risk/unlearn", "train/loss"}
+    want |= {f"train/geffect/unlearn/block.{i}" for i in range(3)}
+    assert want <= tags, sorted(tags)
+    # measured at steps 0 and 2 (every=2): logged with the losses of steps 1 and 3
+    assert [e.step for e in acc.Scalars("train/geffect/unlearn/total")] == [1, 3]
+
+
+def test_bad_arguments_are_refused_with_their_name(tmp_path):
+    with pytest.raises(ValueError, match="non-empty dict"):
+        GEffectCallback({})
+    with pytest.raises(ValueError, match=r"lacks \['labels'\]"):
+        GEffectCallback({"unlearn": {"input_ids": FORGET["input_ids"], "attention_mask": FORGET["attention_mask"]}})
+    with pytest.raises(ValueError, match="every"):
+        GEffectCallback({"unlearn": FORGET}, every=0)
+    with pytest.raises(TypeError, match="risk_fn"):
+        GEffectCallback({"unlearn": FORGET}, risk_fn="nll")
+    model = tiny_llama()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    trainer = GATrainer(model=model, args=args, train_dataset=Rows(), callbacks=[GEffectCallback({"unlearn": FORGET})])
+    with pytest.raises(RuntimeError, match="attach"):
+        trainer.train()
+
+
+def test_what_cannot_be_measured_is_refused_before_training():
+    cb = GEffectCallback({"unlearn": FORGET}, out=None)
+    with pytest.raises(RuntimeError, match="on_pre_optimizer_step"):  # a transformers without the event
+        cb.attach(SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[])))
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    cb.trainer = SimpleNamespace(is_deepspeed_enabled=True)
+    with pytest.raises(NotImplementedError, match="DeepSpeed"):
+        cb.on_train_begin(SimpleNamespace(fp16=False), state, None)
+    cb.trainer = SimpleNamespace(is_deepspeed_enabled=False)
+    with pytest.raises(NotImplementedError, match="fp16"):
+        cb.on_train_begin(SimpleNamespace(fp16=True), state, None)
+
+
+def test_a_given_risk_fn_replaces_the_nll(tmp_path):
+    model = tiny_llama(seed=0)
+    expected, scale = expected_geffects(model)
+    twice = GEffectCallback({"unlearn": FORGET}, groups={"all": [n for n, _ in model.named_parameters()]},
+                            out=str(tmp_path / "g.jsonl"), risk_fn=lambda m, b: 2 * nll_risk(m, b))
+    train(tmp_path / "run", model, lr=0.0, callback=twice)
+    for r in read_geffect_log(tmp_path / "g.jsonl"):
+        assert r["groups"] == {"all": r["total"]}
+        assert r["total"] == pytest.approx(2 * math.fsum(expected["unlearn"].values()), abs=2e-4 * scale["unlearn"])
+
+
+def test_under_ddp_the_geffects_are_those_of_one_process(tmp_path):
+    """2 gloo processes (torchrun), one forget row per rank and micro-batch: the same G-effects as
+    the gradient products of one process, in the main rank's log and in every rank's Trainer logs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          f"--master_port={port}", str(ROOT / "tests/helpers/hf_callback_ddp.py"), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    expected, scale = expected_geffects(tiny_llama(seed=0))
+    records = read_geffect_log(tmp_path / "geffect.jsonl")
+    assert [(r["step"], r["risk"]) for r in records] == [(s, k) for s in range(3) for k in ("unlearn", "retain")]
+    with torch.no_grad():
+        model = tiny_llama(seed=0)
+        risk = {k: float(nll_risk(model, b)) for k, b in (("unlearn", FORGET), ("retain", RETAIN))}
+    for r in records:
+        assert r["total"] == pytest.approx(math.fsum(expected[r["risk"]].values()), abs=1e-4 * scale[r["risk"]])
+        assert r["risk_value"] == pytest.approx(risk[r["risk"]], rel=1e-5)  # the main rank's, counted once
+    logged = [json.loads((tmp_path / f"logged{rank}.json").read_text()) for rank in (0, 1)]
+    assert logged[0] == logged[1] and len(logged[0]) == 3
+    for h in logged[0]:
+        for g, v in expected["unlearn"].items():
+            assert h[f"geffect/unlearn/{g}"] == pytest.approx(v, abs=1e-4 * scale["unlearn"])
+
+
+def readme_example() -> str:
+    """The README's plain-Trainer example: its python block that calls ``.attach(trainer)`` and trains."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.DOTALL)
+    found = [b for b in blocks if ".attach(trainer)" in b and "trainer.train()" in b]
+    assert len(found) == 1, "the README has one runnable GEffectCallback example"
+    return found[0]
+
+
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(readme_example(), "README.md", "exec"), scope)
+    records = read_geffect_log(tmp_path / "ga-run" / "geffect.jsonl")
+    assert [(r["step"], r["risk"]) for r in records] == [(s, k) for s in range(4) for k in ("unlearn", "retain")]
+    assert set(records[0]["groups"]) == {"embed", "shallow", "middle", "deep", "lm"}
+    assert records[0]["total"] < 0  # GA on the forget rows themselves: -||∇NLL||² at step 0
+    assert glob.glob(str(tmp_path / "ga-run" / "runs" / "**" / "events.out.tfevents.*"), recursive=True)
+    assert sum("geffect/retain/lm" in h for h in scope["trainer"].state.log_history) == 4
+
+
+def test_under_the_unlearning_trainer(tmp_path):
+    """Our UnlearningTrainer with the GA objective on items whose forget rows are FORGET's: the same
+    G-effects (its whole-step counts make the accumulated gradient that of the whole forget batch)."""
+    model = tiny_llama(seed=0)
+    expected, scale = expected_geffects(model)
+    rows = Rows()
+    items = [{"forget": {**rows[i], "index": torch.tensor(i)}, "retain": {k: v[0] for k, v in RETAIN.items()}}
+             for i in range(len(rows))]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, max_steps=2, learning_rate=0.0, optim="sgd",
+                             max_grad_norm=0.0, report_to=[], logging_steps=1, save_strategy="no", use_cpu=True)
+    trainer = UnlearningTrainer(model=model, args=args, train_dataset=items, objective=get_objective("ga"))
+    GEffectCallback({"unlearn": FORGET, "retain": RETAIN}, out=str(tmp_path / "g.jsonl")).attach(trainer)
+    trainer.train()
+    records = read_geffect_log(tmp_path / "g.jsonl")
+    assert len(records) == 4
+    for r in records:
+        assert r["total"] == pytest.approx(math.fsum(expected[r["risk"]].values()), abs=1e-4 * scale[r["risk"]])
