@@ -1,0 +1,209 @@
+"""PS under the public code's protocols (``paper``, ``uwc-linear``) against straightforward
+one-sample-at-a-time re-implementations on tiny memorised Llamas, and their row selection."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers.toy_qa import memorise, tiny_llama, tiny_tokenizer, toy_qa_records
+
+from fastgeffect.data.templates import Template, get_template
+from fastgeffect.data.tofu import load_tofu_split
+from fastgeffect.eval import ps_report, ps_scores
+from fastgeffect.eval.ps_samples import paper_samples, protocol_samples, uwc_linear_samples
+
+TPL = get_template("phi")
+HEAD = "### Question: {q}\n ### Answer:"  # the public code's prompt, written out again
+KEYS = ("question", "paraphrased_question")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """Records, a tokenizer, and two memorised models: one fine-tuned with TOFU's Phi template (as
+    fastgeffect's targets are), one with the public code's own prompt."""
+    recs = toy_qa_records(5)
+    texts = [v for r in recs for v in r.values() if isinstance(v, str)]
+    texts += [p for r in recs for p in r["perturbed_answer"]]
+    tok = tiny_tokenizer(texts + [TPL.full("", ""), HEAD.format(q="")])
+    models = {}
+    own = Template("public-code", "### Question: ", "\n ### Answer:", " ")  # full = HEAD + " " + answer
+    for name, tpl in (("tofu", TPL), ("paper", own)):
+        m = tiny_llama(len(tok), hidden_size=32, layers=2, heads=4, seed=1, tokenizer=tok)
+        assert memorise(m, tok, tpl, recs, steps=150) < 0.05
+        models[name] = m
+    return recs, tok, models
+
+
+def greedy(model, tok, ids, budget):
+    """Plain greedy decoding: argmax loop, no cache, no batching; new ids up to EOS (excluded)."""
+    new = []
+    with torch.no_grad():
+        while len(new) < budget:
+            nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+    return new
+
+
+def reference_paper(model, tok, q, a):
+    """Table 1's search for one sample: token bounds [len(question), len(full)], decode/re-encode,
+    generate to 200 tokens in all, match = the re-encoded output's tokens up to len(full) are a
+    prefix of the full text's; returns (right bound, PS)."""
+    enc = lambda s: tok(s)["input_ids"]  # noqa: E731
+    full = enc(HEAD.format(q=q) + " " + a)
+    lq, lf = len(enc(q)), len(full)
+    lo, hi, old = lq, lf, None
+    while (lo + hi) // 2 != old:
+        mid = old = (lo + hi) // 2
+        ctx = enc(tok.decode(full[:mid], skip_special_tokens=True))
+        out = enc(tok.decode(ctx + greedy(model, tok, ctx, 200 - len(ctx)), skip_special_tokens=True))
+        got = out[mid:lf]
+        if got == full[mid:mid + len(got)]:
+            hi = mid
+        else:
+            lo = mid
+    return hi, 1 - (hi - lq) / (lf - lq)
+
+
+def reference_uwc_linear(model, tok, q, a, family):
+    """UWC's phi_exact.py / llama_exact.py for one sample: words given (0: the prompt suffices)."""
+    def cont(text):
+        ids = tok(text)["input_ids"]
+        return tok.decode(greedy(model, tok, ids, 150 - len(ids)), skip_special_tokens=True)
+
+    first = cont(HEAD.format(q=q))
+    if (first[1:] if family == "phi" else first).split("\n")[0] == a:
+        return 0
+    words = a.split(" ")
+    for k in range(1, len(words) + 1):
+        given = " ".join(words[:k])
+        ans = cont(HEAD.format(q=q) + " " + given).split("\n")[0]
+        if (given + ans if family == "phi" else given + " " + ans) == a:
+            return k
+    return len(words)
+
+
+@pytest.mark.parametrize("model_name", ["tofu", "paper"])
+def test_paper_protocol_matches_reference(toy, model_name):
+    recs, tok, models = toy
+    model = models[model_name]
+    for key in KEYS:
+        got = ps_scores(model, tok, TPL, recs, protocol="paper", question_key=key)
+        ref = [reference_paper(model, tok, r[key], r["answer"]) for r in recs]
+        assert got["right"] == [r for r, _ in ref]
+        assert got["scores"] == pytest.approx([s for _, s in ref], abs=1e-12)
+        assert got["ps"] == pytest.approx(sum(s for _, s in ref) / len(ref), abs=1e-12)
+        assert len(set(got["scores"])) > 1  # not a constant: the test can see a wrong bound
+
+
+@pytest.mark.parametrize("family", ["llama2", "phi"])
+def test_uwc_linear_protocol_matches_reference(toy, family):
+    recs, tok, models = toy
+    for model in models.values():
+        for key in KEYS:
+            got = ps_scores(model, tok, TPL, recs, protocol="uwc-linear", family=family, question_key=key)
+            ref = [reference_uwc_linear(model, tok, r[key], r["answer"], family) for r in recs]
+            assert got["given_words"] == ref
+            if family == "llama2":  # the toy tokenizer decodes as Llama's does: varied values
+                assert len(set(ref)) > 1
+            n = [len(r["answer"].split(" ")) for r in recs]
+            assert got["scores"] == pytest.approx([1 - k / m for k, m in zip(ref, n)], abs=1e-12)
+
+
+def test_perfectly_memorised_sample_scores_below_one_under_paper(toy):
+    """The paper's search starts at the bare question's token count, so the template's own tokens
+    count against a sample that the prompt alone reproduces: PS < 1 where the others give 1."""
+    recs, tok, models = toy
+    model = models["paper"]  # fine-tuned with the public code's prompt
+    paper = ps_scores(model, tok, TPL, recs, protocol="paper")
+    linear = ps_scores(model, tok, TPL, recs, protocol="uwc-linear", family="llama2")
+    assert linear["given_words"] == [0] * len(recs)  # the bare prompt reproduces every answer
+    prompt_end = [len(tok(HEAD.format(q=r["question"]))["input_ids"]) for r in recs]
+    for s, right, lq, lf, end in zip(paper["scores"], paper["right"], paper["question_tokens"],
+                                     paper["full_tokens"], prompt_end):
+        assert lq < right <= end  # never needs an answer word, yet the template tokens count
+        assert s == pytest.approx(1 - (right - lq) / (lf - lq), abs=1e-12) and s < 1
+    # the upper bound for a perfect sample whose template tokens are all needed: 1 - template/(template + answer)
+    assert 0.4 < paper["ps"] < 0.9
+
+
+def test_clean_protocol_unchanged_and_report(toy):
+    recs, tok, models = toy
+    model = models["tofu"]
+    assert ps_scores(model, tok, TPL, recs, protocol="clean") == ps_scores(model, tok, TPL, recs)
+    exact, perturb = recs[:3], recs[3:6]
+    rep = ps_report(model, tok, TPL, {"forget": exact}, perturb_sets={"forget": perturb}, protocol="paper")
+    assert rep["PS-exact forget"] == pytest.approx(ps_scores(model, tok, TPL, exact, protocol="paper")["ps"])
+    assert rep["PS-perturb forget"] == pytest.approx(
+        ps_scores(model, tok, TPL, perturb, protocol="paper", question_key="paraphrased_question")["ps"])
+    model.train()
+    ps_scores(model, tok, TPL, recs[:1], protocol="uwc-linear", family="phi")
+    assert model.training  # the mode is restored
+    model.eval()
+    with pytest.raises(ValueError, match="PS protocol"):
+        ps_scores(model, tok, TPL, recs, protocol="table1")
+    with pytest.raises(ValueError, match="family"):
+        ps_scores(model, tok, TPL, recs, protocol="uwc-linear", family="gpt")
+    with pytest.raises(ValueError, match="empty"):
+        ps_scores(model, tok, TPL, [], protocol="paper")
+    with pytest.raises(ValueError, match="paraphrased_question"):
+        ps_scores(model, tok, TPL, [{"question": "q", "answer": "a"}], protocol="paper",
+                  question_key="paraphrased_question")
+
+
+def fake_tofu(name):
+    """Rows tagged with their split and index, in the sizes of TOFU's splits."""
+    sizes = {"retain_perturbed": 400, "retain90": 3600, "retain95": 3800, "retain99": 3960, "forget01": 40,
+             "forget05": 200, "forget10": 400}
+    size = sizes[name.replace("_perturbed", "")] if name.startswith("forget") else sizes[name]
+    return [{"split": name, "i": i} for i in range(size)]
+
+
+@pytest.mark.parametrize("split", ["forget01", "forget05", "forget10"])
+def test_samples_as_the_public_code_draws_them(split):
+    """The public code's draws, redone with numpy's global generator and datasets' train_test_split."""
+    datasets = pytest.importorskip("datasets")
+    state = np.random.get_state()
+    try:
+        np.random.seed(42)  # evaluation_everything.py at import
+
+        def sample(rows):  # its sample_data
+            return rows if len(rows) <= 50 else [rows[i] for i in np.random.choice(len(rows), 50, replace=False)]
+        want = {"perturb": {"retain": sample(fake_tofu("retain_perturbed")),
+                            "forget": sample(fake_tofu(f"{split}_perturbed"))}}
+        retain = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}[split]
+        want["exact"] = {"retain": sample(fake_tofu(retain)[:400]), "forget": sample(fake_tofu(split))}
+        assert paper_samples(fake_tofu, split) == want
+
+        linear = {}
+        for kind, suffix, pool in (("exact", "", retain), ("perturb", "_perturbed", "retain_perturbed")):
+            np.random.seed(42)  # a fresh phi_exact.py / phi_perturb.py process
+            rows = datasets.Dataset.from_list(fake_tofu(split + suffix))
+            forget = rows.to_list() if split == "forget01" else rows.train_test_split(train_size=40)["train"].to_list()
+            linear[kind] = {"retain": fake_tofu(pool)[:40], "forget": forget}
+        assert uwc_linear_samples(fake_tofu, split) == linear
+    finally:
+        np.random.set_state(state)
+    for kind in ("exact", "perturb"):
+        assert len(want[kind]["retain"]) == 50 and len(linear[kind]["forget"]) == 40
+    sets = {"retain": fake_tofu("retain_perturbed"), "forget": fake_tofu(f"{split}_perturbed")}
+    clean = protocol_samples("clean", fake_tofu, split, sets, 7)
+    assert clean["exact"] == clean["perturb"] == {"retain": sets["retain"][:7], "forget": sets["forget"][:7]}
+    with pytest.raises(ValueError, match="PS protocol"):
+        protocol_samples("table1", fake_tofu, split, sets, 7)
+    with pytest.raises(ValueError, match="forget split"):
+        paper_samples(fake_tofu, "forget20")
+
+
+def test_samples_from_real_tofu():
+    data = "../shared/tofu"
+    try:
+        load_tofu_split("forget05", data)
+    except (OSError, FileNotFoundError):
+        pytest.skip("real TOFU data absent")
+    samples = paper_samples(lambda name: load_tofu_split(name, data), "forget05")
+    questions = {r["question"] for r in load_tofu_split("forget05", data)}
+    assert all(r["question"] in questions for r in samples["exact"]["forget"])
+    assert all("paraphrased_question" in r for r in samples["perturb"]["retain"])
+    assert len({json.dumps(r, sort_keys=True) for r in samples["exact"]["retain"]}) == 50
