@@ -1,6 +1,7 @@
 """PS under the public code's protocols (``paper``, ``uwc-linear``) against straightforward
 one-sample-at-a-time re-implementations on tiny memorised Llamas, and their row selection."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +10,11 @@ from helpers.toy_qa import memorise, tiny_llama, tiny_tokenizer, toy_qa_records
 
 from fastgeffect.data.templates import Template, get_template
 from fastgeffect.data.tofu import load_tofu_split
+from fastgeffect.driver.cli import build_parser
+from fastgeffect.driver.evaluation import ps_metrics
+from fastgeffect.driver.presets import PRESETS
 from fastgeffect.eval import ps_report, ps_scores
+from fastgeffect.eval.ps_protocols import PS_PROTOCOLS
 from fastgeffect.eval.ps_samples import paper_samples, protocol_samples, uwc_linear_samples
 
 TPL = get_template("phi")
@@ -209,3 +214,31 @@ def test_samples_from_real_tofu():
     assert all(r["question"] in questions for r in samples["exact"]["forget"])
     assert all("paraphrased_question" in r for r in samples["perturb"]["retain"])
     assert len({json.dumps(r, sort_keys=True) for r in samples["exact"]["retain"]}) == 50
+
+
+def test_cli_flag_and_preset_defaults():
+    action = next(a for a in build_parser()._actions if a.dest == "ps_protocol")
+    assert tuple(action.choices) == PS_PROTOCOLS and action.default is None  # None: the preset's
+    assert {name: p.ps_protocol for name, p in PRESETS.items()} == {"embedded": "clean", "phi": "paper",
+                                                                     "llama": "paper"}
+
+
+@pytest.mark.parametrize("protocol", PS_PROTOCOLS)
+def test_driver_scores_the_protocols_rows(toy, tmp_path, protocol):
+    """The driver's PS metrics: the protocol's rows, read from --data-dir, scored under it."""
+    recs, tok, models = toy
+    recs = recs[:4]
+    for name in ("retain90", "retain_perturbed", "forget10", "forget10_perturbed"):
+        rows = recs if name.endswith("perturbed") else [{k: r[k] for k in ("question", "answer")} for r in recs]
+        (tmp_path / f"{name}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    target = SimpleNamespace(tokenizer=tok, template=TPL, data_dir=str(tmp_path))
+    args = SimpleNamespace(ps_protocol=protocol, split="forget10", eval_size=3, preset="llama", eval_batch_size=2)
+    sets = {"retain": recs[::-1], "forget": recs}
+    got = ps_metrics(models["tofu"], target, sets, args)
+    kw = dict(protocol=protocol, family="llama2")
+    for name in ("retain", "forget"):
+        rows = sets[name][:3] if protocol == "clean" else recs  # the others take all of these few rows
+        assert got[f"PS-exact {name}"] == pytest.approx(ps_scores(models["tofu"], tok, TPL, rows, **kw)["ps"],
+                                                        abs=1e-12)
+        assert got[f"PS-perturb {name}"] == pytest.approx(
+            ps_scores(models["tofu"], tok, TPL, rows, question_key="paraphrased_question", **kw)["ps"], abs=1e-12)
