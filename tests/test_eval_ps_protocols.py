@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 from helpers.toy_qa import memorise, tiny_llama, tiny_tokenizer, toy_qa_records
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from fastgeffect.data.templates import Template, get_template
 from fastgeffect.data.tofu import load_tofu_split
@@ -22,21 +24,33 @@ HEAD = "### Question: {q}\n ### Answer:"  # the public code's prompt, written ou
 KEYS = ("question", "paraphrased_question")
 
 
+def byte_level_tokenizer(texts):
+    """A byte-level BPE tokenizer trained on ``texts``: it decodes a continuation's leading space,
+    as Phi-1.5's does (the word-level toy tokenizer decodes as Llama-2's, without it)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", clean_up_tokenization_spaces=False)
+
+
 @pytest.fixture(scope="module")
 def toy():
-    """Records, a tokenizer, and two memorised models: one fine-tuned with TOFU's Phi template (as
-    fastgeffect's targets are), one with the public code's own prompt."""
+    """Records and memorised (model, tokenizer) pairs: ``tofu`` fine-tuned with TOFU's Phi template
+    (as fastgeffect's targets are), ``paper`` with the public code's own prompt (both word-level,
+    Llama-like decoding), ``bpe`` with TOFU's Phi template and a byte-level BPE (Phi-like decoding)."""
     recs = toy_qa_records(5)
     texts = [v for r in recs for v in r.values() if isinstance(v, str)]
-    texts += [p for r in recs for p in r["perturbed_answer"]]
-    tok = tiny_tokenizer(texts + [TPL.full("", ""), HEAD.format(q="")])
-    models = {}
+    texts += [p for r in recs for p in r["perturbed_answer"]] + [TPL.full("", ""), HEAD.format(q="")]
+    words, bpe = tiny_tokenizer(texts), byte_level_tokenizer(texts)
     own = Template("public-code", "### Question: ", "\n ### Answer:", " ")  # full = HEAD + " " + answer
-    for name, tpl in (("tofu", TPL), ("paper", own)):
+    cases = {}
+    for name, tpl, tok in (("tofu", TPL, words), ("paper", own, words), ("bpe", TPL, bpe)):
         m = tiny_llama(len(tok), hidden_size=32, layers=2, heads=4, seed=1, tokenizer=tok)
         assert memorise(m, tok, tpl, recs, steps=150) < 0.05
-        models[name] = m
-    return recs, tok, models
+        cases[name] = (m, tok)
+    return recs, cases
 
 
 def greedy(model, tok, ids, budget):
@@ -89,10 +103,10 @@ def reference_uwc_linear(model, tok, q, a, family):
     return len(words)
 
 
-@pytest.mark.parametrize("model_name", ["tofu", "paper"])
-def test_paper_protocol_matches_reference(toy, model_name):
-    recs, tok, models = toy
-    model = models[model_name]
+@pytest.mark.parametrize("case", ["tofu", "paper", "bpe"])
+def test_paper_protocol_matches_reference(toy, case):
+    recs, cases = toy
+    model, tok = cases[case]
     for key in KEYS:
         got = ps_scores(model, tok, TPL, recs, protocol="paper", question_key=key)
         ref = [reference_paper(model, tok, r[key], r["answer"]) for r in recs]
@@ -104,9 +118,9 @@ def test_paper_protocol_matches_reference(toy, model_name):
 
 @pytest.mark.parametrize("family", ["llama2", "phi"])
 def test_uwc_linear_protocol_matches_reference(toy, family):
-    recs, tok, models = toy
+    recs, cases = toy
     seen = set()
-    for model in models.values():
+    for model, tok in cases.values():
         for key in KEYS:
             got = ps_scores(model, tok, TPL, recs, protocol="uwc-linear", family=family, question_key=key)
             ref = [reference_uwc_linear(model, tok, r[key], r["answer"], family) for r in recs]
@@ -114,15 +128,14 @@ def test_uwc_linear_protocol_matches_reference(toy, family):
             seen.update(ref)
             n = [len(r["answer"].split(" ")) for r in recs]
             assert got["scores"] == pytest.approx([1 - k / m for k, m in zip(ref, n)], abs=1e-12)
-    if family == "llama2":  # the toy tokenizer decodes as Llama's does: 0, n and values between
-        assert len(seen) > 2
+    assert len(seen) > 2  # 0, n and values between (the phi rules on the byte-level BPE, llama2 on the others)
 
 
 def test_perfectly_memorised_sample_scores_below_one_under_paper(toy):
     """The paper's search starts at the bare question's token count, so the template's own tokens
     count against a sample that the prompt alone reproduces: PS < 1 where the others give 1."""
-    recs, tok, models = toy
-    model = models["paper"]  # fine-tuned with the public code's prompt
+    recs, cases = toy
+    model, tok = cases["paper"]  # fine-tuned with the public code's prompt
     paper = ps_scores(model, tok, TPL, recs, protocol="paper")
     linear = ps_scores(model, tok, TPL, recs, protocol="uwc-linear", family="llama2")
     assert linear["given_words"] == [0] * len(recs)  # the bare prompt reproduces every answer
@@ -136,8 +149,8 @@ def test_perfectly_memorised_sample_scores_below_one_under_paper(toy):
 
 
 def test_clean_protocol_unchanged_and_report(toy):
-    recs, tok, models = toy
-    model = models["tofu"]
+    recs, cases = toy
+    model, tok = cases["tofu"]
     assert ps_scores(model, tok, TPL, recs, protocol="clean") == ps_scores(model, tok, TPL, recs)
     exact, perturb = recs[:3], recs[3:6]
     rep = ps_report(model, tok, TPL, {"forget": exact}, perturb_sets={"forget": perturb}, protocol="paper")
@@ -226,7 +239,8 @@ def test_cli_flag_and_preset_defaults():
 @pytest.mark.parametrize("protocol", PS_PROTOCOLS)
 def test_driver_scores_the_protocols_rows(toy, tmp_path, protocol):
     """The driver's PS metrics: the protocol's rows, read from --data-dir, scored under it."""
-    recs, tok, models = toy
+    recs, cases = toy
+    model, tok = cases["tofu"]
     recs = recs[:4]
     for name in ("retain90", "retain_perturbed", "forget10", "forget10_perturbed"):
         rows = recs if name.endswith("perturbed") else [{k: r[k] for k in ("question", "answer")} for r in recs]
@@ -234,11 +248,11 @@ def test_driver_scores_the_protocols_rows(toy, tmp_path, protocol):
     target = SimpleNamespace(tokenizer=tok, template=TPL, data_dir=str(tmp_path))
     args = SimpleNamespace(ps_protocol=protocol, split="forget10", eval_size=3, preset="llama", eval_batch_size=2)
     sets = {"retain": recs[::-1], "forget": recs}
-    got = ps_metrics(models["tofu"], target, sets, args)
+    got = ps_metrics(model, target, sets, args)
     kw = dict(protocol=protocol, family="llama2")
     for name in ("retain", "forget"):
         rows = sets[name][:3] if protocol == "clean" else recs  # the others take all of these few rows
-        assert got[f"PS-exact {name}"] == pytest.approx(ps_scores(models["tofu"], tok, TPL, rows, **kw)["ps"],
+        assert got[f"PS-exact {name}"] == pytest.approx(ps_scores(model, tok, TPL, rows, **kw)["ps"],
                                                         abs=1e-12)
         assert got[f"PS-perturb {name}"] == pytest.approx(
-            ps_scores(models["tofu"], tok, TPL, rows, question_key="paraphrased_question", **kw)["ps"], abs=1e-12)
+            ps_scores(model, tok, TPL, rows, question_key="paraphrased_question", **kw)["ps"], abs=1e-12)
