@@ -128,9 +128,10 @@ def build_parser(doc: str = "") -> argparse.ArgumentParser:
     g.add_argument("--no-uwc", action="store_true", help="skip UWC calibration")
     # fastgeffect.eval.ps_protocols.PS_PROTOCOLS, written out: importing fastgeffect.eval would make --help slow
     g.add_argument("--ps-protocol", default=None, choices=("paper", "uwc-linear", "clean"),
-                   help="how PS is computed: 'paper' reproduces the public code behind the paper's Table 1, "
-                        "'uwc-linear' UWC's per-model scripts, 'clean' fastgeffect's own (training template, "
-                        "eval-size rows) (default: the preset's: paper for phi/llama, clean for embedded)")
+                   help="how PS is computed: 'paper' as the public code behind the paper's Table 1, 'uwc-linear' "
+                        "as UWC's per-model scripts (both with their own prompt, rows and batching), 'clean' "
+                        "fastgeffect's own (training template, --eval-size rows); docs/design.md, PS protocols "
+                        "(default: paper for the phi/llama presets, clean for embedded)")
     g.add_argument("--out", default=None,
                    help="run folder (default: runs/<method>-<regularizer>-<split>-seed<seed>, plus -<hash> "
                         "of the other settings that differ from their defaults)")
