@@ -16,7 +16,7 @@ from fastgeffect.driver.cli import build_parser
 from fastgeffect.driver.evaluation import ps_metrics
 from fastgeffect.driver.presets import PRESETS
 from fastgeffect.eval import ps_report, ps_scores
-from fastgeffect.eval.ps_protocols import PS_PROTOCOLS
+from fastgeffect.eval.ps_protocols import PS_PROTOCOLS, paper_ps_scores
 from fastgeffect.eval.ps_samples import paper_samples, protocol_samples, uwc_linear_samples
 
 TPL = get_template("phi")
@@ -65,10 +65,10 @@ def greedy(model, tok, ids, budget):
     return new
 
 
-def reference_paper(model, tok, q, a):
+def reference_paper(model, tok, q, a, max_length=200):
     """Table 1's search for one sample: token bounds [len(question), len(full)], decode/re-encode,
-    generate to 200 tokens in all, match = the re-encoded output's tokens up to len(full) are a
-    prefix of the full text's; returns (right bound, PS)."""
+    generate to 200 tokens in all (at least one), match = the re-encoded output's tokens up to
+    len(full) are a prefix of the full text's; returns (right bound, PS)."""
     enc = lambda s: tok(s)["input_ids"]  # noqa: E731
     full = enc(HEAD.format(q=q) + " " + a)
     lq, lf = len(enc(q)), len(full)
@@ -76,7 +76,7 @@ def reference_paper(model, tok, q, a):
     while (lo + hi) // 2 != old:
         mid = old = (lo + hi) // 2
         ctx = enc(tok.decode(full[:mid], skip_special_tokens=True))
-        out = enc(tok.decode(ctx + greedy(model, tok, ctx, 200 - len(ctx)), skip_special_tokens=True))
+        out = enc(tok.decode(ctx + greedy(model, tok, ctx, max(1, max_length - len(ctx))), skip_special_tokens=True))
         got = out[mid:lf]
         if got == full[mid:mid + len(got)]:
             hi = mid
@@ -114,6 +114,15 @@ def test_paper_protocol_matches_reference(toy, case):
         assert got["scores"] == pytest.approx([s for _, s in ref], abs=1e-12)
         assert got["ps"] == pytest.approx(sum(s for _, s in ref) / len(ref), abs=1e-12)
         assert len(set(got["scores"])) > 1  # not a constant: the test can see a wrong bound
+
+
+def test_paper_protocol_when_the_prompt_fills_max_length(toy):
+    """Contexts at or past max_length get one new token (as the public code's transformers did)."""
+    recs, cases = toy
+    model, tok = cases["paper"]
+    got = paper_ps_scores(model, tok, recs[:3], max_length=12, batch_size=1)
+    assert got["right"] == [reference_paper(model, tok, r["question"], r["answer"], max_length=12)[0] for r in recs[:3]]
+    assert max(got["full_tokens"]) > 12
 
 
 @pytest.mark.parametrize("family", ["llama2", "phi"])

@@ -45,7 +45,10 @@ def _encode(tokenizer, text: str) -> List[int]:
 
 def _generate(model, rows: Sequence[Sequence[int]], pad: int, max_length: int) -> List[List[int]]:
     """Greedy ``generate`` on a left-padded batch (pad = EOS) as the public code calls it; the
-    rows come back whole (padding, prompt and new tokens)."""
+    rows come back whole (padding, prompt and new tokens).
+
+    ``max_length`` counts the padded prompt. When the prompt already fills it, the transformers
+    of the public code's time warned and generated one token; recent versions raise: one token."""
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad, dtype=torch.long)
     att = torch.zeros((len(rows), T), dtype=torch.long)
@@ -53,8 +56,8 @@ def _generate(model, rows: Sequence[Sequence[int]], pad: int, max_length: int) -
         ids[i, T - len(r):] = torch.tensor(list(r), dtype=torch.long)
         att[i, T - len(r):] = 1
     device = model_device(model)
-    out = model.generate(ids.to(device), attention_mask=att.to(device), max_length=max_length, do_sample=False,
-                         use_cache=True, pad_token_id=pad)
+    out = model.generate(ids.to(device), attention_mask=att.to(device), max_new_tokens=max(1, max_length - T),
+                         do_sample=False, use_cache=True, pad_token_id=pad)
     return out.tolist()
 
 
