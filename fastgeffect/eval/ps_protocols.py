@@ -47,8 +47,8 @@ def _generate(model, rows: Sequence[Sequence[int]], pad: int, max_length: int) -
     """Greedy ``generate`` on a left-padded batch (pad = EOS) as the public code calls it; the
     rows come back whole (padding, prompt and new tokens).
 
-    ``max_length`` counts the padded prompt. When the prompt already fills it, the transformers
-    of the public code's time warned and generated one token; recent versions raise: one token."""
+    ``max_length`` counts the padded prompt. When the prompt already fills it, transformers before
+    4.41 warned and generated one token (later versions raise): one token, as the code then ran."""
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad, dtype=torch.long)
     att = torch.zeros((len(rows), T), dtype=torch.long)
