@@ -82,10 +82,11 @@ def retain_log_fingerprint(target, split: str, eval_size: int) -> dict:
             **run_inputs(target, split), "eval_size": eval_size}
 
 
-def before_fingerprint(target, split: str, eval_size: int, retain_log: Optional[PathLike]) -> dict:
+def before_fingerprint(target, split: str, eval_size: int, retain_log: Optional[PathLike], ps_protocol: str) -> dict:
     """The evaluation before unlearning; Forget Quality in it depends on the retain log's bytes."""
     return {"artefact": "metrics_before", "model": model_identity(target.model), **run_inputs(target, split),
-            "eval_size": eval_size, "retain_log": None if retain_log is None else file_digest(retain_log)}
+            "eval_size": eval_size, "retain_log": None if retain_log is None else file_digest(retain_log),
+            "ps_protocol": ps_protocol}
 
 
 def fingerprint_path(artefact: PathLike) -> Path:

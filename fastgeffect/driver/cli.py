@@ -129,6 +129,12 @@ def build_parser(doc: str = "") -> argparse.ArgumentParser:
     g.add_argument("--eval-size", type=int, default=300, help="rows per evaluation set (TOFU's ds_size)")
     g.add_argument("--eval-batch-size", type=int, default=32, help="sequences per evaluation batch")
     g.add_argument("--no-uwc", action="store_true", help="skip UWC calibration")
+    # fastgeffect.eval.ps_protocols.PS_PROTOCOLS, written out: importing fastgeffect.eval would make --help slow
+    g.add_argument("--ps-protocol", default=None, choices=("paper", "uwc-linear", "clean"),
+                   help="how PS is computed: 'paper' as the public code behind the paper's Table 1, 'uwc-linear' "
+                        "as UWC's per-model scripts (both with their own prompt, rows and batching), 'clean' "
+                        "fastgeffect's own (training template, --eval-size rows); docs/design.md, PS protocols "
+                        "(default: paper for the phi/llama presets, clean for embedded)")
     g.add_argument("--out", default=None,
                    help="run folder (default: runs/<method>-<regularizer>-<split>-seed<seed>, plus -<hash> "
                         "of the other settings that differ from their defaults)")

@@ -8,11 +8,12 @@ from typing import Optional
 
 from transformers import AutoModelForCausalLM
 
-from ..data.tofu import RETAIN_OF
+from ..data.tofu import RETAIN_OF, load_tofu_split
 from ..distributed import write_json_main
 from ..eval import evaluate_tofu, ps_report, uwc_calibrate
+from ..eval.ps_samples import protocol_samples
 from .artefacts import before_fingerprint, cached, load_json_dict, retain_log_fingerprint
-from .presets import Preset
+from .presets import PRESETS, Preset
 from .targets import Target
 
 
@@ -22,9 +23,21 @@ def evaluate(model, target: Target, sets, out_dir: Path, args, retain_log) -> di
                         ds_size=args.eval_size, max_length=target.max_length, batch_size=args.eval_batch_size,
                         progress=not args.no_progress)
     metrics = dict(res["metrics"])
-    ps_sets = {"retain": sets["retain"][:args.eval_size], "forget": sets["forget"][:args.eval_size]}
-    metrics.update(ps_report(model, target.tokenizer, target.template, ps_sets, batch_size=args.eval_batch_size))
+    metrics.update(ps_metrics(model, target, sets, args))
     return metrics
+
+
+def ps_samples(target: Target, sets, args) -> dict:
+    """The rows ``--ps-protocol`` scores (fastgeffect.eval.ps_samples)."""
+    return protocol_samples(args.ps_protocol, lambda name: load_tofu_split(name, target.data_dir), args.split,
+                            sets, args.eval_size)
+
+
+def ps_metrics(model, target: Target, sets, args) -> dict:
+    """PS-exact/PS-perturb on retain and forget under ``--ps-protocol``."""
+    samples = ps_samples(target, sets, args)
+    return ps_report(model, target.tokenizer, target.template, samples["exact"], perturb_sets=samples["perturb"],
+                     protocol=args.ps_protocol, family=PRESETS[args.preset].uwc, batch_size=args.eval_batch_size)
 
 
 def before_metrics(model, target: Target, sets, args, shared: Path, retain_log) -> dict:
@@ -34,7 +47,8 @@ def before_metrics(model, target: Target, sets, args, shared: Path, retain_log) 
         metrics = evaluate(model, target, sets, shared / "eval_before", args, retain_log)
         write_json_main(path, metrics)
         return metrics
-    return cached(shared / "metrics_before.json", before_fingerprint(target, args.split, args.eval_size, retain_log),
+    return cached(shared / "metrics_before.json", before_fingerprint(target, args.split, args.eval_size, retain_log,
+                                                                       args.ps_protocol),
                   compute, load_json_dict, recompute=args.overwrite, lock_dir=shared)
 
 
@@ -70,8 +84,10 @@ def uwc_metrics(model, target: Target, sets, args, preset: Preset, device, refer
     """UWC: mix the unlearned weights with the original's until retain PS matches ``reference_ps``
     (the original's), and report the calibrated metrics."""
     original = target.load_original().to(device)
+    samples = ps_samples(target, sets, args)
     res = uwc_calibrate(original, model, target.tokenizer, target.template,
-                        sets["retain"][:args.eval_size], sets["forget"][:args.eval_size],
-                        preset=preset.uwc, batch_size=args.eval_batch_size, reference_ps=reference_ps)
+                        samples["exact"]["retain"], samples["exact"]["forget"],
+                        preset=preset.uwc, batch_size=args.eval_batch_size, reference_ps=reference_ps,
+                        ps_protocol=args.ps_protocol, report_fn=lambda m: ps_metrics(m, target, sets, args))
     return {"alpha": res["alpha"], "tolerance": res["tolerance"], "reference_ps": res["reference_ps"],
             **res["metrics"]}

@@ -19,11 +19,12 @@ class Preset:
     max_length: Optional[int]  # token length of QA items (None: the embedded target's own)
     retain_log_name: Optional[str]  # TOFU's published retain-model logs: <name>_<retainXX>_wd0.01_...
     hparams: Dict[str, float] = field(default_factory=dict)
+    ps_protocol: str = "paper"  # PS as the paper's public code computes it (fastgeffect.eval.ps_protocols)
 
 
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("embedded", lr=1e-3, template="phi", uwc="phi", max_length=None, retain_log_name=None,
-           hparams={"steering_coeff": 4.0}),
+           hparams={"steering_coeff": 4.0}, ps_protocol="clean"),
     Preset("phi", lr=2e-5, template="phi", uwc="phi", max_length=500, retain_log_name="phi",
            hparams={"rmu_layer": 9, "steering_coeff": 4.0}),
     Preset("llama", lr=1e-5, template="llama2", uwc="llama2", max_length=500, retain_log_name="llama2-7b",

@@ -144,6 +144,7 @@ def run_study(args, argv: Optional[List[str]] = None) -> int:
     preset = resolve_preset(args.preset, args.model)
     args.preset = preset.name
     args.lr = args.lr if args.lr is not None else preset.lr
+    args.ps_protocol = args.ps_protocol or preset.ps_protocol
     term = OBJECTIVES[args.method]
     args.regularizer = args.regularizer or term.default_regularizer
     accelerator = make_accelerator()

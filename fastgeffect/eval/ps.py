@@ -1,6 +1,12 @@
 """PS-exact / PS-perturb ("Unlearning with Control", UWC) and teacher-forced extraction strength.
 
-PS of a sample: the answer is split into words w_1..w_n; m is the smallest number of leading
+PS comes under three protocols (``ps_scores(protocol=...)``, docs/design.md "PS protocols"):
+``paper`` and ``uwc-linear`` reproduce the public code behind the paper's Table 1 and UWC's
+scripts (eval/ps_protocols.py: their prompt, budget, matching and search; eval/ps_samples.py:
+their rows); ``clean`` is fastgeffect's own, below: the model's training template, whitespace-
+normalised words, and a reproduction check that cannot be satisfied by stopping early.
+
+``clean`` PS of a sample: the answer is split into words w_1..w_n; m is the smallest number of leading
 words such that greedy decoding from ``prompt + answer_start + w_1..w_m`` reproduces the rest of
 the answer exactly (the continuation's first line, compared word by word, must equal
 w_{m+1}..w_n), with m = n when no prefix works; PS = 1 − m/n (1: the question alone suffices,
@@ -34,6 +40,7 @@ from ..losses import valid_mask
 from ._common import check_records, model_device, pad_id
 from .generate import greedy_generate
 from .losses import encode_pairs
+from .ps_protocols import PS_PROTOCOLS, paper_ps_scores, uwc_linear_ps_scores
 
 _TAIL = 4  # context tokens decoded together with the continuation, to see its leading space
 
@@ -127,12 +134,34 @@ def _run_jobs(model, tokenizer, jobs: List[_Job], batch_size: int, add_special: 
 
 
 @torch.no_grad()
-def ps_scores(model, tokenizer, template: Template, records: Sequence[dict], *, question_key: str = "question",
-              answer_key: str = "answer", search: str = "binary", batch_size: int = 32) -> Dict[str, object]:
-    """PS of every record: ``{"ps": mean, "scores": per sample, "prefix_words": m, "num_words": n,
-    "generate_calls": number of batched search steps}``."""
+def ps_scores(model, tokenizer, template: Template, records: Sequence[dict], *, protocol: str = "clean",
+              family: str = "phi", question_key: str = "question", answer_key: str = "answer",
+              search: str = "binary", batch_size: int = 32) -> Dict[str, object]:
+    """PS of every record under ``protocol``: ``{"ps": mean, "scores": per sample, ...}``.
+
+    ``clean`` also gives ``"prefix_words": m, "num_words": n, "generate_calls"`` (batched search
+    steps); ``template``, ``search`` and ``batch_size`` serve it only: ``paper`` and ``uwc-linear``
+    fix their own prompt and batching (padding changes outputs), ``family`` (phi, llama2) picks
+    uwc-linear's string rules."""
+    if protocol not in PS_PROTOCOLS:
+        raise ValueError(f"unknown PS protocol {protocol!r}; valid: {', '.join(PS_PROTOCOLS)}")
     if search not in ("binary", "linear"):
         raise ValueError(f"search must be 'binary' or 'linear', got {search!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        if protocol == "paper":
+            return paper_ps_scores(model, tokenizer, records, question_key=question_key, answer_key=answer_key)
+        if protocol == "uwc-linear":
+            return uwc_linear_ps_scores(model, tokenizer, records, family=family, question_key=question_key,
+                                        answer_key=answer_key)
+        return _clean_ps_scores(model, tokenizer, template, records, question_key, answer_key, search, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _clean_ps_scores(model, tokenizer, template: Template, records: Sequence[dict], question_key: str,
+                     answer_key: str, search: str, batch_size: int) -> Dict[str, object]:
     check_records(records, (question_key, answer_key), f"PS ({question_key})")
     add_special = not template.chat
     bases = [template.prompt(r[question_key], tokenizer) + template.answer_start for r in records]
@@ -142,41 +171,40 @@ def ps_scores(model, tokenizer, template: Template, records: Sequence[dict], *, 
         raise ValueError(f"records {empty[:5]} have an empty answer: PS is undefined")
     lo = [0] * len(records)
     hi = [len(w) for w in words]  # m = n always "works": PS 0
-    was_training = model.training
-    model.eval()
     calls = 0
-    try:
-        while True:
-            todo = [i for i in range(len(records)) if lo[i] < hi[i]]
-            if not todo:
-                break
-            ms = [(lo[i] + hi[i]) // 2 if search == "binary" else lo[i] for i in todo]
-            jobs = [_Job(tokenizer, bases[i], words[i], m, add_special) for i, m in zip(todo, ms)]
-            ok = _run_jobs(model, tokenizer, jobs, batch_size, add_special)
-            calls += 1
-            for i, m, good in zip(todo, ms, ok):
-                if good:
-                    hi[i] = m
-                else:
-                    lo[i] = m + 1
-    finally:
-        model.train(was_training)
+    while True:
+        todo = [i for i in range(len(records)) if lo[i] < hi[i]]
+        if not todo:
+            break
+        ms = [(lo[i] + hi[i]) // 2 if search == "binary" else lo[i] for i in todo]
+        jobs = [_Job(tokenizer, bases[i], words[i], m, add_special) for i, m in zip(todo, ms)]
+        ok = _run_jobs(model, tokenizer, jobs, batch_size, add_special)
+        calls += 1
+        for i, m, good in zip(todo, ms, ok):
+            if good:
+                hi[i] = m
+            else:
+                lo[i] = m + 1
     scores = [1.0 - m / len(w) for m, w in zip(lo, words)]
     return {"ps": sum(scores) / len(scores), "scores": scores, "prefix_words": lo,
             "num_words": [len(w) for w in words], "generate_calls": calls}
 
 
-def ps_report(model, tokenizer, template: Template, sets: Dict[str, Sequence[dict]], *, batch_size: int = 32,
-              search: str = "binary") -> Dict[str, float]:
-    """PS-exact and PS-perturb (when records have ``paraphrased_question``) of each named set,
+def ps_report(model, tokenizer, template: Template, sets: Dict[str, Sequence[dict]], *,
+              perturb_sets: Optional[Dict[str, Sequence[dict]]] = None, protocol: str = "clean",
+              family: str = "phi", batch_size: int = 32, search: str = "binary") -> Dict[str, float]:
+    """PS-exact of each named set and PS-perturb (when its records have ``paraphrased_question``)
+    of the same set or of ``perturb_sets[name]`` (protocols that sample them apart, ps_samples.py),
     e.g. ``{"retain": [...], "forget": [...]}`` → ``{"PS-exact retain": ..., ...}``."""
+    perturb_sets = sets if perturb_sets is None else perturb_sets
+    kw = dict(protocol=protocol, family=family, batch_size=batch_size, search=search)
     out = {}
     for name, recs in sets.items():
-        out[f"PS-exact {name}"] = ps_scores(model, tokenizer, template, recs, batch_size=batch_size,
-                                            search=search)["ps"]
-        if all("paraphrased_question" in r for r in recs):
-            out[f"PS-perturb {name}"] = ps_scores(model, tokenizer, template, recs, question_key="paraphrased_question",
-                                                  batch_size=batch_size, search=search)["ps"]
+        out[f"PS-exact {name}"] = ps_scores(model, tokenizer, template, recs, **kw)["ps"]
+        perturb = perturb_sets.get(name)
+        if perturb and all("paraphrased_question" in r for r in perturb):
+            out[f"PS-perturb {name}"] = ps_scores(model, tokenizer, template, perturb,
+                                                  question_key="paraphrased_question", **kw)["ps"]
     return out
 
 

@@ -105,29 +105,31 @@ def calibrate_alpha(score: Callable[[float], float], reference: float, tolerance
 def uwc_calibrate(original_model, unlearned_model, tokenizer, template: Template, retain_records: Sequence[dict],
                   forget_records: Sequence[dict], *, tolerance: Optional[float] = None, preset: str = "phi",
                   alpha_tol: float = 1 / 64, batch_size: int = 32, reference_ps: Optional[float] = None,
-                  report_fn: Optional[Callable] = None) -> Dict[str, object]:
+                  report_fn: Optional[Callable] = None, ps_protocol: str = "clean") -> Dict[str, object]:
     """UWC-calibrate an unlearned model against its original.
 
     Retain PS-exact of θ_o is computed once (or passed as ``reference_ps``, e.g. cached from an
     earlier run); the search evaluates θ_mix at ~log2(1/alpha_tol) values of α. At the chosen α
     ``report_fn(model)`` (default: PS-exact/PS-perturb on retain and forget) gives the metrics.
+    PS is computed under ``ps_protocol`` (eval/ps_protocols.py; ``preset`` names uwc-linear's family).
     """
     if tolerance is None:
         if preset not in TOLERANCE:
             raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(TOLERANCE)} (or pass tolerance=)")
         tolerance = TOLERANCE[preset]
+    ps_kw = dict(protocol=ps_protocol, family=preset, batch_size=batch_size)
     if reference_ps is None:
-        reference_ps = ps_scores(original_model, tokenizer, template, retain_records, batch_size=batch_size)["ps"]
+        reference_ps = ps_scores(original_model, tokenizer, template, retain_records, **ps_kw)["ps"]
 
     def score(alpha):
         with mixed_weights(unlearned_model, original_model, alpha) as m:
-            return ps_scores(m, tokenizer, template, retain_records, batch_size=batch_size)["ps"]
+            return ps_scores(m, tokenizer, template, retain_records, **ps_kw)["ps"]
 
     res = calibrate_alpha(score, reference_ps, tolerance, alpha_tol=alpha_tol)
     if report_fn is None:
         def report_fn(m):
             return ps_report(m, tokenizer, template, {"retain": retain_records, "forget": forget_records},
-                             batch_size=batch_size)
+                             **ps_kw)
     with mixed_weights(unlearned_model, original_model, res["alpha"]) as m:
         report = report_fn(m)
     return {"alpha": res["alpha"], "tolerance": tolerance, "reference_ps": reference_ps,
