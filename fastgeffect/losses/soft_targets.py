@@ -16,10 +16,11 @@ def answer_rows(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) 
 
 def soft_cross_entropy(logp: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     """``−Σ_v q_v·logp_v`` per row with ``q = softmax(target_logits)``, detached; an entry with
-    q_v = 0 (target logit −inf) adds nothing whatever logp_v is (0·log 0 = 0, not NaN)."""
+    q_v = 0 (target logit −inf) adds nothing whatever logp_v is (0·log 0 = 0, not NaN); a NaN q
+    stays NaN (so that the callers' finiteness check sees it)."""
     q = torch.softmax(_upcast(target_logits.detach()).to(logp.dtype), -1)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    return -torch.where(q > 0, q * logp, zero).sum(-1)
+    return -torch.where(q == 0, zero, q * logp).sum(-1)
 
 
 def scatter_aligned(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
