@@ -310,7 +310,8 @@ def test_pdu_needs_both_its_settings():
         get_objective("ga", regularizer="gd", constraint_eps=0.5)
     with pytest.raises(ValueError, match="give its retain bound constraint_eps too"):
         get_objective("ga", regularizer="kl", dual_step=1.0)
-    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['constraint_eps', 'dual_step'\]"):
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['constraint_eps', 'dual_step'\].*"
+                                         "PDU.*choose gd, kl or rr"):
         get_objective("ga", regularizer="none", constraint_eps=0.5, dual_step=1.0)
     with pytest.raises(ValueError, match="dual_step must be a finite number >= 0"):
         get_objective("ga", regularizer="gd", constraint_eps=0.5, dual_step=-1.0)

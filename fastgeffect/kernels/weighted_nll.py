@@ -1,4 +1,4 @@
-"""Fused LM head + token-weighted log-likelihood: GA, WGA, TNPO, WTNPO and plain NLL.
+"""Fused LM head + token-weighted log-likelihood: GA, WGA, TNPO, WTNPO, SatImp and plain NLL.
 
 ``loss = scale · Σ_valid w_t · logp_t`` with ``w_t`` detached (docs/design.md §3) and
 ``scale = 1 / (valid count or num_items_in_batch)``. Valid rows are gathered first, then

@@ -9,7 +9,7 @@ import torch
 from ..reference import ReferenceModel, RefLogprobCache
 from .base import Batch, ForgetTerm, ObjectiveOutput, StepContext, weight_stats
 from .hparams import HPARAMS
-from .regularizers import REGULARIZERS, dual_ascent
+from .regularizers import PDU_DEFAULTS, REGULARIZERS, dual_ascent
 
 
 def check_pdu(hparams: Mapping[str, object], given: Mapping[str, object]) -> None:
@@ -46,8 +46,10 @@ class Objective:
         valid = {**term.defaults, **REGULARIZERS[regularizer].defaults}
         unknown = sorted(set(hparams) - set(valid))
         if unknown:
+            hint = ("; constraint_eps and dual_step (PDU) constrain a regulariser: choose gd, kl or rr"
+                    if regularizer == "none" and set(unknown) & set(PDU_DEFAULTS) else "")
             raise ValueError(f"unknown hyper-parameter(s) {unknown} for {term.name} with regularizer "
-                             f"{regularizer!r}; valid: {sorted(valid) or 'none'}")
+                             f"{regularizer!r}; valid: {sorted(valid) or 'none'}{hint}")
         for k, v in hparams.items():
             choices = HPARAMS[k].choices
             if choices is not None and v not in choices:
