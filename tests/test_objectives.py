@@ -313,9 +313,21 @@ def test_pdu_needs_both_its_settings():
     with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['constraint_eps', 'dual_step'\].*"
                                          "PDU.*choose gd, kl or rr"):
         get_objective("ga", regularizer="none", constraint_eps=0.5, dual_step=1.0)
-    with pytest.raises(ValueError, match="dual_step must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="dual_step=-1.0 must be >= 0"):
         get_objective("ga", regularizer="gd", constraint_eps=0.5, dual_step=-1.0)
+    with pytest.raises(ValueError, match="dual_step must be a finite number >= 0"):
+        get_objective("ga", regularizer="gd", constraint_eps=0.5, dual_step=float("inf"))
     with pytest.raises(ValueError, match="constraint_eps must be a finite number"):
         get_objective("ga", regularizer="gd", constraint_eps=float("inf"), dual_step=1.0)
     with pytest.raises(ValueError, match="dual_update is PDU's"):
         get_objective("ga", regularizer="gd").dual_update(1.0)
+
+
+def test_hyper_parameters_below_their_minimum_are_refused_when_built():
+    with pytest.raises(ValueError, match="ignore_first_n_answer_tokens=-1 must be >= 0"):
+        get_objective("ceu", ignore_first_n_answer_tokens=-1)
+    with pytest.raises(ValueError, match="beta2=-0.5 must be >= 0"):
+        get_objective("satimp", beta2=-0.5)
+    with pytest.raises(ValueError, match="beta1=nan must be >= 0"):
+        get_objective("satimp", beta1=float("nan"))
+    assert get_objective("ceu", ignore_first_n_answer_tokens=0).hparams["ignore_first_n_answer_tokens"] == 0

@@ -51,9 +51,11 @@ class Objective:
             raise ValueError(f"unknown hyper-parameter(s) {unknown} for {term.name} with regularizer "
                              f"{regularizer!r}; valid: {sorted(valid) or 'none'}{hint}")
         for k, v in hparams.items():
-            choices = HPARAMS[k].choices
+            choices, minimum = HPARAMS[k].choices, HPARAMS[k].minimum
             if choices is not None and v not in choices:
                 raise ValueError(f"{k}={v!r} is not one of {', '.join(choices)}")
+            if minimum is not None and not v >= minimum:  # also refuses NaN
+                raise ValueError(f"{k}={v!r} must be >= {minimum}")
         self.term = term
         self.regularizer = regularizer
         self.lam = float(lam)
