@@ -1,4 +1,4 @@
-"""CE-U (Yang et al., 2025; open-unlearning's ``cross_entropy_unlearning_loss``): cross-entropy
+"""CE-U (arXiv:2503.01224; open-unlearning's ``cross_entropy_unlearning_loss``): cross-entropy
 against the model's own (detached) distribution with the true token removed, over the answer
 positions left after dropping the first n answer tokens of each sequence."""
 import torch
@@ -8,8 +8,8 @@ from .soft_targets import answer_rows, scatter_aligned, soft_cross_entropy
 
 
 def drop_first_answer_tokens(labels: torch.Tensor, n: int) -> torch.Tensor:
-    """``labels`` with the first ``n`` non -100 labels of each sequence set to -100 (the paper's
-    footnote: the first answer tokens carry little about the fact to forget)."""
+    """``labels`` with the first ``n`` non -100 labels of each sequence set to -100 (a training
+    setting of the CE-U paper, kept by open-unlearning; a label in column 0 counts among the n)."""
     valid = labels != IGNORE_INDEX
     first = valid & (valid.cumsum(-1) <= n)
     return labels.masked_fill(first, IGNORE_INDEX)

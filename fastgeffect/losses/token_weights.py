@@ -9,8 +9,8 @@ that it equals the function here for every code.
 
 The kernel takes two scalar arguments; each entry names the hyper-parameters that fill them
 (``alpha`` and ``beta``, SatImp's ``beta1`` and ``beta2``). WTNPO's ``wtnpo_form`` picks one of its
-two entries. A new token-weighted objective is one entry here (its
-Triton branch included), one ``ForgetTerm`` line and its test.
+two entries. A new token-weighted objective is one entry here (its Triton branch included), one
+``ForgetTerm`` line and its test.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""UNDIAL (Dong et al., 2025; open-unlearning's ``compute_undial_loss``): self-distillation towards
-the original model's distribution with the true token's logit lowered by β.
+"""UNDIAL (open-unlearning's ``compute_undial_loss``): self-distillation towards the original
+model's distribution with the true token's logit lowered by β.
 
 Deviation: open-unlearning scatters the shifted labels without masking, so a ``-100`` label
 lowers vocabulary entry V − 100 of the teacher, and it averages over every position, padding and
