@@ -162,11 +162,13 @@ class Unlearner:
         state = self.backend.load(self.state_path)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.start_epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.objective.lam = state.get("lam", self.objective.lam)  # PDU's dual variable moves during training
         return True
 
     def save(self, epoch: int, batch_in_epoch: int) -> None:
         self.backend.save(self.state_path, {"scheduler": self.scheduler.state_dict(), "step": self.step,
-                                            "epoch": epoch, "batch_in_epoch": batch_in_epoch})
+                                            "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                            "lam": self.objective.lam})
 
     # ---- one step ---------------------------------------------------------------------------
     def plan(self, epoch: int, batch: int) -> StepPlan:
@@ -295,6 +297,8 @@ class Unlearner:
                     micro = step_batches(self.data.pairs, plan, self.device)
                     try:  # a non-finite loss, G-effect or gradient norm stops every rank before the step
                         logs = self.train_step(micro, plan)
+                        if self.objective.primal_dual:
+                            logs["lam"] = self.objective.lam  # the λ this step used
                         postfix = {"loss": f"{logs['loss']:.3g}"}
                         res = None
                         if self.geffect is not None and self.step % cfg.geffect_every == 0:
@@ -303,6 +307,8 @@ class Unlearner:
                         if self.geffect is not None and self.step in self.pg_steps:
                             self.per_sample(micro, plan)
                         grad_norm = self.backend.clip_and_step(cfg.max_grad_norm)
+                        if self.objective.primal_dual:  # after the step: a failed one leaves λ as saved
+                            self.objective.dual_update(logs["reg_loss"])
                     except FloatingPointError as e:
                         self.save(epoch, b)  # the last finite state, resumable (all ranks stop together)
                         if isinstance(e, NonFiniteLoss):

@@ -10,7 +10,8 @@ from fastgeffect.objectives import HPARAMS, OBJECTIVES, REGULARIZER_NAMES, REGUL
 from fastgeffect.objectives.base import count_items
 from fastgeffect.reference import ReferenceModel, RefLogprobCache
 
-EXPECTED = {"ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu", "graddiff", "simnpo", "dpo", "idkdpo"}
+EXPECTED = {"ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu", "graddiff", "simnpo", "dpo", "idkdpo",
+            "satimp", "undial", "ceu"}
 
 
 def test_registry_names_and_defaults():
@@ -24,6 +25,12 @@ def test_registry_names_and_defaults():
     assert get_objective("graddiff").regularizer == "gd"
     assert get_objective("ga").regularizer == "none"
     assert get_objective("TNPO", regularizer="kl").hparams["kl_positions"] == "all"
+    # open-unlearning's configured values and pairings (configs/trainer/SatImp.yaml, UNDIAL.yaml, CEU.yaml)
+    s = get_objective("satimp")
+    assert (s.hparams["beta1"], s.hparams["beta2"], s.regularizer) == (5.0, 1.0, "gd")
+    assert (get_objective("undial").hparams["beta"], get_objective("undial").regularizer) == (10.0, "none")
+    c = get_objective("ceu")
+    assert (c.hparams["ignore_first_n_answer_tokens"], c.regularizer) == (1, "none")
 
 
 def test_unknown_names_list_valid_ones():
@@ -129,7 +136,8 @@ def test_peft_reference_is_base_model():
 
 
 @pytest.mark.parametrize("name,reg", [("ga", "gd"), ("npo", "kl"), ("rmu", "rr"), ("tnpo", "none"),
-                                      ("po", "none"), ("idkdpo", "gd"), ("simnpo", "gd")])
+                                      ("po", "none"), ("idkdpo", "gd"), ("simnpo", "gd"), ("satimp", "gd"),
+                                      ("undial", "none"), ("ceu", "kl")])
 def test_objective_accumulation_is_exact(name, reg):
     model = tiny_llama()
     ref = ReferenceModel(copy.deepcopy(model))
@@ -149,7 +157,8 @@ def test_objective_accumulation_is_exact(name, reg):
             torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu", "simnpo", "idkdpo"])
+@pytest.mark.parametrize("name", ["ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu", "simnpo", "idkdpo",
+                                  "satimp", "undial", "ceu"])
 def test_per_sample_forget_terms_sum_to_batch(name):
     model = tiny_llama()
     obj = get_objective(name, reference=ReferenceModel(copy.deepcopy(model)))
@@ -160,7 +169,8 @@ def test_per_sample_forget_terms_sum_to_batch(name):
     torch.testing.assert_close(parts.sum(), whole)
 
 
-@pytest.mark.parametrize("name,reg", [("ga", "gd"), ("wga", "none"), ("tnpo", "gd"), ("wtnpo", "none"), ("po", "none")])
+@pytest.mark.parametrize("name,reg", [("ga", "gd"), ("wga", "none"), ("tnpo", "gd"), ("wtnpo", "none"), ("po", "none"),
+                                      ("satimp", "gd")])
 def test_fused_path_matches_materialised_logits(name, reg):
     model = tiny_llama()
     ref = ReferenceModel(copy.deepcopy(model))
@@ -186,7 +196,8 @@ def test_every_hyper_parameter_has_one_name_in_the_table():
         for k, v in t.defaults.items():
             h = HPARAMS[k]
             assert isinstance(v, h.type) and (h.choices is None or v in h.choices), (t.name, k)
-    assert hparam_users("beta") == ("npo", "tnpo", "wtnpo", "simnpo", "dpo", "idkdpo")
+    assert hparam_users("beta") == ("npo", "tnpo", "wtnpo", "simnpo", "dpo", "idkdpo", "undial")
+    assert hparam_users("constraint_eps") == ("gd", "kl", "rr")
     assert hparam_users("kl_positions") == ("kl",)
     with pytest.raises(ValueError, match="wtnpo_form='x' is not one of eq16, product"):
         get_objective("wtnpo", wtnpo_form="x")
@@ -199,6 +210,9 @@ def test_registry_flags():
     assert {n for n, t in OBJECTIVES.items() if t.needs_refusals} == {"po", "dpo", "idkdpo"}
     assert {n for n, r in REGULARIZERS.items() if r.needs_reference_model} == {"kl", "rr"}
     assert get_objective("npo", regularizer="kl").needs_reference_model
+    # UNDIAL reads θ_o's full logits: the model itself, never the per-token cache
+    assert {n for n, t in OBJECTIVES.items() if t.needs_reference_model} == {"undial"}
+    assert get_objective("undial").needs_reference_model and not OBJECTIVES["undial"].needs_reference
 
 
 def _split(batches, s):
@@ -243,3 +257,77 @@ def test_fused_kl_regularizer_with_a_peft_reference_takes_the_unfused_path():
     losses = [get_objective("ga", regularizer="kl", reference=ref, fused=fused)(lora, b).reg_loss.detach()
               for fused in (False, True)]
     torch.testing.assert_close(losses[1], losses[0])
+
+
+def test_undial_objective_uses_the_reference_models_full_logits():
+    model = tiny_llama()
+    ref = ReferenceModel(tiny_llama(seed=1))  # another θ_o: the teacher is not the student
+    b = paired_batches(11)
+    f = b["forget"]
+    with torch.no_grad():
+        want = L.undial(model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits, f["labels"],
+                        ref.logits(f), 3.0)
+    torch.testing.assert_close(get_objective("undial", reference=ref, beta=3.0)(model, b).loss.detach(), want)
+    with pytest.raises(ValueError, match="undial needs the original model's full logits"):
+        get_objective("undial")(model, b)
+
+
+def test_ceu_objective_under_accumulation_refuses_short_answers():
+    model = tiny_llama()
+    b = paired_batches(12)
+    short = {**b["forget"], "labels": b["forget"]["labels"].clone()}
+    short["labels"][0, :] = -100
+    short["labels"][0, -1] = 5  # one answer token, fewer than n = 2
+    with pytest.raises(ValueError, match=r"sequences \[0\] of the batch have fewer than 2 answer token"):
+        get_objective("ceu", ignore_first_n_answer_tokens=2)(model, {"forget": short}, num_items=count_items(b))
+
+
+def test_pdu_dual_update_follows_a_hand_computed_sequence():
+    """λ ← max(0, λ + η·(reg_loss − ε)) with λ₀ = 1, η = 0.5, ε = 1: worked out by hand."""
+    from fastgeffect.objectives.regularizers import dual_ascent
+
+    obj = get_objective("ga", regularizer="gd", lam=1.0, constraint_eps=1.0, dual_step=0.5)
+    assert obj.primal_dual and not get_objective("ga", regularizer="gd").primal_dual
+    reg_losses = [3.0, 0.2, 0.0, 0.0, 0.0, 0.0, 3.0]
+    expect = [2.0, 1.6, 1.1, 0.6, 0.1, 0.0, 1.0]  # 1 + .5·2, 2 − .5·.8, ..., max(0, 0.1 − 0.5), 0 + .5·2
+    got = [obj.dual_update(r) for r in reg_losses]
+    assert got == pytest.approx(expect, abs=1e-12)
+    assert obj.lam == pytest.approx(1.0)
+    assert dual_ascent(0.3, 0.5, 1.0, 2.0) == 0.0
+    # the loss weighs the regulariser by the current λ
+    model = tiny_llama()
+    b = paired_batches(13)
+    out = obj(model, b)
+    torch.testing.assert_close(out.loss, out.forget_loss + 1.0 * out.reg_loss)
+    obj.dual_update(float(out.reg_loss.detach()) + 2.0)  # λ = 1 + .5·(reg + 2 − 1)
+    assert obj.lam == pytest.approx(1.5 + 0.5 * float(out.reg_loss))
+    out2 = obj(model, b)
+    torch.testing.assert_close(out2.loss, out2.forget_loss + obj.lam * out2.reg_loss)
+
+
+def test_pdu_needs_both_its_settings():
+    with pytest.raises(ValueError, match="give a dual step dual_step > 0 too"):
+        get_objective("ga", regularizer="gd", constraint_eps=0.5)
+    with pytest.raises(ValueError, match="give its retain bound constraint_eps too"):
+        get_objective("ga", regularizer="kl", dual_step=1.0)
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['constraint_eps', 'dual_step'\].*"
+                                         "PDU.*choose gd, kl or rr"):
+        get_objective("ga", regularizer="none", constraint_eps=0.5, dual_step=1.0)
+    with pytest.raises(ValueError, match="dual_step=-1.0 must be >= 0"):
+        get_objective("ga", regularizer="gd", constraint_eps=0.5, dual_step=-1.0)
+    with pytest.raises(ValueError, match="dual_step must be a finite number >= 0"):
+        get_objective("ga", regularizer="gd", constraint_eps=0.5, dual_step=float("inf"))
+    with pytest.raises(ValueError, match="constraint_eps must be a finite number"):
+        get_objective("ga", regularizer="gd", constraint_eps=float("inf"), dual_step=1.0)
+    with pytest.raises(ValueError, match="dual_update is PDU's"):
+        get_objective("ga", regularizer="gd").dual_update(1.0)
+
+
+def test_hyper_parameters_below_their_minimum_are_refused_when_built():
+    with pytest.raises(ValueError, match="ignore_first_n_answer_tokens=-1 must be >= 0"):
+        get_objective("ceu", ignore_first_n_answer_tokens=-1)
+    with pytest.raises(ValueError, match="beta2=-0.5 must be >= 0"):
+        get_objective("satimp", beta2=-0.5)
+    with pytest.raises(ValueError, match="beta1=nan must be >= 0"):
+        get_objective("satimp", beta1=float("nan"))
+    assert get_objective("ceu", ignore_first_n_answer_tokens=0).hparams["ignore_first_n_answer_tokens"] == 0

@@ -23,7 +23,7 @@ def test_codes_are_distinct_and_every_entry_is_reachable():
         tw.token_weight("wtnpo", "x")
 
 
-@pytest.mark.parametrize("name", ["ga", "nll", "wga", "tnpo", "wtnpo"])
+@pytest.mark.parametrize("name", ["ga", "nll", "wga", "tnpo", "wtnpo", "satimp"])
 def test_losses_and_objectives_take_the_table_defaults(name):
     entry = tw.TOKEN_WEIGHTS[name]
     params = inspect.signature(getattr(L, name)).parameters
@@ -78,3 +78,31 @@ def test_triton_branch_equals_table_function(entry):
     torch.testing.assert_close(logp.double(), want_logp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(wlogp.double(), w * want_logp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_satimp_fills_the_kernels_scalar_slots_with_its_exponents():
+    assert tw.SATIMP.scalar_names == ("beta1", "beta2") and tw.WGA.scalar_names == ("alpha", "beta")
+    assert tw.SATIMP.scalars({}) == (5.0, 1.0)
+    assert tw.SATIMP.scalars({"beta1": 2.0, "beta2": None, "alpha": 9.0}) == (2.0, 1.0)
+    with pytest.raises(ValueError, match="satimp: beta1 must be >= 0"):
+        tw.SATIMP.scalars({"beta1": -1.0})
+
+
+@pytest.mark.parametrize("beta2", [0.0, 1.3])
+def test_triton_satimp_branch_at_saturated_tokens(beta2):
+    """p = 1 in fp32 (1 − p = 0): the importance factor is 0^β2, 0 for β2 > 0 and 1 for β2 = 0, as
+    torch's pow gives it; no NaN from the logarithm of 0."""
+    from fastgeffect.kernels.weighted_nll_triton import weighted_nll_chunk_triton
+
+    C, V = 5, 19
+    logits = torch.randn(C, V, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(C)
+    logits[torch.arange(C), labels] += torch.tensor([200.0, 200.0, 0.0, 1.0, 200.0])  # rows 0, 1, 4 saturated
+    grad, lab, scale = to_device(TRITON_DEVICE, logits.clone(), labels, torch.tensor(1.0))
+    logp, wlogp = weighted_nll_chunk_triton(grad, lab, None, None, scale, tw.SATIMP, 0.5, beta2, True)
+    lp64 = torch.log_softmax(logits.double(), -1).gather(1, labels[:, None]).squeeze(1)
+    w = tw.SATIMP.fn(lp64, None, None, 0.5, beta2)
+    assert bool(torch.isfinite(grad).all()) and bool(torch.isfinite(wlogp).all())
+    torch.testing.assert_close(wlogp.cpu().double(), w * lp64, rtol=1e-5, atol=1e-6)
+    want_grad = w[:, None] * (torch.nn.functional.one_hot(labels, V).double() - torch.softmax(logits.double(), -1))
+    torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=1e-5, atol=1e-6)

@@ -55,7 +55,11 @@ def build_parser(doc: str = "") -> argparse.ArgumentParser:
     ap = Parser(prog=PROG, description=doc.strip().split("\n\n")[0] if doc else None,
                                  epilog=examples(doc), formatter_class=HelpFormatter)
     g = ap.add_argument_group("objective")
-    g.add_argument("--method", default="tnpo", choices=sorted(OBJECTIVES), help="unlearning objective")
+    g.add_argument("--method", default="tnpo", choices=sorted(OBJECTIVES),
+                   help="unlearning objective (" + ", ".join(t.name for t in OBJECTIVES.values()
+                                                             if t.needs_reference_model) +
+                        ": reads the original model's full logits at every step, so a second, frozen copy of "
+                        "the target is kept in memory, not the cached reference log-probs)")
     g.add_argument("--regularizer", default=None, choices=REGULARIZER_NAMES,
                    help="retain regulariser (default: the objective's own: " + ", ".join(
                        f"{t.name} {t.default_regularizer}" for t in OBJECTIVES.values()

@@ -215,7 +215,8 @@ def study(args, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, fold
                                 seed=args.seed, idk=term.needs_refusals, refusal_key=refusal_key)
     model = target.model
     t = time.perf_counter()
-    reference = ReferenceModel(copy.deepcopy(model)) if REGULARIZERS[args.regularizer].needs_reference_model else None
+    needs_reference = term.needs_reference_model or REGULARIZERS[args.regularizer].needs_reference_model
+    reference = ReferenceModel(copy.deepcopy(model)) if needs_reference else None
     objective = get_objective(args.method, regularizer=args.regularizer, lam=args.lam, reference=reference,
                               fused=fused, **hp)
     shared = Path(args.shared_dir) if args.shared_dir else out

@@ -32,7 +32,8 @@ def shift_left(x: torch.Tensor, fill) -> torch.Tensor:
 
 def fused_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                          labels: torch.Tensor, *, objective: str, ref_logprobs: Optional[torch.Tensor] = None,
-                         alpha: Optional[float] = None, beta: Optional[float] = None, num_items_in_batch=None,
+                         alpha: Optional[float] = None, beta: Optional[float] = None,
+                         beta1: Optional[float] = None, beta2: Optional[float] = None, num_items_in_batch=None,
                          wtnpo_form: Optional[str] = None, weights: Optional[torch.Tensor] = None,
                          return_logprobs: bool = False, backend: str = "auto",
                          chunk_size: Optional[int] = None, **model_kwargs):
@@ -53,7 +54,8 @@ def fused_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_ma
     B, T, H = hidden.shape
     out = fused_linear_weighted_nll(
         hidden.reshape(B * T, H), head.weight, shift_left(labels, IGNORE_INDEX), objective=objective,
-        alpha=alpha, beta=beta, bias=head.bias, num_items_in_batch=num_items_in_batch, wtnpo_form=wtnpo_form,
+        alpha=alpha, beta=beta, beta1=beta1, beta2=beta2, bias=head.bias, num_items_in_batch=num_items_in_batch,
+        wtnpo_form=wtnpo_form,
         ref_logprobs=None if ref_logprobs is None else shift_left(ref_logprobs, 0.0),
         weights=None if weights is None else shift_left(weights, 0.0),
         return_logprobs=return_logprobs, backend=backend, chunk_size=chunk_size)

@@ -1,4 +1,4 @@
-"""Fused LM head + token-weighted log-likelihood: GA, WGA, TNPO, WTNPO and plain NLL.
+"""Fused LM head + token-weighted log-likelihood: GA, WGA, TNPO, WTNPO, SatImp and plain NLL.
 
 ``loss = scale · Σ_valid w_t · logp_t`` with ``w_t`` detached (docs/design.md §3) and
 ``scale = 1 / (valid count or num_items_in_batch)``. Valid rows are gathered first, then
@@ -80,7 +80,8 @@ class _FusedWeightedNLL(torch.autograd.Function):
 
 def fused_linear_weighted_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                               objective: str = "ga", alpha: Optional[float] = None,
-                              beta: Optional[float] = None, ref_logprobs: Optional[torch.Tensor] = None,
+                              beta: Optional[float] = None, beta1: Optional[float] = None,
+                              beta2: Optional[float] = None, ref_logprobs: Optional[torch.Tensor] = None,
                               bias: Optional[torch.Tensor] = None, reduction: str = "mean",
                               num_items_in_batch=None, wtnpo_form: Optional[str] = None,
                               weights: Optional[torch.Tensor] = None, return_logprobs: bool = False,
@@ -93,9 +94,9 @@ def fused_linear_weighted_nll(hidden: torch.Tensor, weight: torch.Tensor, labels
         labels: (N,) int ids, -100 ignored.
         objective: an entry of :data:`fastgeffect.losses.TOKEN_WEIGHTS`: ``"ga"`` (+mean logp),
             ``"nll"`` (−mean logp; GD/PO), ``"wga"``, ``"tnpo"``, ``"wtnpo"`` (``wtnpo_form``
-            ``"eq16"`` or ``"product"``), with the table's weights and defaults (alpha/beta None:
-            the default), or ``"weighted"``: mean of ``weights[i]·logp_i`` with caller-given
-            detached ``weights`` (N,).
+            ``"eq16"`` or ``"product"``), ``"satimp"`` (``beta1``, ``beta2``), with the table's weights
+            and defaults (a hyper-parameter None: the default), or ``"weighted"``: mean of
+            ``weights[i]·logp_i`` with caller-given detached ``weights`` (N,).
         ref_logprobs: (N,) reference log-probs aligned with ``labels`` (TNPO/WTNPO only).
         reduction: ``"mean"`` (divide by the valid count, or by ``num_items_in_batch`` under
             gradient accumulation) or ``"sum"``.
@@ -116,7 +117,8 @@ def fused_linear_weighted_nll(hidden: torch.Tensor, weight: torch.Tensor, labels
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r} (per-token values: "
                          "use return_logprobs=True)")
     entry = token_weight(objective, wtnpo_form)
-    alpha, beta = entry.scalars({"alpha": alpha, "beta": beta})
+    # the kernel's two scalar slots, filled by the hyper-parameters the entry names
+    alpha, beta = entry.scalars({"alpha": alpha, "beta": beta, "beta1": beta1, "beta2": beta2})
     if entry.needs_ref:
         if ref_logprobs is None:
             raise ValueError(f"objective {objective!r} needs ref_logprobs (N,) aligned with labels")

@@ -1,4 +1,4 @@
-"""Triton chunk op of the fused weighted log-likelihood (GA/WGA/TNPO/WTNPO/NLL).
+"""Triton chunk op of the fused weighted log-likelihood (GA/WGA/TNPO/WTNPO/NLL/SatImp).
 
 One program per row of a (chunk × vocab) logits block that the LM-head matmul just wrote:
 pass 1 runs an online log-sum-exp over vocab blocks; the token's log-prob and its weight are
@@ -26,6 +26,7 @@ W_TNPO = tl.constexpr(tw.TNPO.code)
 W_WTNPO = tl.constexpr(tw.WTNPO.code)
 W_WTNPO_PRODUCT = tl.constexpr(tw.WTNPO_PRODUCT.code)
 W_WEIGHTED = tl.constexpr(tw.WEIGHTED.code)
+W_SATIMP = tl.constexpr(tw.SATIMP.code)
 
 # Start of the running max: finite so that exp(m_old - m_new) never sees (-inf) - (-inf).
 NEG_BIG = tl.constexpr(-3.0e38)
@@ -72,6 +73,10 @@ def _weighted_nll_rows(logits_ptr, stride_row, labels_ptr, ref_ptr, explicit_ptr
         w = 2.0 * tl.sigmoid(beta * (logp - ref)) * tl.exp(alpha * logp)
     elif CODE == W_WEIGHTED:
         w = tl.load(explicit_ptr + row).to(tl.float32)
+    elif CODE == W_SATIMP:  # alpha, beta = β1, β2: p^β1·(1 − p)^β2, with 0^0 = 1 as torch's pow
+        q = 1.0 - tl.exp(logp)
+        imp = tl.where(q > 0.0, tl.exp(beta * tl.log(tl.maximum(q, 1e-30))), tl.where(beta == 0.0, 1.0, 0.0))
+        w = tl.exp(alpha * logp) * imp
     tl.store(logp_ptr + row, logp)
     tl.store(wlogp_ptr + row, w * logp)
 

@@ -7,9 +7,10 @@ kernels (:mod:`fastgeffect.kernels`) all read this table; the Triton kernel's br
 (``kernels/weighted_nll_triton.py``) is the only other place a formula is written, and a test checks
 that it equals the function here for every code.
 
-The scalar hyper-parameters are ``alpha`` and ``beta``, the kernel's two scalar arguments; WTNPO's
-``wtnpo_form`` picks one of its two entries. A new token-weighted objective is one entry here (its
-Triton branch included), one ``ForgetTerm`` line and its test.
+The kernel takes two scalar arguments; each entry names the hyper-parameters that fill them
+(``alpha`` and ``beta``, SatImp's ``beta1`` and ``beta2``). WTNPO's ``wtnpo_form`` picks one of its
+two entries. A new token-weighted objective is one entry here (its Triton branch included), one
+``ForgetTerm`` line and its test.
 """
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def _wtnpo_product(logp, ref, explicit, alpha, beta):
     return 2.0 * torch.sigmoid(beta * (logp - ref)) * torch.exp(alpha * logp)
 
 
+def _satimp(logp, ref, explicit, beta1, beta2):
+    # saturation p^β1 times importance (1 − p)^β2; expm1 keeps 1 − p exact as p → 1, and pow gives 0^0 = 1
+    return torch.exp(beta1 * logp) * (-torch.expm1(logp)).pow(beta2)
+
+
 def _explicit(logp, ref, explicit, alpha, beta):
     return explicit.to(logp.dtype)
 
@@ -63,25 +69,30 @@ class TokenWeight:
     defaults: Mapping[str, object] = field(default_factory=dict)  # hyper-parameter names and defaults
     needs_ref: bool = False  # reference log-probs ``logp_ref_t``
     needs_explicit: bool = False  # caller-given weights
+    scalar_names: Tuple[str, str] = ("alpha", "beta")  # the hyper-parameters in the kernel's two scalar slots
+    nonnegative: bool = False  # the scalars are exponents of probabilities: a negative one is refused
 
     def scalars(self, hp: Mapping[str, object]) -> Tuple[float, float]:
-        """(alpha, beta) from ``hp``, the defaults where a value is missing or None, 0 where unused;
-        a NaN or infinite value is refused (it would make every weight NaN or 0/1)."""
+        """The kernel's two scalars (``scalar_names``) from ``hp``, the defaults where a value is missing
+        or None, 0 where unused; a NaN or infinite value is refused (it would make every weight NaN or
+        0/1), and a negative one where the entry is ``nonnegative``."""
         out = []
-        for k in ("alpha", "beta"):
+        for k in self.scalar_names:
             v = hp.get(k)
             out.append(float(self.defaults.get(k, 0.0) if v is None else v))
             if not math.isfinite(out[-1]):
                 raise ValueError(f"{self.name}: {k} must be finite, got {v!r}")
+            if self.nonnegative and out[-1] < 0:
+                raise ValueError(f"{self.name}: {k} must be >= 0 (an exponent of a probability), got {v!r}")
         return out[0], out[1]
 
     def weights(self, logp: torch.Tensor, ref: Optional[torch.Tensor] = None,
                 explicit: Optional[torch.Tensor] = None, hp: Optional[Mapping[str, object]] = None) -> torch.Tensor:
         """Detached ``w_t`` for the log-probs ``logp`` (any shape; ``ref``/``explicit`` alike)."""
-        alpha, beta = self.scalars(hp or {})
+        a, b = self.scalars(hp or {})
         ref = None if ref is None else ref.detach()
         explicit = None if explicit is None else explicit.detach()
-        return self.fn(logp.detach(), ref, explicit, alpha, beta)
+        return self.fn(logp.detach(), ref, explicit, a, b)
 
 
 GA = TokenWeight("ga", 0, _ones, "1 (gradient ascent: minimise the token-mean logp_t)")
@@ -95,9 +106,12 @@ WTNPO = TokenWeight("wtnpo", 4, _wtnpo_eq16, "2σ((β+α)·logp_t − β·logp_r
 WTNPO_PRODUCT = TokenWeight("wtnpo", 5, _wtnpo_product, "2σ(β(logp_t − logp_ref_t))·p_t^α (the paper code's "
                             "TNPO weight times p^α)", _WTNPO_HP, needs_ref=True)
 WEIGHTED = TokenWeight("weighted", 6, _explicit, "caller-given weights", needs_explicit=True)
+# open-unlearning's SatImp (src/trainer/utils.py compute_satimp_loss) and its defaults (configs/trainer/SatImp.yaml)
+SATIMP = TokenWeight("satimp", 7, _satimp, "p_t^β1·(1 − p_t)^β2 (saturation × importance)",
+                     {"beta1": 5.0, "beta2": 1.0}, scalar_names=("beta1", "beta2"), nonnegative=True)
 
 # every entry, one per kernel code
-ALL: Tuple[TokenWeight, ...] = (GA, NLL, WGA, TNPO, WTNPO, WTNPO_PRODUCT, WEIGHTED)
+ALL: Tuple[TokenWeight, ...] = (GA, NLL, WGA, TNPO, WTNPO, WTNPO_PRODUCT, WEIGHTED, SATIMP)
 # objective name -> entry (WTNPO: its default form)
 TOKEN_WEIGHTS: Dict[str, TokenWeight] = {w.name: w for w in ALL if w is not WTNPO_PRODUCT}
 WTNPO_FORMS: Dict[str, TokenWeight] = {"eq16": WTNPO, "product": WTNPO_PRODUCT}

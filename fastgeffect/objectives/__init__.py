@@ -11,6 +11,7 @@ token-weighted one: an entry in ``fastgeffect/losses/token_weights.py`` and one 
 from typing import Dict, Tuple
 
 from .base import ForgetTerm, ObjectiveOutput, StepContext
+from .ceu import CEU
 from .dpo import DPO, IDKDPO
 from .hparams import HPARAMS, HParam
 from .npo import NPO
@@ -18,10 +19,11 @@ from .objective import Objective
 from .regularizers import REGULARIZERS, Regularizer
 from .rmu import RMU
 from .simnpo import SIMNPO
-from .token_weighted import GA, GRADDIFF, PO, TNPO, WGA, WTNPO
+from .token_weighted import GA, GRADDIFF, PO, SATIMP, TNPO, WGA, WTNPO
+from .undial import UNDIAL
 
 OBJECTIVES: Dict[str, ForgetTerm] = {t.name: t for t in (
-    GA, WGA, NPO, TNPO, WTNPO, PO, RMU, GRADDIFF, SIMNPO, DPO, IDKDPO,
+    GA, WGA, NPO, TNPO, WTNPO, PO, RMU, GRADDIFF, SIMNPO, DPO, IDKDPO, SATIMP, UNDIAL, CEU,
 )}
 REGULARIZER_NAMES = tuple(REGULARIZERS)
 

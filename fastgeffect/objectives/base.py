@@ -30,6 +30,7 @@ class ForgetTerm:
     needs_batches: Tuple[str, ...] = ("forget",)
     ref_batches: Tuple[str, ...] = ()  # sub-batches whose reference log-probs the term reads (cache or θ_o)
     default_regularizer: str = "none"
+    needs_reference_model: bool = False  # θ_o itself at every step (UNDIAL's full logits), not cached log-probs
 
     @property
     def needs_reference(self) -> bool:

@@ -1,6 +1,7 @@
 """The :class:`Objective`: forget term + λ·regulariser, with validated hyper-parameters."""
 from __future__ import annotations
 
+import math
 from typing import Dict, Mapping, Optional, Union
 
 import torch
@@ -8,12 +9,32 @@ import torch
 from ..reference import ReferenceModel, RefLogprobCache
 from .base import Batch, ForgetTerm, ObjectiveOutput, StepContext, weight_stats
 from .hparams import HPARAMS
-from .regularizers import REGULARIZERS
+from .regularizers import PDU_DEFAULTS, REGULARIZERS, dual_ascent
+
+
+def check_pdu(hparams: Mapping[str, object], given: Mapping[str, object]) -> None:
+    """PDU needs both its bound ε and a dual step η > 0 (finite): one without the other is refused
+    (ε alone would silently keep λ fixed; η alone would bound the retain loss by the default 0)."""
+    if "constraint_eps" not in hparams:
+        return
+    eps, step = float(hparams["constraint_eps"]), float(hparams["dual_step"])
+    if not math.isfinite(eps):
+        raise ValueError(f"constraint_eps must be a finite number, got {eps!r}")
+    if not (math.isfinite(step) and step >= 0):
+        raise ValueError(f"dual_step must be a finite number >= 0, got {step!r}")
+    if "constraint_eps" in given and step == 0:
+        raise ValueError("constraint_eps is PDU's retain bound ε: give a dual step dual_step > 0 too "
+                         "(open-unlearning uses 1.0); with dual_step 0 λ never moves")
+    if step > 0 and "constraint_eps" not in given:
+        raise ValueError("dual_step > 0 turns on PDU: give its retain bound constraint_eps too")
 
 
 class Objective:
     """``loss = forget_term + lam · regulariser(retain)``; call it on a dict of batches
-    (``forget``, ``retain``, and ``forget_idk`` / ``forget_win`` where the term needs them)."""
+    (``forget``, ``retain``, and ``forget_idk`` / ``forget_win`` where the term needs them).
+
+    With ``constraint_eps`` and ``dual_step`` > 0 (PDU), ``lam`` is the starting value of a dual
+    variable that the training loop moves after each step with :meth:`dual_update`."""
 
     def __init__(self, term: ForgetTerm, regularizer: Optional[str] = None, lam: float = 1.0, *,
                  reference: Optional[ReferenceModel] = None,
@@ -25,16 +46,21 @@ class Objective:
         valid = {**term.defaults, **REGULARIZERS[regularizer].defaults}
         unknown = sorted(set(hparams) - set(valid))
         if unknown:
+            hint = ("; constraint_eps and dual_step (PDU) constrain a regulariser: choose gd, kl or rr"
+                    if regularizer == "none" and set(unknown) & set(PDU_DEFAULTS) else "")
             raise ValueError(f"unknown hyper-parameter(s) {unknown} for {term.name} with regularizer "
-                             f"{regularizer!r}; valid: {sorted(valid) or 'none'}")
+                             f"{regularizer!r}; valid: {sorted(valid) or 'none'}{hint}")
         for k, v in hparams.items():
-            choices = HPARAMS[k].choices
+            choices, minimum = HPARAMS[k].choices, HPARAMS[k].minimum
             if choices is not None and v not in choices:
                 raise ValueError(f"{k}={v!r} is not one of {', '.join(choices)}")
+            if minimum is not None and not v >= minimum:  # also refuses NaN
+                raise ValueError(f"{k}={v!r} must be >= {minimum}")
         self.term = term
         self.regularizer = regularizer
         self.lam = float(lam)
         self.hparams: Dict[str, object] = {**valid, **hparams}
+        check_pdu(self.hparams, hparams)
         self.reference = reference
         # cached reference log-probs per sub-batch name; a bare cache belongs to "forget"
         self.ref_caches: Dict[str, RefLogprobCache] = (
@@ -52,8 +78,22 @@ class Objective:
 
     @property
     def needs_reference_model(self) -> bool:
-        """The regulariser runs the original model θ_o at every step (KL, RR)."""
-        return REGULARIZERS[self.regularizer].needs_reference_model
+        """The term or the regulariser runs the original model θ_o at every step (UNDIAL, KL, RR)."""
+        return self.term.needs_reference_model or REGULARIZERS[self.regularizer].needs_reference_model
+
+    @property
+    def primal_dual(self) -> bool:
+        """PDU: λ is the dual variable of the retain constraint ``reg_loss ≤ constraint_eps``."""
+        return float(self.hparams.get("dual_step", 0.0)) > 0
+
+    def dual_update(self, reg_loss: float) -> float:
+        """PDU: after a step whose (whole accumulated batch's) retain loss was ``reg_loss``, move λ by
+        :func:`~.regularizers.dual_ascent` and return the new λ (used from the next step on)."""
+        if not self.primal_dual:
+            raise ValueError("dual_update is PDU's: give the objective constraint_eps and dual_step > 0")
+        self.lam = dual_ascent(self.lam, float(reg_loss), float(self.hparams["constraint_eps"]),
+                               float(self.hparams["dual_step"]))
+        return self.lam
 
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())

@@ -1,5 +1,10 @@
 """Retain regularisers (docs/design.md §3), each ``reg(ctx, retain_batch, hp) -> loss``, with their
-hyper-parameter defaults and whether they need the original model θ_o itself."""
+hyper-parameter defaults and whether they need the original model θ_o itself.
+
+Each can run as PDU's constraint (open-unlearning's primal-dual unlearning): with a dual step
+``dual_step`` η > 0 and a bound ``constraint_eps`` ε, the weight λ becomes the dual variable of
+``reg_loss ≤ ε``, moved after every step by :func:`dual_ascent` (:meth:`Objective.dual_update`).
+η = 0, the default, keeps λ fixed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,6 +43,16 @@ def rr_reg(ctx: StepContext, batch, hp):
               num_items_in_batch=ctx.num_items.get("retain_positions"))
 
 
+def dual_ascent(lam: float, reg_loss: float, eps: float, step: float) -> float:
+    """PDU's dual update after a step whose retain loss was ``reg_loss``: ``max(0, λ + η·(reg_loss − ε))``
+    (λ grows while the constraint is violated and shrinks, never below 0, while it holds)."""
+    return max(0.0, lam + step * (reg_loss - eps))
+
+
+# PDU's hyper-parameters, which every regulariser takes; off (a fixed λ) while the dual step is 0
+PDU_DEFAULTS: Dict[str, object] = {"constraint_eps": 0.0, "dual_step": 0.0}
+
+
 @dataclass(frozen=True)
 class Regularizer:
     name: str
@@ -48,7 +63,8 @@ class Regularizer:
 
 REGULARIZERS: Dict[str, Regularizer] = {r.name: r for r in (
     Regularizer("none", None, {}),
-    Regularizer("gd", gd_reg, {}),
-    Regularizer("kl", kl_reg, {"kl_direction": "forward", "kl_positions": "all"}, needs_reference_model=True),
-    Regularizer("rr", rr_reg, {"rr_layer": -1}, needs_reference_model=True),
+    Regularizer("gd", gd_reg, dict(PDU_DEFAULTS)),
+    Regularizer("kl", kl_reg, {"kl_direction": "forward", "kl_positions": "all", **PDU_DEFAULTS},
+                needs_reference_model=True),
+    Regularizer("rr", rr_reg, {"rr_layer": -1, **PDU_DEFAULTS}, needs_reference_model=True),
 )}

@@ -1,4 +1,4 @@
-"""The token-weighted forget terms (GA, GradDiff, WGA, TNPO, WTNPO, PO) and the GD regulariser's
+"""The token-weighted forget terms (GA, GradDiff, WGA, TNPO, WTNPO, PO, SatImp) and the GD regulariser's
 forward: materialised logits + :func:`fastgeffect.losses.token_weighted`, or the fused kernels
 (``fused=True``). Weights, hyper-parameters and defaults come from the table in
 :mod:`fastgeffect.losses.token_weights`; a new token-weighted objective is one entry there and one
@@ -59,5 +59,7 @@ WGA = token_weighted_term("wga")
 TNPO = token_weighted_term("tnpo")
 WTNPO = token_weighted_term("wtnpo", formula="token-mean of w_t·logp_t, w_t = 2σ((β+α)·logp_t − β·logp_ref_t) "
                                              "(eq. 16; wtnpo_form='product': the paper code's TNPO weight · p^α)")
+# open-unlearning pairs SatImp with the retain NLL (configs/trainer/SatImp.yaml)
+SATIMP = token_weighted_term("satimp", default_regularizer="gd")
 PO = token_weighted_term("po", "nll", batch="forget_idk",
                          formula="token-mean NLL of a refusal answer to the forget question")

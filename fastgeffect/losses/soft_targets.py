@@ -1,0 +1,30 @@
+"""Cross-entropy against a soft target distribution at the answer positions: the shared core of
+UNDIAL (a teacher's adjusted distribution) and CE-U (the model's own, true token removed)."""
+from typing import Tuple
+
+import torch
+
+from ._common import _upcast
+
+
+def answer_rows(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (N, V) logits of the positions that predict a label in ``mask`` (B, T) and those (N,)
+    labels, in the row-major order of ``mask``'s true entries (position t predicts label t + 1)."""
+    shifted = mask[:, 1:]
+    return logits[:, :-1][shifted], labels[:, 1:][shifted].long()
+
+
+def soft_cross_entropy(logp: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """``−Σ_v q_v·logp_v`` per row with ``q = softmax(target_logits)``, detached; an entry with
+    q_v = 0 (target logit −inf) adds nothing whatever logp_v is (0·log 0 = 0, not NaN); a NaN q
+    stays NaN (so that the callers' finiteness check sees it)."""
+    q = torch.softmax(_upcast(target_logits.detach()).to(logp.dtype), -1)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    return -torch.where(q == 0, zero, q * logp).sum(-1)
+
+
+def scatter_aligned(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) per-row values back to (B, T) aligned with labels, 0 where ``mask`` is false."""
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    out[mask] = values
+    return out
