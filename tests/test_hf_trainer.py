@@ -69,3 +69,21 @@ def test_accumulation_matches_one_big_batch(tmp_path, name, reg):
         for a, b in zip(results[0], other):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(a, p) for a, p in zip(results[0], base.parameters()))
+
+
+def test_pdu_dual_variable_moves_after_each_step(tmp_path):
+    # λ_{k+1} = max(0, λ_k + η·(reg_k − ε)), reg_k the step's whole retain loss (two micro-batches)
+    model = tiny_llama(seed=2)
+    obj = get_objective("ga", regularizer="gd", lam=1.0, constraint_eps=5.0, dual_step=0.5)
+    trainer = UnlearningTrainer(model=model, args=args(tmp_path, 2, 2, 4), train_dataset=PairedToy(16),
+                                objective=obj)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "unlearn/lam" in h]
+    assert len(logs) == 4
+    lam = 1.0
+    for h in logs:
+        lam = max(0.0, lam + 0.5 * (h["unlearn/reg_loss"] - 5.0))
+        assert h["unlearn/lam"] == pytest.approx(lam, rel=1e-12, abs=1e-12)
+    assert obj.lam == pytest.approx(lam) and obj.lam != 1.0
+    with pytest.raises(ValueError, match="cannot resume a PDU run"):
+        trainer.train(resume_from_checkpoint=str(tmp_path))

@@ -15,7 +15,7 @@ from typing import Dict, Optional
 
 import torch
 from torch.utils.data import default_collate
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..objectives import Objective
 from ..objectives.base import count_items
@@ -26,7 +26,10 @@ class UnlearningTrainer(Trainer):
     """``Trainer`` that minimises an :class:`~fastgeffect.objectives.Objective`.
 
     ``objective`` carries its reference (cache or model). Loss terms (``forget_loss``,
-    ``reg_loss``, forget NLL and mean objective weight) are logged separately.
+    ``reg_loss``, forget NLL and mean objective weight) are logged separately. A PDU objective
+    (``constraint_eps``, ``dual_step``) has its λ moved after every optimiser step from that step's
+    retain loss (averaged over processes) and logged as ``unlearn/lam``; λ is not part of HF's
+    checkpoints, so resuming such a run is refused.
     """
 
     def __init__(self, *args, objective: Objective, **kwargs):
@@ -43,6 +46,25 @@ class UnlearningTrainer(Trainer):
             self.loss_is_scaled_for_ga = True
         self._term_sums: Dict[str, float] = defaultdict(float)
         self._term_count = 0
+        self._step_reg_loss = 0.0  # PDU: the retain loss of the optimiser step under way
+        if objective.primal_dual:
+            self.add_callback(_DualAscent(self))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint and self.objective.primal_dual:
+            raise ValueError("UnlearningTrainer cannot resume a PDU run (constraint_eps/dual_step): its dual "
+                             "variable λ is not saved in HF checkpoints; the driver (python -m fastgeffect.run) "
+                             "saves and resumes it")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _dual_update(self) -> None:
+        """PDU, after an optimiser step: λ from the step's retain loss (the sum of its micro-batch
+        parts, each normalised by whole-step counts), averaged over processes as DDP averages gradients."""
+        reg = torch.tensor(self._step_reg_loss, dtype=torch.float64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            reg = self.accelerator.reduce(reg, reduction="mean")
+        self.objective.dual_update(float(reg))
+        self._step_reg_loss = 0.0
 
     def get_batch_samples(self, *args, **kwargs):
         batch_samples, _ = super().get_batch_samples(*args, **kwargs)
@@ -61,6 +83,8 @@ class UnlearningTrainer(Trainer):
             for k, v in out.logs().items():
                 self._term_sums[k] += v
             self._term_count += 1
+            if self.objective.primal_dual:
+                self._step_reg_loss += float(out.reg_loss.detach())
         return (out.loss, out) if return_outputs else out.loss
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
@@ -75,7 +99,19 @@ class UnlearningTrainer(Trainer):
                     logs[f"unlearn/{k}"] = v / self._term_count
             self._term_sums.clear()
             self._term_count = 0
+        if self.objective.primal_dual and "loss" in logs:
+            logs["unlearn/lam"] = self.objective.lam  # the λ the next step uses
         super().log(logs, *args, **kwargs)
+
+
+class _DualAscent(TrainerCallback):
+    """Calls the trainer's PDU dual update once per optimiser step (after it)."""
+
+    def __init__(self, trainer: UnlearningTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._dual_update()
 
 
 __all__ = ["UnlearningTrainer", "GEffectCallback"]
