@@ -306,8 +306,9 @@ def finish(args, target: Target, preset: Preset, model, sets, retain_log, folder
         if not args.no_uwc:
             t = time.perf_counter()
             before = read_json(out / "metrics_before.json")
-            dist_.write_json_main(out / "metrics_uwc.json", uwc_metrics(model, target, sets, args, preset, device,
-                                                                        before.get("PS-exact retain")))
+            dist_.write_json_main(out / "metrics_uwc.json",
+                                  uwc_metrics(model, target, sets, out / "eval_uwc", args, preset, device,
+                                              before.get("PS-exact retain"), retain_log))
             timer.phase("uwc", t)
     timer.phase("total", timer.t0)
     folder.add_timing(timer.times, resumed)
