@@ -1,4 +1,4 @@
-"""Evaluation parity with TOFU (docs/design.md "Evaluation parity"): the two generation modes
+"""Evaluation parity with TOFU (docs/design.md §13): the two generation modes
 against straightforward implementations of their budget rules, ROUGE's reference decoded from
 truncated tokens on real TOFU rows, both Truth Ratio aggregations against hand computations,
 and the driver's evaluation settings per preset."""

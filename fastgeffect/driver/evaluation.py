@@ -1,6 +1,6 @@
 """Evaluation of a run's model on the main process: TOFU's metrics and logs, PS-exact/PS-perturb,
-the retain model's log behind Forget Quality, and UWC calibration (docs/design.md §5, "Evaluation
-parity" for the settings of :func:`eval_options`)."""
+the retain model's log behind Forget Quality, and UWC calibration (docs/design.md §5; §13 for the
+settings of :func:`eval_options`)."""
 from __future__ import annotations
 
 import sys

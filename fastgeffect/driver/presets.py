@@ -2,9 +2,9 @@
 
 ``embedded`` fits the tiny offline target on a CPU; ``phi`` and ``llama`` are the paper's TOFU
 settings: trained on 500-token items, evaluated as TOFU evaluates (200 tokens, TOFU's generation
-batching; docs/design.md "Evaluation parity"). ``hparams`` are objective hyper-parameters a
-preset supplies when the chosen objective accepts them and the command line leaves them unset
-(RMU's block and control-vector scale).
+batching; docs/design.md §13). ``hparams`` are objective hyper-parameters a preset supplies when
+the chosen objective accepts them and the command line leaves them unset (RMU's block and
+control-vector scale).
 """
 from __future__ import annotations
 

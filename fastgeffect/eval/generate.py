@@ -1,5 +1,5 @@
-"""Batched greedy decoding with left padding, in one of two explicit modes (docs/design.md,
-"Evaluation parity"), without mutating the caller's tokenizer.
+"""Batched greedy decoding with left padding, in one of two explicit modes (docs/design.md §13),
+without mutating the caller's tokenizer.
 
 * ``tofu``: TOFU's ``run_generation`` exactly: batches of ``batch_size`` prompts in the given order
   (TOFU's evaluation uses 30), left-padded, and ``max_length − T`` new tokens with T the padded
