@@ -3,6 +3,7 @@ against straightforward implementations of their budget rules, ROUGE's reference
 truncated tokens on real TOFU rows, both Truth Ratio aggregations against hand computations,
 and the driver's evaluation settings per preset."""
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -12,10 +13,13 @@ from helpers.toy_qa import tiny_llama, toy_qa_records, toy_tokenizer_for
 from rouge_score import rouge_scorer
 
 from fastgeffect.data.templates import get_template
+from fastgeffect.data.tofu import load_tofu_split
 from fastgeffect.driver import cli
 from fastgeffect.driver.evaluation import eval_options
 from fastgeffect.driver.presets import PRESETS
+from fastgeffect.embedded import TokenizerConfig, train_tokenizer
 from fastgeffect.eval import aggregate, evaluate_set, file_metrics, greedy_generate
+from fastgeffect.eval.__main__ import main as eval_main
 from fastgeffect.eval.aggregate import TRUTH_RATIO_AGGS, forget_quality
 from fastgeffect.eval.generate import GEN_MODES
 from fastgeffect.eval.tofu import rouge_references
@@ -101,9 +105,6 @@ def test_generation_mode_is_checked(never_eos):
 def _real_rows(n):
     if not (SHARED / "forget10_perturbed.json").exists():
         pytest.skip("real TOFU data not available")
-    from fastgeffect.data.tofu import load_tofu_split
-    from fastgeffect.embedded import TokenizerConfig, train_tokenizer
-
     rows = load_tofu_split("forget10_perturbed", SHARED)[:n]
     texts = [TPL.full(r["question"], r["answer"]) for r in rows] + [v for r in rows for v in r.values()
                                                                    if isinstance(v, str)]
@@ -205,3 +206,16 @@ def test_driver_eval_settings_per_preset():
     assert eval_options(args, target) == {"max_length": 64, "gen_mode": "tofu", "truth_ratio": "arithmetic"}
     with pytest.raises(SystemExit):
         cli.parse_args(["--eval-max-length", "0"])
+
+
+@pytest.mark.parametrize("agg", TRUTH_RATIO_AGGS)
+def test_eval_cli_aggregates_with_either_truth_ratio(tmp_path, agg):
+    logs = {f: _log(PARA, PERT) for f in ("eval_log.json", "eval_real_author_wo_options.json",
+                                          "eval_real_world_wo_options.json", "eval_log_forget.json")}
+    for name, log in logs.items():
+        (tmp_path / name).write_text(json.dumps(log))
+    assert eval_main(["aggregate", "--logs", str(tmp_path), "--out", str(tmp_path / "m.json"),
+                 "--truth-ratio-agg", agg]) == 0
+    got = json.loads((tmp_path / "m.json").read_text())
+    assert got["Truth Ratio Retain"] == pytest.approx(hand_truth_ratio(False, agg), rel=1e-12)
+    assert got == pytest.approx(aggregate(logs, truth_ratio=agg), rel=1e-12)
