@@ -66,7 +66,10 @@ def retain_model_log(target: Target, sets, args, shared: Path, preset: Preset) -
         def check(path: Path) -> str:
             load_json_dict(path)
             return str(path)
-        fingerprint = {**retain_log_fingerprint(target, args.split, args.eval_size), "eval": eval_options(args, target)}
+        options = eval_options(args, target)
+        # the log depends on how it is generated, not on how it is aggregated
+        fingerprint = {**retain_log_fingerprint(target, args.split, args.eval_size),
+                       "eval": {k: options[k] for k in ("max_length", "gen_mode")}}
         return cached(shared / "retain_model" / "eval_log_forget.json", fingerprint, compute, check,
                       recompute=args.overwrite, lock_dir=shared)
     if preset.retain_log_name and target.data_dir:
