@@ -1,4 +1,5 @@
 """UWC calibration: weight mixing without a third model copy, and the α search."""
+import argparse
 import copy
 import math
 
@@ -7,7 +8,11 @@ import torch
 from helpers.toy_qa import memorise, tiny_llama, toy_qa_records, toy_tokenizer_for
 
 from fastgeffect.data.templates import get_template
-from fastgeffect.eval import calibrate_alpha, mixed_weights, ps_scores, uwc_calibrate
+from fastgeffect.driver.evaluation import uwc_metrics
+from fastgeffect.driver.presets import PRESETS
+from fastgeffect.driver.targets import Target
+from fastgeffect.eval import calibrate_alpha, evaluate_tofu, mixed_weights, ps_scores, uwc_calibrate
+from fastgeffect.report import metrics_table
 
 TPL = get_template("phi")
 
@@ -98,3 +103,34 @@ def test_uwc_calibrate_end_to_end():
     assert len(res["history"]) <= 1 + 4
     with pytest.raises(ValueError, match="preset"):
         uwc_calibrate(orig, unl, tok, TPL, retain, forget, preset="gpt")
+
+
+def test_driver_evaluates_the_calibrated_model_fully(tmp_path):
+    """The run's UWC column: Model Utility, Forget Quality and the TOFU metrics of θ_mix at the
+    chosen α (equal to an evaluation of that mixture), PS, and the logs in their own folder."""
+    recs = toy_qa_records(4)
+    tok = toy_tokenizer_for(recs, TPL)
+    orig = tiny_llama(len(tok), hidden_size=32, layers=2, heads=4, seed=1, tokenizer=tok)
+    memorise(orig, tok, TPL, recs, steps=150)
+    unl = copy.deepcopy(orig)
+    with torch.no_grad():
+        for p in unl.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    sets = {"retain": recs[:4], "forget": recs[4:], "real_authors": recs[:3], "world_facts": recs[5:]}
+    retain_log = evaluate_tofu(unl, tok, TPL, {"forget": sets["forget"]}, out_dir=tmp_path / "retain",
+                               progress=False)
+    target = Target(orig, tok, TPL, None, 64, lambda: copy.deepcopy(orig))
+    args = argparse.Namespace(preset="embedded", eval_size=300, eval_batch_size=4, no_progress=True,
+                              eval_max_length=None, gen_mode=None, truth_ratio_agg="geometric")
+    res = uwc_metrics(unl, target, sets, tmp_path / "eval_uwc", args, PRESETS["embedded"], torch.device("cpu"),
+                      None, tmp_path / "retain" / "eval_log_forget.json")
+    assert 0.0 <= res["alpha"] < 1.0
+    with mixed_weights(unl, orig, res["alpha"]) as m:
+        direct = evaluate_tofu(m, tok, TPL, sets, retain_log=retain_log["logs"]["eval_log_forget.json"],
+                               max_length=64, batch_size=4, gen_mode="independent", progress=False)["metrics"]
+    for k in ("Model Utility", "Forget Quality", "ROUGE Forget", "Prob. Forget", "Truth Ratio Forget"):
+        assert res[k] == pytest.approx(direct[k], rel=1e-9, abs=1e-12), k
+    assert {"PS-exact retain", "PS-exact forget"} <= set(res)
+    assert (tmp_path / "eval_uwc" / "eval_log_forget.json").exists()
+    table = metrics_table({"UWC-calibrated": res})
+    assert "| Model Utility |" in table and "| Forget Quality |" in table

@@ -22,6 +22,10 @@ from ..tensorboard import tensorboard_missing
 from .presets import PRESETS
 
 PROG = "python -m fastgeffect.run"
+# fastgeffect.eval's GEN_MODES and TRUTH_RATIO_AGGS, spelled out: importing the evaluator would load
+# scipy for --help (tests/test_eval_parity.py pins them equal)
+GEN_MODES = ("tofu", "independent")
+TRUTH_RATIO_AGGS = ("geometric", "arithmetic")
 
 # the only flags that may differ when resuming: where the run is, the resume switches, progress bars,
 # when the resumable state is saved, whether the final model is saved and whether TensorBoard files are
@@ -139,6 +143,16 @@ def build_parser(doc: str = "") -> argparse.ArgumentParser:
                         "as UWC's per-model scripts (both with their own prompt, rows and batching), 'clean' "
                         "fastgeffect's own (training template, --eval-size rows); docs/design.md, PS protocols "
                         "(default: paper for the phi/llama presets, clean for embedded)")
+    g.add_argument("--eval-max-length", type=int, default=None,
+                   help="token length of evaluation items and generations (default: the preset's: TOFU's 200 "
+                        "for phi/llama, the training length for embedded)")
+    g.add_argument("--gen-mode", default=None, choices=GEN_MODES,
+                   help="evaluation generation: tofu (TOFU's batches of 30 in order, budget max length minus the "
+                        "batch's padded prompt length) or independent (each prompt's own budget, results "
+                        "independent of batching) (default: tofu for phi/llama, independent for embedded)")
+    g.add_argument("--truth-ratio-agg", default="geometric", choices=TRUTH_RATIO_AGGS,
+                   help="Truth Ratio's mean of the perturbed probabilities: geometric (TOFU's "
+                        "aggregate_eval_stat.py) or arithmetic (TOFU's utils.get_model_utility)")
     g.add_argument("--out", default=None,
                    help="run folder (default: runs/<method>-<regularizer>-<split>-seed<seed>, plus -<hash> "
                         "of the other settings that differ from their defaults)")
@@ -182,6 +196,7 @@ NUMBER_CHECKS = (
     ("eval_size", _finite(1), "an integer >= 1"),
     ("eval_batch_size", _finite(1), "an integer >= 1"),
     ("max_length", _finite(1), "an integer >= 1"),
+    ("eval_max_length", _finite(1), "an integer >= 1"),
     ("authors", _finite(1), "an integer >= 1"),
     ("save_every", _finite(0), "an integer >= 0 (0: epoch ends only)"),
     ("stop_at_step", _finite(0), "an integer >= 0"),

@@ -328,7 +328,8 @@ def finish(args, target: Target, preset: Preset, model, sets, retain_log, folder
         if not args.no_uwc:
             t = time.perf_counter()
             before = read_json(out / "metrics_before.json")
-            uwc = uwc_metrics(model, target, sets, args, preset, device, before.get("PS-exact retain"))
+            uwc = uwc_metrics(model, target, sets, out / "eval_uwc", args, preset, device,
+                              before.get("PS-exact retain"), retain_log)
             dist_.write_json_main(out / "metrics_uwc.json", uwc)
             if tb is not None:
                 tb.scalars(step, metric_scalars(uwc, "eval_uwc"))

@@ -1,6 +1,7 @@
-"""CLI: ``python -m fastgeffect.eval aggregate --logs PATH [--retain-log FILE] [--out FILE]`` and
-``python -m fastgeffect.eval tofu --model PATH --split forget05 [--data-dir DIR] [--template phi]
-[--retain-log FILE] [--out DIR]``."""
+"""CLI: ``python -m fastgeffect.eval aggregate --logs PATH [--retain-log FILE] [--out FILE]
+[--truth-ratio-agg geometric|arithmetic]`` and ``python -m fastgeffect.eval tofu --model PATH
+--split forget05 [--data-dir DIR] [--template phi] [--retain-log FILE] [--out DIR]
+[--gen-mode tofu|independent] [--truth-ratio-agg geometric|arithmetic]``."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,11 @@ from pathlib import Path
 from ..cli_help import HelpFormatter
 from ..data.tofu import RETAIN_OF
 from ..jsonfile import JSONFileError, read_json, write_json
-from .aggregate import aggregate, check_retain_log, format_table, load_logs, load_retain_log
+from .aggregate import TRUTH_RATIO_AGGS, aggregate, check_retain_log, format_table, load_logs, load_retain_log
+from .generate import GEN_MODES
+
+TRUTH_RATIO_HELP = ("how Truth Ratio averages the perturbed answers' probabilities: geometric (TOFU's "
+                    "aggregate_eval_stat.py, its published numbers) or arithmetic (TOFU's utils.get_model_utility)")
 
 
 def positive_int(text: str) -> int:
@@ -58,7 +63,7 @@ def _aggregate(args) -> int:
     logs = load_logs(args.logs)
     retain = load_retain_log(args.retain_log) if args.retain_log else None
     try:
-        metrics = aggregate(logs, retain, require_all=not args.partial)
+        metrics = aggregate(logs, retain, require_all=not args.partial, truth_ratio=args.truth_ratio_agg)
     except ValueError as e:  # the message names the TOFU file: say where it was read from
         where = f"logs: {args.logs}" + (f"; retain log: {args.retain_log}" if args.retain_log else "")
         raise ValueError(f"{e} ({where})") from None
@@ -97,7 +102,8 @@ def _tofu(args) -> int:
     out_dir = Path(args.out or Path(args.model) / "eval_results" / f"ds_size{args.ds_size}")
     res = evaluate_tofu(model, tokenizer, get_template(args.template), sets, out_dir=out_dir,
                         retain_log=retain, ds_size=args.ds_size, max_length=args.max_length,
-                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, gen_mode=args.gen_mode,
+                        truth_ratio=args.truth_ratio_agg)
     print(format_table(res["metrics"]))
     print(f"logs written to {out_dir}")
     return 0
@@ -115,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", help="output JSON (default: metrics.json next to the logs, never replaced by fewer "
                    "metrics)")
     a.add_argument("--partial", action="store_true", help="allow fewer than four log files")
+    a.add_argument("--truth-ratio-agg", default="geometric", choices=TRUTH_RATIO_AGGS, help=TRUTH_RATIO_HELP)
     t = sub.add_parser("tofu", help="evaluate a model on TOFU and write TOFU's logs",
                        description="Evaluate a causal LM on TOFU's four sets and write TOFU's per-sample logs "
                                    "and the aggregated metrics.", formatter_class=HelpFormatter)
@@ -128,7 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ds-size", type=positive_int, default=300, help="rows per evaluation set (TOFU's ds_size)")
     t.add_argument("--max-length", type=positive_int, default=200, help="token length of prompt + answer (TOFU's)")
     t.add_argument("--max-new-tokens", type=positive_int, help="generation budget (default: TOFU's max_length rule)")
-    t.add_argument("--batch-size", type=positive_int, default=32, help="sequences per evaluation batch")
+    t.add_argument("--batch-size", type=positive_int, default=32,
+                   help="sequences per loss batch (and generation batch with --gen-mode independent)")
+    t.add_argument("--gen-mode", default="tofu", choices=GEN_MODES,
+                   help="tofu: TOFU's generation (batches of 30 in order, budget max_length minus the batch's "
+                        "padded prompt length); independent: each prompt's budget from its own length, results "
+                        "independent of batching (recommended for new work)")
+    t.add_argument("--truth-ratio-agg", default="geometric", choices=TRUTH_RATIO_AGGS, help=TRUTH_RATIO_HELP)
     t.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights' dtype")
     t.add_argument("--device", help="cpu / cuda / cuda:N (default: cuda when available)")
     return p

@@ -7,8 +7,13 @@ Per evaluation file (``eval_log.json`` → "Retain", ``eval_real_author_wo_optio
 * ``Prob. X``: mean exp(−avg_gt_loss) on retain/forget; on real authors / world facts the mean
   of p_true / (p_true + Σ p_perturbed), p = exp(−avg loss);
 * ``ROUGE X``: mean ``rougeL_recall``;
-* ``Truth Ratio X``: with r = exp(mean avg perturbed loss − avg_paraphrased_loss), mean
-  min(r, 1/r) on forget and mean max(0, 1 − 1/r) elsewhere;
+* ``Truth Ratio X``: with q the perturbed-to-paraphrased probability ratio, mean min(q, 1/q) on
+  forget and mean max(0, 1 − q) elsewhere. ``truth_ratio="geometric"`` (the default, as
+  ``aggregate_eval_stat.py``, behind TOFU's published numbers): q = exp(avg_paraphrased_loss −
+  mean avg perturbed loss), the geometric mean of the perturbed probabilities over the
+  paraphrased one; ``"arithmetic"`` (TOFU's ``utils.get_model_utility``): q = mean exp(−avg
+  perturbed loss) / exp(−avg_paraphrased_loss). Forget Quality uses the geometric r = 1/q in
+  both TOFU scripts, so it does not depend on this choice;
 * ``Model Utility``: scipy's harmonic mean of the 9 non-forget numbers;
 * ``Forget Quality`` (= ``KS Test PVal Forget``) and ``KS Test Forget``: ``ks_2samp`` between
   the forget truth ratios r of the model and of a retain-only model; ``log Forget Quality`` is
@@ -45,6 +50,7 @@ FILES = {
 }
 UTILITY_FILES = ("eval_log.json", "eval_real_author_wo_options.json", "eval_real_world_wo_options.json")
 METRICS = ("ROUGE", "Prob.", "Truth Ratio")
+TRUTH_RATIO_AGGS = ("geometric", "arithmetic")
 SPLIT_ROWS = "forget01 has 40 rows, forget05 200, forget10 400, each cut to the eval size, TOFU's 300"
 
 
@@ -83,20 +89,40 @@ def _values(log: Mapping, key: str, fname: str, ref_keys=None) -> np.ndarray:
     return np.asarray(vals, dtype=np.float64)
 
 
-def log_truth_ratio(log: Mapping, fname: str = "log") -> np.ndarray:
-    """log r per sample, r = exp(mean avg perturbed loss − avg paraphrased loss) TOFU's aggregate
-    statistic. Kept in log space: r over- or underflows for the large losses unlearning gives."""
+def _ratio_losses(log: Mapping, fname: str):
+    """(avg paraphrased loss per sample, avg perturbed losses per sample × perturbed answer)."""
     para = log.get("avg_paraphrased_loss")
     keys = list(para.keys()) if isinstance(para, Mapping) else None
     para = _values(log, "avg_paraphrased_loss", fname)
     pert = _values(log, "average_perturb_loss", fname, keys)
-    if pert.ndim == 1:  # a single perturbed answer per sample
-        pert = pert[:, None]
+    return para, (pert[:, None] if pert.ndim == 1 else pert)  # 1-D: a single perturbed answer per sample
+
+
+def log_truth_ratio(log: Mapping, fname: str = "log") -> np.ndarray:
+    """log r per sample, r = exp(mean avg perturbed loss − avg paraphrased loss) TOFU's aggregate
+    statistic. Kept in log space: r over- or underflows for the large losses unlearning gives."""
+    para, pert = _ratio_losses(log, fname)
     return pert.mean(axis=-1) - para
 
 
-def file_metrics(log: Mapping, fname: str) -> Dict[str, float]:
-    """The three sub-metrics of one TOFU log file."""
+def check_truth_ratio(truth_ratio: str) -> None:
+    if truth_ratio not in TRUTH_RATIO_AGGS:
+        raise ValueError(f"unknown truth-ratio aggregation {truth_ratio!r}; valid: {', '.join(TRUTH_RATIO_AGGS)}")
+
+
+def log_perturbed_ratio(log: Mapping, fname: str = "log", truth_ratio: str = "geometric") -> np.ndarray:
+    """log q per sample: the perturbed answers' probability over the paraphrased answer's, the
+    perturbed probabilities averaged geometrically (q = 1/r, :func:`log_truth_ratio`) or
+    arithmetically (TOFU's ``get_model_utility``), in log space."""
+    check_truth_ratio(truth_ratio)
+    if truth_ratio == "geometric":
+        return -log_truth_ratio(log, fname)
+    para, pert = _ratio_losses(log, fname)
+    return logsumexp(-pert, axis=-1) - math.log(pert.shape[-1]) + para
+
+
+def file_metrics(log: Mapping, fname: str, truth_ratio: str = "geometric") -> Dict[str, float]:
+    """The three sub-metrics of one TOFU log file (``truth_ratio``: the module docstring)."""
     if fname not in FILES:
         raise ValueError(f"unknown TOFU log file {fname!r}; valid: {', '.join(FILES)}")
     name = FILES[fname]
@@ -114,11 +140,11 @@ def file_metrics(log: Mapping, fname: str) -> Dict[str, float]:
         prob = float(np.mean(np.exp(neg[:, 0] - logsumexp(neg, axis=1))))
     rouge = float(_values(log, "rougeL_recall", fname, keys).mean())
     _values(log, "avg_paraphrased_loss", fname, keys)  # same samples as the rest
-    lr = log_truth_ratio(log, fname)
+    lq = log_perturbed_ratio(log, fname, truth_ratio)
     if name == "Forget":
-        tr = float(np.mean(np.exp(-np.abs(lr))))  # min(r, 1/r)
+        tr = float(np.mean(np.exp(-np.abs(lq))))  # min(q, 1/q)
     else:
-        tr = float(np.mean(-np.expm1(-np.maximum(lr, 0))))  # max(0, 1 − 1/r)
+        tr = float(np.mean(-np.expm1(np.minimum(lq, 0))))  # max(0, 1 − q)
     return {f"ROUGE {name}": rouge, f"Prob. {name}": prob, f"Truth Ratio {name}": tr}
 
 
@@ -175,13 +201,15 @@ def forget_quality(forget_log: Mapping, retain_forget_log: Mapping) -> Dict[str,
 
 
 def aggregate(logs: Mapping[str, Mapping], retain_forget_log: Optional[Mapping] = None, *,
-              require_all: bool = True) -> Dict[str, Optional[float]]:
-    """Aggregate TOFU logs ``{file name: per-sample log}``.
+              require_all: bool = True, truth_ratio: str = "geometric") -> Dict[str, Optional[float]]:
+    """Aggregate TOFU logs ``{file name: per-sample log}``; ``truth_ratio`` ``geometric``
+    (``aggregate_eval_stat.py``) or ``arithmetic`` (``utils.get_model_utility``), module docstring.
 
     ``require_all=True`` (TOFU's setting) needs all four files. With ``require_all=False`` the
     sub-metrics of the files present are reported and ``Model Utility`` only when the three
     non-forget files are all there (never a harmonic mean of fewer numbers).
     """
+    check_truth_ratio(truth_ratio)
     unknown = [f for f in logs if f not in FILES]
     if unknown:
         raise ValueError(f"unknown TOFU log files {unknown}; valid: {', '.join(FILES)}")
@@ -191,7 +219,7 @@ def aggregate(logs: Mapping[str, Mapping], retain_forget_log: Optional[Mapping] 
     out: Dict[str, Optional[float]] = {}
     for fname in FILES:
         if fname in logs:
-            out.update(file_metrics(logs[fname], fname))
+            out.update(file_metrics(logs[fname], fname, truth_ratio))
     if all(f in logs for f in UTILITY_FILES):
         out["Model Utility"] = float(hmean([out[f"{m} {FILES[f]}"] for f in UTILITY_FILES for m in METRICS]))
     if retain_forget_log is not None:

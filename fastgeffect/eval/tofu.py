@@ -12,27 +12,28 @@ For each evaluation set this reproduces TOFU's ``get_all_evals``:
   (null where it overflows: files are strict JSON, written atomically);
 * ``normalized_gt_loss`` on real authors / world facts.
 
-Indices are the string positions "0", "1", ... of the (first ``ds_size``) records. Differences
-from TOFU's script, none of which changes a number: the ground truth in ``generated_text`` and for
-ROUGE is the record's answer string (TOFU decodes it back from tokens; ROUGE tokenisation makes
-the two agree), and batches are length-sorted.
+Indices are the string positions "0", "1", ... of the (first ``ds_size``) records. Generation
+follows ``gen_mode`` (:mod:`.generate`): ``tofu`` reproduces TOFU's batches and budgets, the
+batching-independent ``independent`` does not. The ground truth in ``generated_text`` and for
+ROUGE is TOFU's: the answer as decoded back from its (possibly truncated) tokens
+(:func:`rouge_references`). Loss batches are length-sorted, which changes no number.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data.templates import Template
+from ..data.templates import IGNORE_INDEX, Template
 from ..data.tofu import load_tofu_split
 from ..jsonfile import write_json
 from ._common import as_list, check_ds_size, check_records
-from .aggregate import aggregate, check_retain_log, load_retain_log
-from .generate import greedy_generate
-from .losses import answer_losses
+from .aggregate import aggregate, check_retain_log, check_truth_ratio, load_retain_log
+from .generate import TOFU_BATCH_SIZE, check_gen_mode, greedy_generate
+from .losses import answer_losses, encode_pairs
 
 # set name -> (TOFU log file, answer key used for the truth ratio's base, forget set?)
 TASKS = {
@@ -57,6 +58,33 @@ def _rouge(generated: Sequence[str], truths: Sequence[str]):
     return r1, rl
 
 
+def rouge_references(tokenizer, template: Template, questions: Sequence[str], answers: Sequence[str],
+                     max_length: int) -> List[str]:
+    """ROUGE's reference per pair, as TOFU's ``run_generation`` takes it: the answer decoded back
+    from the tokens kept within ``max_length``.
+
+    A pair that fits keeps its answer string (decoding gives it back). A truncated one is decoded
+    (special tokens skipped) and cut after TOFU's split marker (phi: "Answer: ", llama2:
+    " [/INST]", i.e. the template's answer start, else its question end); where the decoded text
+    lacks the marker (a tokenizer that does not round-trip the template, the chat template) the
+    kept answer tokens are decoded instead.
+    """
+    ids, labels, real, _ = encode_pairs(tokenizer, template, questions, answers, max_length)
+    marker = template.answer_start or template.question_end
+    refs = []
+    for a, x, y, n in zip(answers, ids, labels, real):
+        if n < max_length:
+            refs.append(a)
+            continue
+        text = tokenizer.decode(x[:n], skip_special_tokens=True)
+        if marker and marker in text:
+            refs.append(text.split(marker)[1])  # TOFU's s.split(split_symbol)[1]
+        else:
+            refs.append(tokenizer.decode([t for t, lab in zip(x, y) if lab != IGNORE_INDEX],
+                                         skip_special_tokens=True))
+    return refs
+
+
 def _idx(values) -> Dict[str, object]:
     return {str(i): v for i, v in enumerate(values)}
 
@@ -73,12 +101,14 @@ def _check_finite(task: str, key: str, values: torch.Tensor, records: Sequence[d
 
 def evaluate_set(model, tokenizer, template: Template, records: Sequence[dict], task: str, *,
                  ds_size: Optional[int] = 300, max_length: int = 200, max_new_tokens: Optional[int] = None,
-                 batch_size: int = 32, generate: bool = True, progress=None) -> dict:
+                 batch_size: int = 32, gen_mode: str = "tofu", generate: bool = True, progress=None) -> dict:
     """TOFU's per-sample log of one set. ``task`` is one of ``retain``, ``forget``,
     ``real_authors``, ``world_facts`` (it picks the base answer key and whether
     ``normalized_gt_loss`` is written). Only the first ``ds_size`` records are used, as TOFU's
     ``ds_size=300`` (None: all; zero or a negative size is refused); ``generate=False`` skips
-    generation and ROUGE (losses only). A non-finite loss (a diverged model) is refused."""
+    generation and ROUGE (losses only). ``gen_mode`` ``tofu`` generates in TOFU's batches of 30
+    whatever ``batch_size`` (which sizes the loss batches and ``independent``'s generation batches).
+    A non-finite loss (a diverged model) is refused."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
     base_key = TASKS[task][1]
@@ -104,9 +134,10 @@ def evaluate_set(model, tokenizer, template: Template, records: Sequence[dict], 
     step()
     if generate:
         prompts = [template.prompt(q, tokenizer) for q in qs]
-        gens = greedy_generate(model, tokenizer, prompts, max_length=max_length, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, add_special_tokens=not template.chat)
-        truths = [r["answer"] for r in records]
+        gens = greedy_generate(model, tokenizer, prompts, mode=gen_mode, max_length=max_length,
+                               max_new_tokens=max_new_tokens, add_special_tokens=not template.chat,
+                               batch_size=TOFU_BATCH_SIZE if gen_mode == "tofu" else batch_size)
+        truths = rouge_references(tokenizer, template, qs, [r["answer"] for r in records], max_length)
         log["generated_text"] = _idx([[p, g, t] for p, g, t in zip(prompts, gens, truths)])
         log["rouge1_recall"], log["rougeL_recall"] = _rouge(gens, truths)
     step()
@@ -153,7 +184,7 @@ def write_logs(logs: Mapping[str, dict], out_dir: Union[str, Path]) -> Path:
 def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Sequence[dict]], *,
                   out_dir: Optional[Union[str, Path]] = None, retain_log=None, ds_size: Optional[int] = 300,
                   max_length: int = 200, max_new_tokens: Optional[int] = None, batch_size: int = 32,
-                  progress: bool = True) -> dict:
+                  gen_mode: str = "tofu", truth_ratio: str = "geometric", progress: bool = True) -> dict:
     """Evaluate the TOFU sets and aggregate them.
 
     ``sets`` maps task names (``retain``, ``forget``, ``real_authors``, ``world_facts``) to
@@ -162,8 +193,11 @@ def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Seque
     ``retain_log`` (a path or an ``eval_log_forget.json`` dict of a retain-only model) adds
     Forget Quality; it is read and checked against the forget rows before anything is evaluated.
     Model Utility needs the three non-forget sets; with fewer, only the available sub-metrics are
-    reported.
+    reported. ``gen_mode`` (:mod:`.generate`) and ``truth_ratio`` (:func:`.aggregate.aggregate`)
+    default to TOFU's published evaluation.
     """
+    check_gen_mode(gen_mode)
+    check_truth_ratio(truth_ratio)
     unknown = [s for s in sets if s not in TASKS]
     if unknown:
         raise ValueError(f"unknown set names {unknown}; valid: {', '.join(TASKS)}")
@@ -189,12 +223,12 @@ def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Seque
                     bar.set_postfix_str(name)
                     logs[TASKS[name][0]] = evaluate_set(model, tokenizer, template, sets[name], name, ds_size=ds_size,
                                                         max_length=max_length, max_new_tokens=max_new_tokens,
-                                                        batch_size=batch_size, progress=bar)
+                                                        batch_size=batch_size, gen_mode=gen_mode, progress=bar)
     finally:
         model.train(was_training)
     if out_dir is not None:
         write_logs(logs, out_dir)
-    metrics = aggregate(logs, retain, require_all=False)
+    metrics = aggregate(logs, retain, require_all=False, truth_ratio=truth_ratio)
     if out_dir is not None:
         write_json(Path(out_dir) / "metrics.json", metrics)
     return {"metrics": metrics, "logs": logs}
