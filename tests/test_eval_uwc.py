@@ -121,7 +121,8 @@ def test_driver_evaluates_the_calibrated_model_fully(tmp_path):
                                progress=False)
     target = Target(orig, tok, TPL, None, 64, lambda: copy.deepcopy(orig))
     args = argparse.Namespace(preset="embedded", eval_size=300, eval_batch_size=4, no_progress=True,
-                              eval_max_length=None, gen_mode=None, truth_ratio_agg="geometric", ps_protocol="clean", split="forget10")
+                              eval_max_length=None, gen_mode=None, truth_ratio_agg="geometric",
+                              ps_protocol="clean", split="forget10")
     res = uwc_metrics(unl, target, sets, tmp_path / "eval_uwc", args, PRESETS["embedded"], torch.device("cpu"),
                       None, tmp_path / "retain" / "eval_log_forget.json")
     assert 0.0 <= res["alpha"] < 1.0
