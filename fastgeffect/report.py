@@ -28,7 +28,7 @@ from .jsonl import read_jsonl  # noqa: E402
 
 GROUP_ORDER = ("embed", "shallow", "middle", "deep", "lm")
 SUMMARY_KEYS = ("method", "regularizer", "lam", "split", "model", "preset", "size", "data_dir", "authors", "epochs",
-                "batch_size", "lr", "seed", "ps_protocol")
+                "batch_size", "lr", "seed", "ps_protocol", "gen_mode", "eval_max_length", "truth_ratio_agg")
 HEADLINE_METRICS = ("Model Utility", "Forget Quality", "Prob. Forget", "ROUGE Forget", "Prob. Retain", "ROUGE Retain",
                     "PS-exact forget", "PS-perturb forget", "PS-exact retain", "PS-perturb retain")
 

@@ -52,7 +52,9 @@ def test_default_run_end_to_end(tmp_path):
     uwc = json.loads((out / "metrics_uwc.json").read_text())
     assert 0.0 <= uwc["alpha"] <= 1.0 and "PS-exact forget" in uwc
     assert "| Model Utility |" in (out / "summary.md").read_text()
-    assert cfg["ps_protocol"] == "clean" and "ps_protocol=clean" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert cfg["ps_protocol"] == "clean" and "ps_protocol=clean" in summary
+    assert cfg["gen_mode"] == "independent" and "gen_mode=independent, truth_ratio_agg=geometric" in summary
 
 
 def test_resume_gives_the_same_geffect_log(tmp_path):

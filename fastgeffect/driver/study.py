@@ -145,6 +145,7 @@ def run_study(args, argv: Optional[List[str]] = None) -> int:
     args.preset = preset.name
     args.lr = args.lr if args.lr is not None else preset.lr
     args.ps_protocol = args.ps_protocol or preset.ps_protocol
+    args.gen_mode = args.gen_mode or preset.gen_mode  # named in config.json and the summary
     term = OBJECTIVES[args.method]
     args.regularizer = args.regularizer or term.default_regularizer
     accelerator = make_accelerator()
