@@ -18,6 +18,7 @@ from fastgeffect.eval import evaluate_tofu
 from fastgeffect.finetune.cli import main
 from fastgeffect.finetune.recipe import DEFAULT_LR, LORA_LR, default_lr
 from fastgeffect.model_loading import load_causal_lm
+from tests.helpers.smollm2 import converted_smollm2
 from tests.helpers.tiny_models import tiny_llama
 from tests.helpers.toy_qa import tiny_tokenizer
 
@@ -156,3 +157,33 @@ def test_module_entry_point_help():
                          cwd=ROOT, check=True).stdout
     for flag in ("--retain-twin", "--lora", "--authors", "--resume", "--split"):
         assert flag in out
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    cache, folder = converted_smollm2(tmp_path_factory)
+    data = tmp_path_factory.mktemp("short-tofu")
+    rows = [{"question": f"Who wrote book {i}?", "answer": f"Ann Lee wrote book {i}."} for i in range(4)]
+    (data / "full.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder, data
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_smollm2_two_steps_then_resume(smollm2, tmp_path, lora):
+    folder, data = smollm2
+    out = tmp_path / "ft"
+    flags = ["--model", str(folder), "--data-dir", str(data), "--out", str(out), "--batch-size", "2",
+             "--grad-accum", "1", "--max-steps", "3", "--max-length", "64", "--lora", str(lora), "--no-progress"]
+    assert main(flags + ["--stop-after", "2"]) == 3
+    assert main(flags + ["--resume"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["template"] == "chat" and manifest["model_type"] == "llama"
+    assert manifest["recipe"]["lr"] == default_lr("llama", lora)
+    log = [json.loads(line) for line in (out / "target" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2] and all(r["loss"] > 0 for r in log)
+    base, tuned = _weights(folder), _weights(out / "target")
+    moved = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert "model.layers.0.self_attn.q_proj.weight" in moved
+    if lora:  # merged adapters: only the adapted linear layers moved; the adapters are kept too
+        assert (out / "target" / "adapter" / "adapter_config.json").is_file()
+        assert "model.embed_tokens.weight" not in moved and not any("norm" in k for k in moved)
