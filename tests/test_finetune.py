@@ -132,6 +132,9 @@ def test_default_learning_rates():
     (["--template", "chat"], "needs a tokenizer that has a chat_template"),
     (["--max-length", "8"], "leaves no answer token"),
     (["--eval-size", "0"], "--eval-size must be >= 1"),
+    (["--device", "gpu0"], "is not a device"),
+    pytest.param(["--device", "cuda"], "sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
 ])
 def test_bad_inputs_fail_clearly(tiny, tmp_path, extra, message):
     data, model = tiny

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     o.add_argument("--save-every", type=int, default=0, help="steps between resumable states (0: epoch ends)")
     o.add_argument("--stop-after", type=int, default=None,
-                   help="stop after N steps of a model, as if interrupted (state saved; see --resume)")
+                   help="stop after N steps of a model, as if interrupted: state saved, exit status 3 (see --resume)")
     o.add_argument("--eval-size", type=int, default=300, help="forget rows in the twin's log (TOFU's ds_size)")
     o.add_argument("--eval-batch-size", type=int, default=8)
     o.add_argument("--bf16", action="store_true", help="load and train in bfloat16")
@@ -101,6 +101,13 @@ def check_args(args) -> None:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
     if args.stop_after is not None and args.stop_after < 0:
         raise SystemExit("error: --stop-after must be >= 0")
+    if args.device is not None:
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError as e:
+            raise SystemExit(f"error: --device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from e
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {args.device}: this torch sees no CUDA device")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file")
