@@ -1,5 +1,8 @@
 """``load_causal_lm``: every --model spec (alias, .gguf file, local folder, hub name) and every bad
 input, on SmolLM2-135M (converted once per session) and a tiny Llama."""
+import json
+from pathlib import Path
+
 import huggingface_hub
 import pytest
 import torch
@@ -108,3 +111,28 @@ def test_unknown_hub_name_fails_clearly_offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network retries
     with pytest.raises(ModelLoadError, match="cannot load the config of 'fastgeffect-no-such/model'"):
         load_causal_lm("fastgeffect-no-such/model")
+
+
+TOFU = Path(__file__).resolve().parents[2] / "shared" / "tofu"
+
+
+@pytest.mark.skipif(not TOFU.is_dir(), reason="../shared/tofu (the TOFU data) is not present")
+def test_eval_cli_takes_the_alias_and_chooses_the_chat_template(smollm2, tmp_path, monkeypatch):
+    from fastgeffect.eval.__main__ import main
+    cache, _ = smollm2
+    monkeypatch.setenv("FASTGEFFECT_CACHE", str(cache))
+    seen = []
+    real = model_loading.load_causal_lm
+
+    def spy(spec, **kw):
+        seen.append(spec)
+        return real(spec, **kw)
+    monkeypatch.setattr(model_loading, "load_causal_lm", spy)
+    out = tmp_path / "out"
+    assert main(["tofu", "--model", ALIAS, "--split", "forget01", "--data-dir", str(TOFU), "--ds-size", "1",
+                 "--dtype", "fp32", "--device", "cpu", "--max-new-tokens", "2", "--max-length", "96",
+                 "--out", str(out)]) == 0
+    assert seen == [ALIAS]
+    gen = json.loads((out / "eval_log_forget.json").read_text())["generated_text"]
+    prompt = next(iter(gen.values()))[0]
+    assert "<|im_start|>user" in prompt  # SmolLM2's ChatML template, chosen without --template

@@ -80,13 +80,15 @@ def _aggregate(args) -> int:
 def _tofu(args) -> int:
     # only this subcommand needs torch and transformers: aggregate and --help stay instant
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from ..data.templates import get_template
+    from ..data.templates import choose_template
+    from ..model_loading import ALIASES, load_causal_lm
     from .tofu import evaluate_tofu, load_tofu_sets
 
     # the paths, the data and the retain log are checked before the (slow) model is loaded
-    check_model_path("--model", args.model)
+    if not args.model.endswith(".gguf") and args.model not in ALIASES:  # those are checked when converted
+        check_model_path("--model", args.model)
     if args.tokenizer:
         check_model_path("--tokenizer", args.tokenizer, ("tokenizer_config.json", "tokenizer.json", "config.json"))
     sets = load_tofu_sets(args.split, args.data_dir)
@@ -95,12 +97,15 @@ def _tofu(args) -> int:
         retain = load_retain_log(args.retain_log)
         forget = sets["forget"][:args.ds_size]
         check_retain_log(retain, len(forget), [r["answer"] for r in forget], name=args.retain_log)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    out_dir = Path(args.out or Path(args.model) / "eval_results" / f"ds_size{args.ds_size}")
-    res = evaluate_tofu(model, tokenizer, get_template(args.template), sets, out_dir=out_dir,
+    model, tokenizer = load_causal_lm(args.model, dtype=dtype,
+                                      device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    template = choose_template(tokenizer, args.template)  # chat for a chat tokenizer unless --template says
+    base = Path(args.model[:-len(".gguf")] if args.model.endswith(".gguf") else args.model)
+    out_dir = Path(args.out or base / "eval_results" / f"ds_size{args.ds_size}")
+    res = evaluate_tofu(model, tokenizer, template, sets, out_dir=out_dir,
                         retain_log=retain, ds_size=args.ds_size, max_length=args.max_length,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, gen_mode=args.gen_mode,
                         truth_ratio=args.truth_ratio_agg)
@@ -125,11 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tofu", help="evaluate a model on TOFU and write TOFU's logs",
                        description="Evaluate a causal LM on TOFU's four sets and write TOFU's per-sample logs "
                                    "and the aggregated metrics.", formatter_class=HelpFormatter)
-    t.add_argument("--model", required=True, help="local folder or hub name of a causal LM")
+    t.add_argument("--model", required=True, help="a causal LM: local folder, hub name, .gguf file or an alias "
+                   "(smollm2-135m)")
     t.add_argument("--tokenizer", help="tokenizer (default: the model's)")
     t.add_argument("--split", default="forget05", choices=sorted(RETAIN_OF), help="TOFU forget split")
     t.add_argument("--data-dir", help="folder of TOFU JSON-lines files (default: the hub, locuslab/TOFU)")
-    t.add_argument("--template", default="phi", choices=["phi", "llama2", "chat"], help="prompt template")
+    t.add_argument("--template", default=None, choices=["phi", "llama2", "chat"],
+                   help="prompt template (default: chat for a tokenizer with a chat template, else phi)")
     t.add_argument("--retain-log", help="a retain-only model's eval_log_forget.json (for Forget Quality)")
     t.add_argument("--out", help="output folder (default: MODEL/eval_results/ds_sizeN)")
     t.add_argument("--ds-size", type=positive_int, default=300, help="rows per evaluation set (TOFU's ds_size)")
