@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from ..eval import load_retain_log
+from .artefacts import load_json_dict
 
 # what Forget Quality reads of a retain model's forget log (the rest is checked where it is used)
 RETAIN_LOG_KEYS = ("avg_paraphrased_loss", "average_perturb_loss")
+MANIFEST = "manifest.json"  # what python -m fastgeffect.finetune --out DIR writes next to DIR/target
 
 
 def looks_like_path(name: str) -> bool:
@@ -16,21 +19,49 @@ def looks_like_path(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def check_model(name: str) -> None:
+def check_model(name: str, flag: str = "--model") -> None:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise SystemExit(f"--model {name} is a file; pass the folder that holds config.json and the weights")
+            raise SystemExit(f"{flag} {name} is a file; pass the folder that holds config.json and the weights")
         if not (path / "config.json").is_file():
-            raise SystemExit(f"--model {name} is a folder without config.json, not a Hugging Face model folder "
+            raise SystemExit(f"{flag} {name} is a folder without config.json, not a Hugging Face model folder "
                              "(save_pretrained writes config.json and the weights there)")
     elif looks_like_path(name):
-        raise SystemExit(f"--model {name}: no such folder (a hub model is named name or org/name)")
+        raise SystemExit(f"{flag} {name}: no such folder (a hub model is named name or org/name)")
+
+
+def manifest_authors(manifest: dict) -> Optional[int]:
+    """The author subset a fine-tune's manifest records (``authors``, at the top or under ``data``;
+    None: all of TOFU)."""
+    data = manifest.get("data")
+    return manifest.get("authors", data.get("authors") if isinstance(data, dict) else None)
+
+
+def check_manifest(model: str, authors: Optional[int]) -> None:
+    """``--authors`` must name the subset ``--model`` was fine-tuned on, when the fine-tune's
+    ``manifest.json`` sits next to its folder (``python -m fastgeffect.finetune --out DIR`` writes
+    DIR/target and DIR/manifest.json): another subset would unlearn rows the model never saw as such."""
+    folder = Path(model).expanduser()
+    path = folder.resolve().parent / MANIFEST
+    if not folder.is_dir() or not path.is_file():  # a hub model, or a folder not made by finetune
+        return
+    try:
+        trained = manifest_authors(load_json_dict(path))
+    except ValueError as e:
+        raise SystemExit(f"--model {model}: {e}") from None
+    if trained != authors:
+        said = "all of TOFU" if trained is None else f"--authors {trained}"
+        given = "no --authors (all of TOFU)" if authors is None else f"--authors {authors}"
+        raise SystemExit(f"--model {model} was fine-tuned on {said} ({path}), but this run has {given}: "
+                         "pass the same author subset")
 
 
 def check_data(args) -> None:
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise SystemExit(f"--data-dir {args.data_dir} is not a folder")
+    if args.model is not None and args.authors is not None and args.data_dir is None:
+        raise SystemExit("--authors needs --data-dir (the TOFU folder the model was fine-tuned on)")
     if args.model is None:  # the embedded target: generated text, or real TOFU text of N authors
         if args.authors is not None and args.data_dir is None:
             raise SystemExit("--authors needs --data-dir (a folder of TOFU files)")
@@ -54,9 +85,13 @@ def check_retain_log(path: str) -> None:
 
 
 def check_inputs(args) -> None:
-    """Every path a flag names: ``--model``, ``--data-dir`` (with ``--authors``), ``--retain-log``."""
+    """Every path a flag names: ``--model`` (and its fine-tune's manifest), ``--retain-model``,
+    ``--data-dir`` (with ``--authors``), ``--retain-log``."""
     if args.model is not None:
         check_model(args.model)
+        check_manifest(args.model, args.authors)
+    if args.retain_model is not None:
+        check_model(args.retain_model, "--retain-model")
     check_data(args)
     if args.retain_log is not None:
         check_retain_log(args.retain_log)
