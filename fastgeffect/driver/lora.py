@@ -32,7 +32,7 @@ def add_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
     if not targets:
         raise SystemExit(f"--lora: {type(model).__name__} has none of the projections LoRA adapts here "
                          f"({', '.join(TARGET_MODULES)}); unlearn it without --lora")
-    if getattr(model, "is_gradient_checkpointing", False):
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         model.enable_input_require_grads()  # frozen embeddings: recomputed blocks still need a graph to the adapters
     config = LoraConfig(r=rank, lora_alpha=lora_alpha(rank), lora_dropout=0.0, target_modules=targets, bias="none")
     return get_peft_model(model, config)
