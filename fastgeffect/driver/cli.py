@@ -86,8 +86,8 @@ def build_parser(doc: str = "") -> argparse.ArgumentParser:
                    help="eval_log_forget.json of the target's retain-only twin for Forget Quality (default: computed "
                         "for the embedded target or --retain-model; TOFU's published log only for the checkpoint it "
                         "belongs to; otherwise Forget Quality is reported as unavailable)")
-    g.add_argument("--cache-dir", default=None, help="cache of embedded models (default: $FASTGEFFECT_CACHE, "
-                                                      "else ~/.cache/fastgeffect)")
+    g.add_argument("--cache-dir", default=None, help="cache of embedded models and TOFU author subsets (default: "
+                                                      "$FASTGEFFECT_CACHE, else ~/.cache/fastgeffect)")
     g.add_argument("--shared-dir", default=None,
                    help="folder for what only depends on the target and data (reference log-probs, the "
                         "retain model's log, evaluation before unlearning), reused by runs that share them "
