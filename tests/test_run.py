@@ -52,6 +52,10 @@ def test_default_run_end_to_end(tmp_path):
     uwc = json.loads((out / "metrics_uwc.json").read_text())
     assert 0.0 <= uwc["alpha"] <= 1.0 and "PS-exact forget" in uwc
     assert "| Model Utility |" in (out / "summary.md").read_text()
+    # the embedded target's Forget Quality is against its own retain twin, and the summary says so
+    assert 0.0 < before["Forget Quality"] <= 1.0
+    assert "- Forget Quality against the retain twin" in (out / "summary.md").read_text()
+    assert cfg["forget_quality"].startswith("Forget Quality against the retain twin")
 
 
 def test_resume_gives_the_same_geffect_log(tmp_path):

@@ -80,11 +80,14 @@ def test_tnpo_with_the_adapters_disabled_reference_is_ga_at_step_0(byom, tmp_pat
     """Fresh adapters (B = 0) leave the model equal to θ_o = the model with adapters disabled, so
     TNPO's weights 2σ(β(logp − logp_ref)) are all 1: its step-0 G-effects are GA's."""
     common = ("--lora", "4", "--eval", "none", "--pg-steps", "", "--lr", "1e-3")
-    assert run(byom, tmp_path / "tnpo", "--method", "tnpo", *common) == 0
+    # recomputed activations (as on CUDA by default) change no number, and the frozen embeddings still let
+    # gradients reach the adapters
+    assert run(byom, tmp_path / "tnpo", "--method", "tnpo", "--gradient-checkpointing", *common) == 0
     assert run(byom, tmp_path / "ga", "--method", "ga", *common) == 0
     tnpo, ga = (read_geffect_log(tmp_path / d / "geffect.jsonl") for d in ("tnpo", "ga"))
     assert_same_geffects([r for r in ga if r["step"] == 0], [r for r in tnpo if r["step"] == 0], 1e-5, groups=True)
     assert tnpo[0]["weights"]["mean"] == pytest.approx(1.0, abs=1e-6)
+    assert all(r["total"] != 0.0 for r in tnpo)
     # step 1 starts from weights the step moved: TNPO's weights leave 1 and the runs part
     step1 = [(a["total"], b["total"]) for a, b in zip(ga, tnpo) if a["step"] == 1 and a["risk"] == "unlearn"]
     assert step1 and all(abs(a - b) > 1e-6 * abs(a) for a, b in step1)
@@ -198,6 +201,11 @@ def test_authors_with_model_and_its_manifest(byom, tmp_path):
         main([*common, "--authors", "5", "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match=r"but this run has no --authors \(all of TOFU\)"):
         main([*common, "--out", str(tmp_path / "b")])
+    other = tmp_path / "other-ft"  # a twin from another fine-tune
+    shutil.copytree(byom.retain, other / "retain")
+    (other / "manifest.json").write_text(json.dumps({"authors": 3}))
+    with pytest.raises(SystemExit, match=r"--retain-model .*retain was fine-tuned on --authors 3"):
+        main([*common, "--retain-model", str(other / "retain"), "--authors", "4", "--out", str(tmp_path / "b")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     (ft / "manifest.json").write_text(json.dumps({"authors": 4}))  # at the top level too
     out = tmp_path / "c"

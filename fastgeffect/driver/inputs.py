@@ -38,8 +38,8 @@ def manifest_authors(manifest: dict) -> Optional[int]:
     return manifest.get("authors", data.get("authors") if isinstance(data, dict) else None)
 
 
-def check_manifest(model: str, authors: Optional[int]) -> None:
-    """``--authors`` must name the subset ``--model`` was fine-tuned on, when the fine-tune's
+def check_manifest(model: str, authors: Optional[int], flag: str = "--model") -> None:
+    """``--authors`` must name the subset ``--model`` (or its twin) was fine-tuned on, when the fine-tune's
     ``manifest.json`` sits next to its folder (``python -m fastgeffect.finetune --out DIR`` writes
     DIR/target and DIR/manifest.json): another subset would unlearn rows the model never saw as such."""
     folder = Path(model).expanduser()
@@ -49,11 +49,11 @@ def check_manifest(model: str, authors: Optional[int]) -> None:
     try:
         trained = manifest_authors(load_json_dict(path))
     except ValueError as e:
-        raise SystemExit(f"--model {model}: {e}") from None
+        raise SystemExit(f"{flag} {model}: {e}") from None
     if trained != authors:
         said = "all of TOFU" if trained is None else f"--authors {trained}"
         given = "no --authors (all of TOFU)" if authors is None else f"--authors {authors}"
-        raise SystemExit(f"--model {model} was fine-tuned on {said} ({path}), but this run has {given}: "
+        raise SystemExit(f"{flag} {model} was fine-tuned on {said} ({path}), but this run has {given}: "
                          "pass the same author subset")
 
 
@@ -92,6 +92,7 @@ def check_inputs(args) -> None:
         check_manifest(args.model, args.authors)
     if args.retain_model is not None:
         check_model(args.retain_model, "--retain-model")
+        check_manifest(args.retain_model, args.authors, "--retain-model")
     check_data(args)
     if args.retain_log is not None:
         check_retain_log(args.retain_log)
