@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers.geffect_logs import assert_same_geffects
 from helpers.tiny_models import qa_batch, tiny_llama
+from transformers import AutoModelForCausalLM
 
 from fastgeffect.data.tofu import load_tofu_split
 from fastgeffect.driver import targets
@@ -91,6 +92,20 @@ def test_tnpo_with_the_adapters_disabled_reference_is_ga_at_step_0(byom, tmp_pat
     # step 1 starts from weights the step moved: TNPO's weights leave 1 and the runs part
     step1 = [(a["total"], b["total"]) for a, b in zip(ga, tnpo) if a["step"] == 1 and a["risk"] == "unlearn"]
     assert step1 and all(abs(a - b) > 1e-6 * abs(a) for a, b in step1)
+
+
+def test_lora_run_resumes_exactly_and_saves_a_plain_model(byom, tmp_path):
+    common = ("--lora", "4", "--method", "wga", "--epochs", "2", "--batch-size", "2", "--eval", "none",
+              "--pg-steps", "")  # (the later --epochs / --batch-size win over run()'s)
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run(byom, full, *common, "--save-model", "--checkpoint-epochs") == 0
+    assert run(byom, part, *common, "--stop-at-step", "3") == 0
+    assert run(byom, part, *common, "--resume") == 0
+    assert_same_geffects(read_geffect_log(full / "geffect.jsonl"), read_geffect_log(part / "geffect.jsonl"), 1e-6)
+    for folder in (full / "model", full / "checkpoints" / "epoch-1"):  # adapters merged: plain HF folders
+        saved = AutoModelForCausalLM.from_pretrained(folder)
+        assert type(saved).__name__ == "LlamaForCausalLM"
+        assert not any("lora" in n for n in saved.state_dict())
 
 
 def test_adapter_groups_follow_the_block_they_adapt():
