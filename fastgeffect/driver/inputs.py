@@ -31,25 +31,22 @@ def check_model(name: str, flag: str = "--model") -> None:
         raise SystemExit(f"{flag} {name}: no such folder (a hub model is named name or org/name)")
 
 
-def manifest_authors(manifest: dict) -> Optional[int]:
-    """The author subset a fine-tune's manifest records (``authors``, at the top or under ``data``;
-    None: all of TOFU)."""
-    data = manifest.get("data")
-    return manifest.get("authors", data.get("authors") if isinstance(data, dict) else None)
-
-
 def check_manifest(model: str, authors: Optional[int], flag: str = "--model") -> None:
     """``--authors`` must name the subset ``--model`` (or its twin) was fine-tuned on, when the fine-tune's
     ``manifest.json`` sits next to its folder (``python -m fastgeffect.finetune --out DIR`` writes
-    DIR/target and DIR/manifest.json): another subset would unlearn rows the model never saw as such."""
+    DIR/target and DIR/manifest.json): with another subset, the forget set would hold authors the model
+    was never fine-tuned on, or miss ones it was."""
     folder = Path(model).expanduser()
     path = folder.resolve().parent / MANIFEST
     if not folder.is_dir() or not path.is_file():  # a hub model, or a folder not made by finetune
         return
     try:
-        trained = manifest_authors(load_json_dict(path))
+        manifest = load_json_dict(path)
     except ValueError as e:
         raise SystemExit(f"{flag} {model}: {e}") from None
+    if "authors" not in manifest:  # not a fine-tune's manifest: nothing recorded to compare with
+        return
+    trained = manifest["authors"]  # None: all of TOFU
     if trained != authors:
         said = "all of TOFU" if trained is None else f"--authors {trained}"
         given = "no --authors (all of TOFU)" if authors is None else f"--authors {authors}"
