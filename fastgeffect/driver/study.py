@@ -32,7 +32,7 @@ from .cli import pg_steps, settings
 from .evaluation import before_metrics, evaluate, retain_model_log, uwc_metrics
 from .inputs import check_inputs
 from .launch import check_fused, launch_details, launch_strategy, make_accelerator, use_fused, whole_model
-from .lora import merged, reference_of
+from .lora import adapter_note, merged, reference_of
 from .presets import Preset, resolve_preset
 from .run_folder import RunFolder
 from .targets import Target, build_target
@@ -212,7 +212,7 @@ def study(args, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, fold
                     "dtype": str(next(target.model.parameters()).dtype).removeprefix("torch.")}
         folder.complete_config({**resolved, "setup": target.info}, must_agree=list(resolved))
         if args.lora:
-            folder.complete_config({"geffect_over": target.info["lora"]})
+            folder.complete_config({"geffect_over": adapter_note(target.model, args.lora)})
 
     refusal_key = "forget_win" if "forget_win" in term.needs_batches else "forget_idk"
     data = load_unlearning_data(target.data_dir, args.split, target.tokenizer, target.template, target.max_length,
@@ -234,7 +234,6 @@ def study(args, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, fold
     if sets:
         retain_log, note = retain_model_log(target, sets, args, shared, preset)
         folder.complete_config({"forget_quality": note})
-    if sets:
         t = time.perf_counter()
         before = before_metrics(model, target, sets, args, shared, retain_log)
         if shared != out:

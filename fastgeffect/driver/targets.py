@@ -14,7 +14,7 @@ from ..data.templates import Template, get_template
 from ..embedded import build_embedded
 from ..embedded.build import _folder_digest as folder_digest  # the key the embedded subset uses too
 from ..embedded.cache import cached_dir, config_hash, default_cache_dir
-from .lora import adapter_note, add_lora
+from .lora import add_lora
 from .presets import Preset
 
 
@@ -98,5 +98,4 @@ def build_target(args, preset: Preset, device: torch.device) -> Target:
     target = hub_target(args, preset, device) if args.model else embedded_target(args, device)
     if args.lora:
         target.model = add_lora(target.model, args.lora)
-        target.info = {**target.info, "lora": adapter_note(target.model, args.lora)}
     return target
