@@ -94,6 +94,22 @@ def test_tnpo_with_the_adapters_disabled_reference_is_ga_at_step_0(byom, tmp_pat
     assert step1 and all(abs(a - b) > 1e-6 * abs(a) for a, b in step1)
 
 
+@pytest.mark.parametrize("method,reg", [("npo", "kl"), ("rmu", "rr"), ("dpo", "gd")])
+def test_objectives_reading_the_reference_model_run_with_lora(byom, tmp_path, method, reg):
+    """KL and RR run θ_o itself (here: the adapters disabled), DPO reads cached reference log-probs of
+    refusals, RMU steers hidden states: all unlearn through adapters. At step 0 the adapters are still
+    zero, so the KL / RR terms against θ_o are zero."""
+    out = tmp_path / method
+    layer = ("--rmu-layer", "1") if method == "rmu" else ()  # the phi preset's block 9: the tiny model has 3
+    assert run(byom, out, "--lora", "4", "--method", method, "--regularizer", reg, *layer, "--eval", "none",
+               "--pg-steps", "") == 0
+    records = read_geffect_log(out / "geffect.jsonl")
+    assert len(records) == 4 and all(r["groups"]["shallow"] != 0.0 for r in records)
+    first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    if reg in ("kl", "rr"):
+        assert abs(first["reg_loss"]) <= 1e-6 * max(1.0, abs(first["forget_loss"]))
+
+
 def test_lora_run_resumes_exactly_and_saves_a_plain_model(byom, tmp_path):
     common = ("--lora", "4", "--method", "wga", "--epochs", "2", "--batch-size", "2", "--eval", "none",
               "--pg-steps", "")  # (the later --epochs / --batch-size win over run()'s)
