@@ -224,11 +224,16 @@ def test_bad_input_is_named(byom, tmp_path, capsys):
 def test_authors_with_model_and_its_manifest(byom, tmp_path):
     ft = tmp_path / "ft"
     shutil.copytree(byom.target, ft / "target")
-    common = ["--model", str(ft / "target"), "--data-dir", str(SHARED_TOFU), "--max-length", "64", "--eval", "none",
-              "--epochs", "1", "--pg-steps", "", "--no-progress"]
-    (ft / "manifest.json").write_text(json.dumps({"model": "tiny", "authors": 4}))  # as finetune --out ft writes
+
+    def on(data):
+        return ["--model", str(ft / "target"), "--data-dir", str(data), "--max-length", "64", "--eval", "none",
+                "--epochs", "1", "--pg-steps", "", "--no-progress"]
+    common = on(SHARED_TOFU)
+    # as finetune --out ft --authors 4 writes it (with the subset in ft/data)
+    (ft / "manifest.json").write_text(json.dumps({"model": "tiny", "authors": 4, "data": str(ft / "data")}))
     with pytest.raises(SystemExit, match=r"fine-tuned on --authors 4 \(.*manifest.json\), but this run has "
-                                         "--authors 5: pass the same author subset"):
+                                         "--authors 5: pass --authors 4 with the TOFU folder, or --data-dir "
+                                         ".*ft/data without --authors"):
         main([*common, "--authors", "5", "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match=r"but this run has no --authors \(all of TOFU\)"):
         main([*common, "--out", str(tmp_path / "b")])
@@ -245,3 +250,9 @@ def test_authors_with_model_and_its_manifest(byom, tmp_path):
     assert len(load_tofu_split("full", data_dir)) == 4 * 20
     assert load_tofu_split("forget10", data_dir) == load_tofu_split("full", SHARED_TOFU)[-20:]  # TOFU's last author
     assert len(read_geffect_log(out / "geffect.jsonl")) == 4  # 20 forget rows: two steps of 16
+    # the fine-tune's own subset folder is that subset: no --authors needed with it
+    shutil.copytree(data_dir, ft / "data")
+    assert main([*on(ft / "data"), "--geffect-every", "0", "--out", str(tmp_path / "d")]) == 0
+    (ft / "manifest.json").write_text(json.dumps({"authors": None}))  # fine-tuned on all of TOFU
+    with pytest.raises(SystemExit, match=r"fine-tuned on all of TOFU .* has --authors 4: leave --authors out"):
+        main([*common, "--authors", "4", "--out", str(tmp_path / "e")])

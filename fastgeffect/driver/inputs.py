@@ -31,11 +31,12 @@ def check_model(name: str, flag: str = "--model") -> None:
         raise SystemExit(f"{flag} {name}: no such folder (a hub model is named name or org/name)")
 
 
-def check_manifest(model: str, authors: Optional[int], flag: str = "--model") -> None:
+def check_manifest(model: str, authors: Optional[int], data_dir: Optional[str], flag: str = "--model") -> None:
     """``--authors`` must name the subset ``--model`` (or its twin) was fine-tuned on, when the fine-tune's
     ``manifest.json`` sits next to its folder (``python -m fastgeffect.finetune --out DIR`` writes
     DIR/target and DIR/manifest.json): with another subset, the forget set would hold authors the model
-    was never fine-tuned on, or miss ones it was."""
+    was never fine-tuned on, or miss ones it was. The subset folder the fine-tune wrote (its manifest's
+    ``data``) given as ``--data-dir`` without ``--authors`` is that subset too."""
     folder = Path(model).expanduser()
     path = folder.resolve().parent / MANIFEST
     if not folder.is_dir() or not path.is_file():  # a hub model, or a folder not made by finetune
@@ -47,11 +48,14 @@ def check_manifest(model: str, authors: Optional[int], flag: str = "--model") ->
     if "authors" not in manifest:  # not a fine-tune's manifest: nothing recorded to compare with
         return
     trained = manifest["authors"]  # None: all of TOFU
-    if trained != authors:
+    same_folder = data_dir is not None and isinstance(manifest.get("data"), str) and \
+        Path(manifest["data"]).resolve() == Path(data_dir).resolve()
+    if trained != authors and not (authors is None and same_folder):
         said = "all of TOFU" if trained is None else f"--authors {trained}"
         given = "no --authors (all of TOFU)" if authors is None else f"--authors {authors}"
-        raise SystemExit(f"{flag} {model} was fine-tuned on {said} ({path}), but this run has {given}: "
-                         "pass the same author subset")
+        fix = "leave --authors out" if trained is None else \
+            f"pass --authors {trained} with the TOFU folder, or --data-dir {manifest.get('data')} without --authors"
+        raise SystemExit(f"{flag} {model} was fine-tuned on {said} ({path}), but this run has {given}: {fix}")
 
 
 def check_data(args) -> None:
@@ -86,10 +90,10 @@ def check_inputs(args) -> None:
     ``--data-dir`` (with ``--authors``), ``--retain-log``."""
     if args.model is not None:
         check_model(args.model)
-        check_manifest(args.model, args.authors)
+        check_manifest(args.model, args.authors, args.data_dir)
     if args.retain_model is not None:
         check_model(args.retain_model, "--retain-model")
-        check_manifest(args.retain_model, args.authors, "--retain-model")
+        check_manifest(args.retain_model, args.authors, args.data_dir, "--retain-model")
     check_data(args)
     if args.retain_log is not None:
         check_retain_log(args.retain_log)
