@@ -334,6 +334,11 @@ def write_report(run_dir: Path) -> Path:
              "## Metrics\n", metrics_table({"before": before, "after": after, "UWC-calibrated": uwc})]
     if uwc and "alpha" in uwc:
         parts.append(f"UWC: α = {fmt(uwc['alpha'])} (largest mix keeping retain PS within tolerance)\n")
+    # what a reader needs to read the numbers: where Forget Quality's retain log came from (or why
+    # there is none) and, with --lora, that the G-effects are over the adapters
+    notes = [cfg[k] for k in ("forget_quality", "geffect_over") if cfg.get(k)]
+    if notes:
+        parts.append("## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
     if records:
         parts += ["## Cumulative G-effects\n", geffect_totals(records),
                   "Negative unlearning G-effect: the step removes targeted knowledge; negative retaining "

@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
+from fastgeffect.data.templates import TEMPLATES
 from fastgeffect.driver.cli import build_parser as run_parser
+from fastgeffect.driver.cli import parse_args
 from fastgeffect.driver.presets import PRESETS
 from fastgeffect.driver.run_folder import RunFolder
 from fastgeffect.eval.__main__ import build_parser as eval_parser
@@ -100,3 +102,12 @@ def test_run_folder_refuses_to_mix_runs(tmp_path):
     folder.add_timing({"total": 1.0}, resumed=False)
     folder.add_timing({"total": 2.0}, resumed=True)
     assert [t["resumed"] for t in json.loads((folder / "timing.json").read_text())] == [False, True]
+
+
+def test_template_choices_are_the_package_templates_and_need_model(capsys):
+    for parser in (run_parser(), eval_parser()._subparsers._group_actions[0].choices["tofu"]):
+        action = next(a for a in parser._actions if a.dest == "template")
+        assert sorted(action.choices) == sorted(TEMPLATES) and action.default is None
+    with pytest.raises(SystemExit):
+        parse_args(["--template", "chat"])
+    assert "--template needs --model" in capsys.readouterr().err

@@ -55,6 +55,10 @@ def test_default_run_end_to_end(tmp_path):
     summary = (out / "summary.md").read_text()
     assert cfg["ps_protocol"] == "clean" and "ps_protocol=clean" in summary
     assert cfg["gen_mode"] == "independent" and "gen_mode=independent, truth_ratio_agg=geometric" in summary
+    # the embedded target's Forget Quality is against its own retain twin, and the summary says so
+    assert 0.0 < before["Forget Quality"] <= 1.0
+    assert "- Forget Quality against the retain twin" in (out / "summary.md").read_text()
+    assert cfg["forget_quality"].startswith("Forget Quality against the retain twin")
 
 
 def test_resume_gives_the_same_geffect_log(tmp_path):

@@ -77,9 +77,9 @@ def reference_fingerprint(target, split: str, name: str, seed: int) -> dict:
 
 
 def retain_log_fingerprint(target, split: str, eval_size: int) -> dict:
-    """The embedded retain twin's forget-set log."""
+    """The forget-set log of the retain twin (embedded, or ``--retain-model``), loaded in the target's dtype."""
     return {"artefact": "retain_model_log", "model": source_identity(target.retain_model_path),
-            **run_inputs(target, split), "eval_size": eval_size}
+            "dtype": str(next(target.model.parameters()).dtype), **run_inputs(target, split), "eval_size": eval_size}
 
 
 def before_fingerprint(target, split: str, eval_size: int, retain_log: Optional[PathLike], ps_protocol: str) -> dict:

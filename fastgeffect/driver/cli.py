@@ -87,20 +87,35 @@ def build_parser(doc: str = "") -> argparse.ArgumentParser:
                    help="folder of TOFU JSON-lines files (e.g. a copy of the hub's locuslab/TOFU); with --model "
                         "and no --data-dir TOFU is downloaded from the hub")
     g.add_argument("--authors", type=int, default=None,
-                   help="with --data-dir and no --model: real TOFU text restricted to N authors, on the embedded "
-                        "tiny model pipeline")
+                   help="with --data-dir: real TOFU text restricted to N authors (TOFU's proportions), on the "
+                        "embedded tiny model pipeline, or with --model on the subset it was fine-tuned on (checked "
+                        "against the manifest.json next to its folder, when there is one)")
     g.add_argument("--size", default="default", choices=("default", "tiny"),
                    help="size of the embedded target (tiny: seconds, for tests)")
     g.add_argument("--max-length", type=int, default=None, help="token length of QA items (default: the preset's)")
     g.add_argument("--retain-log", default=None,
-                   help="eval_log_forget.json of a retain-only model for Forget Quality (default: computed for "
-                        "the embedded target, TOFU's published log in --data-dir/retain_model_logs otherwise)")
-    g.add_argument("--cache-dir", default=None, help="cache of embedded models (default: $FASTGEFFECT_CACHE, "
-                                                      "else ~/.cache/fastgeffect)")
+                   help="eval_log_forget.json of the target's retain-only twin for Forget Quality (default: computed "
+                        "for the embedded target or --retain-model; TOFU's published log only for the checkpoint it "
+                        "belongs to; otherwise Forget Quality is reported as unavailable)")
+    g.add_argument("--cache-dir", default=None, help="cache of embedded models and TOFU author subsets (default: "
+                                                      "$FASTGEFFECT_CACHE, else ~/.cache/fastgeffect)")
     g.add_argument("--shared-dir", default=None,
                    help="folder for what only depends on the target and data (reference log-probs, the "
                         "retain model's log, evaluation before unlearning), reused by runs that share them "
                         "(sweeps) (default: the run folder)")
+
+    g = ap.add_argument_group("bring your own model")
+    g.add_argument("--retain-model", default=None,
+                   help="with --model: its retain-only twin (fine-tuned like it on the retain split, e.g. DIR/retain "
+                        "of python -m fastgeffect.finetune --retain-twin); its forget log, computed once, gives "
+                        "Forget Quality")
+    # fastgeffect.data.templates.TEMPLATES, written out (test_cli pins them equal)
+    g.add_argument("--template", default=None, choices=("phi", "llama2", "chat"),
+                   help="with --model: the prompt format (default: chat when the tokenizer has a chat template, "
+                        "else the preset's: phi, or llama2 for --preset llama)")
+    g.add_argument("--lora", type=int, default=None, metavar="R",
+                   help="unlearn through rank-R LoRA adapters on the blocks' projections (the reference θ_o is the "
+                        "model with its adapters disabled); G-effects are then over the adapter parameters")
 
     g = ap.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=5, help="passes over the forget set")
@@ -198,6 +213,7 @@ NUMBER_CHECKS = (
     ("max_length", _finite(1), "an integer >= 1"),
     ("eval_max_length", _finite(1), "an integer >= 1"),
     ("authors", _finite(1), "an integer >= 1"),
+    ("lora", _finite(1), "an integer >= 1 (the adapters' rank)"),
     ("save_every", _finite(0), "an integer >= 0 (0: epoch ends only)"),
     ("stop_at_step", _finite(0), "an integer >= 0"),
     ("seed", _finite(0, hi=2 ** 32), "an integer in [0, 2^32)"),
@@ -217,9 +233,10 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not ok(value):
             ap.error(f"{flag(name)} must be {want}, got {value}")
-    for name in ("model", "data_dir", "retain_log", "cache_dir", "shared_dir", "out"):
+    for name in ("model", "data_dir", "retain_log", "retain_model", "cache_dir", "shared_dir", "out"):
         if getattr(args, name) is not None and not getattr(args, name).strip():
             ap.error(f"{flag(name)} is empty: give a path, or leave the flag out for its default")
+    check_own_model_flags(ap, args)
     if args.batch_size % args.grad_accum:
         ap.error(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}: every "
                  "micro-batch takes batch-size / grad-accum samples")
@@ -233,6 +250,18 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         check_device(ap, args.device)
     if args.report_to == "tensorboard" and tensorboard_missing():
         ap.error(f"--report-to tensorboard: {tensorboard_missing()}")
+
+
+def check_own_model_flags(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The flag combinations of ``--retain-model``, ``--template`` and ``--lora``."""
+    if args.template is not None and args.model is None:
+        ap.error("--template needs --model (the embedded target has its own format)")
+    if args.retain_model is not None and args.model is None:
+        ap.error("--retain-model needs --model (the embedded target trains and evaluates its own retain twin)")
+    if args.retain_model is not None and args.retain_log is not None:
+        ap.error("--retain-model and --retain-log both give Forget Quality's retain log: pass one of them")
+    if args.lora is not None and args.fsdp2:
+        ap.error("--lora with --fsdp2 is not supported: shard LoRA unlearning with DDP (torchrun without --fsdp2)")
 
 
 def check_device(ap: argparse.ArgumentParser, name: str) -> None:

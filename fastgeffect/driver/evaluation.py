@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
-
-from transformers import AutoModelForCausalLM
+from typing import Optional, Tuple
 
 from ..data.tofu import RETAIN_OF, load_tofu_split
 from ..distributed import write_json_main
 from ..eval import evaluate_tofu, ps_report, uwc_calibrate
 from ..eval.ps_samples import protocol_samples
 from .artefacts import before_fingerprint, cached, load_json_dict, retain_log_fingerprint
-from .presets import PRESETS, Preset
+from .presets import PRESETS, Preset, is_published_checkpoint
 from .targets import Target
 
 
@@ -63,14 +61,34 @@ def before_metrics(model, target: Target, sets, args, shared: Path, retain_log) 
                   lock_dir=shared)
 
 
-def retain_model_log(target: Target, sets, args, shared: Path, preset: Preset) -> Optional[str]:
-    """The forget-set log of a retain-only model, for Forget Quality: ``--retain-log``, computed for
-    the embedded twin (kept in ``shared``), or TOFU's published one in ``--data-dir/retain_model_logs``."""
+def published_log(args, preset: Preset, data_dir: Optional[str]) -> Tuple[Optional[Path], str]:
+    """TOFU's published retain log for this run, or None and why it does not apply: it is the
+    forget log of the published checkpoint's twin on all of TOFU, so it serves that checkpoint only."""
+    if not is_published_checkpoint(args.model, preset):
+        return None, (f"--model {args.model} is not {preset.published_model}, the checkpoint TOFU's published "
+                      "retain logs belong to" if preset.published_model else "the preset has no published log")
+    if args.authors is not None:
+        return None, f"the published retain log covers all of TOFU, not the --authors {args.authors} subset"
+    name = f"{preset.retain_log_name}_{RETAIN_OF[args.split]}_wd0.01_eval_log_forget.json"
+    path = Path(data_dir) / "retain_model_logs" / name if data_dir else None
+    if path is None or not path.exists():
+        return None, f"TOFU's published retain log {name} is not in --data-dir/retain_model_logs"
+    return path, f"TOFU's published retain log {path} (of {preset.published_model}'s retain twin)"
+
+
+def retain_model_log(target: Target, sets, args, shared: Path, preset: Preset) -> Tuple[Optional[str], str]:
+    """The forget-set log of the target's own retain-only twin, for Forget Quality, and a note saying
+    where it came from: ``--retain-log``; computed for the twin (embedded, or ``--retain-model``),
+    kept in ``shared`` with its fingerprint; or TOFU's published log when the target is the
+    checkpoint it belongs to. Otherwise None, and the note says why Forget Quality is unavailable:
+    a log of another model's twin would give a number with no meaning."""
     if args.retain_log:
-        return args.retain_log
-    if target.retain_model_path is not None:
+        return args.retain_log, f"Forget Quality against --retain-log {args.retain_log}"
+    if target.load_retain is not None:
+        device = next(target.model.parameters()).device
+
         def compute(path: Path) -> str:
-            twin = AutoModelForCausalLM.from_pretrained(target.retain_model_path)
+            twin = target.load_retain().to(device)
             evaluate_tofu(twin, target.tokenizer, target.template, {"forget": sets["forget"]},
                           out_dir=path.parent, ds_size=args.eval_size, batch_size=args.eval_batch_size,
                           progress=not args.no_progress, **eval_options(args, target))
@@ -83,15 +101,15 @@ def retain_model_log(target: Target, sets, args, shared: Path, preset: Preset) -
         # the log depends on how it is generated, not on how it is aggregated
         fingerprint = {**retain_log_fingerprint(target, args.split, args.eval_size),
                        "eval": {k: options[k] for k in ("max_length", "gen_mode")}}
-        return cached(shared / "retain_model" / "eval_log_forget.json", fingerprint, compute, check,
-                      recompute=args.overwrite, lock_dir=shared)
-    if preset.retain_log_name and target.data_dir:
-        name = f"{preset.retain_log_name}_{RETAIN_OF[args.split]}_wd0.01_eval_log_forget.json"
-        path = Path(target.data_dir) / "retain_model_logs" / name
-        if path.exists():
-            return str(path)
-    print("note: no retain-model log: Forget Quality is not reported (pass --retain-log)", file=sys.stderr)
-    return None
+        log = cached(shared / "retain_model" / "eval_log_forget.json", fingerprint, compute, check,
+                     recompute=args.overwrite, lock_dir=shared)
+        return log, f"Forget Quality against the retain twin {target.retain_model_path} (its log: {log})"
+    path, why = published_log(args, preset, target.data_dir)
+    if path is not None:
+        return str(path), f"Forget Quality against {why}"
+    note = f"Forget Quality is unavailable: {why}; pass --retain-model DIR (the retain-only twin) or --retain-log"
+    print(f"note: {note}", file=sys.stderr)
+    return None, note
 
 
 def uwc_metrics(model, target: Target, sets, out_dir: Path, args, preset: Preset, device, reference_ps,

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from ..eval import load_retain_log
+from ..model_loading import ALIASES
+from .artefacts import load_json_dict
 
 # what Forget Quality reads of a retain model's forget log (the rest is checked where it is used)
 RETAIN_LOG_KEYS = ("avg_paraphrased_loss", "average_perturb_loss")
+MANIFEST = "manifest.json"  # what python -m fastgeffect.finetune --out DIR writes next to DIR/target
 
 
 def looks_like_path(name: str) -> bool:
@@ -16,21 +20,57 @@ def looks_like_path(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def check_model(name: str) -> None:
+def check_model(name: str, flag: str = "--model") -> None:
+    if name in ALIASES:  # its package is looked for when it is converted
+        return
     path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise SystemExit(f"{flag} {name}: no such .gguf file")
+        return
     if path.exists():
         if not path.is_dir():
-            raise SystemExit(f"--model {name} is a file; pass the folder that holds config.json and the weights")
+            raise SystemExit(f"{flag} {name} is a file; pass the folder that holds config.json and the weights, "
+                             "or a .gguf file")
         if not (path / "config.json").is_file():
-            raise SystemExit(f"--model {name} is a folder without config.json, not a Hugging Face model folder "
+            raise SystemExit(f"{flag} {name} is a folder without config.json, not a Hugging Face model folder "
                              "(save_pretrained writes config.json and the weights there)")
     elif looks_like_path(name):
-        raise SystemExit(f"--model {name}: no such folder (a hub model is named name or org/name)")
+        raise SystemExit(f"{flag} {name}: no such folder (a hub model is named name or org/name)")
+
+
+def check_manifest(model: str, authors: Optional[int], data_dir: Optional[str], flag: str = "--model") -> None:
+    """``--authors`` must name the subset ``--model`` (or its twin) was fine-tuned on, when the fine-tune's
+    ``manifest.json`` sits next to its folder (``python -m fastgeffect.finetune --out DIR`` writes
+    DIR/target and DIR/manifest.json): with another subset, the forget set would hold authors the model
+    was never fine-tuned on, or miss ones it was. The subset folder the fine-tune wrote (its manifest's
+    ``data``) given as ``--data-dir`` without ``--authors`` is that subset too."""
+    folder = Path(model).expanduser()
+    path = folder.resolve().parent / MANIFEST
+    if not folder.is_dir() or not path.is_file():  # a hub model, or a folder not made by finetune
+        return
+    try:
+        manifest = load_json_dict(path)
+    except ValueError as e:
+        raise SystemExit(f"{flag} {model}: {e}") from None
+    if "authors" not in manifest:  # not a fine-tune's manifest: nothing recorded to compare with
+        return
+    trained = manifest["authors"]  # None: all of TOFU
+    same_folder = data_dir is not None and isinstance(manifest.get("data"), str) and \
+        Path(manifest["data"]).resolve() == Path(data_dir).resolve()
+    if trained != authors and not (authors is None and same_folder):
+        said = "all of TOFU" if trained is None else f"--authors {trained}"
+        given = "no --authors (all of TOFU)" if authors is None else f"--authors {authors}"
+        fix = "leave --authors out" if trained is None else \
+            f"pass --authors {trained} with the TOFU folder, or --data-dir {manifest.get('data')} without --authors"
+        raise SystemExit(f"{flag} {model} was fine-tuned on {said} ({path}), but this run has {given}: {fix}")
 
 
 def check_data(args) -> None:
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise SystemExit(f"--data-dir {args.data_dir} is not a folder")
+    if args.model is not None and args.authors is not None and args.data_dir is None:
+        raise SystemExit("--authors needs --data-dir (the TOFU folder the model was fine-tuned on)")
     if args.model is None:  # the embedded target: generated text, or real TOFU text of N authors
         if args.authors is not None and args.data_dir is None:
             raise SystemExit("--authors needs --data-dir (a folder of TOFU files)")
@@ -54,9 +94,14 @@ def check_retain_log(path: str) -> None:
 
 
 def check_inputs(args) -> None:
-    """Every path a flag names: ``--model``, ``--data-dir`` (with ``--authors``), ``--retain-log``."""
+    """Every path a flag names: ``--model`` (and its fine-tune's manifest), ``--retain-model``,
+    ``--data-dir`` (with ``--authors``), ``--retain-log``."""
     if args.model is not None:
         check_model(args.model)
+        check_manifest(args.model, args.authors, args.data_dir)
+    if args.retain_model is not None:
+        check_model(args.retain_model, "--retain-model")
+        check_manifest(args.retain_model, args.authors, args.data_dir, "--retain-model")
     check_data(args)
     if args.retain_log is not None:
         check_retain_log(args.retain_log)

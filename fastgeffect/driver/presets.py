@@ -2,13 +2,16 @@
 
 ``embedded`` fits the tiny offline target on a CPU; ``phi`` and ``llama`` are the paper's TOFU
 settings: trained on 500-token items, evaluated as TOFU evaluates (200 tokens, TOFU's generation
-batching; docs/design.md §13). ``hparams`` are objective hyper-parameters a preset supplies when
-the chosen objective accepts them and the command line leaves them unset (RMU's block and
-control-vector scale).
+batching; docs/design.md §13). ``published_model`` is the TOFU fine-tuned checkpoint that TOFU's
+published retain logs (``retain_log_name``) belong to: Forget Quality compares a model with its own
+retain twin, so those logs serve that checkpoint only. ``hparams`` are objective hyper-parameters a
+preset supplies when the chosen objective accepts them and the command line leaves them unset
+(RMU's block and control-vector scale).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Dict, Optional
 
 
@@ -22,17 +25,21 @@ class Preset:
     eval_max_length: Optional[int]  # token length of evaluation items and generations (None: max_length's)
     gen_mode: str  # evaluation generation mode (fastgeffect.eval.generate)
     retain_log_name: Optional[str]  # TOFU's published retain-model logs: <name>_<retainXX>_wd0.01_...
+    published_model: Optional[str]  # the hub checkpoint those logs were computed for (its twin's)
     hparams: Dict[str, float] = field(default_factory=dict)
     ps_protocol: str = "paper"  # PS as the paper's public code computes it (fastgeffect.eval.ps_protocols)
 
 
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("embedded", lr=1e-3, template="phi", uwc="phi", max_length=None, eval_max_length=None,
-           gen_mode="independent", retain_log_name=None, hparams={"steering_coeff": 4.0}, ps_protocol="clean"),
+           gen_mode="independent", retain_log_name=None, published_model=None, hparams={"steering_coeff": 4.0},
+           ps_protocol="clean"),
     Preset("phi", lr=2e-5, template="phi", uwc="phi", max_length=500, eval_max_length=200,
-           gen_mode="tofu", retain_log_name="phi", hparams={"rmu_layer": 9, "steering_coeff": 4.0}),
+           gen_mode="tofu", retain_log_name="phi", published_model="locuslab/tofu_ft_phi-1.5",
+           hparams={"rmu_layer": 9, "steering_coeff": 4.0}),
     Preset("llama", lr=1e-5, template="llama2", uwc="llama2", max_length=500, eval_max_length=200,
-           gen_mode="tofu", retain_log_name="llama2-7b", hparams={"rmu_layer": 21, "steering_coeff": 2.0}),
+           gen_mode="tofu", retain_log_name="llama2-7b", published_model="locuslab/tofu_ft_llama2-7b",
+           hparams={"rmu_layer": 21, "steering_coeff": 2.0}),
 )}
 
 
@@ -42,3 +49,13 @@ def resolve_preset(name: Optional[str], model: Optional[str]) -> Preset:
     if model is None and name != "embedded":
         raise SystemExit(f"--preset {name} needs --model (the embedded target uses the 'embedded' preset)")
     return PRESETS[name]
+
+
+def is_published_checkpoint(model: Optional[str], preset: Preset) -> bool:
+    """Whether ``--model`` is the checkpoint the preset's published retain logs belong to: its hub
+    name, or a snapshot of it in a Hugging Face hub cache (``.../models--locuslab--tofu_ft_phi-1.5/...``).
+    Any other model, whatever its architecture, needs its own retain twin."""
+    name = preset.published_model
+    if model is None or name is None:
+        return False
+    return model == name or "models--" + name.replace("/", "--") in PurePath(model).parts

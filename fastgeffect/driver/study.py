@@ -34,6 +34,7 @@ from .cli import pg_steps, settings
 from .evaluation import before_metrics, evaluate, retain_model_log, uwc_metrics
 from .inputs import check_inputs
 from .launch import check_fused, launch_details, launch_strategy, make_accelerator, use_fused, whole_model
+from .lora import adapter_note, merged, reference_of
 from .presets import Preset, resolve_preset
 from .run_folder import RunFolder
 from .targets import Target, build_target
@@ -76,7 +77,8 @@ def reference_caches(objective: Objective, target: Target, data: UnlearningData,
 
         def compute(path: Path, ds=ds) -> RefLogprobCache:
             loader = torch.utils.data.DataLoader(ds, batch_size=32, collate_fn=collate_qa)
-            cache = RefLogprobCache.compute(target.model, loader, device=device)  # every rank (deterministic)
+            # θ_o: the model before unlearning (a LoRA model's adapters disabled); every rank (deterministic)
+            cache = RefLogprobCache.compute(reference_of(target.model) or target.model, loader, device=device)
             if dist_.is_main():
                 cache.save(path)
             return cache
@@ -150,6 +152,8 @@ def run_study(args, argv: Optional[List[str]] = None) -> int:
     args.regularizer = args.regularizer or term.default_regularizer
     accelerator = make_accelerator()
     strategy = launch_strategy(accelerator, args.fsdp2)
+    if args.lora and dist_.is_distributed():
+        raise SystemExit("--lora under a distributed launch is not supported yet: run it in one process")
     check_fused(args.fused)
     ucfg = train_config(args)
     if accelerator is not None:
@@ -210,14 +214,17 @@ def study(args, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, fold
         resolved = {"fused_resolved": fused, "max_length_resolved": target.max_length, "device_type": device.type,
                     "dtype": str(next(target.model.parameters()).dtype).removeprefix("torch.")}
         folder.complete_config({**resolved, "setup": target.info}, must_agree=list(resolved))
+        if args.lora:
+            folder.complete_config({"geffect_over": adapter_note(target.model, args.lora)})
 
     refusal_key = "forget_win" if "forget_win" in term.needs_batches else "forget_idk"
     data = load_unlearning_data(target.data_dir, args.split, target.tokenizer, target.template, target.max_length,
                                 seed=args.seed, idk=term.needs_refusals, refusal_key=refusal_key)
     model = target.model
     t = time.perf_counter()
+    # θ_o: a LoRA model with its adapters disabled, else a frozen copy when the objective runs θ_o itself
     needs_reference = term.needs_reference_model or REGULARIZERS[args.regularizer].needs_reference_model
-    reference = ReferenceModel(copy.deepcopy(model)) if needs_reference else None
+    reference = reference_of(model) or (ReferenceModel(copy.deepcopy(model)) if needs_reference else None)
     objective = get_objective(args.method, regularizer=args.regularizer, lam=args.lam, reference=reference,
                               fused=fused, **hp)
     shared = Path(args.shared_dir) if args.shared_dir else out
@@ -226,8 +233,10 @@ def study(args, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, fold
     timer.phase("reference", t)
 
     sets = load_tofu_sets(args.split, target.data_dir) if args.eval == "full" and main_rank else None
-    retain_log = retain_model_log(target, sets, args, shared, preset) if sets else None
+    retain_log = None
     if sets:
+        retain_log, note = retain_model_log(target, sets, args, shared, preset)
+        folder.complete_config({"forget_quality": note})
         t = time.perf_counter()
         before = before_metrics(model, target, sets, args, shared, retain_log)
         if shared != out:
@@ -250,8 +259,8 @@ def study(args, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, fold
         record_token_weights(u, epoch + 1, u.step)
         if args.checkpoint_epochs:
             whole = whole_model(u.model, target.load_original, full_model_state, device)
-            if whole is not None:
-                whole.save_pretrained(out / "checkpoints" / f"epoch-{epoch + 1}")
+            if whole is not None:  # a LoRA model: a merged copy (a plain model folder, as without --lora)
+                merged(whole, in_place=False).save_pretrained(out / "checkpoints" / f"epoch-{epoch + 1}")
 
     if args.fsdp2:  # sharded in place here; accelerate would wrap it in DDP
         model = dist_.fully_shard_blocks(model)
@@ -315,6 +324,7 @@ def finish(args, target: Target, preset: Preset, model, sets, retain_log, folder
     """Main process: save the model, evaluate after unlearning (at ``step``, the number of steps taken),
     calibrate with UWC, report."""
     out = folder.path
+    model = merged(model, in_place=True)  # training is over: evaluation, UWC mixing and saving see a plain model
     tb = tensorboard_log(args, out, step) if sets else None
     if args.save_model:
         model.save_pretrained(out / "model")

@@ -1,4 +1,5 @@
-"""The target model a run unlearns: the embedded offline target, or a Hugging Face model."""
+"""The target model a run unlearns: the embedded offline target, or a Hugging Face model, and
+the retain-only twin behind Forget Quality."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,10 +7,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..data.templates import Template, get_template
+from ..data.splits import subset_tofu
+from ..data.templates import Template, choose_template
 from ..embedded import build_embedded
+from ..embedded.build import folder_digest  # the key the embedded subset uses too
+from ..embedded.cache import cached_dir, config_hash, default_cache_dir
+from ..model_loading import ModelLoadError, load_causal_lm
+from .lora import add_lora
 from .presets import Preset
 
 
@@ -22,7 +27,8 @@ class Target:
     data_dir: Optional[str]
     max_length: int
     load_original: Callable[[], torch.nn.Module]  # a fresh θ_o (for UWC mixing and gathers), on CPU
-    retain_model_path: Optional[Path] = None  # embedded retain twin, for Forget Quality
+    retain_model_path: Optional[Path] = None  # the retain-only twin (embedded, or --retain-model), for Forget Quality
+    load_retain: Optional[Callable[[], torch.nn.Module]] = None  # that twin, on CPU
     info: Optional[dict] = None
 
 
@@ -33,30 +39,65 @@ def embedded_target(args, device: torch.device) -> Target:
                          tofu_dir=args.data_dir, n_authors=args.authors)
     model = emb.load_target().to(device)
     return Target(model, emb.tokenizer, emb.template, str(emb.data_dir), args.max_length or emb.max_length,
-                  emb.load_target, emb.retain_path,
+                  emb.load_target, emb.retain_path, emb.load_retain,
                   {"target": str(emb.target_path), "retain": str(emb.retain_path),
                    "target_report": {k: v for k, v in emb.reports["target"].items() if k != "epoch_loss"}})
 
 
+def load_model(spec: str, dtype: torch.dtype):
+    """``(model, tokenizer)`` of a ``--model`` / ``--retain-model`` spec (hub name, local folder,
+    ``.gguf`` file or alias, :func:`~fastgeffect.model_loading.load_causal_lm`), on CPU: the driver's
+    one model-loading call. The tokenizer pads with EOS when it has no pad token, as TOFU does."""
+    try:
+        return load_causal_lm(spec, dtype=dtype)
+    except ModelLoadError as e:
+        raise SystemExit(f"--model / --retain-model: {e}") from None
+
+
+def load_twin(spec: str, dtype: torch.dtype, tokenizer) -> torch.nn.Module:
+    """The ``--retain-model`` twin; refused when its tokenizer differs from the target's (its log
+    would score other token sequences than the target's)."""
+    model, twin_tokenizer = load_model(spec, dtype)
+    if twin_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"--retain-model {spec} has another tokenizer than --model (vocabularies of "
+                         f"{len(twin_tokenizer)} and {len(tokenizer)} tokens differ): pass the retain-only twin "
+                         "fine-tuned from the same base model")
+    return model
+
+
+def tofu_subset(tofu_dir: str, n_authors: int, cache_dir: Optional[str]) -> Path:
+    """Real TOFU restricted to ``n_authors`` authors (:func:`~fastgeffect.data.splits.subset_tofu`),
+    written once into the cache, keyed by the source files' bytes and ``n_authors``."""
+    key = config_hash({"tofu": folder_digest(tofu_dir), "n_authors": n_authors})
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return cached_dir(root / "tofu-subsets" / f"authors{n_authors}-{key}",
+                      lambda tmp: subset_tofu(tofu_dir, tmp, n_authors))
+
+
 def hub_target(args, preset: Preset, device: torch.device) -> Target:
-    """A Hugging Face causal LM (hub name or local folder); bf16 and gradient checkpointing by
-    default on CUDA."""
+    """A Hugging Face causal LM (hub name or local folder), on TOFU (``--data-dir``, restricted to
+    ``--authors`` N when given); bf16 and gradient checkpointing by default on CUDA."""
     on_cuda = device.type == "cuda"
     bf16 = on_cuda if args.bf16 is None else args.bf16
     checkpointing = on_cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
     dtype = torch.bfloat16 if bf16 else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # TOFU pads with EOS
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    model, tokenizer = load_model(args.model, dtype)
+    model = model.to(device)
     if checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    return Target(model, tokenizer, get_template(preset.template), args.data_dir,
-                  args.max_length or preset.max_length,
-                  lambda: AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype), None,
-                  {"model": args.model, "dtype": str(dtype)})
+    data_dir = str(tofu_subset(args.data_dir, args.authors, args.cache_dir)) if args.authors else args.data_dir
+    twin = args.retain_model
+    template = choose_template(tokenizer, args.template, default=preset.template)
+    return Target(model, tokenizer, template, data_dir, args.max_length or preset.max_length,
+                  lambda: load_model(args.model, dtype)[0], None if twin is None else Path(twin),
+                  None if twin is None else lambda: load_twin(twin, dtype, tokenizer),
+                  {"model": args.model, "dtype": str(dtype), "retain_model": twin, "data_dir": data_dir})
 
 
 def build_target(args, preset: Preset, device: torch.device) -> Target:
-    return hub_target(args, preset, device) if args.model else embedded_target(args, device)
+    """The target, wrapped in LoRA adapters with ``--lora``."""
+    target = hub_target(args, preset, device) if args.model else embedded_target(args, device)
+    if args.lora:
+        target.model = add_lora(target.model, args.lora)
+    return target

@@ -91,7 +91,7 @@ def _torch_threads(n: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _folder_digest(folder: Path) -> str:
+def folder_digest(folder: Path) -> str:
     """Hash of a TOFU folder's split and refusal files (their bytes), for the cache key of a subset."""
     h = hashlib.sha256()
     for name in sorted(f"{s}.json" for s in SPLIT_FIELDS) + ["idontknow.jsonl"]:
@@ -155,7 +155,7 @@ def build_embedded(cache_dir: Optional[Union[str, Path]] = None, size: str = "de
     cfg = replace(cfg, generator=replace(cfg.generator, seed=seed), train=replace(cfg.train, seed=seed))
     if tofu_dir is not None:
         tofu_dir = Path(tofu_dir)
-        source = {"tofu": _folder_digest(tofu_dir), "n_authors": n_authors}
+        source = {"tofu": folder_digest(tofu_dir), "n_authors": n_authors}
     else:
         source = {"generator": cfg.generator.to_dict()}
     data_key = config_hash({"version": CODE_VERSION, "source": source, "tokenizer": cfg.tokenizer.to_dict()})
