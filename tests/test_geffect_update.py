@@ -1,0 +1,145 @@
+"""Update effects (issue 17): the step predicted from the optimiser's state against the step it
+really takes, in float64; the optimiser state and the G-effects untouched by the measurement;
+the bad-input contract."""
+import math
+
+import pytest
+import torch
+from helpers.geffect_logs import abs_sum
+from helpers.model_families import flat_grads, logits_of, qa_batch, tiny_model
+
+import fastgeffect.losses as L
+from fastgeffect.geffect import GEffect
+from fastgeffect.geffect.update import SUPPORTED
+
+FORGET, RETAIN = qa_batch(0), qa_batch(1)
+
+
+def objective(model, seed):
+    """GA on a batch that changes with ``seed`` (the warm-up steps see different data)."""
+    batch = qa_batch(10 + seed)
+    return L.ga(logits_of(model, batch), batch["labels"])
+
+
+def risks(model):
+    return {"unlearn": lambda: L.nll(logits_of(model, FORGET), FORGET["labels"]),
+            "retain": lambda: L.nll(logits_of(model, RETAIN), RETAIN["labels"])}
+
+
+def setup(make_opt, warm_steps, max_grad_norm):
+    """A float64 model and its optimiser (two param groups, different lrs), ``warm_steps`` steps in."""
+    model = tiny_model("llama", layers=3, seed=3, dtype=torch.float64)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_opt([{"params": params[::2]}, {"params": params[1::2], "lr": 0.5 * 1e-2}])
+    for s in range(warm_steps):
+        opt.zero_grad(set_to_none=True)
+        objective(model, s).backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    objective(model, warm_steps).backward()
+    return model, params, opt
+
+
+def lr_of(opt):
+    return {id(p): float(g["lr"]) for g in opt.param_groups for p in g["params"]}
+
+
+OPTIMISERS = {
+    "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+    "sgd_nesterov_wd": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "sgd_dampening_maximize": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.8, dampening=0.3, maximize=True,
+                                                         foreach=True),
+    "adam_l2": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1, foreach=False),
+    "adam_amsgrad_foreach": lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, foreach=True),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    "adamw_amsgrad_maximize": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05, amsgrad=True,
+                                                           maximize=True, foreach=False),
+    "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+    "sgd_fused": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=0.1, fused=True),
+}
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+@pytest.mark.parametrize("warm_steps", [0, 3])
+@pytest.mark.parametrize("name", list(OPTIMISERS))
+def test_predicted_step_is_the_real_step(name, warm_steps, max_grad_norm):
+    model, params, opt = setup(OPTIMISERS[name], warm_steps, max_grad_norm)
+    engine = GEffect(model)
+    grad_r = {r: flat_grads(fn(), params) for r, fn in risks(model).items()}
+    res = engine.measure(risks(model), optimizer=opt, max_grad_norm=max_grad_norm)
+    before = [p.detach().clone() for p in params]
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    lrs = lr_of(opt)
+    for r, grads in grad_r.items():
+        terms = {g: [] for g in engine.group_names}  # -<∇R, Δθ>/lr per parameter, the real step
+        for p, b, gid, gr in zip(params, before, engine.grouping.group_ids, grads):
+            terms[engine.group_names[gid]].append(-float((gr * (p.detach() - b)).sum()) / lrs[id(p)])
+        for g, ts in terms.items():
+            scale = sum(abs(t) for t in ts)
+            assert scale > 0
+            assert abs(res[r].update_groups[g] - math.fsum(ts)) <= 1e-9 * scale, (r, g)
+        assert res[r].update_total == pytest.approx(math.fsum(res[r].update_groups.values()), rel=1e-12)
+        assert abs(res[r].update_total - math.fsum(t for ts in terms.values() for t in ts)) \
+            <= 1e-9 * sum(abs(t) for ts in terms.values() for t in ts)
+
+
+@pytest.mark.parametrize("name", ["sgd_nesterov_wd", "adamw_amsgrad_maximize", "adamw_fused"])
+def test_state_and_geffects_untouched(name):
+    """Two identical runs, one measuring the update effect: the same optimiser state (bit for bit),
+    parameters and G-effects."""
+    runs = []
+    for with_update in (False, True):
+        model, params, opt = setup(OPTIMISERS[name], 2, 0.05)
+        res = GEffect(model).measure(risks(model), **({"optimizer": opt, "max_grad_norm": 0.05} if with_update else {}))
+        torch.nn.utils.clip_grad_norm_(params, 0.05)
+        opt.step()
+        runs.append((res, opt.state_dict(), [p.detach().clone() for p in params], len(opt.state)))
+    (res0, state0, params0, n0), (res1, state1, params1, n1) = runs
+    assert n0 == n1
+    for k, s in state0["state"].items():
+        assert s.keys() == state1["state"][k].keys()
+        for key, v in s.items():
+            assert torch.equal(v, state1["state"][k][key]), (k, key)
+    assert all(torch.equal(a, b) for a, b in zip(params0, params1))
+    for r in res0:
+        assert res0[r].update_groups is None and res1[r].update_groups is not None
+        scale = abs_sum(res0[r].groups)
+        for g, v in res0[r].groups.items():
+            assert abs(res1[r].groups[g] - v) <= 1e-12 * scale
+        assert res1[r].to_dict()["update_total"] == res1[r].update_total
+
+
+def test_plain_sgd_update_effect_is_the_geffect():
+    model, params, opt = setup(lambda ps: torch.optim.SGD(ps, lr=1e-2), 2, None)
+    res = GEffect(model).measure(risks(model), optimizer=opt)
+    for r in res.values():
+        scale = abs_sum(r.groups)
+        assert scale > 0
+        for g, v in r.groups.items():
+            assert abs(r.update_groups[g] - v) <= 1e-12 * scale
+        assert r.update_total == pytest.approx(r.total, rel=1e-12, abs=1e-12 * scale)
+
+
+def test_unsupported_optimisers_are_refused():
+    model, params, _ = setup(lambda ps: torch.optim.SGD(ps, lr=1e-2), 0, None)
+    engine = GEffect(model)
+    with pytest.raises(TypeError, match="RMSprop") as err:
+        engine.measure(risks(model), optimizer=torch.optim.RMSprop(params))
+    assert SUPPORTED in str(err.value)
+
+    class MyAdamW(torch.optim.AdamW):  # a subclass may step differently
+        pass
+
+    with pytest.raises(TypeError, match="MyAdamW"):
+        engine.measure(risks(model), optimizer=MyAdamW(params))
+    with pytest.raises(ValueError, match="differentiable=True"):
+        engine.measure(risks(model), optimizer=torch.optim.Adam(params, differentiable=True))
+    with pytest.raises(ValueError, match="not in the optimiser's param_groups: model.embed_tokens.weight"):
+        engine.measure(risks(model), optimizer=torch.optim.Adam(params[1:]))
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        engine.measure(risks(model), optimizer=torch.optim.Adam(params), max_grad_norm=0.0)
+    assert all(p.grad is not None for p in params)  # the objective gradient survives every refusal
