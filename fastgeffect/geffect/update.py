@@ -119,6 +119,8 @@ class UpdateDirections:
     def __init__(self, optimizer, params: Sequence[nn.Parameter], param_names: Sequence[str],
                  grads: Sequence[Optional[torch.Tensor]], max_grad_norm: Optional[float] = None):
         self.rule = rule_for(optimizer)
+        if any(p.is_complex() for p in params):
+            raise ValueError("update effects do not support complex parameters (torch steps their real views)")
         self.state = optimizer.state
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n, p, g in zip(param_names, params, grads) if g is not None and id(p) not in group_of]
