@@ -1,16 +1,25 @@
 """Update effects (issue 17): the step predicted from the optimiser's state against the step it
 really takes, in float64; the optimiser state and the G-effects untouched by the measurement;
-the bad-input contract."""
+the bad-input contract; in the unlearning loop, the realised change of each risk against the
+prediction."""
 import math
 
 import pytest
 import torch
-from helpers.geffect_logs import abs_sum
+from helpers.geffect_logs import abs_sum, assert_same_geffects
 from helpers.model_families import flat_grads, logits_of, qa_batch, tiny_model
+from helpers.toy_qa import toy_qa_records, toy_tokenizer_for
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import fastgeffect.losses as L
-from fastgeffect.geffect import GEffect
+from fastgeffect.data.pairs import ForgetRetainDataset
+from fastgeffect.data.qa import QADataset
+from fastgeffect.data.templates import get_template
+from fastgeffect.data.unlearning import UnlearningData
+from fastgeffect.geffect import GEffect, read_geffect_log
 from fastgeffect.geffect.update import SUPPORTED
+from fastgeffect.objectives import get_objective
+from fastgeffect.unlearn import UnlearnConfig, Unlearner
 
 FORGET, RETAIN = qa_batch(0), qa_batch(1)
 
@@ -143,3 +152,35 @@ def test_unsupported_optimisers_are_refused():
     with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
         engine.measure(risks(model), optimizer=torch.optim.Adam(params), max_grad_norm=0.0)
     assert all(p.grad is not None for p in params)  # the objective gradient survives every refusal
+
+
+def tiny_unlearner(tmp_path, lr, update_effects=True):
+    """The unlearning loop on a float64 tiny GPT-2 and toy QA (ΔR of a tiny step needs fp64)."""
+    template = get_template("phi")
+    records = toy_qa_records(6)
+    tok = toy_tokenizer_for(records, template)
+    torch.manual_seed(0)  # GPT-2: no float32 casts inside (Llama's RMSNorm has), so R is fp64-exact
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                       attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, bos_token_id=tok.bos_token_id,
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).to(torch.float64)
+    forget, retain = QADataset(records[:4], tok, template, 40), QADataset(records[4:10], tok, template, 40)
+    held = QADataset(records[10:], tok, template, 40)
+    data = UnlearningData(ForgetRetainDataset(forget, retain, seed=0), forget, retain, held)
+    cfg = UnlearnConfig(epochs=2, batch_size=2, lr=lr, warmup_epochs=0, geffect_batch=2, update_effects=update_effects)
+    return Unlearner(model, get_objective("ga", regularizer="gd"), data, cfg, tmp_path, progress=False)
+
+
+def test_realised_change_matches_the_prediction_for_a_tiny_step(tmp_path):
+    tiny_unlearner(tmp_path / "on", 1e-7).run()
+    records = read_geffect_log(tmp_path / "on" / "geffect.jsonl")
+    assert len(records) == 8  # 4 steps, 2 risks
+    for r in records:
+        assert r["risk_after"] == pytest.approx(r["risk_value"] + r["realised"], rel=1e-12)
+        assert r["predicted_gd"] == pytest.approx(-r["lr"] * r["total"], rel=1e-12)
+        assert r["predicted_opt"] == pytest.approx(-r["lr"] * r["update_total"], rel=1e-12)
+        assert set(r["update_groups"]) == set(r["groups"])
+        assert abs(r["realised"] / r["predicted_opt"] - 1) < 1e-3, r  # ΔR = -lr·u + O(lr²)
+    tiny_unlearner(tmp_path / "off", 1e-7, update_effects=False).run()
+    plain = read_geffect_log(tmp_path / "off" / "geffect.jsonl")
+    assert not any(k in r for r in plain for k in ("risk_after", "realised", "update_total"))
+    assert_same_geffects(plain, records, 1e-9, groups=True)  # the option does not change the G-effects
