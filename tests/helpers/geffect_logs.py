@@ -9,11 +9,11 @@ def abs_sum(groups: dict) -> float:
     return sum(abs(v) for v in groups.values())
 
 
-def step_scales(records) -> dict:
-    """step -> Σ|group| over every record (every risk) of that step."""
+def step_scales(records, key="groups") -> dict:
+    """step -> Σ|group| over every record (every risk) of that step (``key``: the groups' field)."""
     scale = defaultdict(float)
     for r in records:
-        scale[r["step"]] += abs_sum(r["groups"])
+        scale[r["step"]] += abs_sum(r[key])
     return scale
 
 
@@ -28,9 +28,7 @@ def assert_same_geffects(want, got, rel, groups=False):
 
 
 def _assert_same(want, got, rel, groups, total, group_key):
-    scale = defaultdict(float)
-    for r in want:
-        scale[r["step"]] += abs_sum(r[group_key])
+    scale = step_scales(want, group_key)
     for a, b in zip(want, got):
         tol = rel * scale[a["step"]]
         assert abs(b[total] - a[total]) <= tol, (total, a, b, tol)
