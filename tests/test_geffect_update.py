@@ -2,6 +2,7 @@
 really takes, in float64; the optimiser state and the G-effects untouched by the measurement;
 the bad-input contract; in the unlearning loop, the realised change of each risk against the
 prediction."""
+import json
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from fastgeffect.data.unlearning import UnlearningData
 from fastgeffect.geffect import GEffect, read_geffect_log
 from fastgeffect.geffect.update import SUPPORTED
 from fastgeffect.objectives import get_objective
+from fastgeffect.report import compare, prediction_quality, with_outcome, write_report
 from fastgeffect.unlearn import UnlearnConfig, Unlearner
 
 FORGET, RETAIN = qa_batch(0), qa_batch(1)
@@ -184,3 +186,16 @@ def test_realised_change_matches_the_prediction_for_a_tiny_step(tmp_path):
     plain = read_geffect_log(tmp_path / "off" / "geffect.jsonl")
     assert not any(k in r for r in plain for k in ("risk_after", "realised", "update_total"))
     assert_same_geffects(plain, records, 1e-9, groups=True)  # the option does not change the G-effects
+
+    # the report: plot, summary and comparison of the predictions
+    for d in ("on", "off"):
+        (tmp_path / d / "config.json").write_text(json.dumps({"method": "ga"}))
+    summary = write_report(tmp_path / "on").read_text()
+    assert "## Predicted and realised changes" in summary and (tmp_path / "on" / "plots" / "updates.png").exists()
+    assert "## Predicted and realised changes" not in write_report(tmp_path / "off").read_text()
+    for risk in ("unlearn", "retain"):
+        q = prediction_quality(with_outcome(records, risk), "predicted_opt")
+        assert q["steps"] == 4 and abs(q["median_ratio"] - 1) < 1e-3 and q["corr"] > 0.99
+        assert f"| {risk} | update effect, −lr·u | {q['corr']:.4g} | {q['median_ratio']:.4g} | 4 |" in summary
+    table = compare([tmp_path / "on", tmp_path / "off"]).read_text()
+    assert "| ga (on) | unlearn |" in table and "(off)" not in table.split("## Predicted vs realised")[1]
