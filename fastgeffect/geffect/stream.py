@@ -38,9 +38,10 @@ class GradientDotStream:
 
     ``partners=None`` dots with the gradients found in ``p.grad`` on entry (the objective gradient).
     ``self_row`` also accumulates ``||fresh grad||²`` per group into that row.
-    ``directions(i, partner)`` (optional) gives a second partner computed in the hook, e.g. the
-    optimiser's predicted step (:mod:`.update`), dotted into row ``row + direction_offset`` and
-    freed with the fresh gradient: one parameter's worth at a time, never a copy of them all.
+    ``directions(i, partner, lo, hi)`` (optional) gives a second partner for the flat elements
+    ``[lo, hi)`` of parameter i, computed in the hook chunk by chunk (e.g. the optimiser's predicted
+    step, :mod:`.update`), dotted into row ``row + direction_offset``: a few chunks alive at a
+    time, never a copy of the parameters.
     Use :meth:`backward` for each pass, then :meth:`result` for the (rows, groups) fp64 CPU matrix.
     """
 
@@ -48,7 +49,7 @@ class GradientDotStream:
                  partners: Optional[Sequence[Optional[torch.Tensor]]] = None,
                  accumulate_dtype: Optional[torch.dtype] = None, chunk_numel: int = DEFAULT_CHUNK_NUMEL,
                  max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES, self_row: Optional[int] = None,
-                 directions: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None,
+                 directions: Optional[Callable[[int, torch.Tensor, int, int], Optional[torch.Tensor]]] = None,
                  direction_offset: int = 0):
         # DTensor (FSDP2) parameters: the local shards are dotted; replicated mesh dims count once
         self.counted = [counted_here(p) for p in params]
@@ -116,10 +117,13 @@ class GradientDotStream:
                 raise RuntimeError(f"gradient of parameter #{i} has shape {tuple(fresh.shape)} but its stashed "
                                    f"partner has {tuple(partner.shape)}")
             self._push(fresh, partner, self.group_ids[i], self.row)
-            if self.directions is not None:
-                d = self.directions(i, partner)
-                if d is not None:
-                    self._push(fresh, d, self.group_ids[i], self.row + self.direction_offset)
+            if self.directions is not None:  # chunk by chunk: the direction's temporaries stay chunk-sized
+                flat = fresh.reshape(-1)
+                for lo in range(0, flat.numel(), self.chunk_numel):
+                    d = self.directions(i, partner, lo, lo + self.chunk_numel)
+                    if d is None:
+                        break
+                    self._push(flat[lo:lo + self.chunk_numel], d, self.group_ids[i], self.row + self.direction_offset)
         return hook
 
     def _push(self, a: torch.Tensor, b: torch.Tensor, gid: int, row: int) -> None:

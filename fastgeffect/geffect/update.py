@@ -5,11 +5,12 @@ The G-effect ``e = <∇R, g>`` predicts the change of a risk under plain gradien
 along ``g``. The *update effect* ``u = -Σ_p <∇_p R, Δθ_p> / lr_p`` replaces ``g`` by the direction
 ``d_p = -Δθ_p / lr_p`` the optimiser will move parameter p in, so that ``ΔR ≈ -lr·u``.
 
-Each rule below is a pure function of one parameter's (local) gradient, value, optimiser state and
-hyper-parameters, written after torch's single-tensor ``sgd``/``adam`` (the foreach and fused
+Each rule below is a pure, elementwise function of a parameter's gradient, value, optimiser state
+and hyper-parameters, written after torch's single-tensor ``sgd``/``adam`` (the foreach and fused
 kernels compute the same formulas). ``lr`` cancels out of ``d``, so a zero learning rate
-(warm-up's first step) is no special case. Nothing is written: the state tensors are only read,
-and every intermediate is the size of one parameter, freed once its dot product is taken.
+(warm-up's first step) is no special case. Nothing is written: the state tensors are only read.
+Being elementwise, a rule runs on flat slices of the tensors, one chunk at a time, so its
+intermediates are a few chunks in size however large the parameter (an embedding, say).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def sgd_direction(grad: torch.Tensor, param: torch.Tensor, state: Optional[dict]
     if momentum == 0:
         return g
     buf = None if state is None else state.get("momentum_buffer")
-    buf = g if buf is None else local_part(buf).mul(momentum).add_(g, alpha=1 - group["dampening"])
+    buf = g if buf is None else buf.mul(momentum).add_(g, alpha=1 - group["dampening"])
     return g.add(buf, alpha=momentum) if group["nesterov"] else buf
 
 
@@ -65,14 +66,14 @@ def adam_direction(grad: torch.Tensor, param: torch.Tensor, state: Optional[dict
         m = g.mul(1 - beta1)
         v = g.mul(g).mul_(1 - beta2)
     else:
-        m = torch.lerp(local_part(state["exp_avg"]), g, 1 - beta1)
-        v = local_part(state["exp_avg_sq"]).mul(beta2).addcmul_(g, g, value=1 - beta2)
+        m = torch.lerp(state["exp_avg"], g, 1 - beta1)
+        v = state["exp_avg_sq"].mul(beta2).addcmul_(g, g, value=1 - beta2)
+    del g
     if group["amsgrad"] and not fresh:
-        v = torch.maximum(local_part(state["max_exp_avg_sq"]), v)
+        v = torch.maximum(state["max_exp_avg_sq"], v)
     step = _next_step(state)
     bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
-    denom = (v.sqrt_() / bias2 ** 0.5).add_(group["eps"])
-    d = m.div_(denom).div_(bias1)
+    d = m.div_(v.sqrt_().div_(bias2 ** 0.5).add_(group["eps"])).div_(bias1)  # in place: one chunk's worth alive
     if wd != 0 and decoupled:
         d = d.add_(param, alpha=wd)
     return d
@@ -112,15 +113,17 @@ def clip_coefficient(grads: Sequence[Optional[torch.Tensor]], max_grad_norm: Opt
 
 
 class UpdateDirections:
-    """``direction(i, grad)``: ``-Δθ / lr`` of ``params[i]`` (local shards under FSDP2) for the
-    objective gradient ``grad`` (the local part of what ``p.grad`` held), or ``None`` when the
-    optimiser will not move it (no gradient)."""
+    """``direction(i, grad, lo, hi)``: ``-Δθ / lr`` of the flat elements ``[lo, hi)`` of ``params[i]``
+    (its local shard under FSDP2) for the objective gradient ``grad`` (the local part of what
+    ``p.grad`` held), or ``None`` when the optimiser will not move it (no gradient)."""
 
     def __init__(self, optimizer, params: Sequence[nn.Parameter], param_names: Sequence[str],
                  grads: Sequence[Optional[torch.Tensor]], max_grad_norm: Optional[float] = None):
         self.rule = rule_for(optimizer)
         if any(p.is_complex() for p in params):
             raise ValueError("update effects do not support complex parameters (torch steps their real views)")
+        if any(g is not None and g.is_sparse for g in grads):
+            raise ValueError("update effects do not support sparse gradients")
         self.state = optimizer.state
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n, p, g in zip(param_names, params, grads) if g is not None and id(p) not in group_of]
@@ -132,15 +135,21 @@ class UpdateDirections:
         self.groups: List[Optional[dict]] = [group_of.get(id(p)) for p in params]
         self.coef = clip_coefficient(grads, max_grad_norm)
 
-    def direction(self, i: int, grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def direction(self, i: int, grad: Optional[torch.Tensor], lo: int = 0, hi: Optional[int] = None
+                  ) -> Optional[torch.Tensor]:
         group = self.groups[i]
         if grad is None or group is None:
             return None
-        if self.coef is not None:
-            grad = grad * self.coef.to(grad.device)
+
+        def part(t: torch.Tensor) -> torch.Tensor:  # the slice of a parameter-shaped tensor, a view
+            return local_part(t).reshape(-1)[lo:hi]
+
+        g = part(grad) if self.coef is None else part(grad) * self.coef.to(grad.device)
         p = self.params[i]
-        # .get: optimizer.state is a defaultdict, and indexing would insert an entry
-        return self.rule(grad, local_part(p.detach()), self.state.get(p), group)
+        state = self.state.get(p)  # not [p]: optimizer.state is a defaultdict, indexing would insert an entry
+        if state is not None:
+            state = {k: v if k == "step" or v is None else part(v) for k, v in state.items()}
+        return self.rule(g, part(p.detach()), state, group)
 
 
 __all__ = ["SUPPORTED", "RULES", "UpdateDirections", "adam_direction", "clip_coefficient", "rule_for",
