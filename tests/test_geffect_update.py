@@ -20,7 +20,7 @@ from fastgeffect.data.unlearning import UnlearningData
 from fastgeffect.geffect import GEffect, read_geffect_log
 from fastgeffect.geffect.update import SUPPORTED
 from fastgeffect.objectives import get_objective
-from fastgeffect.report import compare, prediction_quality, with_outcome, write_report
+from fastgeffect.report import compare, group_shares, prediction_quality, with_outcome, write_report
 from fastgeffect.unlearn import UnlearnConfig, Unlearner
 
 FORGET, RETAIN = qa_batch(0), qa_batch(1)
@@ -199,3 +199,19 @@ def test_realised_change_matches_the_prediction_for_a_tiny_step(tmp_path):
         assert f"| {risk} | update effect, −lr·u | {q['corr']:.4g} | {q['median_ratio']:.4g} | 4 |" in summary
     table = compare([tmp_path / "on", tmp_path / "off"]).read_text()
     assert "| ga (on) | unlearn |" in table and "(off)" not in table.split("## Predicted vs realised")[1]
+
+
+def test_prediction_quality_and_group_shares():
+    recs = [{"step": s, "risk": "unlearn", "groups": {"a": 1.0, "b": -3.0}, "update_groups": {"a": 2.0, "b": 2.0},
+             "realised": 2.0 * (s + 1), "predicted_gd": 0.5 * (s + 1), "predicted_opt": (s + 1) + 0.1 * (s % 2)}
+            for s in range(5)]
+    recs.append(dict(recs[0], step=5, realised=None))  # an overflowed step: no outcome, left out
+    rows = with_outcome(recs, "unlearn")
+    assert len(rows) == 5 and with_outcome(recs, "retain") == []
+    gd = prediction_quality(rows, "predicted_gd")
+    assert gd["corr"] == pytest.approx(1.0, abs=1e-12) and gd["median_ratio"] == pytest.approx(4.0, rel=1e-12)
+    opt = prediction_quality(rows, "predicted_opt")
+    assert opt["median_ratio"] == pytest.approx(2.0, rel=1e-12) and 0.9 < opt["corr"] < 1.0 and opt["steps"] == 5
+    assert prediction_quality(rows[:1], "predicted_gd")["corr"] is None  # one step: no correlation
+    assert group_shares(recs, "unlearn", "groups") == {"a": pytest.approx(0.25), "b": pytest.approx(-0.75)}
+    assert group_shares(recs, "unlearn", "update_groups") == {"a": pytest.approx(0.5), "b": pytest.approx(0.5)}
