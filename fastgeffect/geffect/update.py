@@ -48,7 +48,8 @@ def _next_step(state: Optional[dict]) -> Number:
     if state is None or "step" not in state:
         return 1.0
     step = state["step"]
-    return float(step) + 1.0 if step.device.type == "cpu" else step + 1
+    on_host = not isinstance(step, torch.Tensor) or step.device.type == "cpu"  # (old checkpoints: a number)
+    return float(step) + 1.0 if on_host else step + 1
 
 
 def adam_direction(grad: torch.Tensor, param: torch.Tensor, state: Optional[dict], group: dict) -> torch.Tensor:
