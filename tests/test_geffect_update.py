@@ -98,14 +98,17 @@ def test_predicted_step_is_the_real_step(name, warm_steps, max_grad_norm):
             <= 1e-9 * sum(abs(t) for ts in terms.values() for t in ts)
 
 
+@pytest.mark.parametrize("warm_steps", [0, 2])
 @pytest.mark.parametrize("name", ["sgd_nesterov_wd", "adamw_amsgrad_maximize", "adamw_fused"])
-def test_state_and_geffects_untouched(name):
+def test_state_and_geffects_untouched(name, warm_steps):
     """Two identical runs, one measuring the update effect: the same optimiser state (bit for bit),
-    parameters and G-effects."""
+    parameters and G-effects; before its first step the optimiser gets no state entry either."""
     runs = []
     for with_update in (False, True):
-        model, params, opt = setup(OPTIMISERS[name], 2, 0.05)
+        model, params, opt = setup(OPTIMISERS[name], warm_steps, 0.05)
+        n_state = len(opt.state)
         res = GEffect(model).measure(risks(model), **({"optimizer": opt, "max_grad_norm": 0.05} if with_update else {}))
+        assert len(opt.state) == n_state
         torch.nn.utils.clip_grad_norm_(params, 0.05)
         opt.step()
         runs.append((res, opt.state_dict(), [p.detach().clone() for p in params], len(opt.state)))
