@@ -9,6 +9,8 @@ and retain NLL), split into the paper groups. Compared in one run:
   paper   the paper's code: three gradient copies kept on the host (objective, two risks), moved
           there every step, dotted there
   engine  fastgeffect.GEffect.measure (streaming hooks + dot_accumulate_)
+  update  the same with ``optimizer=`` an AdamW some steps in and ``max_grad_norm=1``: the update
+          effects too, the AdamW step predicted per parameter inside the hooks (issue 17)
 
 and per-sample PG-effects at B=16: ghost dot products (closed forms, with and without the
 consistency check) vs two naive loops
@@ -282,12 +284,13 @@ def loop_b1(model, params, risk, ids, labels, denom, acc_dtype):
 # ---- main ---------------------------------------------------------------------------------------
 
 SIZES = ("hidden", "layers", "inter", "heads", "vocab", "batch", "seq", "ps_seq")
+UPDATE = "engine + update effects (AdamW)"
 
 
 def run(device=None, preset=None, repeats=3, skip=(), ps_batch=16, dtype=None, deadline=None, **sizes):
     """Rows of the two tables (``table`` = "measure" / "accumulation" / "per-sample"). ``preset``
     defaults to llama7b on CUDA, cpu100m otherwise; ``sizes`` (any of ``SIZES``) override it;
-    ``skip`` names parts to leave out (naive, paper, per-sample, loop-retain, loop-b1); the
+    ``skip`` names parts to leave out (naive, paper, update, per-sample, loop-retain, loop-b1); the
     per-sample part is also left out once ``deadline`` (a ``time.perf_counter()`` value) has passed."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = dict(PRESETS[preset or ("llama7b" if device.type == "cuda" else "cpu100m")])
@@ -324,6 +327,12 @@ def run(device=None, preset=None, repeats=3, skip=(), ps_batch=16, dtype=None, d
     objective_backward()
     methods = [("ref (fwd+bwd only)", lambda: run_ref(model, risks, params), lambda: 0),
                ("engine", lambda: engine.measure(risks), lambda: 0)]
+    if "update" not in skip:  # AdamW with state (two steps in), allocated before any measurement
+        adamw = torch.optim.AdamW(params, lr=1e-6)
+        for _ in range(2):
+            adamw.step()
+            objective_backward()
+        methods.append((UPDATE, lambda: engine.measure(risks, optimizer=adamw, max_grad_norm=1.0), lambda: 0))
     if "naive" not in skip:
         methods.append(("naive flat copies", lambda: run_naive(model, risks, params, gids, n_groups), lambda: 0))
     if "paper" not in skip:
@@ -373,6 +382,10 @@ def run(device=None, preset=None, repeats=3, skip=(), ps_batch=16, dtype=None, d
                 vs_ref=t / ref_t) for name, extra, host, t in rows]
     out.append(dict(table="accumulation", s=acc_seconds, calls=acc_calls, pct_of_backward=100 * acc_seconds / tb,
                     backward_s=tb))
+    if UPDATE in times:
+        out.append(dict(table="update", pct_time=100 * (times[UPDATE] / times["engine"] - 1),
+                        extra_mib=(peaks[UPDATE] - peaks["engine"]) / 2**20,
+                        pct_of_copy=100 * (peaks[UPDATE] - peaks["engine"]) / grad_bytes))
     if "per-sample" in skip or (deadline is not None and time.perf_counter() > deadline):
         return out
     # ---- per-sample PG-effects ----
@@ -422,6 +435,9 @@ def format_table(rows):
         elif r["table"] == "accumulation":
             lines.append(f"\ndot accumulation inside engine.measure: {r['s']:.3f} s in {r['calls']} dot_accumulate_ "
                          f"calls = {r['pct_of_backward']:.1f}% of the two risk backwards ({r['backward_s']:.3f} s)")
+        elif r["table"] == "update":
+            lines.append(f"\nupdate effects over the plain G-effect measurement: {r['pct_time']:+.1f}% time, "
+                         f"{r['extra_mib']:+.1f} MiB peak ({r['pct_of_copy']:+.1f}% of one gradient copy)")
     ps = [r for r in rows if r["table"] == "per-sample"]
     if ps:
         lines += [f"\nper-sample PG-effects, B={ps[0]['batch']} x {ps[0]['tokens']} tokens\n",
@@ -443,7 +459,7 @@ def main(argv=None):
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats (best of, round-robin)")
     ap.add_argument("--skip", default="",
-                    help="comma list of parts to skip: naive,paper,per-sample,loop-retain,loop-b1")
+                    help="comma list of parts to skip: naive,paper,update,per-sample,loop-retain,loop-b1")
     args = ap.parse_args(argv)
     if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
         torch.set_num_threads(max(1, min(os.cpu_count() or 1, 16)))

@@ -13,6 +13,7 @@ import argparse
 import html
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
@@ -58,6 +59,9 @@ def _numbers(names: Optional[Sequence[str]] = None) -> Check:
 
 # the keys each log's records must have for the report, with the check of each value
 GEFFECT_KEYS = {"step": NUMBER, "risk": TEXT, "total": NUMBER, "groups": _numbers(), "risk_value": NUMBER}
+# records of a run with update effects (issue 17); an overflowed step logs null outcomes
+UPDATE_KEYS = {"update_total": NUMBER, "update_groups": _numbers(), "lr": NUMBER}
+PREDICTORS = (("predicted_gd", "raw G-effect, −lr·e"), ("predicted_opt", "update effect, −lr·u"))
 PG_KEYS = {"step": NUMBER, "pg_effect": LIST}
 TOKEN_WEIGHT_KEYS = {"index": NUMBER, "epoch": NUMBER, "tokens": LIST, "weights": LIST}
 # train_log.jsonl: only the records holding weight statistics or the inverse confidence are plotted
@@ -135,7 +139,8 @@ def check_run_folder(run_dir: Path) -> Path:
 
 def read_geffects(path: Path) -> List[dict]:
     """The checked records of a run's G-effect log (none when absent)."""
-    return check_records(path, read_geffect_log(path), GEFFECT_KEYS) if path.exists() else []
+    return check_records(path, read_geffect_log(path), GEFFECT_KEYS, {"update_total": UPDATE_KEYS}) \
+        if path.exists() else []
 
 
 def series(records: Sequence[dict], risk: str, key: Optional[str] = None) -> tuple:
@@ -304,6 +309,103 @@ def geffect_totals(records: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_outcome(records: Sequence[dict], risk: str) -> List[dict]:
+    """The records of ``risk`` holding a finite realised change and both predictions of it."""
+    keys = ("realised",) + tuple(k for k, _ in PREDICTORS)
+    return [r for r in records if r["risk"] == risk and all(isinstance(r.get(k), (int, float)) for k in keys)]
+
+
+def prediction_quality(rows: Sequence[dict], key: str) -> Dict[str, Optional[float]]:
+    """How well ``key`` predicts the realised change over steps: Pearson correlation and the
+    median of realised / predicted (None where undefined: < 2 steps, a constant series)."""
+    pairs = [(r[key], r["realised"]) for r in rows]
+    ratios = [real / pred for pred, real in pairs if pred != 0]
+    try:
+        corr = statistics.correlation(*zip(*pairs)) if len(pairs) >= 2 else None
+    except statistics.StatisticsError:  # a constant series has no correlation
+        corr = None
+    return {"corr": corr, "median_ratio": statistics.median(ratios) if ratios else None, "steps": len(pairs)}
+
+
+def group_shares(records: Sequence[dict], risk: str, key: str) -> Dict[str, float]:
+    """Each group's share of Σ_g |Σ_steps effect_g| of ``risk`` (``key``: "groups" for the raw
+    G-effect, "update_groups" for the update effect): which layers the steps move, on one scale."""
+    rows = [r for r in records if r["risk"] == risk and key in r]
+    sums = {g: sum(r[key].get(g, 0.0) for r in rows) for g in groups_of(records)}
+    norm = sum(abs(v) for v in sums.values()) or 1.0
+    return {g: v / norm for g, v in sums.items()}
+
+
+def update_tables(records: Sequence[dict]) -> str:
+    """Markdown: how each prediction tracks the realised change, and each group's share of the
+    cumulative raw G-effect against its share of the cumulative update effect."""
+    lines = ["| risk | prediction | correlation | median realised/predicted | steps |",
+             "| --- | --- | --- | --- | --- |"]
+    for risk in ("unlearn", "retain"):
+        rows = with_outcome(records, risk)
+        for key, label in PREDICTORS:
+            q = prediction_quality(rows, key)
+            lines.append(f"| {risk} | {label} | {fmt(q['corr'])} | {fmt(q['median_ratio'])} | {q['steps']} |")
+    groups = groups_of(records)
+    lines += ["", "| risk | share of the cumulative | " + " | ".join(groups) + " |",
+              "| --- | --- |" + " --- |" * len(groups)]
+    for risk in ("unlearn", "retain"):
+        for key, label in (("groups", "raw G-effect"), ("update_groups", "update effect")):
+            shares = group_shares(records, risk, key)
+            lines.append(f"| {risk} | {label} | " + " | ".join(fmt(shares[g]) for g in groups) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_updates(runs: Mapping[str, Sequence[dict]]) -> str:
+    """Markdown: per run and risk, how well each prediction tracks the realised change ("" when no
+    run measured update effects)."""
+    lines = []
+    for run, records in runs.items():
+        for risk in ("unlearn", "retain"):
+            rows = with_outcome(records, risk)
+            if rows:
+                q = [prediction_quality(rows, key) for key, _ in PREDICTORS]
+                lines.append(f"| {run} | {risk} | " + " | ".join(f"{fmt(x['corr'])} | {fmt(x['median_ratio'])}"
+                                                              for x in q) + " |")
+    if not lines:
+        return ""
+    head = ["| run | risk | corr. −lr·e | median ratio −lr·e | corr. −lr·u | median ratio −lr·u |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    return "\n".join(["## Predicted vs realised risk changes (realised/predicted)\n"] + head + lines) + "\n"
+
+
+def plot_updates(records: Sequence[dict], path: Path, title: str) -> None:
+    """Top: per step, the realised change of each risk against both predictions. Bottom: per
+    group, its share of the cumulative raw G-effect next to its share of the update effect."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    groups = groups_of(records)
+    for col, risk in enumerate(("unlearn", "retain")):
+        rows = with_outcome(records, risk)
+        steps = [r["step"] for r in rows]
+        ax = axes[0, col]
+        ax.plot(steps, [r["realised"] for r in rows], color="k", lw=1.6, label="realised ΔR")
+        for key, label in PREDICTORS:
+            ax.plot(steps, [r[key] for r in rows], lw=1, label=label)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_yscale("symlog", linthresh=1e-6)
+        ax.set_title(f"{'forget' if risk == 'unlearn' else 'retain'} risk: change per step")
+        ax.set_xlabel("step")
+        ax = axes[1, col]
+        x = range(len(groups))
+        for k, (key, label) in enumerate((("groups", "raw G-effect"), ("update_groups", "update effect"))):
+            shares = group_shares(records, risk, key)
+            ax.bar([i + (k - 0.5) * 0.4 for i in x], [shares[g] for g in groups], width=0.4, label=label)
+        ax.set_xticks(list(x), groups)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title("share of the cumulative effect per group")
+    axes[0, 0].legend(fontsize=8)
+    axes[1, 0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(run_dir: Path) -> Path:
     """Plots and ``summary.md`` of one run folder; returns the summary's path."""
     run_dir = check_run_folder(run_dir)
@@ -321,6 +423,10 @@ def write_report(run_dir: Path) -> Path:
         plot_geffects(records, plots / "geffect.png", f"G-effects of {name}")
         plot_risks(records, plots / "risk.png", f"risks during {name}")
         made += ["plots/geffect.png", "plots/risk.png"]
+    updates = any("update_total" in r for r in records)
+    if updates:
+        plot_updates(records, plots / "updates.png", f"predicted and realised risk changes of {name}")
+        made.append("plots/updates.png")
     if plot_weights(train_log, plots / "weights.png", f"objective weights of {name}"):
         made.append("plots/weights.png")
     if plot_pg_effects(pg_effects, plots / "pg_effects.png", f"PG-effects of {name}"):
@@ -343,6 +449,12 @@ def write_report(run_dir: Path) -> Path:
         parts += ["## Cumulative G-effects\n", geffect_totals(records),
                   "Negative unlearning G-effect: the step removes targeted knowledge; negative retaining "
                   "G-effect: it damages retained knowledge.\n"]
+    if updates:
+        parts += ["## Predicted and realised changes\n",
+                  "Each step's realised change of a risk, ΔR = R(θ_{t+1}) − R(θ_t) on the same batch, against "
+                  "plain gradient descent's prediction −lr·e (the G-effect) and the real optimiser step's −lr·u "
+                  "(the update effect: AdamW's clipped step). A median ratio of 1 is a calibrated prediction.\n",
+                  update_tables(records)]
     parts += ["## Files\n"] + [f"- [{m}]({m})" for m in made]
     out = run_dir / "summary.md"
     out.write_text("\n".join(parts) + "\n", encoding="utf-8")
@@ -357,8 +469,9 @@ def compare(run_dirs: Sequence[Path], out_dir: Optional[Path] = None) -> Path:
     label = {d: f"{(read_json(d / 'config.json') or {}).get('method', d.name)} ({d.name})" for d in run_dirs}
     table = metrics_table({label[d]: read_json(d / "metrics_after.json") for d in run_dirs})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    runs = {label[d]: read_geffects(d / "geffect.jsonl") for d in run_dirs}
     for d in run_dirs:
-        records = read_geffects(d / "geffect.jsonl")
+        records = runs[label[d]]
         for ax, risk in zip(axes, ("unlearn", "retain")):
             steps, vals = series(records, risk)
             ax.plot(steps, cumulative(vals), label=label[d])
@@ -370,8 +483,8 @@ def compare(run_dirs: Sequence[Path], out_dir: Optional[Path] = None) -> Path:
     fig.tight_layout()
     fig.savefig(out_dir / "compare.png", dpi=110)
     plt.close(fig)
-    (out_dir / "compare.md").write_text("# Comparison (after unlearning)\n\n" + table + "\n![curves](compare.png)\n",
-                                        encoding="utf-8")
+    (out_dir / "compare.md").write_text("# Comparison (after unlearning)\n\n" + table + "\n![curves](compare.png)\n"
+                                        + compare_updates(runs), encoding="utf-8")
     return out_dir / "compare.md"
 
 

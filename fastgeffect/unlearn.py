@@ -5,7 +5,11 @@ One optimiser step = ``batch_size`` forget samples (with their retain partners),
 After the backward, while the objective gradient sits in ``p.grad``, :class:`~fastgeffect.GEffect`
 measures the unlearning G-effect (NLL on the step's forget samples) and the retaining G-effect
 (NLL on held-out retain rows the optimiser never sees). The raw objective gradient is measured,
-before clipping. Everything needed to continue (model, optimiser, scheduler, step) is saved
+before clipping. With ``update_effects`` the same measurement also predicts the AdamW step itself
+(clipped, as it will be taken: :mod:`fastgeffect.geffect.update`), and after the step each risk is
+evaluated once more on the same batch (one forward, no backward), so the log holds the realised
+change of each risk next to both predictions, ``-lr·e`` and ``-lr·u``.
+Everything needed to continue (model, optimiser, scheduler, step) is saved
 atomically at epoch ends and every ``save_every`` steps; an interrupted run resumes from the
 last saved state and re-does (without duplicating log lines) the steps after it.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -56,6 +61,7 @@ class UnlearnConfig:
     geffect_every: int = 1  # 0: never
     geffect_batch: int = 16  # samples in each risk batch
     geffect_groups: str = "paper"
+    update_effects: bool = True  # with the G-effects: the AdamW step's predicted and realised risk changes
     pg_steps: Sequence[int] = field(default_factory=tuple)  # steps with per-sample PG-effects (-1: last)
     save_every: int = 0  # steps between resumable states (0: epoch ends only)
     seed: int = 0
@@ -144,6 +150,12 @@ class Unlearner:
         # on the AdamW itself: accelerate's and DeepSpeed's wrappers update its param_groups in place
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, warmup_linear(self.total_steps, warmup))
         self.geffect = GEffect(self.model, groups=cfg.geffect_groups) if cfg.geffect_every > 0 else None
+        self.optimizer = adamw
+        self.update_effects = self.geffect is not None and cfg.update_effects
+        if self.update_effects and dist_.reduction_mode(self.model) == "zero3":
+            warnings.warn("update effects are not measured under DeepSpeed ZeRO-3 (its Adam state lives in "
+                          "DeepSpeed's partitions); the G-effects are", stacklevel=2)
+            self.update_effects = False
         self.pg_steps = {self.total_steps - 1 if s < 0 else int(s) for s in cfg.pg_steps}
         self.step = 0
         self.start_epoch, self.start_batch = 0, 0
@@ -231,19 +243,44 @@ class Unlearner:
                                "min": float(w.min()), "max": float(w.max())}
         return logs
 
-    def measure(self, plan: StepPlan, logs: dict, logger: GEffectLogger, epoch: int) -> dict:
-        """G-effects of the objective gradient now in the gradients: unlearning (the step's first
-        ``geffect_batch`` forget samples) and retaining (a draw of held-out retain rows)."""
+    def measure(self, plan: StepPlan) -> tuple:
+        """``(results, risks)``: G-effects of the objective gradient now in the gradients, unlearning
+        (the step's first ``geffect_batch`` forget samples) and retaining (a draw of held-out retain
+        rows), with the update effects of the coming AdamW step when asked for."""
         cfg = self.cfg
-        forget_fn = self.risk_fn(forget_risk_items(self.data.pairs, plan.global_chunks, cfg.geffect_batch))
-        retain_fn = self.risk_fn(retain_risk_items(self.data.heldout, cfg.seed, self.step, cfg.geffect_batch))
+        risks = {"unlearn": self.risk_fn(forget_risk_items(self.data.pairs, plan.global_chunks, cfg.geffect_batch)),
+                 "retain": self.risk_fn(retain_risk_items(self.data.heldout, cfg.seed, self.step, cfg.geffect_batch))}
         self.model.eval()  # risks without dropout
-        res = self.geffect.measure({"unlearn": forget_fn, "retain": retain_fn})
+        if self.update_effects:
+            res = self.geffect.measure(risks, optimizer=self.optimizer, max_grad_norm=cfg.max_grad_norm or None)
+        else:
+            res = self.geffect.measure(risks)
         self.model.train()
+        return res, risks
+
+    def realised(self, res: dict, risks: dict, lr: float) -> Dict[str, dict]:
+        """Per risk, after the step: its value on the same batch (one forward, no backward), the
+        realised change and the two predictions of it, plain gradient descent's and the optimiser's."""
+        self.model.eval()
+        with torch.no_grad():
+            after = torch.tensor([float(fn()) for fn in risks.values()], dtype=torch.float64)
+        dist_.reshard(self.model)
+        self.model.train()
+        if dist_.is_distributed():  # each rank's share of each risk
+            after = dist_.all_reduce_sum(after)
+        out = {}
+        for name, a in zip(risks, after.tolist()):
+            fields = {"risk_after": a, "realised": a - res[name].risk, "predicted_gd": -lr * res[name].total,
+                      "predicted_opt": -lr * res[name].update_total}
+            # a step into overflow (a run about to stop) has no finite outcome: null, as strict JSON wants
+            out[name] = {k: v if math.isfinite(v) else None for k, v in fields.items()}
+        return out
+
+    def log_geffects(self, res: dict, per_risk: Optional[dict], logs: dict, lr: float, logger: GEffectLogger,
+                     epoch: int) -> None:
         extra = {k: v for k, v in logs.items() if k != "weights"}
-        logger.log(self.step, res, stats=logs.get("weights"), epoch=epoch, objective=self.objective.name,
-                   lr=self.scheduler.get_last_lr()[0], **extra)
-        return res
+        logger.log(self.step, res, stats=logs.get("weights"), per_risk=per_risk, epoch=epoch,
+                   objective=self.objective.name, lr=lr, **extra)
 
     def per_sample(self, micro: List[dict], plan: StepPlan) -> None:
         """PG-effects of the step's first micro-batch, with its per-sample objective weights."""
@@ -295,6 +332,8 @@ class Unlearner:
                         return {"completed": False, "step": self.step}
                     plan = self.plan(epoch, b)
                     micro = step_batches(self.data.pairs, plan, self.device)
+                    res = None
+                    lr = self.scheduler.get_last_lr()[0]  # the lr of this step
                     try:  # a non-finite loss, G-effect or gradient norm stops every rank before the step
                         logs = self.train_step(micro, plan)
                         if self.objective.primal_dual:
@@ -302,7 +341,7 @@ class Unlearner:
                         postfix = {"loss": f"{logs['loss']:.3g}"}
                         res = None
                         if self.geffect is not None and self.step % cfg.geffect_every == 0:
-                            res = self.measure(plan, logs, logger, epoch)
+                            res, risks = self.measure(plan)
                             postfix.update(e_u=f"{res['unlearn'].total:.3g}", e_r=f"{res['retain'].total:.3g}")
                         if self.geffect is not None and self.step in self.pg_steps:
                             self.per_sample(micro, plan)
@@ -310,10 +349,15 @@ class Unlearner:
                         if self.objective.primal_dual:  # after the step: a failed one leaves λ as saved
                             self.objective.dual_update(logs["reg_loss"])
                     except FloatingPointError as e:
+                        if res is not None:  # the G-effects were measured: logged, without the step's outcome
+                            self.log_geffects(res, None, logs, lr, logger, epoch)
                         self.save(epoch, b)  # the last finite state, resumable (all ranks stop together)
                         if isinstance(e, NonFiniteLoss):
                             raise
                         raise NonFiniteLoss(f"step {self.step}: {e}") from e
+                    if res is not None:
+                        per_risk = self.realised(res, risks, lr) if self.update_effects else None
+                        self.log_geffects(res, per_risk, logs, lr, logger, epoch)
                     self.scheduler.step()
                     row = {"step": self.step, "epoch": epoch, "grad_norm": grad_norm, **logs}
                     train_log.write(json.dumps(row, allow_nan=False) + "\n")

@@ -143,6 +143,9 @@ def build_parser(doc: str = "") -> argparse.ArgumentParser:
     g.add_argument("--geffect-groups", default="paper", choices=("paper", "blocks", "params"),
                    help="layer groups: the paper's (embed, shallow, middle, deep, lm), one per block, or one "
                         "per parameter")
+    g.add_argument("--update-effects", default="on", choices=("on", "off"),
+                   help="also predict each risk's change under the real (clipped AdamW) step and measure the "
+                        "realised change after it (one more forward per risk and step)")
     g.add_argument("--pg-steps", default="0,-1",
                    help="comma-separated steps with per-sample PG-effects (-1: the last step; empty: none)")
 

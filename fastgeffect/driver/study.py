@@ -59,6 +59,7 @@ def train_config(args) -> UnlearnConfig:
                         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                         max_grad_norm=args.max_grad_norm, geffect_every=args.geffect_every,
                         geffect_batch=args.geffect_batch, geffect_groups=args.geffect_groups,
+                        update_effects=args.update_effects == "on",
                         pg_steps=pg_steps(args), save_every=args.save_every, seed=args.seed,
                         stop_at_step=args.stop_at_step)
     cfg.check()

@@ -7,7 +7,8 @@ Usage in any training loop::
     optimizer.step()                                  # unchanged: p.grad was restored
 
 Sign: a gradient step on L_u changes R by about ``-lr * e``; GA on the same batch gives
-``e = -||∇R||²``.
+``e = -||∇R||²``. With ``measure(..., optimizer=opt)`` each result also holds the update effect
+``u`` (:mod:`.update`): the same dot with the step ``opt`` will really take, so ``ΔR ≈ -lr * u``.
 """
 from __future__ import annotations
 
@@ -27,20 +28,27 @@ from .per_sample import per_sample_geffects
 from .risk import RiskFn, evaluate_risk
 from .sharded import zero3_geffects
 from .stream import DEFAULT_CHUNK_NUMEL, DEFAULT_MAX_PENDING_BYTES, GradientDotStream, grouped_dots
+from .update import UpdateDirections
 
 
 @dataclass
 class GEffectResult:
     """One measurement: ``total`` = Σ ``groups``; ``risk`` the risk value; ``tied`` when the input
-    embedding and LM head share a weight (it is then counted once, in ``embed``)."""
+    embedding and LM head share a weight (it is then counted once, in ``embed``); ``update_total``
+    = Σ ``update_groups``, the update effect, when measured with an optimiser (else None)."""
     total: float
     groups: Dict[str, float]
     risk: float
     tied: bool = False
     notes: List[str] = field(default_factory=list)
+    update_total: Optional[float] = None
+    update_groups: Optional[Dict[str, float]] = None
 
     def to_dict(self) -> dict:
-        return {"total": self.total, "groups": dict(self.groups), "risk": self.risk, "tied": self.tied}
+        out = {"total": self.total, "groups": dict(self.groups), "risk": self.risk, "tied": self.tied}
+        if self.update_groups is not None:
+            out.update(update_total=self.update_total, update_groups=dict(self.update_groups))
+        return out
 
 
 class GEffect:
@@ -84,13 +92,19 @@ class GEffect:
             raise RuntimeError("the set of trainable parameters changed since this GEffect was built "
                                "(parameters frozen/unfrozen or added); build a new GEffect")
 
-    def measure(self, risks: Mapping[str, RiskFn]) -> Dict[str, GEffectResult]:
+    def measure(self, risks: Mapping[str, RiskFn], optimizer: Optional[torch.optim.Optimizer] = None,
+                max_grad_norm: Optional[float] = None) -> Dict[str, GEffectResult]:
         """G-effect of the objective gradient in ``p.grad`` for each named risk callable.
 
         Each callable is run (forward) and back-propagated in turn; the objective gradients are put
         back afterwards (same tensors, same values), also when a risk raises. A NaN/inf G-effect (a
         non-finite objective or risk gradient behind a finite risk value) raises ``FloatingPointError``
         naming the risk and group.
+
+        ``optimizer`` (``torch.optim.SGD``, ``Adam`` or ``AdamW``, the one about to step): also the
+        update effect ``u = -Σ_p <∇_p R, Δθ_p> / lr_p`` of the step it will take from ``p.grad``,
+        clipped to ``max_grad_norm`` first when given (as ``clip_grad_norm_`` will); its state is
+        only read.
         """
         if not isinstance(risks, Mapping) or not risks:
             raise ValueError("risks must be a non-empty dict mapping a name to a zero-argument callable")
@@ -102,6 +116,9 @@ class GEffect:
         params = self.grouping.params
         mode = _dist.reduction_mode(self.model)
         if mode == "zero3":  # DeepSpeed keeps the gradients in its own partitions, not in p.grad
+            if optimizer is not None:
+                raise NotImplementedError("update effects under DeepSpeed ZeRO-3 are not supported: the Adam "
+                                          "state lives in DeepSpeed's own partitions; measure without optimizer=")
             table, values = zero3_geffects(self.model, params, self.grouping.group_ids, len(self.grouping.names),
                                            risks, self.accumulate_dtype)
             return self._results(risks, table, values, lambda: None)
@@ -111,9 +128,13 @@ class GEffect:
         # FSDP averages the risk gradients it reduce-scatters: scale each share so the average is ∇R
         scale = _dist.world_size() if mode == "sharded" else 1
         values: List[float] = []
-        stream = GradientDotStream(params, self.grouping.group_ids, len(self.grouping.names), len(risks),
-                                   accumulate_dtype=self.accumulate_dtype, chunk_numel=self.chunk_numel,
-                                   max_pending_bytes=self.max_pending_bytes)
+        updates = None if optimizer is None else UpdateDirections(
+            optimizer, params, self.grouping.param_names, [p.grad for p in params], max_grad_norm)
+        n = len(risks)  # rows: the G-effects, then (with an optimiser) the update effects
+        stream = GradientDotStream(params, self.grouping.group_ids, len(self.grouping.names),
+                                   n if updates is None else 2 * n, accumulate_dtype=self.accumulate_dtype,
+                                   chunk_numel=self.chunk_numel, max_pending_bytes=self.max_pending_bytes,
+                                   directions=None if updates is None else updates.direction, direction_offset=n)
         # DDP: the local share's gradient, not all-reduced (Σ_r <∇R_r, g> = <∇R, g>, g replicated)
         no_sync = self.model.no_sync() if isinstance(self.model, nn.parallel.DistributedDataParallel) \
             else contextlib.nullcontext()
@@ -134,15 +155,22 @@ class GEffect:
     def _results(self, risks: Mapping[str, RiskFn], table: torch.Tensor, values: List[float],
                  objective_norm2: Callable[[], Optional[torch.Tensor]]) -> Dict[str, GEffectResult]:
         if _dist.is_distributed():  # the one all-reduce: per-group partial sums and the risk shares together
-            packed = _dist.all_reduce_sum(torch.cat([table, torch.tensor(values, dtype=torch.float64)[:, None]], 1))
-            table, values = packed[:, :-1], packed[:, -1].tolist()
+            shares = torch.zeros(table.shape[0], 1, dtype=torch.float64)  # update-effect rows have no value
+            shares[:len(values), 0] = torch.tensor(values, dtype=torch.float64)
+            packed = _dist.all_reduce_sum(torch.cat([table, shares], 1))
+            table, values = packed[:, :-1], packed[:len(values), -1].tolist()
         # after the all-reduce, so that every rank sees the same table and raises alike
-        check_finite_geffects(table, self.grouping.names, list(risks), objective_norm2)
+        n = len(risks)
+        names = list(risks) + [f"{r} (update effect)" for r in risks][:table.shape[0] - n]
+        check_finite_geffects(table, self.grouping.names, names, objective_norm2)
         out = {}
         for row, name in enumerate(risks):
             groups = {g: float(x) for g, x in zip(self.grouping.names, table[row].tolist())}
             out[name] = GEffectResult(math.fsum(groups.values()), groups, values[row], self.tied,
                                       list(self.grouping.notes))
+            if table.shape[0] > n:
+                update = {g: float(x) for g, x in zip(self.grouping.names, table[n + row].tolist())}
+                out[name].update_total, out[name].update_groups = math.fsum(update.values()), update
         return out
 
     def per_sample(self, risk_fn: RiskFn, per_sample_losses_fn: Callable[[], torch.Tensor], *,

@@ -44,7 +44,8 @@ def read_geffect_log(path: Union[str, os.PathLike], dedupe: bool = True) -> List
     return [records[i] for i in keep]
 
 
-MEASURED = ("total", "groups", "risk_value", "weights")  # the fields a record's measurement fills
+# the fields a record's measurement fills
+MEASURED = ("total", "groups", "risk_value", "weights", "update_total", "update_groups")
 
 
 def _dumps(record: dict) -> str:
@@ -64,6 +65,9 @@ class GEffectLogger:
 
         {"step": 12, "risk": "unlearn", "total": -3.1, "groups": {...}, "risk_value": 2.4,
          "tied": false, "weights": {"mean": ..., ...}, ...extra}
+
+    plus ``update_total`` / ``update_groups`` when the result holds update effects, and the
+    ``per_risk`` fields of that risk (e.g. its value after the step).
 
     ``resume_step``: drop records with step >= it right away (otherwise this happens at the first
     :meth:`log` call, with that call's step).
@@ -92,12 +96,14 @@ class GEffectLogger:
 
     def log(self, step: int, results: Union[Mapping[str, GEffectResult], GEffectResult], risk: Optional[str] = None,
             *, weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-            stats: Optional[Mapping[str, float]] = None, **extra) -> List[dict]:
+            stats: Optional[Mapping[str, float]] = None, per_risk: Optional[Mapping[str, Mapping]] = None,
+            **extra) -> List[dict]:
         """Write one line per risk of ``results`` (the dict from ``GEffect.measure``, or one result
         with its ``risk`` name). ``weights``/``mask`` (or ready ``stats``) add objective weight statistics; ``extra``
-        entries (JSON-serialisable: epoch, objective name, loss terms, ...) go into every line. A NaN or
-        inf measurement (total, groups, risk value, weight statistics) is refused, and then no line of
-        the call is written."""
+        entries (JSON-serialisable: epoch, objective name, loss terms, ...) go into every line,
+        ``per_risk[name]`` entries into that risk's line only. A NaN or inf measurement (total,
+        groups, risk value, weight statistics, update effects) is refused, and then no line of the
+        call is written."""
         if self._f.closed:
             raise ValueError("the logger is closed")
         if isinstance(results, GEffectResult):
@@ -116,9 +122,11 @@ class GEffectLogger:
                 raise TypeError(f"result for risk {name!r} is a {type(res).__name__}, not a GEffectResult")
             rec = {"step": step, "risk": str(name), "total": res.total, "groups": dict(res.groups),
                    "risk_value": res.risk, "tied": res.tied}
+            if res.update_groups is not None:
+                rec.update(update_total=res.update_total, update_groups=dict(res.update_groups))
             if stats is not None:
                 rec["weights"] = dict(stats)
-            for k, v in extra.items():
+            for k, v in {**extra, **(per_risk or {}).get(name, {})}.items():
                 if k in rec:
                     raise ValueError(f"extra field {k!r} collides with a standard field")
                 rec[k] = v

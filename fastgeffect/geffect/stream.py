@@ -9,7 +9,7 @@ parameter: the accumulator is read once, by the caller, at the end.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -38,13 +38,19 @@ class GradientDotStream:
 
     ``partners=None`` dots with the gradients found in ``p.grad`` on entry (the objective gradient).
     ``self_row`` also accumulates ``||fresh grad||²`` per group into that row.
+    ``directions(i, partner, lo, hi)`` (optional) gives a second partner for the flat elements
+    ``[lo, hi)`` of parameter i, computed in the hook chunk by chunk (e.g. the optimiser's predicted
+    step, :mod:`.update`), dotted into row ``row + direction_offset``: a few chunks alive at a
+    time, never a copy of the parameters.
     Use :meth:`backward` for each pass, then :meth:`result` for the (rows, groups) fp64 CPU matrix.
     """
 
     def __init__(self, params: Sequence[nn.Parameter], group_ids: Sequence[int], n_groups: int, n_rows: int = 1, *,
                  partners: Optional[Sequence[Optional[torch.Tensor]]] = None,
                  accumulate_dtype: Optional[torch.dtype] = None, chunk_numel: int = DEFAULT_CHUNK_NUMEL,
-                 max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES, self_row: Optional[int] = None):
+                 max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES, self_row: Optional[int] = None,
+                 directions: Optional[Callable[[int, torch.Tensor, int, int], Optional[torch.Tensor]]] = None,
+                 direction_offset: int = 0):
         # DTensor (FSDP2) parameters: the local shards are dotted; replicated mesh dims count once
         self.counted = [counted_here(p) for p in params]
         if len(params) != len(group_ids):
@@ -59,6 +65,7 @@ class GradientDotStream:
         if self_row is not None and not 0 <= self_row < n_rows:
             raise IndexError(f"self_row {self_row} out of range for {n_rows} rows")
         self.self_row = self_row
+        self.directions, self.direction_offset = directions, int(direction_offset)
         self._partners_arg = partners
         self.accumulate_dtype = accumulate_dtype
         self.chunk_numel, self.max_pending_bytes = int(chunk_numel), int(max_pending_bytes)
@@ -110,6 +117,13 @@ class GradientDotStream:
                 raise RuntimeError(f"gradient of parameter #{i} has shape {tuple(fresh.shape)} but its stashed "
                                    f"partner has {tuple(partner.shape)}")
             self._push(fresh, partner, self.group_ids[i], self.row)
+            if self.directions is not None:  # chunk by chunk: the direction's temporaries stay chunk-sized
+                flat = fresh.reshape(-1)
+                for lo in range(0, flat.numel(), self.chunk_numel):
+                    d = self.directions(i, partner, lo, lo + self.chunk_numel)
+                    if d is None:
+                        break
+                    self._push(flat[lo:lo + self.chunk_numel], d, self.group_ids[i], self.row + self.direction_offset)
         return hook
 
     def _push(self, a: torch.Tensor, b: torch.Tensor, gid: int, row: int) -> None:
