@@ -30,7 +30,7 @@ def test_cpu_quick_run_writes_every_section_with_correctness_first(tmp_path):
                                                           "dot_accumulate_"}
     assert all(r["ok"] for r in checks)
     tables = {r["table"] for r in json.loads((tmp_path / "05-geffect.json").read_text())["rows"]}
-    assert tables == {"measure", "accumulation", "per-sample"}
+    assert tables == {"measure", "accumulation", "per-sample", "update"}
     assert "paper" not in (tmp_path / "05-geffect.md").read_text()  # the copy-to-host style only with --paper
     chunks = json.loads((tmp_path / "06-chunks.json").read_text())["rows"]
     assert chunks[0]["default"] and chunks[0]["time_vs_default"] == 1.0
