@@ -24,7 +24,7 @@ for reg in none gd; do
     /usr/bin/time -v python -m fastgeffect.run --model "$OUT/ft/target" --retain-model "$OUT/ft/retain" \
         --data-dir "$TOFU" --authors 10 --max-length 160 --method "$method" --regularizer "$reg" \
         --epochs 3 --batch-size 4 --lr 5e-5 --geffect-batch 8 --eval-size 10 --eval-batch-size 10 \
-        --ps-protocol clean --shared-dir "$OUT/shared" --no-progress --out "$run" 2> "$OUT/$method-$reg.time"
+        --ps-protocol clean --shared-dir "$OUT/artefacts" --no-progress --out "$run" 2> "$OUT/$method-$reg.time"
   done
 done
 python -m fastgeffect.report compare "$OUT"/runs/* --out "$OUT/compare"
