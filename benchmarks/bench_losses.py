@@ -136,6 +136,18 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def median_ms(step: Callable, reps: int, device: str) -> float:
+    """Median wall time of ``reps`` calls of ``step`` in ms, the device synchronised around each."""
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 def measure(method: str, n_tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: str,
             masked: float, reps: int) -> Dict:
     """Time (median ms, fwd+bwd) and extra peak memory (MB) of one method, in this process."""
@@ -169,15 +181,9 @@ def measure(method: str, n_tokens: int, hidden: int, vocab: int, dtype: torch.dt
     peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kb("VmHWM:") * 1024) - base
     loss = float(out) if out is not None else float("nan")
     step()  # a second warm-up (compile may recompile once for grads already allocated)
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    ms = median_ms(step, reps, device)
     del h, w
-    return dict(method=method, ms=1e3 * statistics.median(times), peak_mb=None if method == "floor" else peak / 2**20,
+    return dict(method=method, ms=ms, peak_mb=None if method == "floor" else peak / 2**20,
                 loss=loss)
 
 
@@ -305,14 +311,8 @@ def run_kl(device: str = "cpu", shapes: Optional[Dict[str, tuple]] = None, n_tok
                 base = torch.cuda.memory_allocated()
             loss = float(step())
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
-            times = []
-            for _ in range(reps):
-                _sync(device)
-                t0 = time.perf_counter()
-                step()
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-            res[method] = dict(method=f"kl_{method}", ms=1e3 * statistics.median(times), peak_mb=peak, loss=loss)
+            ms = median_ms(step, reps, device)
+            res[method] = dict(method=f"kl_{method}", ms=ms, peak_mb=peak, loss=loss)
         for r in res.values():
             r.update(shape=name, hidden=hidden, vocab=vocab, tokens=n_tokens, dtype=str(dtype).replace("torch.", ""),
                      device=device, time_vs_eager=r["ms"] / res["eager"]["ms"])
@@ -355,17 +355,11 @@ def run_chunks(device: str = "cpu", shape: Optional[tuple] = None, n_tokens: Opt
             loss.backward()
             return loss
         step()  # compile / warm-up
-        times = []
-        for _ in range(reps):
-            _sync(device)
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
+        ms = median_ms(step, reps, device)
         rows.append(dict(shape=name, hidden=hidden, vocab=vocab, tokens=n_tokens,
                          dtype=str(dtype).replace("torch.", ""), device=device,
                          chunk_rows=chunk or default, default=chunk is None,
-                         ms=1e3 * statistics.median(times)))
+                         ms=ms))
     base = rows[0]["ms"] if rows else None
     for r in rows:
         r["time_vs_default"] = r["ms"] / base
