@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .embedded.cache import cached_dir, default_cache_dir
+from .file_digest import file_sha256
 
 
 @dataclass(frozen=True)
@@ -101,19 +102,11 @@ def _tied_names(model) -> set:
     return tied
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def converted_folder(gguf: Union[str, Path], cache_dir: Union[str, Path, None] = None) -> Path:
     """Where the HF copy of ``gguf`` lives in the cache (named by the file's content)."""
     gguf = Path(gguf)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return root / CONVERTED_DIR / f"{gguf.stem}-{_file_sha256(gguf)[:16]}"
+    return root / CONVERTED_DIR / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
 
 
 def ensure_converted(gguf: Union[str, Path], cache_dir: Union[str, Path, None] = None) -> Path:

@@ -16,27 +16,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, TypeVar, Union
 
 from .. import distributed as dist_
+from ..file_digest import file_sha256
 from ..jsonfile import JSONFileError, read_json
 
 VERSION = 1  # bump when an artefact computed from the same inputs changes (its meaning or its code)
 LOCK_NAME = ".shared.lock"
 T = TypeVar("T")
 PathLike = Union[str, Path]
-
-
-def file_digest(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def folder_signature(folder: PathLike) -> Dict[str, list]:
@@ -85,7 +77,7 @@ def retain_log_fingerprint(target, split: str, eval_size: int) -> dict:
 def before_fingerprint(target, split: str, eval_size: int, retain_log: Optional[PathLike], ps_protocol: str) -> dict:
     """The evaluation before unlearning; Forget Quality in it depends on the retain log's bytes."""
     return {"artefact": "metrics_before", "model": model_identity(target.model), **run_inputs(target, split),
-            "eval_size": eval_size, "retain_log": None if retain_log is None else file_digest(retain_log),
+            "eval_size": eval_size, "retain_log": None if retain_log is None else file_sha256(retain_log),
             "ps_protocol": ps_protocol}
 
 
@@ -114,7 +106,7 @@ def stale_reason(artefact: PathLike, fingerprint: dict) -> Optional[str]:
     differ = sorted(k for k in set(wanted) | set(inputs) if wanted.get(k) != inputs.get(k))
     if differ:
         return f"it was computed with other {', '.join(differ)} (recorded in {fp_path.name})"
-    if artefact.stat().st_size != size or file_digest(artefact) != digest:
+    if artefact.stat().st_size != size or file_sha256(artefact) != digest:
         return f"its bytes differ from those {fp_path.name} recorded (truncated or overwritten)"
     return None
 
@@ -124,7 +116,7 @@ def record(artefact: PathLike, fingerprint: dict) -> None:
     if dist_.is_main():
         artefact = Path(artefact)
         dist_.write_json_main(fingerprint_path(artefact), {"inputs": _canonical(fingerprint), "size":
-                              artefact.stat().st_size, "sha256": file_digest(artefact)})
+                              artefact.stat().st_size, "sha256": file_sha256(artefact)})
 
 
 @contextlib.contextmanager

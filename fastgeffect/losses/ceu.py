@@ -3,8 +3,8 @@ against the model's own (detached) distribution with the true token removed, ove
 positions left after dropping the first n answer tokens of each sequence."""
 import torch
 
-from ._common import IGNORE_INDEX, AllMaskedError, NumItems, check_finite, prepare, token_mean
-from .soft_targets import answer_rows, scatter_aligned, soft_cross_entropy
+from ._common import IGNORE_INDEX, AllMaskedError, NumItems, prepare
+from .soft_targets import answer_rows, soft_target_loss
 
 
 def drop_first_answer_tokens(labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -35,10 +35,5 @@ def ceu(logits: torch.Tensor, labels: torch.Tensor, ignore_first_n_answer_tokens
     rows, y = answer_rows(logits, kept, mask)
     logp = torch.log_softmax(rows.to(tok_logp.dtype), -1)
     target = logp.detach().scatter(-1, y[:, None], float("-inf"))  # softmax(z with z_y = −inf)
-    ce = scatter_aligned(soft_cross_entropy(logp, target), mask)
-    check_finite(ce, mask, "CE-U cross-entropy (logits)")
-    loss = token_mean(ce, mask, num_items_in_batch, per_sample)
-    if not return_details:
-        return loss
-    return loss, {"cross_entropy": ce.detach(), "logprobs": tok_logp.detach(), "mask": mask,
-                  "nll": -tok_logp.detach()[mask].mean()}
+    return soft_target_loss(logp, target, tok_logp, mask, "CE-U cross-entropy (logits)", num_items_in_batch,
+                            return_details, per_sample)

@@ -4,7 +4,7 @@ from typing import Tuple
 
 import torch
 
-from ._common import _upcast
+from ._common import NumItems, _upcast, check_finite, token_mean
 
 
 def answer_rows(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -28,3 +28,17 @@ def scatter_aligned(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
     out[mask] = values
     return out
+
+
+def soft_target_loss(logp: torch.Tensor, target_logits: torch.Tensor, tok_logp: torch.Tensor, mask: torch.Tensor,
+                     what: str, num_items_in_batch: NumItems, return_details: bool, per_sample: bool):
+    """The token-mean of :func:`soft_cross_entropy` over ``mask`` (B, T), and with
+    ``return_details`` the per-token cross-entropy, log-probs, mask and mean NLL; ``what`` names
+    the loss's inputs in the error a non-finite cross-entropy raises."""
+    ce = scatter_aligned(soft_cross_entropy(logp, target_logits), mask)
+    check_finite(ce, mask, what)
+    loss = token_mean(ce, mask, num_items_in_batch, per_sample)
+    if not return_details:
+        return loss
+    return loss, {"cross_entropy": ce.detach(), "logprobs": tok_logp.detach(), "mask": mask,
+                  "nll": -tok_logp.detach()[mask].mean()}

@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from ._common import NumItems, check_finite, prepare, token_mean
-from .soft_targets import answer_rows, scatter_aligned, soft_cross_entropy
+from ._common import NumItems, prepare
+from .soft_targets import answer_rows, soft_target_loss
 
 
 def undial(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor, beta: float = 10.0, *,
@@ -31,10 +31,5 @@ def undial(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor,
     logp = torch.log_softmax(rows.to(tok_logp.dtype), -1)
     teacher = answer_rows(ref_logits, labels, mask)[0].detach().to(logp.dtype)
     teacher = teacher.scatter_add(-1, y[:, None], torch.full_like(y[:, None], -beta, dtype=logp.dtype))
-    ce = scatter_aligned(soft_cross_entropy(logp, teacher), mask)
-    check_finite(ce, mask, "UNDIAL cross-entropy (logits or ref_logits)")
-    loss = token_mean(ce, mask, num_items_in_batch, per_sample)
-    if not return_details:
-        return loss
-    return loss, {"cross_entropy": ce.detach(), "logprobs": tok_logp.detach(), "mask": mask,
-                  "nll": -tok_logp.detach()[mask].mean()}
+    return soft_target_loss(logp, teacher, tok_logp, mask, "UNDIAL cross-entropy (logits or ref_logits)",
+                            num_items_in_batch, return_details, per_sample)
