@@ -116,6 +116,8 @@ def test_lora_run_resumes_exactly_and_saves_a_plain_model(byom, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     assert run(byom, full, *common, "--save-model", "--checkpoint-epochs") == 0
     assert run(byom, part, *common, "--stop-at-step", "3") == 0
+    state = torch.load(part / "state.pt", weights_only=False)  # adapters only: the base comes from --model
+    assert state["model"] and all(".lora_" in name for name in state["model"])
     assert run(byom, part, *common, "--resume") == 0
     assert_same_geffects(read_geffect_log(full / "geffect.jsonl"), read_geffect_log(part / "geffect.jsonl"), 1e-6)
     for folder in (full / "model", full / "checkpoints" / "epoch-1"):  # adapters merged: plain HF folders

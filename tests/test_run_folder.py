@@ -230,3 +230,34 @@ def test_a_failed_state_write_names_the_path_and_the_resume_hint(tmp_path, monke
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"step": 1}  # the previous state is intact
     assert not (tmp_path / "state.tmp").exists()
+
+
+def _half_frozen(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    model[0].requires_grad_(False)  # the "base": frozen, as under LoRA
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, PlainBackend(model, torch.optim.AdamW(params, lr=0.1), params)
+
+
+def test_state_leaves_out_frozen_weights_and_refuses_other_ones(tmp_path):
+    model, backend = _half_frozen(0)
+    model(torch.randn(4, 3)).square().sum().backward()
+    backend.clip_and_step(1.0)
+    path = tmp_path / "state.pt"
+    backend.save(path, {"step": 1})
+    saved = torch.load(path, weights_only=False)
+    assert sorted(saved["model"]) == ["1.bias", "1.weight"] and "frozen_digest" in saved
+
+    same, same_backend = _half_frozen(0)  # the same base, other trainable weights: restored exactly
+    same[1].weight.data.zero_()
+    assert same_backend.load(path)["step"] == 1
+    for a, b in zip(model.state_dict().values(), same.state_dict().values()):
+        assert torch.equal(a, b)
+    assert same_backend.optimizer.state_dict()["state"].keys() == backend.optimizer.state_dict()["state"].keys()
+
+    other, other_backend = _half_frozen(0)
+    with torch.no_grad():
+        other[0].weight[0, 0] += 1e-6  # one base weight differs: never resumed silently
+    with pytest.raises(RuntimeError, match="saved over other frozen \\(base\\) weights"):
+        other_backend.load(path)

@@ -11,15 +11,18 @@
 ``state.pt`` is the resumable state: the loop's ``meta`` (scheduler, step, position in the epoch)
 plus the model and optimiser (or the DeepSpeed tag). It is replaced atomically, only once
 everything it points to is written, so an interruption always leaves the last whole state.
+Frozen parameters (LoRA's base model) are not in it, only their digest: a resume reloads them from
+``--model`` and refuses when they are not the weights the state was saved over.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import shutil
 from pathlib import Path
-from typing import List, Optional, Protocol
+from typing import Dict, List, Optional, Protocol
 
 import torch
 from torch import nn
@@ -78,6 +81,7 @@ def configure_deepspeed(ds_config: dict, micro_batch: int, max_grad_norm: float)
 class PlainBackend:
     def __init__(self, model: nn.Module, optimizer, params: List[torch.Tensor]):
         self.model, self.optimizer, self.params = model, optimizer, params
+        self._frozen_digest: Optional[str] = None  # frozen weights never change: hashed once
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -114,9 +118,18 @@ class PlainBackend:
                 self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
             model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+            frozen = frozen_names(self.model)
+            if frozen:  # LoRA: the base weights come from --model again; only their digest is kept
+                model_state = {k: v for k, v in model_state.items() if k not in frozen}
+                meta = {**meta, "frozen_digest": self.frozen_digest()}
         if dist_.is_main():
             write_atomic(path, {**meta, "model": model_state, "optimizer": optim_state})
         dist_.barrier()
+
+    def frozen_digest(self) -> str:
+        if self._frozen_digest is None:
+            self._frozen_digest = frozen_weights_digest(self.model)
+        return self._frozen_digest
 
     def load(self, path: Path) -> dict:
         state = read_state(path, deepspeed=False)
@@ -126,7 +139,18 @@ class PlainBackend:
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
         else:
-            self.model.load_state_dict(state["model"])
+            frozen = frozen_names(self.model)
+            if "frozen_digest" in state:
+                if set(state["model"]) & frozen or state["frozen_digest"] != self.frozen_digest():
+                    raise RuntimeError(f"{path} was saved over other frozen (base) weights than the model loaded now "
+                                       "has: resume with the same --model (and the same --lora)")
+                missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+                if unexpected or set(missing) != frozen:
+                    raise RuntimeError(f"{path} does not fit this model's trainable parameters (missing "
+                                       f"{sorted(set(missing) - frozen)[:3]}, unexpected {unexpected[:3]}): resume "
+                                       "with the same --model and --lora")
+            else:
+                self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         return state
 
@@ -180,6 +204,27 @@ class DeepSpeedBackend:
                                    load_optimizer_states=True, load_lr_scheduler_states=False)
         self.tag = state["deepspeed_tag"]
         return state
+
+
+def frozen_names(model: nn.Module) -> set:
+    """The state-dict names of ``model``'s frozen parameters (every name of a tied one)."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def frozen_weights_digest(model: nn.Module) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``model``'s frozen parameters."""
+    h = hashlib.sha256()
+    seen: Dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            continue
+        h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
+        if p.data_ptr() in seen:  # a tied weight: its bytes once, its other name as a link
+            h.update(seen[p.data_ptr()].encode())
+            continue
+        seen[p.data_ptr()] = name
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def write_atomic(path: Path, state: dict) -> None:
