@@ -411,6 +411,8 @@ def write_report(run_dir: Path) -> Path:
     run_dir = check_run_folder(run_dir)
     cfg = read_json(run_dir / "config.json") or {}
     name = cfg.get("method", run_dir.name)
+    if cfg.get("regularizer") not in (None, "none"):  # the plots of GA and of GA + GD must not look alike
+        name = f"{name} + {cfg['regularizer']}"
     records = read_geffects(run_dir / "geffect.jsonl")
     train_log = read_log(run_dir / "train_log.jsonl", when=TRAIN_KEYS)
     pg_effects = read_log(run_dir / "pg_effects.jsonl", PG_KEYS)

@@ -94,3 +94,14 @@ def test_bad_train_log_and_metrics_name_the_file(run, capsys):
     (run / "metrics_after.json").write_text('{"Model Utility": 0.5,')
     with pytest.raises(ValueError, match=r"metrics_after\.json: not a JSON file"):
         write_report(run)
+
+
+def test_a_regularised_run_is_named_with_its_regulariser(run):
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "regularizer": "gd"}))
+    assert main(["show", str(run)]) == 0
+    assert (run / "summary.md").read_text().startswith("# tnpo + gd run")
+    config["regularizer"] = "none"
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["show", str(run)]) == 0
+    assert (run / "summary.md").read_text().startswith("# tnpo run")
