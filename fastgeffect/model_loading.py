@@ -149,6 +149,15 @@ def _check_causal_lm(source: str, spec: str) -> None:
                              "(transformers has no AutoModelForCausalLM for it)")
 
 
+def load_tokenizer(spec: str, cache_dir: Union[str, Path, None] = None):
+    """The tokenizer of ``spec`` alone (what decides the prompt format, without loading weights)."""
+    source = resolve_model_spec(str(spec), cache_dir)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {spec!r} ({type(e).__name__}: {e})") from e
+
+
 def load_causal_lm(spec: str, *, dtype: Optional[torch.dtype] = None, device=None,
                    cache_dir: Union[str, Path, None] = None) -> Tuple[torch.nn.Module, object]:
     """``(model, tokenizer)`` of ``spec``: a hub name, a local HF folder, a ``.gguf`` file or an alias

@@ -258,3 +258,26 @@ def test_authors_with_model_and_its_manifest(byom, tmp_path):
     (ft / "manifest.json").write_text(json.dumps({"authors": None}))  # fine-tuned on all of TOFU
     with pytest.raises(SystemExit, match=r"fine-tuned on all of TOFU .* has --authors 4: leave --authors out"):
         main([*common, "--authors", "4", "--out", str(tmp_path / "e")])
+
+
+def test_ps_protocol_defaults_to_clean_for_a_chat_model(byom, tmp_path):
+    """The paper's PS prompt (### Question: … ### Answer:) is not the format a chat model was fine-tuned
+    in: without --ps-protocol such a model gets the clean protocol, any other the preset's."""
+    from transformers import AutoTokenizer
+
+    def default(model, template=None, given=None):
+        return targets.default_ps_protocol(argparse.Namespace(ps_protocol=given, model=model, template=template),
+                                           PRESETS["phi"])
+
+    assert default(str(byom.target)) == "paper"  # no chat template: TOFU's phi format
+    assert default(None) == PRESETS["phi"].ps_protocol
+    chat = tmp_path / "chat"
+    shutil.copytree(byom.target, chat)
+    tokenizer = AutoTokenizer.from_pretrained(chat)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(chat)
+    assert default(str(chat)) == "clean"
+    assert default(str(chat), template="phi") == "paper"  # --template phi: the paper's format fits
+    assert default(str(chat), given="uwc-linear") == "uwc-linear"  # --ps-protocol always wins
+    with pytest.raises(SystemExit, match="--model"):
+        default(str(tmp_path / "missing"))

@@ -160,7 +160,8 @@ def build_parser(doc: str = "") -> argparse.ArgumentParser:
                    help="how PS is computed: 'paper' as the public code behind the paper's Table 1, 'uwc-linear' "
                         "as UWC's per-model scripts (both with their own prompt, rows and batching), 'clean' "
                         "fastgeffect's own (training template, --eval-size rows); docs/design.md, PS protocols "
-                        "(default: paper for the phi/llama presets, clean for embedded)")
+                        "(default: paper for the phi/llama presets, clean for embedded and for a --model in "
+                        "the chat format)")
     g.add_argument("--eval-max-length", type=int, default=None,
                    help="token length of evaluation items and generations (default: the preset's: TOFU's 200 "
                         "for phi/llama, the training length for embedded)")

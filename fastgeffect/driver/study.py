@@ -37,7 +37,7 @@ from .launch import check_fused, launch_details, launch_strategy, make_accelerat
 from .lora import adapter_note, merged, reference_of
 from .presets import Preset, resolve_preset
 from .run_folder import RunFolder
-from .targets import Target, build_target
+from .targets import Target, build_target, default_ps_protocol
 
 
 def objective_hparams(args, preset: Preset) -> dict:
@@ -147,7 +147,6 @@ def run_study(args, argv: Optional[List[str]] = None) -> int:
     preset = resolve_preset(args.preset, args.model)
     args.preset = preset.name
     args.lr = args.lr if args.lr is not None else preset.lr
-    args.ps_protocol = args.ps_protocol or preset.ps_protocol
     args.gen_mode = args.gen_mode or preset.gen_mode  # named in config.json and the summary
     term = OBJECTIVES[args.method]
     args.regularizer = args.regularizer or term.default_regularizer
@@ -162,6 +161,7 @@ def run_study(args, argv: Optional[List[str]] = None) -> int:
     hp = objective_hparams(args, preset)
     get_objective(args.method, regularizer=args.regularizer, lam=args.lam, **hp)  # validate before any work
     check_inputs(args)
+    args.ps_protocol = default_ps_protocol(args, preset)  # after the --model checks: it reads the tokenizer
     main_rank = dist_.is_main()  # only the main process writes and evaluates; the others wait at barriers
     folder = RunFolder(args.out)
     if main_rank:  # claimed before any work, with the settings; set-up completes config.json later

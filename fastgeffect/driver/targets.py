@@ -9,11 +9,11 @@ from typing import Callable, Optional
 import torch
 
 from ..data.splits import subset_tofu
-from ..data.templates import Template, choose_template
+from ..data.templates import Template, choose_template, get_template, has_chat_template
 from ..embedded import build_embedded
 from ..embedded.build import folder_digest  # the key the embedded subset uses too
 from ..embedded.cache import cached_dir, config_hash, default_cache_dir
-from ..model_loading import ModelLoadError, load_causal_lm
+from ..model_loading import ModelLoadError, load_causal_lm, load_tokenizer
 from .lora import add_lora
 from .presets import Preset
 
@@ -52,6 +52,24 @@ def load_model(spec: str, dtype: torch.dtype):
         return load_causal_lm(spec, dtype=dtype)
     except ModelLoadError as e:
         raise SystemExit(f"--model / --retain-model: {e}") from None
+
+
+def default_ps_protocol(args, preset: Preset) -> str:
+    """``--ps-protocol`` when given; else ``clean`` for a ``--model`` in the chat format (the paper's
+    protocol prompts with ``### Question: …  ### Answer:``, a format a chat model was never
+    fine-tuned on, so its PS would measure the prompt mismatch), else the preset's."""
+    if args.ps_protocol:
+        return args.ps_protocol
+    if args.model is None:
+        return preset.ps_protocol
+    name = args.template
+    if name is None:
+        try:
+            tokenizer = load_tokenizer(args.model)
+        except ModelLoadError as e:
+            raise SystemExit(f"--model: {e}") from None
+        name = "chat" if has_chat_template(tokenizer) else preset.template
+    return "clean" if get_template(name).chat else preset.ps_protocol
 
 
 def load_twin(spec: str, dtype: torch.dtype, tokenizer) -> torch.nn.Module:
