@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastgeffect.data.splits import author_counts, subset_tofu
 from fastgeffect.data.templates import get_template
@@ -104,6 +104,26 @@ def test_resume_equals_an_uninterrupted_run(tiny, tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7 * max(1.0, float(wa[k].abs().max())))
     assert main(flags + ["--out", str(b), "--resume"]) == 0  # a complete run: nothing to redo
+
+
+def test_lora_resume_refuses_another_base_model(tiny, tmp_path):
+    """A LoRA state holds the adapters, not the frozen base: resuming over other base weights is refused."""
+    pytest.importorskip("peft")
+    data, model = tiny
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_pretrained(model).save_pretrained(base)
+    AutoTokenizer.from_pretrained(model).save_pretrained(base)
+    out = tmp_path / "ft"
+    flags = ["--model", str(base), "--data-dir", str(data), "--max-steps", "3", "--lora", "2", "--out", str(out)]
+    assert main(flags + TINY_FLAGS + ["--stop-after", "1"]) == 3
+    state = torch.load(out / ".work" / "target" / "state.pt", weights_only=False)
+    assert state["model"] and all(".lora_" in name for name in state["model"]) and state["frozen_digest"]
+    changed = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    changed.save_pretrained(base)
+    with pytest.raises(SystemExit, match="other frozen \\(base\\) weights"):
+        main(flags + TINY_FLAGS + ["--resume"])
 
 
 @pytest.mark.skipif(not TOFU.is_dir(), reason="../shared/tofu (the TOFU data) is not present")

@@ -21,7 +21,7 @@ from ..data.collate import collate_qa
 from ..data.qa import QADataset
 from ..jsonl import truncate_jsonl
 from ..losses import nll
-from ..training.backend import STATE_FILE, read_state, write_atomic
+from ..training.backend import STATE_FILE, frozen_weights_digest, read_state, write_atomic
 from ..training.batches import n_tokens
 from ..training.plan import plan_step, steps_per_epoch, warmup_linear
 from .recipe import Recipe
@@ -66,10 +66,15 @@ def train(model: torch.nn.Module, dataset: QADataset, recipe: Recipe, work_dir: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(per_epoch * recipe.epochs, warmup))
     state_path = work_dir / STATE_FILE
     step = saved = 0
+    # LoRA: the frozen base is not in the state, only its digest (a resume must start from the same base)
+    frozen = frozen_weights_digest(model) if any(not p.requires_grad for p in model.parameters()) else None
     if state_path.exists():
         state = read_state(state_path, deepspeed=False)
         if state["recipe"] != recipe.to_dict():
             raise ValueError(f"{state_path} was saved with another recipe ({state['recipe']}); start a new --out")
+        if state.get("frozen_digest") != frozen:
+            raise ValueError(f"{state_path} was saved over other frozen (base) weights than this model's; resume "
+                             "with the same --model, or start a new --out")
         params = _trainable(model)
         if set(state["model"]) != set(params):
             raise ValueError(f"{state_path} holds other parameters than this model's trainable ones "
@@ -86,7 +91,7 @@ def train(model: torch.nn.Module, dataset: QADataset, recipe: Recipe, work_dir: 
         nonlocal saved
         saved = step
         write_atomic(state_path, {"recipe": recipe.to_dict(), "step": step, "optimizer": opt.state_dict(),
-                                  "scheduler": scheduler.state_dict(),
+                                  "scheduler": scheduler.state_dict(), "frozen_digest": frozen,
                                   "model": {k: v.detach().cpu() for k, v in _trainable(model).items()}})
 
     t0, loss_value = time.perf_counter(), None
