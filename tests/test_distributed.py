@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from helpers.geffect_logs import assert_same_geffects
+from helpers.launch_logs import launch_failure
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fastgeffect.data.pairs import ForgetRetainDataset
@@ -283,7 +284,7 @@ def test_driver_under_torchrun_matches_one_process(driver_one_process):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           f"--master_port={_free_port()}", *DRIVER, "--out", str(two)], env=_driver_env(tmp),
                          capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, launch_failure(res.stderr)
     _same_geffect_log(tmp / "one", two)
     cfg = json.loads((two / "config.json").read_text())
     assert cfg["distributed"]["world_size"] == 2 and cfg["distributed"]["per_rank_micro_batch"] == 2
@@ -314,7 +315,7 @@ def test_rank_failing_mid_run_leaves_resumable_files(driver_one_process):
     assert not [p.name for p in out.iterdir() if p.suffix == ".tmp"]  # no half-written file left
     res = subprocess.run([*torchrun, f"--master_port={_free_port()}", *DRIVER, "--out", str(out), "--resume"],
                          env=_driver_env(tmp), capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, launch_failure(res.stderr)
     assert [r["step"] for r in _records(out / "train_log.jsonl")] == [0, 1, 2, 3]
     _same_geffect_log(tmp / "one", out)
 
@@ -349,7 +350,7 @@ def test_driver_under_torchrun_fsdp2(driver_one_process):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           f"--master_port={_free_port()}", *DRIVER, "--fsdp2", "--out", str(out)],
                          env=_driver_env(tmp), capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, launch_failure(res.stderr)
     _same_geffect_log(tmp / "one", out)
     assert json.loads((out / "config.json").read_text())["distributed"]["strategy"] == "fsdp2"
     metrics = json.loads((out / "metrics_after.json").read_text())
@@ -367,10 +368,10 @@ def test_driver_under_accelerate_deepspeed_stops_and_resumes(driver_one_process)
               str(ROOT / "configs/accelerate/deepspeed_zero3.yaml"), "--mixed_precision", "no",
               "--main_process_port", str(_free_port()), *DRIVER, "--out", str(out)]
     res = subprocess.run([*launch, "--stop-at-step", "2"], env=_driver_env(tmp), capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, launch_failure(res.stderr)
     assert not (out / "metrics_after.json").exists() and len(_records(out / "train_log.jsonl")) == 2
     res = subprocess.run([*launch, "--resume"], env=_driver_env(tmp), capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, launch_failure(res.stderr)
     _same_geffect_log(tmp / "one", out)
     cfg = json.loads((out / "config.json").read_text())["distributed"]
     assert (cfg["strategy"], cfg["zero_stage"], cfg["world_size"]) == ("deepspeed", 3, 2)

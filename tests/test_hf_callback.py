@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers.ga_trainer import FORGET, RETAIN, GATrainer, Rows, ga_trainer
+from helpers.launch_logs import launch_failure
 from helpers.tiny_models import tiny_llama
 from transformers import TrainingArguments
 
@@ -164,7 +165,7 @@ def test_under_ddp_the_geffects_are_those_of_one_process(tmp_path):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           f"--master_port={port}", str(ROOT / "tests/helpers/hf_callback_ddp.py"), str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, launch_failure(res.stderr)
     expected, scale = expected_geffects(tiny_llama(seed=0))
     records = read_geffect_log(tmp_path / "geffect.jsonl")
     assert [(r["step"], r["risk"]) for r in records] == [(s, k) for s in range(3) for k in ("unlearn", "retain")]
