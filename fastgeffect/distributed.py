@@ -20,7 +20,10 @@ What is never done: dotting two unreduced per-rank gradients (Σ_r <a_r, g_r> is
 """
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -63,6 +66,20 @@ def shutdown() -> None:
     if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def end_process(code: int) -> NoReturn:
+    """Exit with ``code`` once every rank is done. A distributed process skips the interpreter's
+    teardown after the group is torn down: there DeepSpeed's and gloo's C++ threads can abort a
+    finished rank ("terminate called without an active exception", exit -6), which the launcher
+    would report as a failed run."""
+    several = is_distributed()
+    shutdown()
+    if several:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 def _comm_device() -> torch.device:

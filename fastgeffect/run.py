@@ -12,11 +12,9 @@ interrupted run continues with --resume.
 """
 from __future__ import annotations
 
-import os
-import sys
 from typing import Optional, Sequence
 
-from .distributed import is_distributed, shutdown
+from .distributed import end_process
 from .driver.cli import parse_args
 
 
@@ -29,14 +27,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    several = is_distributed()
-    shutdown()
-    if several:
-        # every file is written and the group is torn down: skip the interpreter's teardown, where
-        # DeepSpeed's and gloo's C++ threads can abort a finished rank ("terminate called without an
-        # active exception", exit -6), which the launcher would report as a failed run
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    raise SystemExit(code)
+    end_process(main())

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from ..data.splits import subset_tofu
-from ..data.templates import Template, choose_template, get_template, has_chat_template
+from ..data.templates import Template, choose_template
 from ..embedded import build_embedded
 from ..embedded.build import folder_digest  # the key the embedded subset uses too
 from ..embedded.cache import cached_dir, config_hash, default_cache_dir
@@ -62,14 +62,12 @@ def default_ps_protocol(args, preset: Preset) -> str:
         return args.ps_protocol
     if args.model is None:
         return preset.ps_protocol
-    name = args.template
-    if name is None:
-        try:
-            tokenizer = load_tokenizer(args.model)
-        except ModelLoadError as e:
-            raise SystemExit(f"--model: {e}") from None
-        name = "chat" if has_chat_template(tokenizer) else preset.template
-    return "clean" if get_template(name).chat else preset.ps_protocol
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except ModelLoadError as e:
+        raise SystemExit(f"--model: {e}") from None
+    # the rule hub_target applies when it builds the target
+    return "clean" if choose_template(tokenizer, args.template, default=preset.template).chat else preset.ps_protocol
 
 
 def load_twin(spec: str, dtype: torch.dtype, tokenizer) -> torch.nn.Module:

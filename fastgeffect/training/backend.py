@@ -141,7 +141,7 @@ class PlainBackend:
         else:
             frozen = frozen_names(self.model)
             if "frozen_digest" in state:
-                if set(state["model"]) & frozen or state["frozen_digest"] != self.frozen_digest():
+                if state["frozen_digest"] != self.frozen_digest():
                     raise RuntimeError(f"{path} was saved over other frozen (base) weights than the model loaded now "
                                        "has: resume with the same --model (and the same --lora)")
                 missing, unexpected = self.model.load_state_dict(state["model"], strict=False)

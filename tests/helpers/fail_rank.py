@@ -4,7 +4,7 @@ import os
 import sys
 
 from fastgeffect import run, unlearn
-from fastgeffect.distributed import shutdown
+from fastgeffect.distributed import end_process
 
 _train_step = unlearn.Unlearner.train_step
 
@@ -29,6 +29,4 @@ def failing_train_step(self, micro, plan):
 unlearn.Unlearner.train_step = failing_train_step
 
 if __name__ == "__main__":
-    code = run.main(sys.argv[1:])
-    shutdown()
-    sys.exit(code)
+    end_process(run.main(sys.argv[1:]))  # as fastgeffect.run ends

@@ -2,12 +2,12 @@
 one forget row per rank and micro-batch, so each step's global batch is the whole forget batch.
 Writes the main rank's G-effect log and each rank's logged values to the folder in argv[1]."""
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from fastgeffect.distributed import end_process
 from fastgeffect.integrations.hf import GEffectCallback
 from helpers.ga_trainer import FORGET, RETAIN, ga_trainer
 from helpers.tiny_models import tiny_llama
@@ -21,10 +21,4 @@ if __name__ == "__main__":
     trainer.train()
     logged = [h for h in trainer.state.log_history if "geffect/unlearn/total" in h]
     (out / f"logged{trainer.args.process_index}.json").write_text(json.dumps(logged))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    # skip the interpreter's teardown, where gloo's threads can abort a finished rank ("terminate
-    # called without an active exception"), as fastgeffect.run does
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_process(0)  # as fastgeffect.run ends: the group torn down, no interpreter teardown (gloo aborts)
