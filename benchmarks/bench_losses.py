@@ -11,7 +11,7 @@ from final hidden states (N, H) and an LM head (V, H):
   ``LinearCrossEntropyOptions`` (torch's chunked path), ``reduction="none"``;
 - ``liger``: Liger-Kernel's fused linear cross entropy, ``reduction="none"`` (CUDA only);
 - ``cce``: Cut Cross-Entropy, ``reduction="none"`` (CUDA only);
-- ``ours``: ``fastgeffect.kernels.fused_linear_weighted_nll`` (Triton on CUDA, chunked torch on CPU).
+- ``ours``: ``fastgeffect.kernels.fused_linear_token_weighted`` (Triton on CUDA, chunked torch on CPU).
 The per-token methods get their weights from ``-ce`` detached, exactly like ours. ``floor`` is
 the three LM-head matmuls a fwd+bwd needs (time only). Peak memory is the extra memory over the
 inputs during forward+backward (gradients included): on CUDA ``max_memory_allocated``; on CPU
@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from fastgeffect.kernels import fused_linear_weighted_nll  # noqa: E402
+from fastgeffect.kernels import fused_linear_token_weighted  # noqa: E402
 
 METHODS = ("eager", "compile", "torch_chunked", "liger", "cce", "ours", "floor")
 BETA = 4.0  # TNPO default
@@ -110,7 +110,7 @@ def loss_fn(method: str, device: str) -> Optional[Callable]:
             return weighted_from_logp(-ce.float(), ref, labels != -100)
         return f
     if method == "ours":
-        return lambda h, w, labels, ref: fused_linear_weighted_nll(h, w, labels, objective="tnpo",
+        return lambda h, w, labels, ref: fused_linear_token_weighted(h, w, labels, objective="tnpo",
                                                                    ref_logprobs=ref, beta=BETA)
     raise ValueError(f"unknown method {method!r}")
 
@@ -350,7 +350,7 @@ def run_chunks(device: str = "cpu", shape: Optional[tuple] = None, n_tokens: Opt
 
         def step():
             h.grad = w.grad = None
-            loss = fused_linear_weighted_nll(h, w, labels, objective="tnpo", ref_logprobs=ref, beta=BETA,
+            loss = fused_linear_token_weighted(h, w, labels, objective="tnpo", ref_logprobs=ref, beta=BETA,
                                              chunk_size=chunk)
             loss.backward()
             return loss

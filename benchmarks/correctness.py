@@ -28,7 +28,7 @@ import bench_dot  # noqa: E402
 import bench_losses  # noqa: E402
 
 import fastgeffect.ops as ops  # noqa: E402
-from fastgeffect.kernels import fused_linear_kl, fused_linear_weighted_nll  # noqa: E402
+from fastgeffect.kernels import fused_linear_kl, fused_linear_token_weighted  # noqa: E402
 from fastgeffect.losses.kl import kl_terms  # noqa: E402
 
 # loss and gradients of a bf16/fp16 GEMM pipeline against exact arithmetic on the same inputs
@@ -40,7 +40,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def weighted_nll_ref(h, w, labels, ref):
+def token_weighted_ref(h, w, labels, ref):
     """The TNPO-weighted NLL of bench_losses in float64."""
     logits = h.double() @ w.double().t()
     mask = labels != -100
@@ -64,12 +64,12 @@ def check_kernels(device: str, shapes: Dict[str, tuple], n_tokens: int, dtypes) 
     for name, (hidden, vocab) in shapes.items():
         for dtype in dtypes:
             h, w, labels, ref = bench_losses.make_inputs(n_tokens, hidden, vocab, dtype, device, 0.5)
-            loss = fused_linear_weighted_nll(h, w, labels, objective="tnpo", ref_logprobs=ref, beta=bench_losses.BETA)
+            loss = fused_linear_token_weighted(h, w, labels, objective="tnpo", ref_logprobs=ref, beta=bench_losses.BETA)
             got = [loss.detach(), *_grads(loss, h, w)]
             h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-            loss64 = weighted_nll_ref(h64, w64, labels, ref)
+            loss64 = token_weighted_ref(h64, w64, labels, ref)
             want = [loss64.detach(), *_grads(loss64, h64, w64)]
-            rows.append(_row("fused_linear_weighted_nll (tnpo)", name, hidden, vocab, n_tokens, dtype, got, want))
+            rows.append(_row("fused_linear_token_weighted (tnpo)", name, hidden, vocab, n_tokens, dtype, got, want))
             del got, want, h64, w64
             rh, _, _, _ = bench_losses.make_inputs(n_tokens, hidden, vocab, dtype, device, 0.0, seed=1)
             rw = (w.detach() + 0.01 * torch.randn_like(w)).to(dtype)

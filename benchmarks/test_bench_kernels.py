@@ -18,7 +18,7 @@ def _inputs(size, device):
 
 
 @pytest.mark.parametrize("method", ["eager", "torch_chunked", "ours"])
-def test_bench_weighted_nll(benchmark, scale, method, sync):
+def test_bench_token_weighted(benchmark, scale, method, sync):
     size, device = scale
     h, w, labels, ref = _inputs(size, device)
     try:

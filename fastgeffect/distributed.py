@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .jsonfile import write_json
-from .models import find_block_list, is_deepspeed
+from .model_structure import find_block_list, is_deepspeed
 
 try:  # DTensor: FSDP2 parameters and gradients
     from torch.distributed.tensor import DTensor, Replicate

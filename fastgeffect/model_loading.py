@@ -6,7 +6,7 @@ and kept as a plain Hugging Face folder in the fastgeffect cache (``$FASTGEFFECT
 by the file's content, written atomically; later loads read that folder. transformers refuses to
 ``save_pretrained`` a GGUF-flagged model, so the copy is rebuilt from its config and state dict.
 
-Separate from :mod:`fastgeffect.models`, which imports torch only and is imported everywhere.
+Separate from :mod:`fastgeffect.model_structure`, which imports torch only and is imported everywhere.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from . import run_files as files
 from .cli_help import HelpFormatter, examples  # noqa: E402
 from .geffect import read_geffect_log  # noqa: E402
 from .jsonl import read_jsonl  # noqa: E402
@@ -131,7 +132,7 @@ def check_run_folder(run_dir: Path) -> Path:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder (pass the --out folder of a "
                                 "`python -m fastgeffect.run`)")
-    if not (run_dir / "config.json").is_file():
+    if not (run_dir / files.CONFIG).is_file():
         raise ValueError(f"{run_dir} is not a run folder: it has no config.json (pass the --out folder of a "
                          "`python -m fastgeffect.run`)")
     return run_dir
@@ -409,16 +410,16 @@ def plot_updates(records: Sequence[dict], path: Path, title: str) -> None:
 def write_report(run_dir: Path) -> Path:
     """Plots and ``summary.md`` of one run folder; returns the summary's path."""
     run_dir = check_run_folder(run_dir)
-    cfg = read_json(run_dir / "config.json") or {}
+    cfg = read_json(run_dir / files.CONFIG) or {}
     name = cfg.get("method", run_dir.name)
     if cfg.get("regularizer") not in (None, "none"):  # the plots of GA and of GA + GD must not look alike
         name = f"{name} + {cfg['regularizer']}"
-    records = read_geffects(run_dir / "geffect.jsonl")
-    train_log = read_log(run_dir / "train_log.jsonl", when=TRAIN_KEYS)
-    pg_effects = read_log(run_dir / "pg_effects.jsonl", PG_KEYS)
-    token_weights = read_log(run_dir / "token_weights.jsonl", TOKEN_WEIGHT_KEYS)
+    records = read_geffects(run_dir / files.GEFFECTS)
+    train_log = read_log(run_dir / files.TRAIN_LOG, when=TRAIN_KEYS)
+    pg_effects = read_log(run_dir / files.PG_EFFECTS, PG_KEYS)
+    token_weights = read_log(run_dir / files.TOKEN_WEIGHTS, TOKEN_WEIGHT_KEYS)
     before, after, uwc = (read_json(run_dir / f"metrics_{k}.json") for k in ("before", "after", "uwc"))
-    plots = run_dir / "plots"
+    plots = run_dir / files.PLOTS
     plots.mkdir(exist_ok=True)
     made = []
     if records:
@@ -433,8 +434,8 @@ def write_report(run_dir: Path) -> Path:
         made.append("plots/weights.png")
     if plot_pg_effects(pg_effects, plots / "pg_effects.png", f"PG-effects of {name}"):
         made.append("plots/pg_effects.png")
-    if token_weights_html(token_weights, run_dir / "token_weights.html", f"token weights of {name} across epochs"):
-        made.append("token_weights.html")
+    if token_weights_html(token_weights, run_dir / files.TOKEN_WEIGHTS_HTML, f"token weights of {name} across epochs"):
+        made.append(files.TOKEN_WEIGHTS_HTML)
     shown = {k: cfg.get(k) for k in SUMMARY_KEYS if cfg.get(k) is not None}
     shown.update(cfg.get("objective_hparams") or {})
     parts = [f"# {name} run\n", "Settings: " + ", ".join(f"{k}={v}" for k, v in shown.items()) +
@@ -458,7 +459,7 @@ def write_report(run_dir: Path) -> Path:
                   "(the update effect: AdamW's clipped step). A median ratio of 1 is a calibrated prediction.\n",
                   update_tables(records)]
     parts += ["## Files\n"] + [f"- [{m}]({m})" for m in made]
-    out = run_dir / "summary.md"
+    out = run_dir / files.SUMMARY
     out.write_text("\n".join(parts) + "\n", encoding="utf-8")
     return out
 
@@ -469,9 +470,9 @@ def compare(run_dirs: Sequence[Path], out_dir: Optional[Path] = None) -> Path:
     out_dir = Path(out_dir) if out_dir else run_dirs[0].parent / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
     label = {d: f"{(read_json(d / 'config.json') or {}).get('method', d.name)} ({d.name})" for d in run_dirs}
-    table = metrics_table({label[d]: read_json(d / "metrics_after.json") for d in run_dirs})
+    table = metrics_table({label[d]: read_json(d / files.METRICS_AFTER) for d in run_dirs})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    runs = {label[d]: read_geffects(d / "geffect.jsonl") for d in run_dirs}
+    runs = {label[d]: read_geffects(d / files.GEFFECTS) for d in run_dirs}
     for d in run_dirs:
         records = runs[label[d]]
         for ax, risk in zip(axes, ("unlearn", "retain")):

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from . import run_files as files
 from .cli_help import HelpFormatter, examples
 from .data.tofu import RETAIN_OF
 from .distributed import write_json_main
@@ -157,7 +158,7 @@ def started_with(folder: Path, recorded: Dict[str, List[str]]) -> Optional[List[
     if folder.name in recorded:
         return recorded[folder.name]
     try:
-        return list(json.loads((folder / "config.json").read_text())["argv"])
+        return list(json.loads((folder / files.CONFIG).read_text())["argv"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -173,7 +174,7 @@ def plan(combos: Sequence[Dict[str, object]], out: Path, args, extra: Sequence[s
         check_run(name, argv)
         folder = out / name
         action = "run"
-        if (folder / "config.json").exists() and not overwrite:
+        if (folder / files.CONFIG).exists() and not overwrite:
             started = started_with(folder, recorded)
             if started is None:
                 raise SystemExit(f"{folder} holds a run whose flags are unknown (no {RUNS_FILE} entry, no argv in "
@@ -183,7 +184,7 @@ def plan(combos: Sequence[Dict[str, object]], out: Path, args, extra: Sequence[s
                 changes = "; ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in diff.items())
                 raise SystemExit(f"{folder} holds a run with other settings ({changes}); nothing was run. Give the "
                                  "sweep another --out, or pass -- --overwrite to rerun every run")
-            action = "reuse" if (folder / "summary.md").exists() else "resume"
+            action = "reuse" if (folder / files.SUMMARY).exists() else "resume"
         steps.append((name, argv, action))
     return steps
 
@@ -214,7 +215,7 @@ def run_one(name: str, argv: List[str], action: str, out: Path) -> Path:
 
 def read_metrics(folder: Path) -> Dict[str, float]:
     row: Dict[str, float] = {}
-    for name, prefix in (("metrics_after.json", ""), ("metrics_uwc.json", "uwc ")):
+    for name, prefix in ((files.METRICS_AFTER, ""), (files.METRICS_UWC, "uwc ")):
         p = folder / name
         if p.exists():
             try:

@@ -27,56 +27,27 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist_
+from . import run_files as files
 from .data.collate import collate_qa
 from .data.unlearning import UnlearningData
 from .geffect import GEffect, GEffectLogger
 from .jsonl import truncate_jsonl
 from .losses import nll
-from .models import unwrap
+from .model_structure import unwrap
 from .objectives import Objective
 from .objectives.base import count_items
 from .training.backend import STATE_FILE, make_backend
 from .training.batches import forget_risk_items, n_tokens, retain_risk_items, step_batches, to_device
+from .training.config import UnlearnConfig, config_dict  # noqa: F401  (re-exported: users import it from here)
 from .training.plan import StepPlan, plan_step, steps_per_epoch, warmup_linear
 from .training.reduce import LOSS_TERMS, global_counts, global_logs
-
-
-@dataclass
-class UnlearnConfig:
-    epochs: int = 5
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    max_grad_norm: float = 1.0  # 0: no clipping
-    geffect_every: int = 1  # 0: never
-    geffect_batch: int = 16  # samples in each risk batch
-    geffect_groups: str = "paper"
-    update_effects: bool = True  # with the G-effects: the AdamW step's predicted and realised risk changes
-    pg_steps: Sequence[int] = field(default_factory=tuple)  # steps with per-sample PG-effects (-1: last)
-    save_every: int = 0  # steps between resumable states (0: epoch ends only)
-    seed: int = 0
-    stop_at_step: Optional[int] = None  # stop (state saved) after this many steps, as if interrupted
-
-    def check(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "geffect_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
-            raise ValueError(f"max_grad_norm must be a finite number >= 0 (0: no clipping), got {self.max_grad_norm}")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -306,7 +277,7 @@ class Unlearner:
         parts = [p for p in dist_.all_gather_objects(rec if w else None) if p is not None]
         rec = {"step": self.step, **{k: [x for p in parts for x in p[k]] for k in rec if k != "step"}}
         if dist_.is_main():
-            with open(self.out_dir / "pg_effects.jsonl", "a", encoding="utf-8") as f:
+            with open(self.out_dir / files.PG_EFFECTS, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -317,10 +288,10 @@ class Unlearner:
         main = dist_.is_main()
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            for name in ("train_log.jsonl", "pg_effects.jsonl"):  # a resumed run re-does steps >= self.step
+            for name in (files.TRAIN_LOG, files.PG_EFFECTS):  # a resumed run re-does steps >= self.step
                 truncate_jsonl(self.out_dir / name, self.step)
-        logger = GEffectLogger(self.out_dir / "geffect.jsonl", resume_step=self.step) if main else _NoLog()
-        train_log = open(self.out_dir / "train_log.jsonl", "a", encoding="utf-8") if main else _NoLog()
+        logger = GEffectLogger(self.out_dir / files.GEFFECTS, resume_step=self.step) if main else _NoLog()
+        train_log = open(self.out_dir / files.TRAIN_LOG, "a", encoding="utf-8") if main else _NoLog()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress,
                    desc=f"unlearn {self.objective.name}")
         try:
@@ -377,9 +348,3 @@ class Unlearner:
             logger.close()
             train_log.close()
         return {"completed": True, "step": self.step}
-
-
-def config_dict(cfg: UnlearnConfig) -> dict:
-    d = asdict(cfg)
-    d["pg_steps"] = list(cfg.pg_steps)
-    return d

@@ -7,7 +7,7 @@ from torch import nn
 
 from fastgeffect.geffect import GEffect, build_grouping
 from fastgeffect.geffect.groups import _thirds
-from fastgeffect.models import find_block_list
+from fastgeffect.model_structure import find_block_list
 
 BLOCK_LISTS = {"llama": "model.layers", "gpt2": "transformer.h", "phi": "model.layers",
                "gpt_neox": "gpt_neox.layers", "qwen2": "model.layers", "opt": "model.decoder.layers"}

@@ -26,7 +26,7 @@ def test_cpu_quick_run_writes_every_section_with_correctness_first(tmp_path):
     assert "failed:" not in text and "skipped: the suite" not in text
     assert text.index("Correctness against float64") < text.index("Fused token-weighted loss")
     checks = json.loads((tmp_path / "01-correctness.json").read_text())["rows"]
-    assert {r["check"].split(" ")[0] for r in checks} == {"fused_linear_weighted_nll", "fused_linear_kl",
+    assert {r["check"].split(" ")[0] for r in checks} == {"fused_linear_token_weighted", "fused_linear_kl",
                                                           "dot_accumulate_"}
     assert all(r["ok"] for r in checks)
     tables = {r["table"] for r in json.loads((tmp_path / "05-geffect.json").read_text())["rows"]}

@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastgeffect.kernels.weighted_nll_triton import _weighted_nll_rows
+    from fastgeffect.kernels.token_weighted_triton import _token_weighted_rows
     from fastgeffect.kernels.kl_triton import _kl_rows
 
     wsig = {"logits_ptr": "*bf16", "stride_row": "i64", "labels_ptr": "*i64", "ref_ptr": "*fp32",
@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
     for arch in (90,):
         target = GPUTarget("cuda", arch, 32)
         for code, grad in [(c, True) for c in range(7)] + [(0, False)]:
-                src = ASTSource(_weighted_nll_rows, wsig, {"CODE": code, "WRITE_GRAD": grad, "BLOCK_V": 4096})
+                src = ASTSource(_token_weighted_rows, wsig, {"CODE": code, "WRITE_GRAD": grad, "BLOCK_V": 4096})
                 assert "cubin" in triton.compile(src, target=target).asm
                 n += 1
         for rev in (True, False):

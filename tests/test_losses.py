@@ -379,7 +379,7 @@ def test_sequence_losses_need_a_positive_beta(beta):
     for name, fn in (("npo", lambda: L.npo(logits, labels, ref, beta=beta)),
                      ("simnpo", lambda: L.simnpo(logits, labels, beta=beta)),
                      ("dpo", lambda: L.dpo(logits, labels, ref, logits, labels, ref, beta=beta))):
-        with pytest.raises(ValueError, match=f"{name}: beta must be a positive finite number"):
+        with pytest.raises(ValueError, match=f"{name}: beta must be a finite number > 0"):
             fn()
 
 
@@ -387,12 +387,12 @@ def test_sequence_losses_need_a_positive_beta(beta):
 def test_hyper_parameters_must_be_finite(bad):
     # a NaN α or β made every token weight NaN (or 0/1 for ±inf) without an error
     logits, labels, ref = make_batch(27)
-    with pytest.raises(ValueError, match="simnpo: delta must be finite"):
+    with pytest.raises(ValueError, match="simnpo: delta must be a finite number"):
         L.simnpo(logits, labels, delta=bad)
     for name, fn in (("wga", lambda: L.wga(logits, labels, alpha=bad)),
                      ("tnpo", lambda: L.tnpo(logits, labels, ref, beta=bad)),
                      ("wtnpo", lambda: L.wtnpo(logits, labels, ref, alpha=bad))):
-        with pytest.raises(ValueError, match=f"{name}: (alpha|beta) must be finite"):
+        with pytest.raises(ValueError, match=f"{name}: (alpha|beta) must be a finite number"):
             fn()
 
 

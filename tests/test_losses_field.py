@@ -10,7 +10,7 @@ from helpers.devices import device_for, to_device
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fastgeffect import losses as L
-from fastgeffect.kernels import fused_causal_lm_loss, fused_linear_weighted_nll
+from fastgeffect.kernels import fused_causal_lm_loss, fused_linear_token_weighted
 
 SHAPES = [(3, 7, 13), (1, 2, 5), (4, 9, 31)]
 
@@ -110,9 +110,9 @@ def test_satimp_defaults_and_weights():
     # β2 = 0 is WGA with α = β1; a saturated token (p = 1) weighs 0 when β2 > 0
     torch.testing.assert_close(L.satimp(logits, labels, 3.0, 0.0), L.wga(logits, labels, 3.0))
     assert float(L.satimp_weights(torch.zeros(2), 5.0, 1.0).abs().max()) == 0.0
-    with pytest.raises(ValueError, match="beta2 must be >= 0"):
+    with pytest.raises(ValueError, match="beta2 must be a finite number >= 0"):
         L.satimp(logits, labels, 5.0, -1.0)
-    with pytest.raises(ValueError, match="beta1 must be finite"):
+    with pytest.raises(ValueError, match="beta1 must be a finite number >= 0"):
         L.satimp(logits, labels, float("nan"), 1.0)
 
 
@@ -244,7 +244,7 @@ def test_satimp_fused_linear_matches_unfused(backend, beta1, beta2):
     weight[5] += hidden[1] * 40  # a saturated row: p ≈ 1, where the importance factor vanishes
     h, w, y = to_device(dev, hidden, weight, labels)
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = fused_linear_weighted_nll(h, w, y, objective="satimp", beta1=beta1, beta2=beta2, backend=backend,
+    loss = fused_linear_token_weighted(h, w, y, objective="satimp", beta1=beta1, beta2=beta2, backend=backend,
                                      chunk_size=8)
     loss.backward()
     # unfused, in float64: the loss of fastgeffect.losses on materialised logits (one "sequence")

@@ -57,7 +57,7 @@ def test_generic_loss_checks_its_inputs():
 def test_triton_branch_equals_table_function(entry):
     """On the GPU, or under TRITON_INTERPRET=1 (conftest.py) on CPU: the kernel's per-row w·logp and logits gradient
     against the entry's torch function evaluated on float64 log-probs."""
-    from fastgeffect.kernels.weighted_nll_triton import weighted_nll_chunk_triton
+    from fastgeffect.kernels.token_weighted_triton import token_weighted_chunk_triton
 
     C, V = 13, 37
     gen = torch.Generator().manual_seed(entry.code)
@@ -68,7 +68,7 @@ def test_triton_branch_equals_table_function(entry):
     alpha, beta = 0.7, 1.3
     scale = torch.tensor(0.25)
     grad, *args = to_device(TRITON_DEVICE, logits.clone(), labels, ref, explicit, scale)
-    logp, wlogp = weighted_nll_chunk_triton(grad, *args, entry, alpha, beta, True)
+    logp, wlogp = token_weighted_chunk_triton(grad, *args, entry, alpha, beta, True)
     grad, logp, wlogp = grad.cpu(), logp.cpu(), wlogp.cpu()
 
     z = logits.double()
@@ -84,7 +84,7 @@ def test_satimp_fills_the_kernels_scalar_slots_with_its_exponents():
     assert tw.SATIMP.scalar_names == ("beta1", "beta2") and tw.WGA.scalar_names == ("alpha", "beta")
     assert tw.SATIMP.scalars({}) == (5.0, 1.0)
     assert tw.SATIMP.scalars({"beta1": 2.0, "beta2": None, "alpha": 9.0}) == (2.0, 1.0)
-    with pytest.raises(ValueError, match="satimp: beta1 must be >= 0"):
+    with pytest.raises(ValueError, match="satimp: beta1 must be a finite number >= 0"):
         tw.SATIMP.scalars({"beta1": -1.0})
 
 
@@ -92,14 +92,14 @@ def test_satimp_fills_the_kernels_scalar_slots_with_its_exponents():
 def test_triton_satimp_branch_at_saturated_tokens(beta2):
     """p = 1 in fp32 (1 − p = 0): the importance factor is 0^β2, 0 for β2 > 0 and 1 for β2 = 0, as
     torch's pow gives it; no NaN from the logarithm of 0."""
-    from fastgeffect.kernels.weighted_nll_triton import weighted_nll_chunk_triton
+    from fastgeffect.kernels.token_weighted_triton import token_weighted_chunk_triton
 
     C, V = 5, 19
     logits = torch.randn(C, V, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(C)
     logits[torch.arange(C), labels] += torch.tensor([200.0, 200.0, 0.0, 1.0, 200.0])  # rows 0, 1, 4 saturated
     grad, lab, scale = to_device(TRITON_DEVICE, logits.clone(), labels, torch.tensor(1.0))
-    logp, wlogp = weighted_nll_chunk_triton(grad, lab, None, None, scale, tw.SATIMP, 0.5, beta2, True)
+    logp, wlogp = token_weighted_chunk_triton(grad, lab, None, None, scale, tw.SATIMP, 0.5, beta2, True)
     lp64 = torch.log_softmax(logits.double(), -1).gather(1, labels[:, None]).squeeze(1)
     w = tw.SATIMP.fn(lp64, None, None, 0.5, beta2)
     assert bool(torch.isfinite(grad).all()) and bool(torch.isfinite(wlogp).all())

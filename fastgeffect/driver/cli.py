@@ -196,17 +196,14 @@ def _finite(lo: float, strict: bool = False, hi: float = math.inf):
     return lambda v: math.isfinite(v) and (v > lo if strict else v >= lo) and v < hi
 
 
-# every number a run reads: (flag, check, what it must be); None means "the default" and is not checked
+# every number a run reads but the objectives' hyper-parameters (HPARAMS owns their bounds): (flag, check,
+# what it must be); None means "the default" and is not checked
 NUMBER_CHECKS = (
     ("lr", _finite(0, strict=True), "a finite number > 0"),
     ("weight_decay", _finite(0), "a finite number >= 0"),
     ("warmup_epochs", _finite(0), "a finite number >= 0"),
     ("max_grad_norm", _finite(0), "a finite number >= 0 (0: no clipping)"),
     ("lam", _finite(0), "a finite number >= 0"),
-    ("alpha", _finite(0), "a finite number >= 0"),
-    ("beta", _finite(0, strict=True), "a finite number > 0 (the losses divide by it)"),
-    ("delta", _finite(-math.inf), "a finite number"),
-    ("steering_coeff", _finite(-math.inf), "a finite number"),
     ("epochs", _finite(1), "an integer >= 1"),
     ("batch_size", _finite(1), "an integer >= 1"),
     ("grad_accum", _finite(1), "an integer >= 1"),
@@ -221,9 +218,6 @@ NUMBER_CHECKS = (
     ("save_every", _finite(0), "an integer >= 0 (0: epoch ends only)"),
     ("stop_at_step", _finite(0), "an integer >= 0"),
     ("seed", _finite(0, hi=2 ** 32), "an integer in [0, 2^32)"),
-    ("control_seed", _finite(0, hi=2 ** 32), "an integer in [0, 2^32)"),
-    ("rmu_layer", _finite(-1), "a block index >= 0, or -1 (the middle block)"),
-    ("rr_layer", _finite(-1), "a block index >= 0, or -1 (the middle block)"),
 )
 
 
@@ -237,6 +231,13 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not ok(value):
             ap.error(f"{flag(name)} must be {want}, got {value}")
+    for name, hp in HPARAMS.items():  # the bounds the losses and get_objective check, from the one table
+        value = getattr(args, name)
+        if value is not None:
+            try:
+                hp.check(value, args.method)
+            except ValueError as e:
+                ap.error(f"{flag(name)} {str(e).split(f'{name} ', 1)[1]}")
     for name in ("model", "data_dir", "retain_log", "retain_model", "cache_dir", "shared_dir", "out"):
         if getattr(args, name) is not None and not getattr(args, name).strip():
             ap.error(f"{flag(name)} is empty: give a path, or leave the flag out for its default")

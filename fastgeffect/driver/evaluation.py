@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
+from .. import run_files as files
 from ..data.tofu import RETAIN_OF, load_tofu_split
 from ..distributed import write_json_main
 from ..eval import evaluate_tofu, ps_report, uwc_calibrate
@@ -52,12 +53,12 @@ def before_metrics(model, target: Target, sets, args, shared: Path, retain_log) 
     """The evaluation before unlearning (logs in ``shared/eval_before``), kept in ``shared`` with
     its fingerprint: computed once per model, data and evaluation size."""
     def compute(path: Path) -> dict:
-        metrics = evaluate(model, target, sets, shared / "eval_before", args, retain_log)
+        metrics = evaluate(model, target, sets, shared / files.EVAL_BEFORE, args, retain_log)
         write_json_main(path, metrics)
         return metrics
     fingerprint = {**before_fingerprint(target, args.split, args.eval_size, retain_log, args.ps_protocol),
                    "eval": eval_options(args, target)}
-    return cached(shared / "metrics_before.json", fingerprint, compute, load_json_dict, recompute=args.overwrite,
+    return cached(shared / files.METRICS_BEFORE, fingerprint, compute, load_json_dict, recompute=args.overwrite,
                   lock_dir=shared)
 
 

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from transformers.integrations import unset_hf_deepspeed_config
 
 from .. import distributed as dist_
-from ..models import decoder_and_head
+from ..model_structure import decoder_and_head
 
 
 def make_accelerator() -> Optional[Accelerator]:

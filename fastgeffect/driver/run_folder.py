@@ -17,11 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from .. import run_files as files
 from ..distributed import write_json_main
 from ..jsonfile import read_json
 
 LOCK = ".lock"
-MARKER = ".fastgeffect-run"
+MARKER = files.MARKER
 
 
 class RunFolder:
@@ -34,7 +35,7 @@ class RunFolder:
 
     @property
     def config_path(self) -> Path:
-        return self.path / "config.json"
+        return self.path / files.CONFIG
 
     def has_config(self) -> bool:
         return self.config_path.exists()
@@ -128,7 +129,7 @@ class RunFolder:
             self._clear()
             return
         if self.has_config():
-            failed = " that stopped with an error (error.json)" if (self.path / "error.json").exists() else ""
+            failed = " that stopped with an error (error.json)" if (self.path / files.ERROR).exists() else ""
             raise SystemExit(f"{self.path} holds another run (config.json){failed}: pass --resume to continue it "
                              "(with the same settings) or --overwrite to replace it")
         others = sorted(p.name for p in self.path.iterdir() if p.name != LOCK)
@@ -164,15 +165,15 @@ class RunFolder:
             write_json_main(self.config_path, {**saved, **{k: v for k, v in extra.items() if k not in saved}})
 
     def write_error(self, message: str, step: Optional[int], state: Path) -> None:
-        write_json_main(self.path / "error.json", {"error": message, "step": step, "state": str(state)})
+        write_json_main(self.path / files.ERROR, {"error": message, "step": step, "state": str(state)})
 
     def clear_error(self) -> None:
         """A run that finished (or stopped as asked) has no error: a stale ``error.json`` goes."""
         with contextlib.suppress(FileNotFoundError):
-            (self.path / "error.json").unlink()
+            (self.path / files.ERROR).unlink()
 
     def add_timing(self, times: Dict[str, float], resumed: bool) -> None:
         """Append this invocation's phase timings to ``timing.json`` (one entry per start or resume)."""
-        path = self.path / "timing.json"
+        path = self.path / files.TIMING
         previous = read_json(path) if path.exists() else []
         write_json_main(path, previous + [{"resumed": bool(resumed), **times}])

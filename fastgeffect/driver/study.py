@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Set
 import torch
 
 from .. import distributed as dist_
+from .. import run_files as files
 from ..data.collate import collate_pairs, collate_qa
 from ..data.unlearning import UnlearningData, load_unlearning_data
 from ..eval import load_tofu_sets
@@ -83,7 +84,7 @@ def reference_caches(objective: Objective, target: Target, data: UnlearningData,
             if dist_.is_main():
                 cache.save(path)
             return cache
-        caches[key] = cached(shared / f"ref_logprobs_{name}.pt", reference_fingerprint(target, args.split, name,
+        caches[key] = cached(shared / files.ref_logprobs(name), reference_fingerprint(target, args.split, name,
                              args.seed), compute, RefLogprobCache.load, recompute=args.overwrite, lock_dir=shared)
     return caches
 
@@ -127,7 +128,7 @@ def tensorboard_log(args, out: Path, step: int) -> Optional[TensorBoardLog]:
     from ``step`` on (what an interrupted attempt wrote from there is hidden)."""
     if args.report_to != "tensorboard" or not dist_.is_main():
         return None
-    return TensorBoardLog(out / "tensorboard", purge_step=step)
+    return TensorBoardLog(out / files.TENSORBOARD, purge_step=step)
 
 
 class Timer:
@@ -241,7 +242,7 @@ def study(args, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, fold
         t = time.perf_counter()
         before = before_metrics(model, target, sets, args, shared, retain_log)
         if shared != out:
-            dist_.write_json_main(out / "metrics_before.json", before)
+            dist_.write_json_main(out / files.METRICS_BEFORE, before)
         timer.phase("eval_before", t)
     dist_.barrier()
 
@@ -253,7 +254,7 @@ def study(args, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, fold
         # every rank runs the forward (a sharded model needs all of them); the main one writes
         rows = token_weight_rows(objective, u.model, data, target.tokenizer, epoch, step, device)
         if main_rank:
-            append_jsonl(out / "token_weights.jsonl", rows)
+            append_jsonl(out / files.TOKEN_WEIGHTS, rows)
         recorded.add(epoch)
 
     def on_epoch_end(epoch: int, u: Unlearner) -> None:
@@ -261,14 +262,14 @@ def study(args, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, fold
         if args.checkpoint_epochs:
             whole = whole_model(u.model, target.load_original, full_model_state, device)
             if whole is not None:  # a LoRA model: a merged copy (a plain model folder, as without --lora)
-                merged(whole, in_place=False).save_pretrained(out / "checkpoints" / f"epoch-{epoch + 1}")
+                merged(whole, in_place=False).save_pretrained(out / files.CHECKPOINTS / f"epoch-{epoch + 1}")
 
     if args.fsdp2:  # sharded in place here; accelerate would wrap it in DDP
         model = dist_.fully_shard_blocks(model)
     unlearner = Unlearner(model, objective, data, ucfg, out, device=device, progress=not args.no_progress,
                           on_epoch_end=on_epoch_end, accelerator=None if args.fsdp2 else accelerator)
     resumed = args.resume and unlearner.resume()
-    recorded.update(dist_.broadcast_object(resume_token_weights(out / "token_weights.jsonl", unlearner.step)
+    recorded.update(dist_.broadcast_object(resume_token_weights(out / files.TOKEN_WEIGHTS, unlearner.step)
                                            if main_rank else None))
     # the rows of the weights training starts from: the target's (step -1), or those of the epoch end the
     # state was saved at (the state is saved before its epoch's rows are recorded)
@@ -328,21 +329,21 @@ def finish(args, target: Target, preset: Preset, model, sets, retain_log, folder
     model = merged(model, in_place=True)  # training is over: evaluation, UWC mixing and saving see a plain model
     tb = tensorboard_log(args, out, step) if sets else None
     if args.save_model:
-        model.save_pretrained(out / "model")
-        target.tokenizer.save_pretrained(out / "model")
+        model.save_pretrained(out / files.MODEL)
+        target.tokenizer.save_pretrained(out / files.MODEL)
     if sets:
         t = time.perf_counter()
-        after = evaluate(model, target, sets, out / "eval_after", args, retain_log)
-        dist_.write_json_main(out / "metrics_after.json", after)
+        after = evaluate(model, target, sets, out / files.EVAL_AFTER, args, retain_log)
+        dist_.write_json_main(out / files.METRICS_AFTER, after)
         if tb is not None:
             tb.scalars(step, metric_scalars(after, "eval_after"))
         timer.phase("eval_after", t)
         if not args.no_uwc:
             t = time.perf_counter()
-            before = read_json(out / "metrics_before.json")
-            uwc = uwc_metrics(model, target, sets, out / "eval_uwc", args, preset, device,
+            before = read_json(out / files.METRICS_BEFORE)
+            uwc = uwc_metrics(model, target, sets, out / files.EVAL_UWC, args, preset, device,
                               before.get("PS-exact retain"), retain_log)
-            dist_.write_json_main(out / "metrics_uwc.json", uwc)
+            dist_.write_json_main(out / files.METRICS_UWC, uwc)
             if tb is not None:
                 tb.scalars(step, metric_scalars(uwc, "eval_uwc"))
             timer.phase("uwc", t)

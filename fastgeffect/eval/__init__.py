@@ -6,8 +6,8 @@ High-level entry points: :func:`evaluate_tofu` (logs + aggregated metrics), :fun
 :func:`extraction_strength`, :func:`uwc_calibrate`. CLI: ``python -m fastgeffect.eval``.
 """
 from .aggregate import FILES, aggregate, file_metrics, forget_quality, load_logs, load_retain_log
+from .answer_losses import answer_losses
 from .generate import greedy_generate
-from .losses import answer_losses
 from .ps import extraction_strength, ps_report, ps_scores
 from .tofu import TASKS, evaluate_set, evaluate_tofu, load_tofu_sets, write_logs
 from .uwc import TOLERANCE, calibrate_alpha, mixed_weights, uwc_calibrate

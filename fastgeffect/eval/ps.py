@@ -38,8 +38,8 @@ import torch
 from ..data.templates import IGNORE_INDEX, Template
 from ..losses import valid_mask
 from ._common import check_records, model_device, pad_id
+from .answer_losses import encode_pairs
 from .generate import greedy_generate
-from .losses import encode_pairs
 from .ps_protocols import PS_PROTOCOLS, paper_ps_scores, uwc_linear_ps_scores
 
 _TAIL = 4  # context tokens decoded together with the continuation, to see its leading space

@@ -32,8 +32,8 @@ from ..data.tofu import load_tofu_split
 from ..jsonfile import write_json
 from ._common import as_list, check_ds_size, check_records
 from .aggregate import aggregate, check_retain_log, check_truth_ratio, load_retain_log
+from .answer_losses import answer_losses, encode_pairs
 from .generate import TOFU_BATCH_SIZE, check_gen_mode, greedy_generate
-from .losses import answer_losses, encode_pairs
 
 # set name -> (TOFU log file, answer key used for the truth ratio's base, forget set?)
 TASKS = {

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from .. import run_files as files
 from ..data.collate import collate_qa
 from ..data.qa import QADataset
 from ..jsonl import truncate_jsonl
@@ -26,7 +27,7 @@ from ..training.batches import n_tokens
 from ..training.plan import plan_step, steps_per_epoch, warmup_linear
 from .recipe import Recipe
 
-LOG_FILE = "train_log.jsonl"
+LOG_FILE = files.TRAIN_LOG
 
 
 class Stopped(Exception):

@@ -1,6 +1,6 @@
 """G-effects (docs/design.md §4): streaming per-step, per-group and per-sample gradient dot products
 between a risk and the unlearning objective, logging and post-hoc checkpoint analysis."""
-from ..models import find_block_list
+from ..model_structure import find_block_list
 from .engine import GEffect, GEffectResult
 from .groups import GROUPINGS, PAPER_GROUPS, Grouping, build_grouping
 from .log import GEffectLogger, read_geffect_log, weight_stats

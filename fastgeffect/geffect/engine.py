@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import distributed as _dist
-from ..models import unwrap
+from ..model_structure import unwrap
 from .finite import check_finite_geffects
 from .groups import GroupSpec, build_grouping
 from .per_sample import per_sample_geffects

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Uni
 import torch
 from torch import nn
 
-from ..models import find_block_list
+from ..model_structure import find_block_list
 
 GROUPINGS = ("paper", "blocks", "params")
 PAPER_GROUPS = ("embed", "shallow", "middle", "deep", "lm")

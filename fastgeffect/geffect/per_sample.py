@@ -30,7 +30,7 @@ from torch.func import functional_call, jvp
 
 from .. import distributed as _dist
 from .. import ops as _ops
-from ..models import unwrap
+from ..model_structure import unwrap
 from .finite import check_finite_pg_effects
 from .groups import Grouping, GroupSpec, build_grouping
 from .risk import check_per_sample_losses, evaluate_risk

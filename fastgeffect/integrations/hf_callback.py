@@ -17,6 +17,7 @@ import transformers
 from transformers import TrainerCallback
 
 from .. import distributed as dist_
+from .. import run_files as files
 from ..geffect import GEffect, GEffectLogger
 from ..geffect.groups import GroupSpec
 from ..scalars import geffect_scalars
@@ -52,7 +53,7 @@ class GEffectCallback(TrainerCallback):
     """
 
     def __init__(self, risk_batches: Mapping, every: int = 1, groups: GroupSpec = "paper",
-                 out: Optional[str] = "geffect.jsonl", risk_fn: Optional[RiskOf] = None):
+                 out: Optional[str] = files.GEFFECTS, risk_fn: Optional[RiskOf] = None):
         if not isinstance(risk_batches, Mapping) or not risk_batches:
             raise ValueError("risk_batches must be a non-empty dict mapping a risk name to a batch (a dict of tensors)")
         for name, batch in risk_batches.items():

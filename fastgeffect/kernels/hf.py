@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ..losses import IGNORE_INDEX
-from ..models import decoder_and_head
+from ..model_structure import decoder_and_head
 from .kl import fused_linear_kl
-from .weighted_nll import fused_linear_weighted_nll
+from .token_weighted import fused_linear_token_weighted
 
 
 def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], **kwargs):
@@ -52,7 +52,7 @@ def fused_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_ma
             raise ValueError(f"{name} shape {tuple(x.shape)} does not match labels {tuple(labels.shape)}")
     hidden, head = last_hidden(model, input_ids, attention_mask, **model_kwargs)
     B, T, H = hidden.shape
-    out = fused_linear_weighted_nll(
+    out = fused_linear_token_weighted(
         hidden.reshape(B * T, H), head.weight, shift_left(labels, IGNORE_INDEX), objective=objective,
         alpha=alpha, beta=beta, beta1=beta1, beta2=beta2, bias=head.bias, num_items_in_batch=num_items_in_batch,
         wtnpo_form=wtnpo_form,

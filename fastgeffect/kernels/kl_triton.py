@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .common import launch_device
-from .weighted_nll_triton import NEG_BIG, block_v
+from .token_weighted_triton import NEG_BIG, block_v
 
 
 @triton.jit

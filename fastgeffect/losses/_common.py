@@ -153,18 +153,6 @@ def check_sequences_valid(mask: torch.Tensor) -> None:
         raise AllMaskedError(f"sequences {idx} have no valid label: a sequence-level loss needs at least one")
 
 
-def check_beta(beta: float, loss: str) -> float:
-    """β of the ``−(2/β)·logσ(β·…)`` losses: positive and finite (0 divides by zero, a negative β
-    turns the bounded loss into an unbounded one)."""
-    try:
-        ok = math.isfinite(float(beta)) and float(beta) > 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{loss}: beta must be a positive finite number, got {beta!r}")
-    return beta
-
-
 def weighted_token_loss(
     tok_logp: torch.Tensor,
     weights: torch.Tensor,

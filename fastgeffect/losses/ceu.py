@@ -4,6 +4,7 @@ positions left after dropping the first n answer tokens of each sequence."""
 import torch
 
 from ._common import IGNORE_INDEX, AllMaskedError, NumItems, prepare
+from .hparams import HPARAMS
 from .soft_targets import answer_rows, soft_target_loss
 
 
@@ -16,9 +17,9 @@ def drop_first_answer_tokens(labels: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def check_n(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if not isinstance(n, int):  # the table accepts 2.0 for an integer; slicing needs an int
         raise ValueError(f"ceu: ignore_first_n_answer_tokens must be an integer >= 0, got {n!r}")
-    return n
+    return HPARAMS["ignore_first_n_answer_tokens"].check(n, "ceu")
 
 
 def ceu(logits: torch.Tensor, labels: torch.Tensor, ignore_first_n_answer_tokens: int = 1, *,

@@ -6,7 +6,8 @@ the lose answer the forget answer itself; NPO is the limit with no win term.
 import torch
 import torch.nn.functional as F
 
-from ._common import NumItems, check_beta, check_sequences_valid, prepare, sequence_logprobs, sequence_mean
+from ._common import NumItems, check_sequences_valid, prepare, sequence_logprobs, sequence_mean
+from .hparams import check_hparams
 
 
 def _log_ratio(logits, labels, ref_logprobs):
@@ -21,7 +22,7 @@ def dpo(win_logits: torch.Tensor, win_labels: torch.Tensor, win_ref_logprobs: to
         per_sample: bool = False):
     """``−(2/β)·mean_s logσ(β·((logp_w − logp_ref_w) − (logp_l − logp_ref_l)))`` (sequence sums;
     open-unlearning's form and default beta = 0.1)."""
-    check_beta(beta, "dpo")
+    check_hparams("dpo", beta=beta)
     if win_logits.shape[0] != lose_logits.shape[0]:
         raise ValueError(f"win batch ({win_logits.shape[0]}) and lose batch ({lose_logits.shape[0]}) "
                          "must pair one-to-one")

@@ -4,9 +4,10 @@ from typing import Optional
 import torch
 
 from ._common import AllMaskedError, NumItems, _upcast, check_logits_labels, positive_count, valid_mask, why_empty
+from .hparams import HPARAMS
 
-KL_DIRECTIONS = ("forward", "reverse")
-KL_POSITIONS = ("all", "answer")
+KL_DIRECTIONS = HPARAMS["kl_direction"].choices
+KL_POSITIONS = HPARAMS["kl_positions"].choices
 
 
 def kl_terms(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from ._common import NumItems, check_beta, check_sequences_valid, prepare, sequence_logprobs, sequence_mean
+from ._common import NumItems, check_sequences_valid, prepare, sequence_logprobs, sequence_mean
+from .hparams import check_hparams
 
 
 def npo_weights(seq_logp: torch.Tensor, seq_ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
@@ -14,7 +15,7 @@ def npo(logits: torch.Tensor, labels: torch.Tensor, ref_logprobs: torch.Tensor, 
         num_seqs_in_batch: NumItems = None, return_details: bool = False,
         per_sample: bool = False):
     """``−(2/β)·mean_s logσ(β·(logp_ref(s) − logp(s)))`` with sequence sums (paper default beta = 0.5)."""
-    check_beta(beta, "npo")
+    check_hparams("npo", beta=beta)
     tok_logp, mask, ref = prepare(logits, labels, ref_logprobs)
     check_sequences_valid(mask)
     seq_logp = sequence_logprobs(tok_logp, mask)

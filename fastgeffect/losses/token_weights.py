@@ -4,7 +4,7 @@ One :class:`TokenWeight` per weight: its torch function, the code the fused Trit
 on, whether it needs reference log-probs, and its hyper-parameters with their defaults. The losses
 (:mod:`fastgeffect.losses`), the objectives' defaults (:mod:`fastgeffect.objectives`) and the fused
 kernels (:mod:`fastgeffect.kernels`) all read this table; the Triton kernel's branch
-(``kernels/weighted_nll_triton.py``) is the only other place a formula is written, and a test checks
+(``kernels/token_weighted_triton.py``) is the only other place a formula is written, and a test checks
 that it equals the function here for every code.
 
 The kernel takes two scalar arguments; each entry names the hyper-parameters that fill them
@@ -14,13 +14,13 @@ two entries. A new token-weighted objective is one entry here (its Triton branch
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from ._common import NumItems, check_aligned, check_finite, prepare, weighted_token_loss
+from .hparams import HPARAMS
 
 # w = fn(logp, ref, explicit, alpha, beta): every input detached and aligned; ref / explicit are None
 # unless the entry needs them
@@ -70,20 +70,16 @@ class TokenWeight:
     needs_ref: bool = False  # reference log-probs ``logp_ref_t``
     needs_explicit: bool = False  # caller-given weights
     scalar_names: Tuple[str, str] = ("alpha", "beta")  # the hyper-parameters in the kernel's two scalar slots
-    nonnegative: bool = False  # the scalars are exponents of probabilities: a negative one is refused
 
     def scalars(self, hp: Mapping[str, object]) -> Tuple[float, float]:
         """The kernel's two scalars (``scalar_names``) from ``hp``, the defaults where a value is missing
-        or None, 0 where unused; a NaN or infinite value is refused (it would make every weight NaN or
-        0/1), and a negative one where the entry is ``nonnegative``."""
+        or None, 0 where unused; a given value out of its bounds (:mod:`.hparams`) is refused."""
         out = []
         for k in self.scalar_names:
             v = hp.get(k)
             out.append(float(self.defaults.get(k, 0.0) if v is None else v))
-            if not math.isfinite(out[-1]):
-                raise ValueError(f"{self.name}: {k} must be finite, got {v!r}")
-            if self.nonnegative and out[-1] < 0:
-                raise ValueError(f"{self.name}: {k} must be >= 0 (an exponent of a probability), got {v!r}")
+            if v is not None and k in self.defaults:  # a slot the entry does not use keeps its 0
+                HPARAMS[k].check(v, self.name)
         return out[0], out[1]
 
     def weights(self, logp: torch.Tensor, ref: Optional[torch.Tensor] = None,
@@ -108,7 +104,7 @@ WTNPO_PRODUCT = TokenWeight("wtnpo", 5, _wtnpo_product, "2σ(β(logp_t − logp_
 WEIGHTED = TokenWeight("weighted", 6, _explicit, "caller-given weights", needs_explicit=True)
 # open-unlearning's SatImp (src/trainer/utils.py compute_satimp_loss) and its defaults (configs/trainer/SatImp.yaml)
 SATIMP = TokenWeight("satimp", 7, _satimp, "p_t^β1·(1 − p_t)^β2 (saturation × importance)",
-                     {"beta1": 5.0, "beta2": 1.0}, scalar_names=("beta1", "beta2"), nonnegative=True)
+                     {"beta1": 5.0, "beta2": 1.0}, scalar_names=("beta1", "beta2"))
 
 # every entry, one per kernel code
 ALL: Tuple[TokenWeight, ...] = (GA, NLL, WGA, TNPO, WTNPO, WTNPO_PRODUCT, WEIGHTED, SATIMP)

@@ -6,11 +6,11 @@ lowers vocabulary entry V − 100 of the teacher, and it averages over every pos
 question included. Here only answer positions (labels not -100) count: the two agree exactly when
 every shifted label is valid; with masked labels this is the loss over the answer tokens alone.
 """
-import math
 
 import torch
 
 from ._common import NumItems, prepare
+from .hparams import check_hparams
 from .soft_targets import answer_rows, soft_target_loss
 
 
@@ -20,9 +20,7 @@ def undial(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor,
 
     ``ref_logits`` (B, T, V) are the original model's full, unshifted logits on the same batch
     (detached); β = 10 is open-unlearning's configured value (configs/trainer/UNDIAL.yaml)."""
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"undial: beta must be a finite number >= 0 (how far the true token's teacher logit is "
-                         f"lowered), got {beta!r}")
+    check_hparams("undial", beta=beta)
     if ref_logits.shape != logits.shape:
         raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} does not match logits {tuple(logits.shape)}: "
                          "UNDIAL needs the original model's full logits on the same batch")

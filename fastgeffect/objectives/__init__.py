@@ -8,7 +8,7 @@ A new objective is one small file defining a :class:`ForgetTerm` plus one line b
 token-weighted one: an entry in ``fastgeffect/losses/token_weights.py`` and one line in
 ``token_weighted.py``). Every hyper-parameter name is in :data:`HPARAMS`.
 """
-from typing import Dict, Tuple
+from typing import Dict
 
 from .base import ForgetTerm, ObjectiveOutput, StepContext
 from .ceu import CEU
@@ -28,12 +28,6 @@ OBJECTIVES: Dict[str, ForgetTerm] = {t.name: t for t in (
 REGULARIZER_NAMES = tuple(REGULARIZERS)
 
 
-def hparam_users(name: str) -> Tuple[str, ...]:
-    """The objectives and regularisers that take hyper-parameter ``name`` (for help texts)."""
-    return tuple([t.name for t in OBJECTIVES.values() if name in t.defaults]
-                 + [r.name for r in REGULARIZERS.values() if name in r.defaults])
-
-
 def get_objective(name: str, regularizer: str = None, lam: float = 1.0, **kwargs) -> Objective:
     """An :class:`Objective` by registry name; ``regularizer=None`` takes the term's default."""
     key = name.lower()
@@ -43,4 +37,4 @@ def get_objective(name: str, regularizer: str = None, lam: float = 1.0, **kwargs
 
 
 __all__ = ["OBJECTIVES", "REGULARIZERS", "REGULARIZER_NAMES", "HPARAMS", "HParam", "ForgetTerm", "Regularizer",
-           "Objective", "ObjectiveOutput", "StepContext", "get_objective", "hparam_users"]
+           "Objective", "ObjectiveOutput", "StepContext", "get_objective"]

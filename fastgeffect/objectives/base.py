@@ -6,6 +6,7 @@ combines it with a regulariser and weight λ and returns an :class:`ObjectiveOut
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
@@ -15,6 +16,13 @@ from ..reference import ReferenceModel
 
 Batch = Mapping[str, torch.Tensor]
 TermFn = Callable[["StepContext", Mapping[str, Batch], Dict[str, float]], Tuple[torch.Tensor, dict]]
+
+
+def loss_defaults(loss: Callable, *names: str) -> Dict[str, object]:
+    """The defaults of hyper-parameters ``names`` as the loss function's signature states them: an
+    objective over a loss takes its defaults from there, so each default is written once."""
+    params = inspect.signature(loss).parameters
+    return {n: params[n].default for n in names}
 
 
 # sub-batches built from refusal answers to the forget questions (DPO's preferred answers included)
@@ -97,10 +105,6 @@ class ObjectiveOutput:
             if k in self.details:
                 out[f"forget_{k}"] = float(self.details[k])
         return out
-
-
-def forget_forward_logits(ctx: StepContext, batch: Batch) -> torch.Tensor:
-    return ctx.forward(batch).logits
 
 
 def weight_stats(details: dict) -> dict:

@@ -1,7 +1,7 @@
 """CE-U: cross-entropy against the model's own distribution with the true token removed, after
 dropping the first n answer tokens of each sequence."""
 from ..losses import IGNORE_INDEX, ceu, drop_first_answer_tokens, valid_mask
-from .base import ForgetTerm
+from .base import ForgetTerm, loss_defaults
 
 
 def kept_count(ctx, labels, n):
@@ -29,5 +29,5 @@ def ceu_term(ctx, batches, hp):
 
 
 # open-unlearning's CEU trainer has no retain term (configs/trainer/CEU.yaml)
-CEU = ForgetTerm("ceu", ceu_term, {"ignore_first_n_answer_tokens": 1},
+CEU = ForgetTerm("ceu", ceu_term, loss_defaults(ceu, "ignore_first_n_answer_tokens"),
                  "token-mean over answers but the first n of CE(softmax(z with z_y = −∞), p_θ)")

@@ -5,7 +5,7 @@
 come from the cache; those of the win answers from the batch or the reference model.
 """
 from ..losses import dpo
-from .base import ForgetTerm
+from .base import ForgetTerm, loss_defaults
 
 
 def _dpo(ctx, batches, hp, win_key):
@@ -24,9 +24,10 @@ def idkdpo_term(ctx, batches, hp):
     return _dpo(ctx, batches, hp, "forget_idk")
 
 
-DPO = ForgetTerm("dpo", dpo_term, {"beta": 0.1}, "−(2/β)·mean logσ(β·(Δ_win − Δ_forget)), Δ = logp − logp_ref",
+DPO = ForgetTerm("dpo", dpo_term, loss_defaults(dpo, "beta"),
+                 "−(2/β)·mean logσ(β·(Δ_win − Δ_forget)), Δ = logp − logp_ref",
                  needs_batches=("forget", "forget_win"), ref_batches=("forget", "forget_win"),
                  default_regularizer="gd")
-IDKDPO = ForgetTerm("idkdpo", idkdpo_term, {"beta": 0.1}, "DPO with a refusal answer as the preferred one",
+IDKDPO = ForgetTerm("idkdpo", idkdpo_term, loss_defaults(dpo, "beta"), "DPO with a refusal answer as the preferred one",
                     needs_batches=("forget", "forget_idk"), ref_batches=("forget", "forget_idk"),
                     default_regularizer="gd")

@@ -1,5 +1,5 @@
 from ..losses import npo
-from .base import ForgetTerm
+from .base import ForgetTerm, loss_defaults
 
 
 def npo_term(ctx, batches, hp):
@@ -10,5 +10,5 @@ def npo_term(ctx, batches, hp):
                per_sample=ctx.per_sample)
 
 
-NPO = ForgetTerm("npo", npo_term, {"beta": 0.5}, "−(2/β)·mean_s logσ(β·(logp_ref(s) − logp(s)))",
+NPO = ForgetTerm("npo", npo_term, loss_defaults(npo, "beta"), "−(2/β)·mean_s logσ(β·(logp_ref(s) − logp(s)))",
                  ref_batches=("forget",))

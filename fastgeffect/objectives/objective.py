@@ -50,12 +50,8 @@ class Objective:
                     if regularizer == "none" and set(unknown) & set(PDU_DEFAULTS) else "")
             raise ValueError(f"unknown hyper-parameter(s) {unknown} for {term.name} with regularizer "
                              f"{regularizer!r}; valid: {sorted(valid) or 'none'}{hint}")
-        for k, v in hparams.items():
-            choices, minimum = HPARAMS[k].choices, HPARAMS[k].minimum
-            if choices is not None and v not in choices:
-                raise ValueError(f"{k}={v!r} is not one of {', '.join(choices)}")
-            if minimum is not None and not v >= minimum:  # also refuses NaN
-                raise ValueError(f"{k}={v!r} must be >= {minimum}")
+        for k, v in hparams.items():  # the table's bounds (the losses check them again, to the same rule)
+            HPARAMS[k].check(v, term.name if k in term.defaults else regularizer)
         self.term = term
         self.regularizer = regularizer
         self.lam = float(lam)

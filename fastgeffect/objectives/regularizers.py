@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional
 
 from ..kernels.hf import fused_causal_lm_kl
 from ..losses import kl, rr
-from ..models import resolve_layer
+from ..model_structure import resolve_layer
 from .base import StepContext
 from .token_weighted import token_weighted_loss
 

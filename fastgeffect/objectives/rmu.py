@@ -1,6 +1,6 @@
 """RMU: steer forget-token hidden states at block ``rmu_layer`` to a fixed random control vector."""
 from ..losses import control_vector, rmu
-from ..models import resolve_layer
+from ..model_structure import resolve_layer
 from .base import ForgetTerm
 
 

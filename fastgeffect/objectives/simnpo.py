@@ -1,5 +1,5 @@
 from ..losses import simnpo
-from .base import ForgetTerm
+from .base import ForgetTerm, loss_defaults
 
 
 def simnpo_term(ctx, batches, hp):
@@ -10,5 +10,5 @@ def simnpo_term(ctx, batches, hp):
                per_sample=ctx.per_sample)
 
 
-SIMNPO = ForgetTerm("simnpo", simnpo_term, {"beta": 4.5, "delta": 0.0},
+SIMNPO = ForgetTerm("simnpo", simnpo_term, loss_defaults(simnpo, "beta", "delta"),
                     "−(2/β)·mean_s logσ(β·(−logp(s)/|s| − δ)) (reference-free)", default_regularizer="gd")

@@ -1,7 +1,7 @@
 """UNDIAL: self-distillation towards the original model with the true token's logit lowered by β.
 It reads θ_o's full logits at every step, so it needs the reference model itself (not the cache)."""
 from ..losses import undial
-from .base import ForgetTerm
+from .base import ForgetTerm, loss_defaults
 
 
 def undial_term(ctx, batches, hp):
@@ -15,6 +15,6 @@ def undial_term(ctx, batches, hp):
 
 
 # open-unlearning pairs UNDIAL with GradDiff's retain NLL at weight α = 0 (configs/trainer/UNDIAL.yaml): none
-UNDIAL = ForgetTerm("undial", undial_term, {"beta": 10.0},
+UNDIAL = ForgetTerm("undial", undial_term, loss_defaults(undial, "beta"),
                     "token-mean over answers of CE(softmax(z_ref − β·onehot(y)), p_θ) (θ_o's full logits)",
                     needs_reference_model=True)

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from .. import distributed as dist_
-from ..models import is_deepspeed, unwrap
+from .. import run_files as files
+from ..model_structure import is_deepspeed, unwrap
 
-STATE_FILE = "state.pt"
+STATE_FILE = files.STATE
 DEEPSPEED_DIR = "deepspeed_state"
 
 

@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fastgeffect.eval.losses import encode_pairs
+from fastgeffect.eval.answer_losses import encode_pairs
 
 
 def tiny_tokenizer(texts: Iterable[str], *, pad: bool = True):

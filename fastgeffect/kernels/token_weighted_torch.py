@@ -1,6 +1,6 @@
 """Chunk op of the fused weighted log-likelihood in plain PyTorch (the CPU path).
 
-Same contract and numerics as :mod:`.weighted_nll_triton`: for one chunk of compacted rows it
+Same contract and numerics as :mod:`.token_weighted_triton`: for one chunk of compacted rows it
 computes per-row log-probs and weights (the table entry's torch function) and, when asked,
 overwrites the logits chunk with the logits gradient ``scale · w · (onehot(y) − softmax(z))``.
 Temporaries are (chunk × vocab) in fp32, never (tokens × vocab).
@@ -14,7 +14,7 @@ import torch
 from ..losses.token_weights import TokenWeight
 
 
-def weighted_nll_chunk_torch(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
+def token_weighted_chunk_torch(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
                              explicit: Optional[torch.Tensor], scale: torch.Tensor, entry: TokenWeight,
                              alpha: float, beta: float, write_grad: bool):
     """``logits`` (C, V) contiguous, modified in place when ``write_grad``; ``labels`` (C,)

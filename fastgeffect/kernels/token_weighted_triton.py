@@ -4,7 +4,7 @@ One program per row of a (chunk × vocab) logits block that the LM-head matmul j
 pass 1 runs an online log-sum-exp over vocab blocks; the token's log-prob and its weight are
 then computed in registers; pass 2 overwrites the row with the logits gradient
 ``scale · w · (onehot(y) − softmax(z))`` so the backward needs no recompute.
-Contract identical to :func:`.weighted_nll_torch.weighted_nll_chunk_torch`.
+Contract identical to :func:`.token_weighted_torch.token_weighted_chunk_torch`.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ NEG_BIG = tl.constexpr(-3.0e38)
 
 
 @triton.jit
-def _weighted_nll_rows(logits_ptr, stride_row, labels_ptr, ref_ptr, explicit_ptr, scale_ptr,
+def _token_weighted_rows(logits_ptr, stride_row, labels_ptr, ref_ptr, explicit_ptr, scale_ptr,
                        logp_ptr, wlogp_ptr, V, alpha, beta,
                        CODE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -96,10 +96,10 @@ def block_v(vocab: int) -> int:
     return min(triton.next_power_of_2(vocab), 4096)
 
 
-def weighted_nll_chunk_triton(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
+def token_weighted_chunk_triton(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
                               explicit: Optional[torch.Tensor], scale: torch.Tensor, entry: tw.TokenWeight,
                               alpha: float, beta: float, write_grad: bool):
-    """Triton twin of :func:`.weighted_nll_torch.weighted_nll_chunk_torch`."""
+    """Triton twin of :func:`.token_weighted_torch.token_weighted_chunk_torch`."""
     if logits.dtype == torch.float64:
         raise ValueError("the Triton kernels take fp32/bf16/fp16 logits; use backend='torch' for fp64")
     C, V = logits.shape
@@ -108,7 +108,7 @@ def weighted_nll_chunk_triton(logits: torch.Tensor, labels: torch.Tensor, ref: O
     wlogp = torch.empty_like(logp)
     dummy = logp  # never read when the objective has no such input (constexpr branch)
     with launch_device(logits):
-        _weighted_nll_rows[(C,)](
+        _token_weighted_rows[(C,)](
             logits, logits.stride(0), labels, dummy if ref is None else ref,
             dummy if explicit is None else explicit, scale, logp, wlogp, V, float(alpha), float(beta),
             CODE=entry.code, WRITE_GRAD=write_grad, BLOCK_V=block_v(V), num_warps=8 if V >= 4096 else 4,

@@ -20,7 +20,7 @@ from ..losses.token_weights import ALL, token_weight
 from . import common
 from .dispatch import resolve_backend
 from .lm_head import chunked_lm_head, scale_of, take
-from .weighted_nll_torch import weighted_nll_chunk_torch
+from .token_weighted_torch import token_weighted_chunk_torch
 
 # the objectives that read reference log-probs, for error messages
 _NEEDS_REF = tuple(dict.fromkeys(w.name for w in ALL if w.needs_ref))
@@ -29,9 +29,9 @@ _NEEDS_REF = tuple(dict.fromkeys(w.name for w in ALL if w.needs_ref))
 def _chunk_op(backend: str):
     if backend == "triton":
         # triton is imported only when its backend runs
-        from .weighted_nll_triton import weighted_nll_chunk_triton
-        return weighted_nll_chunk_triton
-    return weighted_nll_chunk_torch
+        from .token_weighted_triton import token_weighted_chunk_triton
+        return token_weighted_chunk_triton
+    return token_weighted_chunk_torch
 
 
 def _run(hidden, weight, bias, labels, ref, explicit, cfg, need):
@@ -78,7 +78,7 @@ class _FusedWeightedNLL(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None
 
 
-def fused_linear_weighted_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+def fused_linear_token_weighted(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                               objective: str = "ga", alpha: Optional[float] = None,
                               beta: Optional[float] = None, beta1: Optional[float] = None,
                               beta2: Optional[float] = None, ref_logprobs: Optional[torch.Tensor] = None,

@@ -11,8 +11,8 @@ import torch
 from helpers.devices import TRITON_DEVICE, device_for, needs_interpreter
 
 from fastgeffect import losses
-from fastgeffect.kernels import fused_linear_weighted_nll, lm_head
-from fastgeffect.kernels import weighted_nll as wnll
+from fastgeffect.kernels import fused_linear_token_weighted, lm_head
+from fastgeffect.kernels import token_weighted as wnll
 from fastgeffect.kernels.dispatch import resolve_backend
 from fastgeffect.losses import AllMaskedError
 
@@ -74,7 +74,7 @@ def call(objective, hidden, weight, bias, labels, ref, explicit, backend, **kw):
         kw["ref_logprobs"] = ref
     if obj == "weighted":
         kw["weights"] = explicit
-    return fused_linear_weighted_nll(hidden, weight, labels, objective=obj, bias=bias, backend=backend, **kw)
+    return fused_linear_token_weighted(hidden, weight, labels, objective=obj, bias=bias, backend=backend, **kw)
 
 
 def rel_err(a, b):
@@ -224,7 +224,7 @@ def test_non_contiguous_inputs(backend):
 
 def test_bad_inputs_raise_clear_errors(monkeypatch):
     hidden, weight, bias, labels, ref, _ = make_inputs(10, 16, 97, torch.float32)
-    f = fused_linear_weighted_nll
+    f = fused_linear_token_weighted
     with pytest.raises(ValueError, match="hidden size"):
         f(hidden[:, :8], weight, labels)
     with pytest.raises(ValueError, match="dtype"):
@@ -283,13 +283,13 @@ def test_triton_on_cpu_tensors_under_the_interpreter(monkeypatch):
 
 
 def test_env_backend_reaches_the_triton_kernel(monkeypatch):
-    import fastgeffect.kernels.weighted_nll_triton as wt
+    import fastgeffect.kernels.token_weighted_triton as wt
     calls = []
-    real = wt.weighted_nll_chunk_triton
-    monkeypatch.setattr(wt, "weighted_nll_chunk_triton", lambda *a: calls.append(1) or real(*a))
+    real = wt.token_weighted_chunk_triton
+    monkeypatch.setattr(wt, "token_weighted_chunk_triton", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setenv("FASTGEFFECT_BACKEND", "triton")
     hidden, weight, _, labels, _, _ = make_inputs(10, 16, 97, torch.float32, device=TRITON_DEVICE)
-    fused_linear_weighted_nll(hidden, weight, labels)
+    fused_linear_token_weighted(hidden, weight, labels)
     assert calls
 
 

@@ -1,0 +1,34 @@
+"""The names of the files and folders in a run folder, in one place.
+
+The loop, the driver, the report, the sweep and the HF callback all read or write these; a name
+written as a literal elsewhere would drift. What each holds: README, "Running studies".
+"""
+CONFIG = "config.json"  # every setting of the run, written first (driver/run_folder.py)
+MARKER = ".fastgeffect-run"  # only folders carrying it are ever overwritten
+ERROR = "error.json"  # why the last attempt stopped (removed when a run completes)
+TIMING = "timing.json"  # seconds per phase, per invocation
+STATE = "state.pt"  # the resumable state (training/backend.py)
+
+GEFFECTS = "geffect.jsonl"  # one line per step and risk
+TRAIN_LOG = "train_log.jsonl"  # one line per step
+PG_EFFECTS = "pg_effects.jsonl"  # per-sample PG-effects at --pg-steps
+TOKEN_WEIGHTS = "token_weights.jsonl"  # per-token objective weights across epochs
+
+METRICS_BEFORE = "metrics_before.json"
+METRICS_AFTER = "metrics_after.json"
+METRICS_UWC = "metrics_uwc.json"
+EVAL_BEFORE = "eval_before"  # TOFU's per-sample logs, one folder per evaluation
+EVAL_AFTER = "eval_after"
+EVAL_UWC = "eval_uwc"
+
+SUMMARY = "summary.md"
+TOKEN_WEIGHTS_HTML = "token_weights.html"
+PLOTS = "plots"
+TENSORBOARD = "tensorboard"
+CHECKPOINTS = "checkpoints"  # checkpoints/epoch-K with --checkpoint-epochs
+MODEL = "model"  # the unlearned model with --save-model
+
+
+def ref_logprobs(name: str) -> str:
+    """The cached reference log-probs of sub-batch ``name`` (forget, forget_idk)."""
+    return f"ref_logprobs_{name}.pt"
