@@ -1,6 +1,7 @@
 """GEffectCallback under a plain HF ``Trainer`` with a GA ``compute_loss`` and gradient accumulation:
 the logged G-effects equal ``−‖∇NLL(forget)‖²`` and ``−⟨∇NLL(retain), ∇NLL(forget)⟩`` computed
-independently at the initial weights; training with the callback is training without it."""
+independently at the initial weights, however the callback is added (``callbacks=[...]``,
+``add_callback``, ``attach``); training with the callback is training without it."""
 import glob
 import json
 import math
@@ -14,11 +15,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers.ga_trainer import FORGET, RETAIN, GATrainer, Rows, ga_trainer
+from helpers.ga_trainer import FORGET, RETAIN, Rows, ga_trainer
 from helpers.launch_logs import launch_failure
 from helpers.tiny_models import tiny_llama
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
+from fastgeffect import GEffect
 from fastgeffect.geffect import build_grouping, read_geffect_log
 from fastgeffect.integrations.hf import GEffectCallback, UnlearningTrainer
 from fastgeffect.losses import nll
@@ -28,10 +30,16 @@ from fastgeffect.unlearn import nll_risk
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train(out_dir, model, lr, callback=None, **kw):
-    trainer = ga_trainer(out_dir, model, lr, **kw)
-    if callback is not None:
+HOW = ("attach", "callbacks", "add_callback")  # the ways of adding the callback to a Trainer
+
+
+def train(out_dir, model, lr, callback=None, how="attach", **kw):
+    """The GA trainer with ``callback`` added ``how`` (one of :data:`HOW`), trained."""
+    trainer = ga_trainer(out_dir, model, lr, callbacks=[callback] if callback and how == "callbacks" else None, **kw)
+    if callback is not None and how == "attach":
         callback.attach(trainer)
+    elif callback is not None and how == "add_callback":
+        trainer.add_callback(callback)
     trainer.train()
     return trainer
 
@@ -86,6 +94,106 @@ def test_logged_geffects_of_ga_equal_the_gradient_products(tmp_path):
         assert h["risk/unlearn"] == pytest.approx(records[0]["risk_value"], rel=1e-6)
 
 
+def direct_geffects(model):
+    """Per-group G-effects of one GA step on the whole forget batch (the gradient a step of the GA
+    trainer accumulates) at ``model``'s weights, measured by :class:`fastgeffect.GEffect` itself."""
+    ge = GEffect(model, groups="paper")
+    model.zero_grad()
+    (-nll_risk(model, FORGET)).backward()
+    results = ge.measure({"unlearn": lambda: nll_risk(model, FORGET), "retain": lambda: nll_risk(model, RETAIN)})
+    model.zero_grad()
+    return {risk: res.groups for risk, res in results.items()}
+
+
+def size(groups):
+    """The size of a measurement's terms, Σ|group|: what a tolerance on any of them is relative to."""
+    return math.fsum(abs(v) for v in groups.values())
+
+
+def test_added_as_any_hf_callback_it_measures_and_logs_as_attached(tmp_path):
+    """``Trainer(callbacks=[cb])``, ``trainer.add_callback(cb)`` and ``cb.attach(trainer)`` write the
+    same records, equal to GEffect's own measurement, and put them into the step's loss log."""
+    direct = direct_geffects(tiny_llama(seed=0))
+    runs = {}
+    for how in HOW:
+        cb = GEffectCallback({"unlearn": FORGET, "retain": RETAIN}, out=str(tmp_path / f"{how}.jsonl"))
+        trainer = train(tmp_path / how, tiny_llama(seed=0), lr=0.0, callback=cb, how=how)
+        runs[how] = read_geffect_log(tmp_path / f"{how}.jsonl"), trainer.state.log_history
+    for how, (records, history) in runs.items():
+        assert [(r["step"], r["risk"]) for r in records] == [(s, k) for s in range(3) for k in ("unlearn", "retain")]
+        for r, attached in zip(records, runs["attach"][0]):
+            assert r["groups"] == pytest.approx(attached["groups"], abs=1e-6 * size(attached["groups"])), how
+            want = direct[r["risk"]]
+            assert r["groups"] == pytest.approx(want, abs=1e-4 * size(want)), (how, r["step"], r["risk"])
+            assert r["total"] == pytest.approx(math.fsum(want.values()), abs=1e-4 * size(want)), how
+        logged = [h for h in history if "geffect/unlearn/total" in h]
+        assert [h["step"] for h in logged] == [1, 2, 3] and all("loss" in h for h in logged), how
+        for h in logged:  # logging every step: each holds its step's two records
+            for r in records[2 * h["step"] - 2:2 * h["step"]]:
+                assert {g: h[f"geffect/{r['risk']}/{g}"] for g in r["groups"]} == r["groups"], how
+                assert (h[f"geffect/{r['risk']}/total"], h[f"risk/{r['risk']}"]) == (r["total"], r["risk_value"])
+
+
+class SeenLogs(TrainerCallback):
+    """Keeps the keys of each log it is shown, as a ``report_to`` integration is shown them."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(set(logs))
+
+
+def test_the_values_reach_the_callbacks_after_it_and_attach_puts_it_first(tmp_path):
+    """The report_to integrations are the Trainer's first callbacks: a callback in ``callbacks=[...]``
+    adds its values for those after it (and the log history); ``attach`` makes it the first."""
+    before, after, key = SeenLogs(), SeenLogs(), "geffect/unlearn/total"
+    cb = GEffectCallback({"unlearn": FORGET}, out=None)
+    trainer = ga_trainer(tmp_path / "listed", tiny_llama(), lr=0.0, callbacks=[before, cb, after])
+    trainer.train()
+    assert len(before.seen) == 4 and not any(key in keys for keys in before.seen)  # 3 loss logs, 1 summary
+    assert [key in keys for keys in after.seen] == [True, True, True, False]
+    assert sum(key in h for h in trainer.state.log_history) == 3
+    first = SeenLogs()
+    cb = GEffectCallback({"unlearn": FORGET}, out=None)
+    trainer = ga_trainer(tmp_path / "attached", tiny_llama(), lr=0.0, callbacks=[first, cb])
+    cb.attach(trainer)
+    assert trainer.callback_handler.callbacks[0] is cb and trainer.callback_handler.callbacks.count(cb) == 1
+    trainer.train()
+    assert [key in keys for keys in first.seen] == [True, True, True, False]
+
+
+def test_a_log_holds_the_mean_of_the_steps_measured_since_the_last(tmp_path):
+    """Logging every 2 of 3 steps: the step-2 log holds the mean of steps 0 and 1, and the summary
+    log at the end of training holds step 2, whose loss the Trainer never logs."""
+    cb = GEffectCallback({"unlearn": FORGET, "retain": RETAIN}, out=str(tmp_path / "g.jsonl"))
+    trainer = train(tmp_path / "run", tiny_llama(seed=1), lr=1.0, callback=cb, how="callbacks", logging_steps=2)
+    records = {(r["step"], r["risk"]): r for r in read_geffect_log(tmp_path / "g.jsonl")}
+    logged = [h for h in trainer.state.log_history if "geffect/unlearn/total" in h]
+    assert [h["step"] for h in logged] == [2, 3] and "loss" in logged[0] and "train_loss" in logged[1]
+    for risk in ("unlearn", "retain"):
+        r0, r1, r2 = (records[s, risk] for s in range(3))
+        tol = 1e-9 * size(r0["groups"])
+        assert abs(r0["total"] - r1["total"]) > 1e3 * tol  # the weights moved: a mean of two differing steps
+        for g in r0["groups"]:
+            assert logged[0][f"geffect/{risk}/{g}"] == pytest.approx((r0["groups"][g] + r1["groups"][g]) / 2, abs=tol)
+            assert logged[1][f"geffect/{risk}/{g}"] == r2["groups"][g]
+        assert logged[0][f"risk/{risk}"] == pytest.approx((r0["risk_value"] + r1["risk_value"]) / 2, rel=1e-12)
+
+
+def test_a_log_not_made_by_trainer_log_gets_an_entry_of_its_own():
+    model = tiny_llama(seed=0)
+    (-nll_risk(model, FORGET)).backward()
+    cb = GEffectCallback({"unlearn": FORGET}, out=None)
+    cb.on_pre_optimizer_step(None, SimpleNamespace(global_step=0), None, model=model)
+    logs, state = {"custom": 1.0}, SimpleNamespace(global_step=1, log_history=[{"other": 2.0, "step": 0}])
+    cb.on_log(None, state, None, logs=logs)
+    assert logs.keys() == {"custom", "geffect/unlearn/total", "risk/unlearn"} | {
+        f"geffect/unlearn/{g}" for g in ("embed", "shallow", "middle", "deep", "lm")}
+    assert state.log_history == [{"other": 2.0, "step": 0}, {**{k: logs[k] for k in logs if k != "custom"}, "step": 1}]
+    assert logs["geffect/unlearn/total"] < 0  # GA on the risk's own batch
+
+
 def test_training_with_the_callback_is_training_without_it(tmp_path):
     base = tiny_llama(seed=3)
     results = []
@@ -115,7 +223,7 @@ def test_geffects_reach_tensorboard_through_report_to(tmp_path):
     assert [e.step for e in acc.Scalars("train/geffect/unlearn/total")] == [1, 3]
 
 
-def test_bad_arguments_are_refused_with_their_name(tmp_path):
+def test_bad_arguments_are_refused_with_their_name():
     with pytest.raises(ValueError, match="non-empty dict"):
         GEffectCallback({})
     with pytest.raises(ValueError, match=r"lacks \['labels'\]"):
@@ -124,24 +232,23 @@ def test_bad_arguments_are_refused_with_their_name(tmp_path):
         GEffectCallback({"unlearn": FORGET}, every=0)
     with pytest.raises(TypeError, match="risk_fn"):
         GEffectCallback({"unlearn": FORGET}, risk_fn="nll")
-    model = tiny_llama()
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
-    trainer = GATrainer(model=model, args=args, train_dataset=Rows(), callbacks=[GEffectCallback({"unlearn": FORGET})])
-    with pytest.raises(RuntimeError, match="attach"):
-        trainer.train()
 
 
-def test_what_cannot_be_measured_is_refused_before_training():
+def test_what_cannot_be_measured_is_refused_before_training(tmp_path, monkeypatch):
     cb = GEffectCallback({"unlearn": FORGET}, out=None)
-    with pytest.raises(RuntimeError, match="on_pre_optimizer_step"):  # a transformers without the event
-        cb.attach(SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[])))
     state = SimpleNamespace(is_world_process_zero=True, global_step=0)
-    cb.trainer = SimpleNamespace(is_deepspeed_enabled=True)
+    plain = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    cb.on_train_begin(plain, state, None)
+    # DeepSpeed, as TrainingArguments(deepspeed=...) and `accelerate launch` with a DeepSpeed config set it up
+    ds = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                           deepspeed={"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}})
     with pytest.raises(NotImplementedError, match="DeepSpeed"):
-        cb.on_train_begin(SimpleNamespace(fp16=False), state, None)
-    cb.trainer = SimpleNamespace(is_deepspeed_enabled=False)
+        cb.on_train_begin(ds, state, None)
     with pytest.raises(NotImplementedError, match="fp16"):
         cb.on_train_begin(SimpleNamespace(fp16=True), state, None)
+    monkeypatch.delattr(TrainerCallback, "on_pre_optimizer_step")  # a transformers without the event
+    with pytest.raises(RuntimeError, match="on_pre_optimizer_step"):
+        cb.on_train_begin(plain, state, None)
 
 
 def test_a_given_risk_fn_replaces_the_nll(tmp_path):
@@ -198,7 +305,11 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
     assert [(r["step"], r["risk"]) for r in records] == [(s, k) for s in range(4) for k in ("unlearn", "retain")]
     assert set(records[0]["groups"]) == {"embed", "shallow", "middle", "deep", "lm"}
     assert records[0]["total"] < 0  # GA on the forget rows themselves: -||∇NLL||² at step 0
-    assert glob.glob(str(tmp_path / "ga-run" / "runs" / "**" / "events.out.tfevents.*"), recursive=True)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = glob.glob(str(tmp_path / "ga-run" / "runs" / "**" / "events.out.tfevents.*"), recursive=True)
+    assert len(events) == 1
+    assert [e.step for e in EventAccumulator(events[0]).Reload().Scalars("train/geffect/retain/lm")] == [1, 2, 3, 4]
     assert sum("geffect/retain/lm" in h for h in scope["trainer"].state.log_history) == 4
 
 

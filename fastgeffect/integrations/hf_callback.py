@@ -37,10 +37,16 @@ class GEffectCallback(TrainerCallback):
     ``groups``: as :class:`~fastgeffect.GEffect` (``"paper"``, ``"blocks"``, ``"params"``, a mapping).
     ``out``: the JSON-lines G-effect log, records as the driver's ``geffect.jsonl`` (None: no file).
 
-    Attach it with ``GEffectCallback(...).attach(trainer)`` (it adds itself): the values reach the
-    Trainer's logs, hence ``report_to``, through ``trainer.log`` as ``geffect/<risk>/<group>``,
-    ``geffect/<risk>/total`` and ``risk/<risk>``, averaged over the steps measured since the last log
-    (as the Trainer averages its loss); the JSON-lines log holds every measured step.
+    Add it as any callback: ``Trainer(..., callbacks=[cb])``, ``trainer.add_callback(cb)`` or
+    ``cb.attach(trainer)``; all three measure the same and write the same ``out``. At each of the
+    Trainer's logs it adds ``geffect/<risk>/<group>``, ``geffect/<risk>/total`` and ``risk/<risk>``,
+    averaged over the steps measured since the last log (as the Trainer averages its loss), to the
+    ``logs`` dict and to that log's entry of ``state.log_history``; the JSON-lines log holds every
+    measured step. Callbacks run in the order of the Trainer's list, and the ``report_to``
+    integrations (TensorBoard, W&B, ...) are put first at ``Trainer`` init, before
+    ``callbacks=[...]`` and before anything ``add_callback`` appends: added those two ways, the values
+    reach ``state.log_history`` and the callbacks after this one, not ``report_to``.
+    ``attach(trainer)`` moves it to the front of the list, so ``report_to`` sees them too.
 
     What is measured is the gradient the optimiser is about to apply: with ``max_grad_norm > 0``
     (HF's default 1.0) the Trainer has already clipped it, so the G-effects are those of the clipped
@@ -70,26 +76,24 @@ class GEffectCallback(TrainerCallback):
         self.risk_batches = dict(risk_batches)
         self.every, self.groups, self.out = every, groups, out
         self.risk_fn: RiskOf = risk_fn or nll_risk
-        self.trainer = None
         self.geffect: Optional[GEffect] = None
         self.logger: Optional[GEffectLogger] = None
         self._pending: Dict[str, List[float]] = {}  # scalar name -> [sum, count] since the last log
 
     def attach(self, trainer) -> "GEffectCallback":
-        """Register with ``trainer`` (once) and keep it, to put the values into its logs."""
-        if not hasattr(trainer.callback_handler, "on_pre_optimizer_step"):  # else it would never measure
-            raise RuntimeError(f"GEffectCallback needs a transformers Trainer with the on_pre_optimizer_step "
-                               f"event (transformers {transformers.__version__} has none): upgrade transformers")
-        if self not in trainer.callback_handler.callbacks:
-            trainer.add_callback(self)
-        self.trainer = trainer
+        """Make this the first of ``trainer``'s callbacks (adding it if absent): its values then join
+        each log before the ``report_to`` integrations, which the Trainer registers first, see it."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
         return self
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.trainer is None:
-            raise RuntimeError("GEffectCallback has no trainer to log to: add it with "
-                               "GEffectCallback(...).attach(trainer) instead of callbacks=[...]")
-        if getattr(self.trainer, "is_deepspeed_enabled", False):
+        if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # else it would never measure
+            raise RuntimeError(f"GEffectCallback needs a transformers Trainer with the on_pre_optimizer_step "
+                               f"event (transformers {transformers.__version__} has none): upgrade transformers")
+        if getattr(args, "deepspeed_plugin", None) is not None or getattr(args, "deepspeed", None):
             raise NotImplementedError("GEffectCallback does not support DeepSpeed: it steps the optimiser inside "
                                       "backward, before on_pre_optimizer_step sees the gradient (use DDP or FSDP2)")
         if args.fp16:
@@ -128,11 +132,18 @@ class GEffectCallback(TrainerCallback):
         return lambda: self.risk_fn(model, batch) * weight
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self._pending:
+        if not self._pending or logs is None:
             return
-        values = {name: s / n for name, (s, n) in self._pending.items()}
-        self._pending = {}  # cleared first: the nested on_log of this call finds nothing to add
-        self.trainer.log(values)
+        values = {name: total / n for name, (total, n) in self._pending.items()}
+        self._pending = {}
+        history = state.log_history
+        # Trainer.log appends a copy of ``logs`` (plus "step") to the history just before this event
+        if history and history[-1].get("step") == state.global_step and logs.keys() <= history[-1].keys():
+            entry = history[-1]
+            history[-1] = {**{k: v for k, v in entry.items() if k != "step"}, **values, "step": entry["step"]}
+        else:  # a log that did not come through Trainer.log: an entry of its own
+            history.append({**values, "step": state.global_step})
+        logs.update(values)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.logger is not None:

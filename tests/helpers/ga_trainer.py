@@ -32,10 +32,11 @@ class GATrainer(Trainer):
         return (loss, out) if return_outputs else loss
 
 
-def ga_trainer(out_dir, model, lr, per_device=2, max_grad_norm=0.0, report_to=(), **extra) -> GATrainer:
-    """3 steps of SGD with accumulation 2 over :class:`Rows`, logging every step."""
+def ga_trainer(out_dir, model, lr, per_device=2, max_grad_norm=0.0, report_to=(), logging_steps=1, callbacks=None,
+               **extra) -> GATrainer:
+    """3 steps of SGD with accumulation 2 over :class:`Rows`, logging every ``logging_steps``."""
     args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=per_device,
                              gradient_accumulation_steps=2, max_steps=3, learning_rate=lr, optim="sgd",
                              lr_scheduler_type="constant", max_grad_norm=max_grad_norm, report_to=list(report_to),
-                             logging_steps=1, save_strategy="no", use_cpu=True, seed=0, **extra)
-    return GATrainer(model=model, args=args, train_dataset=Rows())
+                             logging_steps=logging_steps, save_strategy="no", use_cpu=True, seed=0, **extra)
+    return GATrainer(model=model, args=args, train_dataset=Rows(), callbacks=callbacks)

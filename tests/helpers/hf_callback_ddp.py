@@ -1,4 +1,4 @@
-"""Run under ``torchrun --nproc_per_node 2``: GEffectCallback on the GA Trainer under DDP (gloo),
+"""Run under ``torchrun --nproc_per_node 2``: GEffectCallback (``callbacks=[...]``) on the GA Trainer under DDP (gloo),
 one forget row per rank and micro-batch, so each step's global batch is the whole forget batch.
 Writes the main rank's G-effect log and each rank's logged values to the folder in argv[1]."""
 import json
@@ -15,8 +15,8 @@ from helpers.tiny_models import tiny_llama
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
-    trainer = ga_trainer(out / "run", tiny_llama(seed=0), lr=0.0, per_device=1, ddp_backend="gloo")
-    GEffectCallback({"unlearn": FORGET, "retain": RETAIN}, out=str(out / "geffect.jsonl")).attach(trainer)
+    cb = GEffectCallback({"unlearn": FORGET, "retain": RETAIN}, out=str(out / "geffect.jsonl"))
+    trainer = ga_trainer(out / "run", tiny_llama(seed=0), lr=0.0, per_device=1, ddp_backend="gloo", callbacks=[cb])
     assert trainer.args.world_size == 2
     trainer.train()
     logged = [h for h in trainer.state.log_history if "geffect/unlearn/total" in h]
