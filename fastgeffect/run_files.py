@@ -23,10 +23,20 @@ EVAL_UWC = "eval_uwc"
 
 SUMMARY = "summary.md"
 TOKEN_WEIGHTS_HTML = "token_weights.html"
-PLOTS = "plots"
+PLOTS = "plots"  # the report's figures (fastgeffect/report/plots.py draws them), named below
+PLOT_GEFFECTS = "geffect.png"
+PLOT_RISKS = "risk.png"
+PLOT_UPDATES = "updates.png"
+PLOT_WEIGHTS = "weights.png"
+PLOT_PG_EFFECTS = "pg_effects.png"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"  # checkpoints/epoch-K with --checkpoint-epochs
 MODEL = "model"  # the unlearned model with --save-model
+
+# `python -m fastgeffect.report compare`: its default folder (beside the first run folder) and files
+COMPARE = "compare"
+COMPARE_SUMMARY = "compare.md"
+COMPARE_PLOT = "compare.png"
 
 
 def ref_logprobs(name: str) -> str:

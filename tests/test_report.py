@@ -1,10 +1,25 @@
 """`python -m fastgeffect.report`: the summary of a run folder, and clear refusals of missing,
-foreign or damaged folders and logs (naming the file and line)."""
+foreign or damaged folders and logs (naming the file and line); importing the report does not
+import matplotlib, and its modules name the run folder's files only through run_files."""
+import ast
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from fastgeffect.report import main, write_report
+from fastgeffect.report import compare, main, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "fastgeffect" / "report"
+
+
+def run_python(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 GROUPS = {"embed": -0.5, "shallow": -0.25, "middle": 0.25, "deep": -1.0, "lm": 0.5}
 
@@ -105,3 +120,52 @@ def test_a_regularised_run_is_named_with_its_regulariser(run):
     (run / "config.json").write_text(json.dumps(config))
     assert main(["show", str(run)]) == 0
     assert (run / "summary.md").read_text().startswith("# tnpo run")
+
+
+def test_import_does_not_import_matplotlib():
+    res = run_python("-c", "import fastgeffect.report, sys; assert 'matplotlib' not in sys.modules, 'matplotlib'")
+    assert res.returncode == 0, res.stderr
+
+
+def test_python_m_draws_the_plots_without_pyplot(run):
+    # the package's __main__; the figures are drawn without pyplot, so a caller's backend is left alone
+    code = ("import runpy, sys\nsys.argv = ['report', 'show', sys.argv[1]]\ntry:\n"
+            "    runpy.run_module('fastgeffect.report', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\nassert 'matplotlib.pyplot' not in sys.modules\n")
+    res = run_python("-c", code, str(run))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("# tnpo run")
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["geffect.png", "risk.png", "weights.png"]
+    assert all((run / "plots" / name).read_bytes().startswith(b"\x89PNG") for name in ("geffect.png", "risk.png"))
+    assert "- [plots/weights.png](plots/weights.png)" in (run / "summary.md").read_text()
+
+
+def test_compare_checks_every_run_before_writing(run, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"method": "ga"}))
+    (other / "geffect.jsonl").write_text('{"step": 0}\n')
+    with pytest.raises(ValueError, match=r"geffect\.jsonl:1: the record has no 'risk'"):
+        compare([run, other], tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()
+    (other / "geffect.jsonl").unlink()
+    table = compare([run, other], tmp_path / "cmp").read_text()
+    assert table.startswith("# Comparison") and "| Model Utility | 0.5 |" in table and "![curves](compare.png)" in table
+    assert (tmp_path / "cmp" / "compare.png").read_bytes().startswith(b"\x89PNG")
+
+
+def _string_constants(tree):
+    """The string constants of a module's code: docstrings (prose) left out."""
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docs]
+
+
+def test_report_names_run_files_only_through_run_files():
+    # a file name written here as a literal would drift from the loop's and the driver's
+    file_name = re.compile(r"\w\.(jsonl?|md|png|html|pt)\b")
+    found = {p.name: [s for s in _string_constants(ast.parse(p.read_text())) if file_name.search(s)]
+             for p in sorted(REPORT.glob("*.py"))}
+    assert {k: v for k, v in found.items() if v} == {}

@@ -1,0 +1,139 @@
+"""The report's markdown: metrics and G-effect tables, and the text of a run's summary."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from .. import run_files as files
+from .geffect_stats import GROUP_EFFECTS, PREDICTORS, RISKS, group_shares, groups_of, prediction_quality, with_outcome
+
+# the settings the summary's first line shows (the objective's hyper-parameters follow them)
+SUMMARY_KEYS = ("method", "regularizer", "lam", "split", "model", "preset", "size", "data_dir", "authors", "epochs",
+                "batch_size", "lr", "seed", "ps_protocol", "gen_mode", "eval_max_length", "truth_ratio_agg")
+HEADLINE_METRICS = ("Model Utility", "Forget Quality", "Prob. Forget", "ROUGE Forget", "Prob. Retain", "ROUGE Retain",
+                    "PS-exact forget", "PS-perturb forget", "PS-exact retain", "PS-perturb retain")
+
+
+def fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def metrics_table(columns: Dict[str, Optional[dict]]) -> str:
+    cols = {k: v for k, v in columns.items() if v}
+    if not cols:
+        return "(no metrics)\n"
+    keys = [k for k in HEADLINE_METRICS if any(k in v for v in cols.values())]
+    keys += sorted({k for v in cols.values() for k in v if k not in keys and isinstance(v[k], (int, float))})
+    lines = ["| metric | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(fmt(v.get(k)) for v in cols.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def geffect_totals(records: Sequence[dict]) -> str:
+    """Cumulative G-effect per group over the run (the area under the paper's curves)."""
+    groups = groups_of(records)
+    lines = ["| risk | " + " | ".join(groups) + " | total |", "| --- |" + " --- |" * (len(groups) + 1)]
+    for risk in RISKS:
+        rows = [r for r in records if r["risk"] == risk]
+        if rows:
+            sums = [sum(r["groups"].get(g, 0.0) for r in rows) for g in groups]
+            total = fmt(sum(r["total"] for r in rows))
+            lines.append(f"| {risk} | " + " | ".join(fmt(s) for s in sums) + f" | {total} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_tables(records: Sequence[dict]) -> str:
+    """Markdown: how each prediction tracks the realised change, and each group's share of the
+    cumulative raw G-effect against its share of the cumulative update effect."""
+    lines = ["| risk | prediction | correlation | median realised/predicted | steps |",
+             "| --- | --- | --- | --- | --- |"]
+    for risk in RISKS:
+        rows = with_outcome(records, risk)
+        for key, label in PREDICTORS:
+            q = prediction_quality(rows, key)
+            lines.append(f"| {risk} | {label} | {fmt(q['corr'])} | {fmt(q['median_ratio'])} | {q['steps']} |")
+    groups = groups_of(records)
+    lines += ["", "| risk | share of the cumulative | " + " | ".join(groups) + " |",
+              "| --- | --- |" + " --- |" * len(groups)]
+    for risk in RISKS:
+        for key, label in GROUP_EFFECTS:
+            shares = group_shares(records, risk, key)
+            lines.append(f"| {risk} | {label} | " + " | ".join(fmt(shares[g]) for g in groups) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_updates(runs: Mapping[str, Sequence[dict]]) -> str:
+    """Markdown: per run and risk, how well each prediction tracks the realised change ("" when no
+    run measured update effects)."""
+    lines = []
+    for run, records in runs.items():
+        for risk in RISKS:
+            rows = with_outcome(records, risk)
+            if rows:
+                q = [prediction_quality(rows, key) for key, _ in PREDICTORS]
+                lines.append(f"| {run} | {risk} | " + " | ".join(f"{fmt(x['corr'])} | {fmt(x['median_ratio'])}"
+                                                              for x in q) + " |")
+    if not lines:
+        return ""
+    head = ["| run | risk | corr. −lr·e | median ratio −lr·e | corr. −lr·u | median ratio −lr·u |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    return "\n".join(["## Predicted vs realised risk changes (realised/predicted)\n"] + head + lines) + "\n"
+
+
+def run_name(config: Mapping, default: str) -> str:
+    """The name a run's plots and summary carry: its method, with its regulariser if it has one."""
+    name = config.get("method", default)
+    if config.get("regularizer") not in (None, "none"):  # the plots of GA and of GA + GD must not look alike
+        name = f"{name} + {config['regularizer']}"
+    return name
+
+
+def _settings_line(config: Mapping) -> str:
+    shown = {k: config.get(k) for k in SUMMARY_KEYS if config.get(k) is not None}
+    shown.update(config.get("objective_hparams") or {})
+    return "Settings: " + ", ".join(f"{k}={v}" for k, v in shown.items()) + f" (all of them in {files.CONFIG})\n"
+
+
+def _metrics_section(metrics: Mapping[str, Optional[dict]]) -> List[str]:
+    uwc = metrics["uwc"]
+    parts = ["## Metrics\n", metrics_table({"before": metrics["before"], "after": metrics["after"],
+                                            "UWC-calibrated": uwc})]
+    if uwc and "alpha" in uwc:
+        parts.append(f"UWC: α = {fmt(uwc['alpha'])} (largest mix keeping retain PS within tolerance)\n")
+    return parts
+
+
+def _notes_section(config: Mapping) -> List[str]:
+    """What a reader needs to read the numbers: where Forget Quality's retain log came from (or why
+    there is none) and, with --lora, that the G-effects are over the adapters."""
+    notes = [config[k] for k in ("forget_quality", "geffect_over") if config.get(k)]
+    return ["## Notes\n\n" + "".join(f"- {n}\n" for n in notes)] if notes else []
+
+
+def _geffect_sections(records: Sequence[dict]) -> List[str]:
+    parts = []
+    if records:
+        parts += ["## Cumulative G-effects\n", geffect_totals(records),
+                  "Negative unlearning G-effect: the step removes targeted knowledge; negative retaining "
+                  "G-effect: it damages retained knowledge.\n"]
+    if any("update_total" in r for r in records):
+        parts += ["## Predicted and realised changes\n",
+                  "Each step's realised change of a risk, ΔR = R(θ_{t+1}) − R(θ_t) on the same batch, against "
+                  "plain gradient descent's prediction −lr·e (the G-effect) and the real optimiser step's −lr·u "
+                  "(the update effect: AdamW's clipped step). A median ratio of 1 is a calibrated prediction.\n",
+                  update_tables(records)]
+    return parts
+
+
+def summary_markdown(name: str, config: Mapping, metrics: Mapping[str, Optional[dict]], records: Sequence[dict],
+                     made: Sequence[str]) -> str:
+    """The text of a run's summary: settings, metrics ("before", "after", "uwc"), notes, the tables
+    of G-effect ``records`` and links to the files ``made`` (paths relative to the run folder)."""
+    parts = [f"# {name} run\n", _settings_line(config), *_metrics_section(metrics), *_notes_section(config),
+             *_geffect_sections(records), "## Files\n", *(f"- [{m}]({m})" for m in made)]
+    return "\n".join(parts) + "\n"
