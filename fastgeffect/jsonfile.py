@@ -1,9 +1,9 @@
 """Whole JSON files (configs, metrics, evaluation logs): an atomic, strict writer and a reader whose
 errors name the file.
 
-* :func:`write_json` writes a temporary file in the same folder, syncs it and renames it over the
-  target, so a crash, a kill or a full disk leaves the previous file or the new one, never a
-  partial one. It writes strict JSON: a NaN or infinite number is refused (``ValueError`` naming
+* :func:`write_json` replaces the file atomically (:func:`fastgeffect.atomic_file.atomic_write`:
+  a crash, a kill or a full disk leaves the previous file or the new one, never a partial one).
+  It writes strict JSON: a NaN or infinite number is refused (``ValueError`` naming
   the file and the key), since strict parsers reject ``NaN``/``Infinity``; write ``None`` where
   a value is undefined.
 * :func:`read_json` raises :class:`JSONFileError` (a ``ValueError``) naming the file when it is
@@ -18,6 +18,8 @@ import math
 import os
 from pathlib import Path
 from typing import Optional, Union
+
+from .atomic_file import atomic_write
 
 PathLike = Union[str, os.PathLike]
 
@@ -48,13 +50,13 @@ def read_json(path: PathLike):
         raise JSONFileError(path, f"is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
 
 
-def _non_finite(obj, where: str = "") -> Optional[str]:
+def find_non_finite(obj, where: str = "") -> Optional[str]:
     """Where the first NaN/infinite float of ``obj`` is (``"'key' → 3"``), or None."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return f"{where or 'the top level'} is {obj}"
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     for k, v in items:
-        found = _non_finite(v, f"{where} → {k!r}" if where else repr(k))
+        found = find_non_finite(v, f"{where} → {k!r}" if where else repr(k))
         if found:
             return found
     return None
@@ -67,22 +69,13 @@ def write_json(path: PathLike, obj, *, indent: Optional[int] = 2) -> Path:
     try:
         text = json.dumps(obj, indent=indent, allow_nan=False, default=str)
     except ValueError:
-        raise ValueError(f"{path}: refusing to write {_non_finite(obj)}: NaN and infinity are not JSON "
+        raise ValueError(f"{path}: refusing to write {find_non_finite(obj)}: NaN and infinity are not JSON "
                          "(an undefined value must be None)") from None
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: the rename stays atomic
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(text.encode("utf-8")))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OSError(e.errno, f"cannot write {path} ({e.strerror}); the previous file, if any, is "
                                "unchanged") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -9,13 +9,13 @@ for a PEFT model, the same model with its adapters disabled.
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Union
 
 import torch
 
+from .atomic_file import atomic_write
 from .losses import token_logprobs, valid_mask
 
 
@@ -116,12 +116,9 @@ class RefLogprobCache:
         """Atomic: an interrupted or failed save never leaves a half file under ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: concurrent savers never mix
         try:
-            torch.save(self.entries, tmp)
-            tmp.replace(path)
+            atomic_write(path, lambda f: torch.save(self.entries, f))
         except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError naming no file
-            tmp.unlink(missing_ok=True)
             raise OSError(f"could not write the reference log-probs to {path}: {e}") from e
 
     @classmethod

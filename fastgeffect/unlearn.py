@@ -24,30 +24,30 @@ backend object (:mod:`fastgeffect.training.backend`), chosen once.
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist_
-from . import run_files as files
-from .data.collate import collate_qa
 from .data.unlearning import UnlearningData
-from .geffect import GEffect, GEffectLogger
-from .jsonl import truncate_jsonl
-from .losses import nll
+from .geffect import GEffect
+from .geffect.risk import RiskFn, forget_risk_items, nll_risk, nll_risk_on, retain_risk_items
 from .model_structure import unwrap
 from .objectives import Objective
-from .objectives.base import count_items
+from .objectives.base import count_items, sequence_weights
 from .training.backend import STATE_FILE, make_backend
-from .training.batches import forget_risk_items, n_tokens, retain_risk_items, step_batches, to_device
-from .training.config import UnlearnConfig, config_dict  # noqa: F401  (re-exported: users import it from here)
+from .training.batches import step_batches
+from .training.config import UnlearnConfig, config_dict  # noqa: F401  (re-exported)
+from .training.objective_logs import ObjectiveLogs
 from .training.plan import StepPlan, plan_step, steps_per_epoch, warmup_linear
-from .training.reduce import LOSS_TERMS, global_counts, global_logs
+from .training.reduce import global_counts, local_counts
+from .training.run_logs import NoRunLogs, RunLogs, StepRecord
+
+# users import nll_risk (now geffect.risk's), UnlearnConfig and config_dict from here too
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -64,30 +64,6 @@ def stop_if_nonfinite(error: Optional[FloatingPointError], step: int) -> None:
     if float(dist_.all_reduce_sum(torch.tensor(float(error is not None)))) > 0:
         bad = dist_.all_gather_objects(None if error is None else str(error))
         raise NonFiniteLoss(f"step {step}: " + "; ".join(f"rank {r}: {b}" for r, b in enumerate(bad) if b))
-
-
-def nll_risk(model: torch.nn.Module, batch: Dict[str, torch.Tensor], num_tokens=None, weight: float = 1.0
-             ) -> torch.Tensor:
-    """The default risk R: token-mean NLL over the batch's answer tokens (``num_tokens``: the divisor
-    of the whole, all-rank risk batch, so each rank returns its share)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    loss = nll(out.logits, batch["labels"], num_items_in_batch=num_tokens)
-    return loss * weight if weight != 1.0 else loss
-
-
-class _NoLog:
-    """Stands in for log files on non-main ranks."""
-    def log(self, *a, **k):
-        pass
-
-    def write(self, *a):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
 
 class Unlearner:
@@ -159,60 +135,36 @@ class Unlearner:
         return plan_step(len(self.data.pairs), cfg.batch_size, cfg.grad_accum, self.world, self.rank, cfg.seed,
                          epoch, batch)
 
-    def risk_fn(self, items: List[dict]) -> Callable[[], torch.Tensor]:
-        """The NLL risk on ``items``; under data parallel, this rank's share (rows ``rank::world``,
-        divided by the token count of all rows)."""
-        if self.world == 1:
-            batch = to_device(collate_qa(items), self.device)
-            return lambda: nll_risk(self.model, batch)
-        mine = items[self.rank::self.world]
-        batch = to_device(collate_qa(mine or items[:1]), self.device)
-        total = max(1, n_tokens(items))
-        return lambda: nll_risk(self.model, batch, total, 1.0 if mine else 0.0)
+    def risk_fn(self, items: List[dict]) -> RiskFn:
+        """The NLL risk on ``items``; under data parallel, this rank's share."""
+        return nll_risk_on(self.model, items, self.device, rank=self.rank, world=self.world)
 
     def train_step(self, micro: List[dict], plan: StepPlan) -> dict:
         """Forwards and backwards of this rank's micro-batches: the objective gradient of the global
         batch is then in the gradients. Returns the step's logs (of the global batch)."""
         self.model.train()
         self.backend.zero_grad()
-        counts: Dict[str, torch.Tensor] = {}
-        for m, w in zip(micro, plan.weights):
-            if w == 0.0:
-                continue
-            for k, v in count_items(m).items():
-                counts[k] = counts.get(k, 0) + v
-        counts = global_counts(counts, self.device)  # every reduction divides by the whole global batch's counts
-        logs: Dict[str, float] = {}
-        weights, inv_conf = [], []
+        # every reduction divides by the whole global batch's counts
+        counts = global_counts(local_counts(micro, plan.weights), self.device)
+        logs = ObjectiveLogs(len(micro))
         last = len(micro) - 1
         for j, (m, w) in enumerate(zip(micro, plan.weights)):
-            try:
-                out, error = self.objective(self.model, m, num_items=counts), None
-            except FloatingPointError as e:
-                out, error = None, e
-            stop_if_nonfinite(error, self.step)
+            out = self.objective_on(m, counts)
             # DDP/FSDP average over ranks; each rank's loss is its share of the global sum
             self.backend.backward(out.loss * (w * self.world), sync=j == last)
-            if w == 0.0:
-                continue
-            for k, v in out.logs().items():
-                logs[k] = logs.get(k, 0.0) + (v if k in LOSS_TERMS else v / len(micro))
-            d = out.details
-            if "weights" in d:
-                weights.append(d["weights"][d["mask"]].detach().float().cpu())
-            elif "seq_weights" in d:
-                weights.append(d["seq_weights"].detach().float().cpu())
-            if "logprobs" in d:  # GA's gradient carries 1/p per token: its "inverse confidence"
-                inv_conf.append(torch.exp(-d["logprobs"][d["mask"]].double()).cpu())
-        logs, weights, inv_conf = global_logs(logs, len(micro), weights, inv_conf)
-        if inv_conf:
-            value = float(torch.cat(inv_conf).mean())
-            logs["inv_conf"] = value if math.isfinite(value) else None  # 1/p overflows as p underflows: undefined
-        if weights:
-            w = torch.cat(weights)
-            logs["weights"] = {"mean": float(w.mean()), "std": float(w.std(unbiased=False)) if w.numel() > 1 else 0.0,
-                               "min": float(w.min()), "max": float(w.max())}
-        return logs
+            if w != 0.0:
+                logs.add(out)
+        return logs.result()
+
+    def objective_on(self, micro_batch: dict, counts: dict):
+        """The objective's output on one micro-batch; :class:`NonFiniteLoss` on every rank when it
+        failed on any."""
+        try:
+            out, error = self.objective(self.model, micro_batch, num_items=counts), None
+        except FloatingPointError as e:
+            out, error = None, e
+        stop_if_nonfinite(error, self.step)
+        return out
 
     def measure(self, plan: StepPlan) -> tuple:
         """``(results, risks)``: G-effects of the objective gradient now in the gradients, unlearning
@@ -247,15 +199,10 @@ class Unlearner:
             out[name] = {k: v if math.isfinite(v) else None for k, v in fields.items()}
         return out
 
-    def log_geffects(self, res: dict, per_risk: Optional[dict], logs: dict, lr: float, logger: GEffectLogger,
-                     epoch: int) -> None:
-        extra = {k: v for k, v in logs.items() if k != "weights"}
-        logger.log(self.step, res, stats=logs.get("weights"), per_risk=per_risk, epoch=epoch,
-                   objective=self.objective.name, lr=lr, **extra)
-
-    def per_sample(self, micro: List[dict], plan: StepPlan) -> None:
-        """PG-effects of the step's first micro-batch, with its per-sample objective weights."""
-        m = micro[0]  # under data parallel: the first micro-batch of every rank, together
+    def per_sample(self, micro: List[dict], plan: StepPlan) -> dict:
+        """PG-effects of the step's first micro-batch, with its per-sample objective weights: the
+        ``pg_effects.jsonl`` line (of every rank's first micro-batch, together, on every rank)."""
+        m = micro[0]
         # a rank left idle by a short last batch joins with a zero-weight copy and reports nothing
         w = plan.weights[0]
         base = unwrap(self.model)
@@ -269,82 +216,84 @@ class Unlearner:
         dist_.reshard(self.model)
         self.model.train()
         rec = {"step": self.step, "index": m["forget"]["index"].tolist(), "pg_effect": res.tolist()}
-        if "seq_weights" in details:
-            rec["seq_weights"] = details["seq_weights"].tolist()
-        elif "weights" in details:
-            mask = details["mask"]
-            rec["seq_weights"] = ((details["weights"] * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+        seq_weights = sequence_weights(details)
+        if seq_weights is not None:
+            rec["seq_weights"] = seq_weights.tolist()
         parts = [p for p in dist_.all_gather_objects(rec if w else None) if p is not None]
-        rec = {"step": self.step, **{k: [x for p in parts for x in p[k]] for k in rec if k != "step"}}
-        if dist_.is_main():
-            with open(self.out_dir / files.PG_EFFECTS, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+        return {"step": self.step, **{k: [x for p in parts for x in p[k]] for k in rec if k != "step"}}
+
+    def take_step(self, plan: StepPlan, logs: RunLogs) -> StepRecord:
+        """The step of ``plan``, with the measurements due at it. A non-finite loss, G-effect or
+        gradient norm stops every rank before the optimiser step: what was measured is logged, the
+        state before the step saved, and :class:`NonFiniteLoss` raised."""
+        record = StepRecord(self.step, plan.epoch, plan.batch, lr=self.scheduler.get_last_lr()[0])
+        try:
+            risks = self.step_into(record, plan)
+        except FloatingPointError as e:
+            logs.write(record)  # without the step's outcome
+            self.save(plan.epoch, plan.batch)  # the last finite state, resumable (all ranks stop together)
+            if isinstance(e, NonFiniteLoss):
+                raise
+            raise NonFiniteLoss(f"step {self.step}: {e}") from e
+        if risks is not None and self.update_effects:
+            record.outcome = self.realised(record.geffects, risks, record.lr)
+        self.scheduler.step()
+        return record
+
+    def step_into(self, record: StepRecord, plan: StepPlan) -> Optional[dict]:
+        """Fill ``record`` as the step goes: objective, G-effects and PG-effects when due, optimiser
+        step. Returns the G-effect risks (None when not measured)."""
+        micro = step_batches(self.data.pairs, plan, self.device)
+        record.logs = self.train_step(micro, plan)
+        if self.objective.primal_dual:
+            record.logs["lam"] = self.objective.lam  # the λ this step used
+        risks = None
+        if self.geffect is not None and self.step % self.cfg.geffect_every == 0:
+            record.geffects, risks = self.measure(plan)
+        if self.geffect is not None and self.step in self.pg_steps:
+            record.pg_effects = self.per_sample(micro, plan)
+        record.grad_norm = self.backend.clip_and_step(self.cfg.max_grad_norm)
+        if self.objective.primal_dual:  # after the step: a failed one leaves λ as saved
+            self.objective.dual_update(record.logs["reg_loss"])
+        return risks
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self, on_step: Optional[Callable[[dict, Optional[dict]], None]] = None) -> dict:
         """Train to the end (or ``stop_at_step``). ``on_step(row, geffects)`` after each step: its
         ``train_log.jsonl`` row and its G-effect results (None when not measured), e.g. TensorBoard."""
-        cfg = self.cfg
-        main = dist_.is_main()
-        if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            for name in (files.TRAIN_LOG, files.PG_EFFECTS):  # a resumed run re-does steps >= self.step
-                truncate_jsonl(self.out_dir / name, self.step)
-        logger = GEffectLogger(self.out_dir / files.GEFFECTS, resume_step=self.step) if main else _NoLog()
-        train_log = open(self.out_dir / files.TRAIN_LOG, "a", encoding="utf-8") if main else _NoLog()
+        logs = RunLogs(self.out_dir, self.step, self.objective.name) if dist_.is_main() else NoRunLogs()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress,
                    desc=f"unlearn {self.objective.name}")
         try:
-            for epoch in range(self.start_epoch, cfg.epochs):
-                first = self.start_batch if epoch == self.start_epoch else 0
-                for b in range(first, self.n_steps_epoch):
-                    if cfg.stop_at_step is not None and self.step >= cfg.stop_at_step:
-                        self.save(epoch, b)
-                        return {"completed": False, "step": self.step}
-                    plan = self.plan(epoch, b)
-                    micro = step_batches(self.data.pairs, plan, self.device)
-                    res = None
-                    lr = self.scheduler.get_last_lr()[0]  # the lr of this step
-                    try:  # a non-finite loss, G-effect or gradient norm stops every rank before the step
-                        logs = self.train_step(micro, plan)
-                        if self.objective.primal_dual:
-                            logs["lam"] = self.objective.lam  # the λ this step used
-                        postfix = {"loss": f"{logs['loss']:.3g}"}
-                        res = None
-                        if self.geffect is not None and self.step % cfg.geffect_every == 0:
-                            res, risks = self.measure(plan)
-                            postfix.update(e_u=f"{res['unlearn'].total:.3g}", e_r=f"{res['retain'].total:.3g}")
-                        if self.geffect is not None and self.step in self.pg_steps:
-                            self.per_sample(micro, plan)
-                        grad_norm = self.backend.clip_and_step(cfg.max_grad_norm)
-                        if self.objective.primal_dual:  # after the step: a failed one leaves λ as saved
-                            self.objective.dual_update(logs["reg_loss"])
-                    except FloatingPointError as e:
-                        if res is not None:  # the G-effects were measured: logged, without the step's outcome
-                            self.log_geffects(res, None, logs, lr, logger, epoch)
-                        self.save(epoch, b)  # the last finite state, resumable (all ranks stop together)
-                        if isinstance(e, NonFiniteLoss):
-                            raise
-                        raise NonFiniteLoss(f"step {self.step}: {e}") from e
-                    if res is not None:
-                        per_risk = self.realised(res, risks, lr) if self.update_effects else None
-                        self.log_geffects(res, per_risk, logs, lr, logger, epoch)
-                    self.scheduler.step()
-                    row = {"step": self.step, "epoch": epoch, "grad_norm": grad_norm, **logs}
-                    train_log.write(json.dumps(row, allow_nan=False) + "\n")
-                    train_log.flush()
-                    if on_step is not None:
-                        on_step(row, res)
-                    self.step += 1
-                    bar.update(1)
-                    bar.set_postfix(postfix)
-                    if cfg.save_every and self.step % cfg.save_every == 0:
-                        self.save(epoch, b + 1)
-                self.save(epoch + 1, 0)
-                if self.on_epoch_end is not None:
-                    self.on_epoch_end(epoch, self)
+            for plan in self.planned_steps():
+                if self.cfg.stop_at_step is not None and self.step >= self.cfg.stop_at_step:
+                    self.save(plan.epoch, plan.batch)
+                    return {"completed": False, "step": self.step}
+                record = self.take_step(plan, logs)
+                logs.write(record)
+                self.after_step(record, on_step, bar)
         finally:
             bar.close()
-            logger.close()
-            train_log.close()
+            logs.close()
         return {"completed": True, "step": self.step}
+
+    def planned_steps(self) -> Iterator[StepPlan]:
+        """The plans of the steps still to take, in order; after each epoch's last step (even when
+        none was left of it), the state is saved at the next epoch's start and ``on_epoch_end`` called."""
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            first = self.start_batch if epoch == self.start_epoch else 0
+            for b in range(first, self.n_steps_epoch):
+                yield self.plan(epoch, b)
+            self.save(epoch + 1, 0)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(epoch, self)
+
+    def after_step(self, record: StepRecord, on_step, bar) -> None:
+        """The step is done: ``on_step``, the step counter, the progress bar, the periodic save."""
+        if on_step is not None:
+            on_step(record.row, record.geffects)
+        self.step += 1
+        bar.update(1)
+        bar.set_postfix(record.postfix)
+        if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+            self.save(record.epoch, record.batch + 1)

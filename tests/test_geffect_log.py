@@ -84,6 +84,8 @@ def test_logger_refuses_nan_and_inf(tmp_path):
                            ({"unlearn": result(1.0)}, {"mean": float("nan")})):
         with pytest.raises(ValueError, match="step 1, risk '(retain|unlearn)' holds NaN or inf"):
             log.log(1, results, stats=stats)
+    with pytest.raises(ValueError, match=r"ge.jsonl: refusing to write 'inv_conf' is inf.*None"):
+        log.log(1, {"unlearn": result(1.0)}, inv_conf=float("inf"))  # extra fields: strict JSON too
     log.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0]  # nothing half-written
 
@@ -104,6 +106,33 @@ def test_logger_bad_input(tmp_path):
     with pytest.raises(ValueError, match="closed"):
         log.log(0, {"u": result(1.0)})
     assert weight_stats(torch.ones(2), torch.zeros(2, dtype=torch.bool)) == {"count": 0}
+
+
+def test_weight_stats_one_function_two_precisions():
+    """The G-effect log's statistics (float64, with the count) and the loop's (float32, its logs'
+    "weights" as they always were: the formula it had inline) are one function's."""
+    from fastgeffect.training.objective_logs import ObjectiveLogs
+    from fastgeffect.weight_stats import weight_stats as the_one
+
+    assert weight_stats is the_one
+    torch.manual_seed(0)
+    w = torch.rand(2, 7) * 3
+    mask = torch.rand(2, 7) > 0.3
+    flat = w[mask]
+    f64 = flat.double()
+    assert weight_stats(w, mask) == {"mean": float(f64.mean()), "std": float(f64.std(unbiased=False)),
+                                     "min": float(f64.min()), "max": float(f64.max()), "count": int(mask.sum())}
+
+    class Out:  # an ObjectiveOutput of a token-weighted objective
+        details = {"weights": w, "mask": mask}
+
+        def logs(self):
+            return {"loss": 1.0}
+    logs = ObjectiveLogs(1)
+    logs.add(Out())
+    old = {"mean": float(flat.mean()), "std": float(flat.std(unbiased=False)) if flat.numel() > 1 else 0.0,
+           "min": float(flat.min()), "max": float(flat.max())}
+    assert logs.result()["weights"] == old  # bit for bit: ==, not approx
 
 
 def test_step_from_checkpoint():

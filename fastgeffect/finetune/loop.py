@@ -8,7 +8,6 @@ a resumed run takes the same batches as an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -20,9 +19,9 @@ from tqdm.auto import tqdm
 from .. import run_files as files
 from ..data.collate import collate_qa
 from ..data.qa import QADataset
-from ..jsonl import truncate_jsonl
+from ..jsonl import JsonlAppender, truncate_jsonl
 from ..losses import nll
-from ..training.backend import STATE_FILE, frozen_weights_digest, read_state, write_atomic
+from ..training.backend import STATE_FILE, frozen_weights_digest, read_state, write_state
 from ..training.batches import n_tokens
 from ..training.plan import plan_step, steps_per_epoch, warmup_linear
 from .recipe import Recipe
@@ -91,15 +90,15 @@ def train(model: torch.nn.Module, dataset: QADataset, recipe: Recipe, work_dir: 
     def save() -> None:
         nonlocal saved
         saved = step
-        write_atomic(state_path, {"recipe": recipe.to_dict(), "step": step, "optimizer": opt.state_dict(),
-                                  "scheduler": scheduler.state_dict(), "frozen_digest": frozen,
-                                  "model": {k: v.detach().cpu() for k, v in _trainable(model).items()}})
+        write_state(state_path, {"recipe": recipe.to_dict(), "step": step, "optimizer": opt.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "frozen_digest": frozen,
+                                 "model": {k: v.detach().cpu() for k, v in _trainable(model).items()}})
 
     t0, loss_value = time.perf_counter(), None
     device = next(model.parameters()).device
     model.train()
     bar = tqdm(total=total, initial=step, desc="fine-tune", unit="step", disable=not progress)
-    with open(work_dir / LOG_FILE, "a", encoding="utf-8") as log:
+    with JsonlAppender(work_dir / LOG_FILE) as log:
         while step < total:
             if stop_after is not None and step >= stop_after:
                 if saved != step:
@@ -125,9 +124,7 @@ def train(model: torch.nn.Module, dataset: QADataset, recipe: Recipe, work_dir: 
             opt.step()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
-            log.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "grad_norm": float(norm),
-                                  "lr": lr}) + "\n")
-            log.flush()
+            log.append([{"step": step, "epoch": epoch, "loss": loss_value, "grad_norm": float(norm), "lr": lr}])
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}")

@@ -13,23 +13,9 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from ..jsonl import read_jsonl, truncate_jsonl
+from ..jsonl import JsonlAppender, read_jsonl, truncate_jsonl
+from ..weight_stats import weight_stats
 from .engine import GEffectResult
-
-
-def weight_stats(weights: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Dict[str, float]:
-    """mean / std / min / max / count of objective weights over ``mask`` (e.g. the ``weights`` and
-    ``mask`` an objective returns with ``return_details=True``)."""
-    w = weights.detach()
-    if mask is not None:
-        if mask.shape != w.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match weights {tuple(w.shape)}")
-        w = w[mask.bool()]
-    w = w.reshape(-1).double()
-    if w.numel() == 0:
-        return {"count": 0}
-    return {"mean": float(w.mean()), "std": float(w.std(unbiased=False)), "min": float(w.min()),
-            "max": float(w.max()), "count": int(w.numel())}
 
 
 def read_geffect_log(path: Union[str, os.PathLike], dedupe: bool = True) -> List[dict]:
@@ -48,16 +34,14 @@ def read_geffect_log(path: Union[str, os.PathLike], dedupe: bool = True) -> List
 MEASURED = ("total", "groups", "risk_value", "weights", "update_total", "update_groups")
 
 
-def _dumps(record: dict) -> str:
-    """One JSON line. A NaN/inf measurement is refused (a wrong number, and strict JSON parsers
-    reject NaN/Infinity); ``extra`` fields are written as given (an overflowing inverse confidence
-    of a long GA run is a legitimate inf)."""
+def _check_measured(record: dict) -> None:
+    """A NaN/inf measurement is a wrong number: refused with the step and risk it belongs to (the
+    appender refuses any other non-finite field; an undefined value is written as None)."""
     try:
         json.dumps({k: record[k] for k in MEASURED if k in record}, allow_nan=False)
     except ValueError:
         raise ValueError(f"G-effect record of step {record['step']}, risk {record['risk']!r} holds NaN or inf "
                          f"in {', '.join(k for k in MEASURED if k in record)}: {record}; nothing was written") from None
-    return json.dumps(record) + "\n"
 
 
 class GEffectLogger:
@@ -82,17 +66,17 @@ class GEffectLogger:
         truncate_jsonl(self.path)  # a torn last line from a crash
         if resume_step is not None:
             self._truncate_from(int(resume_step))
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._log = JsonlAppender(self.path, fsync=fsync)
 
     def _truncate_from(self, step: int) -> None:
         self._truncated = True
-        f = getattr(self, "_f", None)
-        reopen = f is not None and not f.closed
+        log = getattr(self, "_log", None)
+        reopen = log is not None and not log.closed
         if reopen:
-            f.close()
+            log.close()
         truncate_jsonl(self.path, step)
         if reopen:
-            self._f = open(self.path, "a", encoding="utf-8")
+            self._log = JsonlAppender(self.path, fsync=self.fsync)
 
     def log(self, step: int, results: Union[Mapping[str, GEffectResult], GEffectResult], risk: Optional[str] = None,
             *, weights: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
@@ -102,9 +86,10 @@ class GEffectLogger:
         with its ``risk`` name). ``weights``/``mask`` (or ready ``stats``) add objective weight statistics; ``extra``
         entries (JSON-serialisable: epoch, objective name, loss terms, ...) go into every line,
         ``per_risk[name]`` entries into that risk's line only. A NaN or inf measurement (total,
-        groups, risk value, weight statistics, update effects) is refused, and then no line of the
-        call is written."""
-        if self._f.closed:
+        groups, risk value, weight statistics, update effects) is refused, naming its step and risk,
+        and so is a NaN or inf ``extra`` field (strict JSON: pass None for an undefined value); then
+        no line of the call is written."""
+        if self._log.closed:
             raise ValueError("the logger is closed")
         if isinstance(results, GEffectResult):
             if risk is None:
@@ -131,15 +116,14 @@ class GEffectLogger:
                     raise ValueError(f"extra field {k!r} collides with a standard field")
                 rec[k] = v
             lines.append(rec)
-        self._f.write("".join(_dumps(r) for r in lines))  # every line serialised before any is written
-        self._f.flush()
-        if self.fsync:
-            os.fsync(self._f.fileno())
+        for r in lines:
+            _check_measured(r)
+        self._log.append(lines)  # every line serialised before any is written
         return lines
 
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+        if not self._log.closed:
+            self._log.close()
 
     def __enter__(self) -> "GEffectLogger":
         return self
@@ -148,4 +132,4 @@ class GEffectLogger:
         self.close()
 
 
-__all__ = ["GEffectLogger", "read_geffect_log", "weight_stats"]
+__all__ = ["GEffectLogger", "read_geffect_log"]

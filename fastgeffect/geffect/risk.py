@@ -1,12 +1,26 @@
-"""Risks and per-sample objective terms as the G-effect code takes them: a risk is a zero-argument
-callable returning a scalar with an autograd graph, per-sample losses a (B,) tensor. Checked
-before any backward, so a bad value fails with its name instead of deep inside autograd."""
+"""The risk: what a G-effect measures the objective gradient against (docs/design.md §4).
+
+* The contract and its checks: a risk is a zero-argument callable returning a scalar with an
+  autograd graph, per-sample losses a (B,) tensor; checked before any backward, so a bad value
+  fails with its name instead of deep inside autograd.
+* The default risk, :func:`nll_risk` (token-mean NLL of the answers), which the unlearning loop and
+  :class:`~fastgeffect.integrations.hf_callback.GEffectCallback` both use.
+* The rows the loop measures it on (the step's first forget samples; a fresh draw of held-out
+  retain rows) and :func:`nll_risk_on`, the risk on such rows, as one rank's share under data parallel.
+
+Nothing here imports the loop: the callback takes its risk from here.
+"""
 from __future__ import annotations
 
 import math
-from typing import Callable, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
+
+from ..data.collate import collate_qa
+from ..data.pairs import ForgetRetainDataset
+from ..data.qa import QADataset
+from ..losses import nll
 
 RiskFn = Callable[[], torch.Tensor]
 
@@ -48,4 +62,50 @@ def check_per_sample_losses(losses, need_grad: bool = True) -> torch.Tensor:
     return losses
 
 
-__all__ = ["RiskFn", "check_risk_value", "evaluate_risk", "check_per_sample_losses"]
+def nll_risk(model: torch.nn.Module, batch: Dict[str, torch.Tensor], num_tokens=None, weight: float = 1.0
+             ) -> torch.Tensor:
+    """The default risk R: token-mean NLL over the batch's answer tokens (``num_tokens``: the divisor
+    of the whole, all-rank risk batch, so each rank returns its share)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    loss = nll(out.logits, batch["labels"], num_items_in_batch=num_tokens)
+    return loss * weight if weight != 1.0 else loss
+
+
+def n_tokens(items: List[dict]) -> int:
+    """Valid shifted labels in ``items`` (the token-mean divisor)."""
+    return int(sum(int((it["labels"][1:] != -100).sum()) for it in items))
+
+
+def forget_risk_items(pairs: ForgetRetainDataset, global_chunks: Sequence[Sequence[int]], n: int) -> List[dict]:
+    """The unlearning risk's rows: the first ``n`` forget samples of the step, in global micro-batch order."""
+    return [pairs[i]["forget"] for c in global_chunks for i in c][:n]
+
+
+def retain_risk_items(heldout: QADataset, seed: int, step: int, n: int) -> List[dict]:
+    """The retaining risk's rows: ``n`` held-out retain rows, a fresh, seeded draw at every step."""
+    g = torch.Generator().manual_seed(seed * 7919 + step)
+    idx = torch.randperm(len(heldout), generator=g)[:min(n, len(heldout))].tolist()
+    return [heldout[i] for i in idx]
+
+
+def nll_risk_on(model: torch.nn.Module, items: List[dict], device: torch.device, *, rank: int = 0, world: int = 1
+                ) -> RiskFn:
+    """:func:`nll_risk` on the rows ``items``, batched once on ``device``. Under data parallel
+    (``world`` > 1), rank ``rank``'s share: its rows ``rank::world`` divided by the token count
+    of all rows, so the shares sum to the risk of all rows (a rank without rows joins with a
+    zero-weight copy of the first)."""
+    if world == 1:
+        batch = _on(collate_qa(items), device)
+        return lambda: nll_risk(model, batch)
+    mine = items[rank::world]
+    batch = _on(collate_qa(mine or items[:1]), device)
+    total = max(1, n_tokens(items))
+    return lambda: nll_risk(model, batch, total, 1.0 if mine else 0.0)
+
+
+def _on(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+__all__ = ["RiskFn", "check_risk_value", "evaluate_risk", "check_per_sample_losses", "nll_risk", "nll_risk_on",
+           "n_tokens", "forget_risk_items", "retain_risk_items"]

@@ -20,9 +20,9 @@ from .. import distributed as dist_
 from .. import run_files as files
 from ..geffect import GEffect, GEffectLogger
 from ..geffect.groups import GroupSpec
+from ..geffect.risk import nll_risk
 from ..scalars import geffect_scalars
 from ..training.batches import to_device
-from ..unlearn import nll_risk
 
 RiskOf = Callable[[torch.nn.Module, dict], torch.Tensor]
 NLL_KEYS = ("input_ids", "attention_mask", "labels")

@@ -107,11 +107,31 @@ class ObjectiveOutput:
         return out
 
 
-def weight_stats(details: dict) -> dict:
-    """Add the mean token (or sequence) weight over valid tokens to ``details`` for logging."""
+def valid_weights(details: dict) -> Optional[torch.Tensor]:
+    """The objective's weights over the valid tokens (token weights) or its sequence weights, as
+    one flat tensor; None for an objective without weights."""
     if "weights" in details:
-        w = details["weights"][details["mask"]]
+        return details["weights"][details["mask"]]
+    if "seq_weights" in details:
+        return details["seq_weights"]
+    return None
+
+
+def sequence_weights(details: dict) -> Optional[torch.Tensor]:
+    """One weight per sequence: the objective's sequence weights, or the mean of its token weights
+    over each sequence's valid tokens; None for an objective without weights."""
+    if "seq_weights" in details:
+        return details["seq_weights"]
+    if "weights" in details:
+        mask = details["mask"]
+        return (details["weights"] * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return None
+
+
+def add_weight_mean(details: dict) -> dict:
+    """``details`` with the mean of its :func:`valid_weights` added as ``weight_mean`` (logged as
+    ``forget_weight_mean``); statistics of the weights are :func:`fastgeffect.weight_stats.weight_stats`."""
+    w = valid_weights(details)
+    if w is not None:
         details["weight_mean"] = w.mean()
-    elif "seq_weights" in details:
-        details["weight_mean"] = details["seq_weights"].mean()
     return details

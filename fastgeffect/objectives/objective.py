@@ -7,7 +7,7 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 
 from ..reference import ReferenceModel, RefLogprobCache
-from .base import Batch, ForgetTerm, ObjectiveOutput, StepContext, weight_stats
+from .base import Batch, ForgetTerm, ObjectiveOutput, StepContext, add_weight_mean
 from .hparams import HPARAMS
 from .regularizers import PDU_DEFAULTS, REGULARIZERS, dual_ascent
 
@@ -131,4 +131,4 @@ class Objective:
         if not bool(torch.isfinite(loss.detach())):
             raise FloatingPointError(f"non-finite {self.name} loss: forget term {float(forget.detach())}, "
                                      f"regulariser {None if reg is None else float(reg.detach())}")
-        return ObjectiveOutput(loss, forget, reg, weight_stats(details))
+        return ObjectiveOutput(loss, forget, reg, add_weight_mean(details))

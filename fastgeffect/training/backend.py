@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Protocol
@@ -29,6 +28,7 @@ from torch import nn
 
 from .. import distributed as dist_
 from .. import run_files as files
+from ..atomic_file import atomic_write
 from ..model_structure import is_deepspeed, unwrap
 
 STATE_FILE = files.STATE
@@ -124,7 +124,7 @@ class PlainBackend:
                 model_state = {k: v for k, v in model_state.items() if k not in frozen}
                 meta = {**meta, "frozen_digest": self.frozen_digest()}
         if dist_.is_main():
-            write_atomic(path, {**meta, "model": model_state, "optimizer": optim_state})
+            write_state(path, {**meta, "model": model_state, "optimizer": optim_state})
         dist_.barrier()
 
     def frozen_digest(self) -> str:
@@ -192,7 +192,7 @@ class DeepSpeedBackend:
         folder = path.parent / DEEPSPEED_DIR
         self.model.save_checkpoint(str(folder), tag=tag, save_latest=False)
         if dist_.is_main():
-            write_atomic(path, {**meta, "deepspeed_tag": tag})
+            write_state(path, {**meta, "deepspeed_tag": tag})
             for old in folder.iterdir():  # older checkpoints are no longer referenced
                 if old.is_dir() and old.name != tag:
                     shutil.rmtree(old)
@@ -228,17 +228,18 @@ def frozen_weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
+def write_state(path: Path, state: dict) -> None:
+    """``torch.save`` of the resumable state, replacing ``path`` atomically
+    (:func:`~fastgeffect.atomic_file.atomic_write`): an interruption never leaves a half-written state."""
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: an interruption never leaves a half-written state
+        atomic_write(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError ("enforce fail")
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise StateNotSaved(f"could not write the resumable state {path} ({type(e).__name__}: {e}); the previous "
                             f"state there is intact: free space or make {path.parent} writable, then continue with "
                             f"--resume --out {path.parent}") from e
+
+
+write_atomic = write_state  # its former name
 
 
 def read_state(path: Path, deepspeed: bool) -> dict:

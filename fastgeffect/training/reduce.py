@@ -1,13 +1,26 @@
 """Data-parallel sums of the loop's counts and logs; with one process each returns its input unchanged."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from .. import distributed as dist_
+from ..objectives.base import count_items
 
 LOSS_TERMS = ("loss", "forget_loss", "reg_loss")  # each rank logs its share of these: they are summed
+
+
+def local_counts(micro: Sequence[dict], weights: Sequence[float]) -> Dict[str, torch.Tensor]:
+    """The counts (the objective's divisors) of this rank's micro-batches that take part in the step
+    (a zero-weight one is the stand-in copy of a rank left idle by a short last batch)."""
+    counts: Dict[str, torch.Tensor] = {}
+    for m, w in zip(micro, weights):
+        if w == 0.0:
+            continue
+        for k, v in count_items(m).items():
+            counts[k] = counts.get(k, 0) + v
+    return counts
 
 
 def global_counts(counts: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
