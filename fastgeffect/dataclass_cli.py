@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import re
 import typing
@@ -95,9 +96,14 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluates every annotation of the class: once
+
+
 def value_type(cls: type, name: str) -> Tuple[type, bool]:
     """``(type, optional)`` of field ``name``: ``Optional[int]`` is ``(int, True)``."""
-    hint = typing.get_type_hints(cls)[name]
+    hint = _hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is typing.Union and len(args) == 1:
         return args[0], True

@@ -172,3 +172,13 @@ def test_the_parser_is_generated_from_the_fields():
     assert "numbers:" in help_text and "once:" in help_text
     with pytest.raises(TypeError, match="unknown metadata"):
         like(UnlearnConfig, "epochs", colour="red")
+
+
+def test_help_states_the_presets_values_from_the_presets():
+    from fastgeffect.driver.presets import by_preset
+
+    assert by_preset("gen_mode") == "independent for embedded, tofu for phi/llama"
+    assert by_preset("template", model_only=True) == "phi for phi, llama2 for llama"
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(RunConfig)}
+    for name in ("gen_mode", "ps_protocol"):
+        assert by_preset(name) in helps[name]

@@ -23,7 +23,7 @@ from ..data.tofu import RETAIN_OF
 from ..dataclass_cli import first_error, like, setting
 from ..objectives import HPARAMS, OBJECTIVES, REGULARIZER_NAMES, REGULARIZERS
 from ..training.config import UnlearnConfig
-from .presets import PRESETS, Preset
+from .presets import EMBEDDED, MODEL_DEFAULT, PRESETS, Preset, by_preset
 
 # written out where importing their home would make --help slow (tests/test_run_config.py and
 # tests/test_eval_parity.py pin them equal): fastgeffect.eval's GEN_MODES, TRUTH_RATIO_AGGS and
@@ -101,8 +101,8 @@ class RunConfig:
     # model and data
     model: Optional[str] = setting(None, "hub name or local path of the target model (default: the embedded offline "
                                          "target)", group=MODEL_DATA, path=True)
-    preset: Optional[str] = setting(None, "paper hyper-parameters and template (default: embedded, or phi with "
-                                          "--model)", group=MODEL_DATA, choices=sorted(PRESETS))
+    preset: Optional[str] = setting(None, f"paper hyper-parameters and template (default: {EMBEDDED}, or "
+                                          f"{MODEL_DEFAULT} with --model)", group=MODEL_DATA, choices=sorted(PRESETS))
     split: str = setting("forget10", "TOFU forget split", group=MODEL_DATA, choices=sorted(RETAIN_OF))
     data_dir: Optional[str] = setting(
         None, "folder of TOFU JSON-lines files (e.g. a copy of the hub's locuslab/TOFU); with --model and no "
@@ -134,7 +134,7 @@ class RunConfig:
         group=OWN_MODEL, path=True)
     template: Optional[str] = setting(
         None, "with --model: the prompt format (default: chat when the tokenizer has a chat template, else the "
-              "preset's: phi, or llama2 for --preset llama)", group=OWN_MODEL, choices=TEMPLATE_NAMES)
+              f"preset's: {by_preset('template', model_only=True)})", group=OWN_MODEL, choices=TEMPLATE_NAMES)
     lora: Optional[int] = setting(
         None, "unlearn through rank-R LoRA adapters on the blocks' projections (the reference θ_o is the model with "
               "its adapters disabled); G-effects are then over the adapter parameters", group=OWN_MODEL,
@@ -177,16 +177,17 @@ class RunConfig:
     ps_protocol: Optional[str] = setting(
         None, "how PS is computed: 'paper' as the public code behind the paper's Table 1, 'uwc-linear' as UWC's "
               "per-model scripts (both with their own prompt, rows and batching), 'clean' fastgeffect's own "
-              "(training template, --eval-size rows); docs/design.md, PS protocols (default: paper for the "
-              "phi/llama presets, clean for embedded and for a --model in the chat format)", group=OUTPUTS,
+              "(training template, --eval-size rows); docs/design.md, PS protocols (default: the preset's: "
+              f"{by_preset('ps_protocol')}; clean for a --model in the chat format)", group=OUTPUTS,
         choices=PS_PROTOCOLS)
     eval_max_length: Optional[int] = setting(
-        None, "token length of evaluation items and generations (default: the preset's: TOFU's 200 for "
-              "phi/llama, the training length for embedded)", group=OUTPUTS, low=1)
+        None, "token length of evaluation items and generations (default: the preset's: " + by_preset(
+            "eval_max_length", lambda n: "the training length" if n is None else f"TOFU's {n}") + ")",
+        group=OUTPUTS, low=1)
     gen_mode: Optional[str] = setting(
         None, "evaluation generation: tofu (TOFU's batches of 30 in order, budget max length minus the batch's "
               "padded prompt length) or independent (each prompt's own budget, results independent of batching) "
-              "(default: tofu for phi/llama, independent for embedded)", group=OUTPUTS, choices=GEN_MODES)
+              f"(default: the preset's: {by_preset('gen_mode')})", group=OUTPUTS, choices=GEN_MODES)
     truth_ratio_agg: str = setting(
         "geometric", "Truth Ratio's mean of the perturbed probabilities: geometric (TOFU's aggregate_eval_stat.py) "
                      "or arithmetic (TOFU's utils.get_model_utility)", group=OUTPUTS, choices=TRUTH_RATIO_AGGS)
