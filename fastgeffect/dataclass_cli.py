@@ -168,5 +168,7 @@ def first_error(config: Any, name_of: Callable[[str], str] = flag) -> Optional[s
             if not bound.valid(value, integer):
                 return f"{name_of(f.name)} must be {bound.describe(integer)}, got {value}"
         if f.metadata.get("path") and not str(value).strip():
-            return f"{name_of(f.name)} is empty: give a path, or leave the flag out for its default"
+            required = f.default is MISSING and f.default_factory is MISSING
+            return f"{name_of(f.name)} is empty: give a path" + ("" if required else
+                                                                  ", or leave the flag out for its default")
     return None

@@ -42,7 +42,7 @@ COLUMNS = (("PS-exact retain", "PS-exact retain ↑"), ("PS-exact forget", "PS-e
            ("PS-perturb retain", "PS-perturb retain ↑"), ("PS-perturb forget", "PS-perturb unlearn ↓"))
 RUNS_FILE = "runs.json"  # {run name: the run flags it was started with}
 # flags a reused run may have been started with differently: stricter than resuming one run
-# (driver.cli.MAY_CHANGE_ON_RESUME), since a finished run is reused as it is: --save-model or
+# (driver.config.MAY_CHANGE_ON_RESUME), since a finished run is reused as it is: --save-model or
 # --save-every given now would not be honoured by it; the sweep sets --out and --shared-dir itself
 IGNORED = ("no_progress", "resume", "overwrite", "stop_at_step", "out", "shared_dir")
 UNSET = object()

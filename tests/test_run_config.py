@@ -162,7 +162,7 @@ def test_the_parser_is_generated_from_the_fields():
     assert first_error(Toy(**vars(ns))) == "--rate must be a finite number > 0 (0: off is not allowed), got -0.001"
     assert first_error(Toy(name="x", count=10)) == "--count must be an integer in [1, 10), got 10"
     assert first_error(Toy(name="x", copied=0)) == "--copied must be an integer >= 1, got 0"
-    assert first_error(Toy(name=" ")) == "--name is empty: give a path, or leave the flag out for its default"
+    assert first_error(Toy(name=" ")) == "--name is empty: give a path"  # required: it has no default
     assert first_error(Toy(name="x", mode="c")) == "--mode must be one of a, b, got 'c'"
     assert ap.parse_args(["--name", "x", "--no-fast"]).fast is False
     for bad in (["--rate", "1"], ["--name", "x", "--keep", "--drop"], ["--name", "x", "--hidden", "1"]):
