@@ -19,11 +19,11 @@ from .driver.cli import parse_args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv, __doc__)
+    cfg = parse_args(argv, __doc__)
     # parse first: --help and flag errors never wait for transformers, accelerate and the evaluator
     from .driver.study import run_study
 
-    return run_study(args, None if argv is None else list(argv))
+    return run_study(cfg, None if argv is None else list(argv))
 
 
 if __name__ == "__main__":

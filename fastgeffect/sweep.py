@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -40,9 +41,8 @@ GRID_FLAGS = ("alpha", "beta", "lam", "lr", "delta", "steering_coeff")
 COLUMNS = (("PS-exact retain", "PS-exact retain ↑"), ("PS-exact forget", "PS-exact unlearn ↓"),
            ("PS-perturb retain", "PS-perturb retain ↑"), ("PS-perturb forget", "PS-perturb unlearn ↓"))
 RUNS_FILE = "runs.json"  # {run name: the run flags it was started with}
-# run flags that never change a finished run's results, or only say where it is (the folder itself)
 # flags a reused run may have been started with differently: stricter than resuming one run
-# (driver.cli.MAY_CHANGE_ON_RESUME), since a finished run is reused as it is: --save-model or
+# (driver.config.MAY_CHANGE_ON_RESUME), since a finished run is reused as it is: --save-model or
 # --save-every given now would not be honoured by it; the sweep sets --out and --shared-dir itself
 IGNORED = ("no_progress", "resume", "overwrite", "stop_at_step", "out", "shared_dir")
 UNSET = object()
@@ -131,13 +131,13 @@ def check_extra(extra: Sequence[str], swept: Sequence[str]) -> None:
 def check_run(name: str, argv: Sequence[str]) -> None:
     """What the run would refuse at its start: its flags, and the objective with its hyper-parameters."""
     try:
-        run_args = parse_run_args(list(argv))
+        cfg = parse_run_args(list(argv))
     except SystemExit as e:
         raise SystemExit(f"sweep: run {name} has invalid flags (see above); nothing was run") from e
-    hp = {n: getattr(run_args, n) for n in HPARAMS if getattr(run_args, n) is not None}
-    regularizer = run_args.regularizer or OBJECTIVES[run_args.method].default_regularizer
+    hp = {n: getattr(cfg, n) for n in HPARAMS if getattr(cfg, n) is not None}
+    regularizer = cfg.regularizer or OBJECTIVES[cfg.method].default_regularizer
     try:
-        get_objective(run_args.method, regularizer=regularizer, lam=run_args.lam, **hp)
+        get_objective(cfg.method, regularizer=regularizer, lam=cfg.lam, **hp)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"sweep: run {name} would fail: {e}; nothing was run") from None
 
@@ -145,10 +145,10 @@ def check_run(name: str, argv: Sequence[str]) -> None:
 def settings_diff(started: Sequence[str], now: Sequence[str]) -> Dict[str, tuple]:
     """Run settings (flag → (then, now)) that differ between two run command lines."""
     try:
-        then = vars(parse_run_args(list(started)))
+        then = asdict(parse_run_args(list(started)))
     except SystemExit:
         return {"(flags)": (" ".join(started), " ".join(now))}
-    current = vars(parse_run_args(list(now)))
+    current = asdict(parse_run_args(list(now)))
     return {flag(k): (then.get(k), current.get(k)) for k in sorted(set(then) | set(current))
             if k not in IGNORED and then.get(k) != current.get(k)}
 

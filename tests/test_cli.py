@@ -67,18 +67,14 @@ def test_run_flags():
 
 
 def test_objective_hparams_take_preset_values_only_where_accepted():
-    from fastgeffect.driver.study import objective_hparams
+    from fastgeffect.driver.config import RunConfig, objective_hparams
 
-    p = run_parser()
-    args = p.parse_args(["--method", "rmu"])
-    args.regularizer = "rr"
-    assert objective_hparams(args, PRESETS["phi"]) == {"rmu_layer": 9, "steering_coeff": 4.0}
-    args = p.parse_args(["--method", "rmu", "--rmu-layer", "2"])
-    args.regularizer = "rr"
-    assert objective_hparams(args, PRESETS["llama"]) == {"rmu_layer": 2, "steering_coeff": 2.0}
-    args = p.parse_args(["--method", "npo", "--alpha", "2"])  # passed on: the objective refuses it
-    args.regularizer = "none"
-    assert objective_hparams(args, PRESETS["phi"]) == {"alpha": 2.0}
+    cfg = RunConfig(method="rmu", regularizer="rr")
+    assert objective_hparams(cfg, PRESETS["phi"]) == {"rmu_layer": 9, "steering_coeff": 4.0}
+    cfg = RunConfig(method="rmu", regularizer="rr", rmu_layer=2)
+    assert objective_hparams(cfg, PRESETS["llama"]) == {"rmu_layer": 2, "steering_coeff": 2.0}
+    cfg = RunConfig(method="npo", regularizer="none", alpha=2.0)  # passed on: the objective refuses it
+    assert objective_hparams(cfg, PRESETS["phi"]) == {"alpha": 2.0}
 
 
 def test_run_folder_refuses_to_mix_runs(tmp_path):

@@ -201,8 +201,8 @@ def test_driver_eval_settings_per_preset():
         args = cli.parse_args(["--preset", name] + (["--model", "m"] if name != "embedded" else []))
         assert eval_options(args, target) == {"max_length": length, "gen_mode": mode, "truth_ratio": "geometric"}
         assert PRESETS[name].max_length in (500, None)  # training keeps its own length
-    args = cli.parse_args(["--eval-max-length", "64", "--gen-mode", "tofu", "--truth-ratio-agg", "arithmetic"])
-    args.preset = "embedded"
+    args = cli.parse_args(["--preset", "embedded", "--eval-max-length", "64", "--gen-mode", "tofu",
+                           "--truth-ratio-agg", "arithmetic"])
     assert eval_options(args, target) == {"max_length": 64, "gen_mode": "tofu", "truth_ratio": "arithmetic"}
     with pytest.raises(SystemExit):
         cli.parse_args(["--eval-max-length", "0"])

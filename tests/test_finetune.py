@@ -147,11 +147,13 @@ def test_default_learning_rates():
 @pytest.mark.parametrize("extra, message", [
     (["--split", "retain90", "--retain-twin"], "--retain-twin is the twin of a target trained on full"),
     (["--batch-size", "10", "--grad-accum", "4"], "--batch-size 10 is not divisible by --grad-accum 4"),
-    (["--authors", "0"], "--authors must be >= 1"),
+    (["--authors", "0"], "--authors must be an integer >= 1, got 0"),
     (["--lr", "nan"], "--lr must be a finite number > 0"),
     (["--template", "chat"], "needs a tokenizer that has a chat_template"),
     (["--max-length", "8"], "leaves no answer token"),
-    (["--eval-size", "0"], "--eval-size must be >= 1"),
+    (["--eval-size", "0"], "--eval-size must be an integer >= 1, got 0"),
+    (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),  # the recipe's bounds, before any loading
+    (["--lr", "-1e-3"], "--lr must be a finite number > 0, got -0.001"),
     (["--device", "gpu0"], "is not a device"),
     pytest.param(["--device", "cuda"], "sees no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),

@@ -13,99 +13,100 @@ from ..distributed import write_json_main
 from ..eval import evaluate_tofu, ps_report, uwc_calibrate
 from ..eval.ps_samples import protocol_samples
 from .artefacts import before_fingerprint, cached, load_json_dict, retain_log_fingerprint
+from .config import RunConfig
 from .presets import PRESETS, Preset, is_published_checkpoint
 from .targets import Target
 
 
-def eval_options(args, target: Target) -> dict:
-    """How the run evaluates: the flags, else the preset's (``args.preset`` is resolved by
-    run_study): TOFU's 200 tokens and generation batching for phi/llama, the training length and
+def eval_options(cfg: RunConfig, target: Target) -> dict:
+    """How the run evaluates: the settings, else the preset's (``cfg.preset`` is resolved:
+    :func:`.config.with_defaults`): TOFU's 200 tokens and generation batching for phi/llama, the training length and
     batching-independent generation for the embedded target; Truth Ratio geometric by default."""
-    preset = PRESETS[args.preset]
-    return {"max_length": args.eval_max_length or preset.eval_max_length or target.max_length,
-            "gen_mode": args.gen_mode or preset.gen_mode, "truth_ratio": args.truth_ratio_agg}
+    preset = PRESETS[cfg.preset]
+    return {"max_length": cfg.eval_max_length or preset.eval_max_length or target.max_length,
+            "gen_mode": cfg.gen_mode or preset.gen_mode, "truth_ratio": cfg.truth_ratio_agg}
 
 
-def evaluate(model, target: Target, sets, out_dir: Path, args, retain_log) -> dict:
+def evaluate(model, target: Target, sets, out_dir: Path, cfg: RunConfig, retain_log) -> dict:
     """TOFU metrics (logs written to ``out_dir``) and PS-exact/PS-perturb on retain and forget."""
     res = evaluate_tofu(model, target.tokenizer, target.template, sets, out_dir=out_dir, retain_log=retain_log,
-                        ds_size=args.eval_size, batch_size=args.eval_batch_size, progress=not args.no_progress,
-                        **eval_options(args, target))
+                        ds_size=cfg.eval_size, batch_size=cfg.eval_batch_size, progress=not cfg.no_progress,
+                        **eval_options(cfg, target))
     metrics = dict(res["metrics"])
-    metrics.update(ps_metrics(model, target, sets, args))
+    metrics.update(ps_metrics(model, target, sets, cfg))
     return metrics
 
 
-def ps_samples(target: Target, sets, args) -> dict:
+def ps_samples(target: Target, sets, cfg: RunConfig) -> dict:
     """The rows ``--ps-protocol`` scores (fastgeffect.eval.ps_samples)."""
-    return protocol_samples(args.ps_protocol, lambda name: load_tofu_split(name, target.data_dir), args.split,
-                            sets, args.eval_size)
+    return protocol_samples(cfg.ps_protocol, lambda name: load_tofu_split(name, target.data_dir), cfg.split,
+                            sets, cfg.eval_size)
 
 
-def ps_metrics(model, target: Target, sets, args) -> dict:
+def ps_metrics(model, target: Target, sets, cfg: RunConfig) -> dict:
     """PS-exact/PS-perturb on retain and forget under ``--ps-protocol``."""
-    samples = ps_samples(target, sets, args)
+    samples = ps_samples(target, sets, cfg)
     return ps_report(model, target.tokenizer, target.template, samples["exact"], perturb_sets=samples["perturb"],
-                     protocol=args.ps_protocol, family=PRESETS[args.preset].uwc, batch_size=args.eval_batch_size)
+                     protocol=cfg.ps_protocol, family=PRESETS[cfg.preset].uwc, batch_size=cfg.eval_batch_size)
 
 
-def before_metrics(model, target: Target, sets, args, shared: Path, retain_log) -> dict:
+def before_metrics(model, target: Target, sets, cfg: RunConfig, shared: Path, retain_log) -> dict:
     """The evaluation before unlearning (logs in ``shared/eval_before``), kept in ``shared`` with
     its fingerprint: computed once per model, data and evaluation size."""
     def compute(path: Path) -> dict:
-        metrics = evaluate(model, target, sets, shared / files.EVAL_BEFORE, args, retain_log)
+        metrics = evaluate(model, target, sets, shared / files.EVAL_BEFORE, cfg, retain_log)
         write_json_main(path, metrics)
         return metrics
-    fingerprint = {**before_fingerprint(target, args.split, args.eval_size, retain_log, args.ps_protocol),
-                   "eval": eval_options(args, target)}
-    return cached(shared / files.METRICS_BEFORE, fingerprint, compute, load_json_dict, recompute=args.overwrite,
+    fingerprint = {**before_fingerprint(target, cfg.split, cfg.eval_size, retain_log, cfg.ps_protocol),
+                   "eval": eval_options(cfg, target)}
+    return cached(shared / files.METRICS_BEFORE, fingerprint, compute, load_json_dict, recompute=cfg.overwrite,
                   lock_dir=shared)
 
 
-def published_log(args, preset: Preset, data_dir: Optional[str]) -> Tuple[Optional[Path], str]:
+def published_log(cfg: RunConfig, preset: Preset, data_dir: Optional[str]) -> Tuple[Optional[Path], str]:
     """TOFU's published retain log for this run, or None and why it does not apply: it is the
     forget log of the published checkpoint's twin on all of TOFU, so it serves that checkpoint only."""
-    if not is_published_checkpoint(args.model, preset):
-        return None, (f"--model {args.model} is not {preset.published_model}, the checkpoint TOFU's published "
+    if not is_published_checkpoint(cfg.model, preset):
+        return None, (f"--model {cfg.model} is not {preset.published_model}, the checkpoint TOFU's published "
                       "retain logs belong to" if preset.published_model else "the preset has no published log")
-    if args.authors is not None:
-        return None, f"the published retain log covers all of TOFU, not the --authors {args.authors} subset"
-    name = f"{preset.retain_log_name}_{RETAIN_OF[args.split]}_wd0.01_eval_log_forget.json"
+    if cfg.authors is not None:
+        return None, f"the published retain log covers all of TOFU, not the --authors {cfg.authors} subset"
+    name = f"{preset.retain_log_name}_{RETAIN_OF[cfg.split]}_wd0.01_eval_log_forget.json"
     path = Path(data_dir) / "retain_model_logs" / name if data_dir else None
     if path is None or not path.exists():
         return None, f"TOFU's published retain log {name} is not in --data-dir/retain_model_logs"
     return path, f"TOFU's published retain log {path} (of {preset.published_model}'s retain twin)"
 
 
-def retain_model_log(target: Target, sets, args, shared: Path, preset: Preset) -> Tuple[Optional[str], str]:
+def retain_model_log(target: Target, sets, cfg: RunConfig, shared: Path, preset: Preset) -> Tuple[Optional[str], str]:
     """The forget-set log of the target's own retain-only twin, for Forget Quality, and a note saying
     where it came from: ``--retain-log``; computed for the twin (embedded, or ``--retain-model``),
     kept in ``shared`` with its fingerprint; or TOFU's published log when the target is the
     checkpoint it belongs to. Otherwise None, and the note says why Forget Quality is unavailable:
     a log of another model's twin would give a number with no meaning."""
-    if args.retain_log:
-        return args.retain_log, f"Forget Quality against --retain-log {args.retain_log}"
+    if cfg.retain_log:
+        return cfg.retain_log, f"Forget Quality against --retain-log {cfg.retain_log}"
     if target.load_retain is not None:
         device = next(target.model.parameters()).device
 
         def compute(path: Path) -> str:
             twin = target.load_retain().to(device)
             evaluate_tofu(twin, target.tokenizer, target.template, {"forget": sets["forget"]},
-                          out_dir=path.parent, ds_size=args.eval_size, batch_size=args.eval_batch_size,
-                          progress=not args.no_progress, **eval_options(args, target))
+                          out_dir=path.parent, ds_size=cfg.eval_size, batch_size=cfg.eval_batch_size,
+                          progress=not cfg.no_progress, **eval_options(cfg, target))
             return str(path)
 
         def check(path: Path) -> str:
             load_json_dict(path)
             return str(path)
-        options = eval_options(args, target)
+        options = eval_options(cfg, target)
         # the log depends on how it is generated, not on how it is aggregated
-        fingerprint = {**retain_log_fingerprint(target, args.split, args.eval_size),
+        fingerprint = {**retain_log_fingerprint(target, cfg.split, cfg.eval_size),
                        "eval": {k: options[k] for k in ("max_length", "gen_mode")}}
         log = cached(shared / "retain_model" / "eval_log_forget.json", fingerprint, compute, check,
-                     recompute=args.overwrite, lock_dir=shared)
+                     recompute=cfg.overwrite, lock_dir=shared)
         return log, f"Forget Quality against the retain twin {target.retain_model_path} (its log: {log})"
-    path, why = published_log(args, preset, target.data_dir)
+    path, why = published_log(cfg, preset, target.data_dir)
     if path is not None:
         return str(path), f"Forget Quality against {why}"
     note = f"Forget Quality is unavailable: {why}; pass --retain-model DIR (the retain-only twin) or --retain-log"
@@ -113,17 +114,17 @@ def retain_model_log(target: Target, sets, args, shared: Path, preset: Preset) -
     return None, note
 
 
-def uwc_metrics(model, target: Target, sets, out_dir: Path, args, preset: Preset, device, reference_ps,
+def uwc_metrics(model, target: Target, sets, out_dir: Path, cfg: RunConfig, preset: Preset, device, reference_ps,
                 retain_log) -> dict:
     """UWC: mix the unlearned weights with the original's until retain PS matches ``reference_ps``
     (the original's), and evaluate the calibrated model fully, as :func:`evaluate` does (TOFU's
     metrics with Model Utility and Forget Quality, logs in ``out_dir``, and PS)."""
     original = target.load_original().to(device)
-    samples = ps_samples(target, sets, args)
+    samples = ps_samples(target, sets, cfg)
     res = uwc_calibrate(original, model, target.tokenizer, target.template,
                         samples["exact"]["retain"], samples["exact"]["forget"],
-                        preset=preset.uwc, batch_size=args.eval_batch_size, reference_ps=reference_ps,
-                        ps_protocol=args.ps_protocol,
-                        report_fn=lambda mixed: evaluate(mixed, target, sets, out_dir, args, retain_log))
+                        preset=preset.uwc, batch_size=cfg.eval_batch_size, reference_ps=reference_ps,
+                        ps_protocol=cfg.ps_protocol,
+                        report_fn=lambda mixed: evaluate(mixed, target, sets, out_dir, cfg, retain_log))
     return {"alpha": res["alpha"], "tolerance": res["tolerance"], "reference_ps": res["reference_ps"],
             **res["metrics"]}

@@ -66,15 +66,15 @@ def check_manifest(model: str, authors: Optional[int], data_dir: Optional[str], 
         raise SystemExit(f"{flag} {model} was fine-tuned on {said} ({path}), but this run has {given}: {fix}")
 
 
-def check_data(args) -> None:
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        raise SystemExit(f"--data-dir {args.data_dir} is not a folder")
-    if args.model is not None and args.authors is not None and args.data_dir is None:
+def check_data(model: Optional[str], data_dir: Optional[str], authors: Optional[int]) -> None:
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise SystemExit(f"--data-dir {data_dir} is not a folder")
+    if model is not None and authors is not None and data_dir is None:
         raise SystemExit("--authors needs --data-dir (the TOFU folder the model was fine-tuned on)")
-    if args.model is None:  # the embedded target: generated text, or real TOFU text of N authors
-        if args.authors is not None and args.data_dir is None:
+    if model is None:  # the embedded target: generated text, or real TOFU text of N authors
+        if authors is not None and data_dir is None:
             raise SystemExit("--authors needs --data-dir (a folder of TOFU files)")
-        if args.data_dir is not None and args.authors is None:
+        if data_dir is not None and authors is None:
             raise SystemExit("without --model, --data-dir needs --authors N (real TOFU text on the tiny pipeline)")
 
 
@@ -93,16 +93,16 @@ def check_retain_log(path: str) -> None:
                          "retain-only model")
 
 
-def check_inputs(args) -> None:
-    """Every path a flag names: ``--model`` (and its fine-tune's manifest), ``--retain-model``,
+def check_inputs(*, model: Optional[str], retain_model: Optional[str], data_dir: Optional[str],
+                 authors: Optional[int], retain_log: Optional[str]) -> None:
+    """Every path the settings name: ``--model`` (and its fine-tune's manifest), ``--retain-model``,
     ``--data-dir`` (with ``--authors``), ``--retain-log``."""
-    if args.model is not None:
-        check_model(args.model)
-        check_manifest(args.model, args.authors, args.data_dir)
-    if args.retain_model is not None:
-        check_model(args.retain_model, "--retain-model")
-        check_manifest(args.retain_model, args.authors, args.data_dir, "--retain-model")
-    check_data(args)
-    if args.retain_log is not None:
-        check_retain_log(args.retain_log)
-
+    if model is not None:
+        check_model(model)
+        check_manifest(model, authors, data_dir)
+    if retain_model is not None:
+        check_model(retain_model, "--retain-model")
+        check_manifest(retain_model, authors, data_dir, "--retain-model")
+    check_data(model, data_dir, authors)
+    if retain_log is not None:
+        check_retain_log(retain_log)

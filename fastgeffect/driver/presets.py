@@ -43,12 +43,26 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
 )}
 
 
+EMBEDDED = "embedded"  # the preset of the embedded target (the only one it takes)
+MODEL_DEFAULT = "phi"  # the preset of a --model without --preset
+
+
 def resolve_preset(name: Optional[str], model: Optional[str]) -> Preset:
     """The named preset, or the default for the target: ``embedded`` without ``--model``, else ``phi``."""
-    name = name or ("phi" if model else "embedded")
-    if model is None and name != "embedded":
-        raise SystemExit(f"--preset {name} needs --model (the embedded target uses the 'embedded' preset)")
+    name = name or (MODEL_DEFAULT if model else EMBEDDED)
+    if model is None and name != EMBEDDED:
+        raise SystemExit(f"--preset {name} needs --model (the embedded target uses the '{EMBEDDED}' preset)")
     return PRESETS[name]
+
+
+def by_preset(attr: str, show=str, model_only: bool = False) -> str:
+    """What each preset sets ``attr`` to, in words (``tofu for phi/llama, ...``; ``model_only``: the
+    presets of a --model), for help texts: the presets' values are stated once, here."""
+    names: Dict[str, list] = {}
+    for p in PRESETS.values():
+        if not (model_only and p.name == EMBEDDED):
+            names.setdefault(show(getattr(p, attr)), []).append(p.name)
+    return ", ".join(f"{value} for {'/'.join(presets)}" for value, presets in names.items())
 
 
 def is_published_checkpoint(model: Optional[str], preset: Preset) -> bool:

@@ -14,6 +14,7 @@ from ..embedded import build_embedded
 from ..embedded.build import folder_digest  # the key the embedded subset uses too
 from ..embedded.cache import cached_dir, config_hash, default_cache_dir
 from ..model_loading import ModelLoadError, load_causal_lm, load_tokenizer
+from .config import RunConfig
 from .lora import add_lora
 from .presets import Preset
 
@@ -32,13 +33,13 @@ class Target:
     info: Optional[dict] = None
 
 
-def embedded_target(args, device: torch.device) -> Target:
+def embedded_target(cfg: RunConfig, device: torch.device) -> Target:
     """The tiny offline target (built and cached on first use), on generated or real TOFU text
     (``--data-dir`` and ``--authors`` were checked by :func:`.inputs.check_inputs`)."""
-    emb = build_embedded(args.cache_dir, size=args.size, seed=args.seed, forget_split=args.split,
-                         tofu_dir=args.data_dir, n_authors=args.authors)
+    emb = build_embedded(cfg.cache_dir, size=cfg.size, seed=cfg.seed, forget_split=cfg.split,
+                         tofu_dir=cfg.data_dir, n_authors=cfg.authors)
     model = emb.load_target().to(device)
-    return Target(model, emb.tokenizer, emb.template, str(emb.data_dir), args.max_length or emb.max_length,
+    return Target(model, emb.tokenizer, emb.template, str(emb.data_dir), cfg.max_length or emb.max_length,
                   emb.load_target, emb.retain_path, emb.load_retain,
                   {"target": str(emb.target_path), "retain": str(emb.retain_path),
                    "target_report": {k: v for k, v in emb.reports["target"].items() if k != "epoch_loss"}})
@@ -54,20 +55,20 @@ def load_model(spec: str, dtype: torch.dtype):
         raise SystemExit(f"--model / --retain-model: {e}") from None
 
 
-def default_ps_protocol(args, preset: Preset) -> str:
+def default_ps_protocol(cfg: RunConfig, preset: Preset) -> str:
     """``--ps-protocol`` when given; else ``clean`` for a ``--model`` in the chat format (the paper's
     protocol prompts with ``### Question: …  ### Answer:``, a format a chat model was never
     fine-tuned on, so its PS would measure the prompt mismatch), else the preset's."""
-    if args.ps_protocol:
-        return args.ps_protocol
-    if args.model is None:
+    if cfg.ps_protocol:
+        return cfg.ps_protocol
+    if cfg.model is None:
         return preset.ps_protocol
     try:
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(cfg.model)
     except ModelLoadError as e:
         raise SystemExit(f"--model: {e}") from None
     # the rule hub_target applies when it builds the target
-    return "clean" if choose_template(tokenizer, args.template, default=preset.template).chat else preset.ps_protocol
+    return "clean" if choose_template(tokenizer, cfg.template, default=preset.template).chat else preset.ps_protocol
 
 
 def load_twin(spec: str, dtype: torch.dtype, tokenizer) -> torch.nn.Module:
@@ -90,30 +91,30 @@ def tofu_subset(tofu_dir: str, n_authors: int, cache_dir: Optional[str]) -> Path
                       lambda tmp: subset_tofu(tofu_dir, tmp, n_authors))
 
 
-def hub_target(args, preset: Preset, device: torch.device) -> Target:
+def hub_target(cfg: RunConfig, preset: Preset, device: torch.device) -> Target:
     """A Hugging Face causal LM (hub name or local folder), on TOFU (``--data-dir``, restricted to
     ``--authors`` N when given); bf16 and gradient checkpointing by default on CUDA."""
     on_cuda = device.type == "cuda"
-    bf16 = on_cuda if args.bf16 is None else args.bf16
-    checkpointing = on_cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
+    bf16 = on_cuda if cfg.bf16 is None else cfg.bf16
+    checkpointing = on_cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
     dtype = torch.bfloat16 if bf16 else torch.float32
-    model, tokenizer = load_model(args.model, dtype)
+    model, tokenizer = load_model(cfg.model, dtype)
     model = model.to(device)
     if checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    data_dir = str(tofu_subset(args.data_dir, args.authors, args.cache_dir)) if args.authors else args.data_dir
-    twin = args.retain_model
-    template = choose_template(tokenizer, args.template, default=preset.template)
-    return Target(model, tokenizer, template, data_dir, args.max_length or preset.max_length,
-                  lambda: load_model(args.model, dtype)[0], None if twin is None else Path(twin),
+    data_dir = str(tofu_subset(cfg.data_dir, cfg.authors, cfg.cache_dir)) if cfg.authors else cfg.data_dir
+    twin = cfg.retain_model
+    template = choose_template(tokenizer, cfg.template, default=preset.template)
+    return Target(model, tokenizer, template, data_dir, cfg.max_length or preset.max_length,
+                  lambda: load_model(cfg.model, dtype)[0], None if twin is None else Path(twin),
                   None if twin is None else lambda: load_twin(twin, dtype, tokenizer),
-                  {"model": args.model, "dtype": str(dtype), "retain_model": twin, "data_dir": data_dir})
+                  {"model": cfg.model, "dtype": str(dtype), "retain_model": twin, "data_dir": data_dir})
 
 
-def build_target(args, preset: Preset, device: torch.device) -> Target:
+def build_target(cfg: RunConfig, preset: Preset, device: torch.device) -> Target:
     """The target, wrapped in LoRA adapters with ``--lora``."""
-    target = hub_target(args, preset, device) if args.model else embedded_target(args, device)
-    if args.lora:
-        target.model = add_lora(target.model, args.lora)
+    target = hub_target(cfg, preset, device) if cfg.model else embedded_target(cfg, device)
+    if cfg.lora:
+        target.model = add_lora(target.model, cfg.lora)
     return target

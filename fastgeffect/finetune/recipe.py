@@ -1,11 +1,16 @@
 """TOFU's fine-tuning recipe as data: answer-only loss, 5 epochs, AdamW with weight decay 0.01,
 effective batch 32, linear warm-up over the first epoch then linear decay, the learning rate by
-model family (TOFU: 1e-5 for Llama-2, 2e-5 for Phi-1.5)."""
+model family (TOFU: 1e-5 for Llama-2, 2e-5 for Phi-1.5).
+
+Each field states its default, help and bounds once; ``python -m fastgeffect.finetune``'s recipe
+flags take theirs from here (:class:`.config.FinetuneConfig`).
+"""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Optional
+
+from ..dataclass_cli import first_error, setting
 
 # TOFU's learning rates by transformers ``model_type``; any other family gets DEFAULT_LR, the
 # Llama-2 value (the more conservative of TOFU's two). LoRA adapters start at zero and need a
@@ -23,36 +28,28 @@ def default_lr(model_type: str, lora: int = 0) -> float:
 
 @dataclass(frozen=True)
 class Recipe:
-    lr: float
-    epochs: int = 5
-    batch_size: int = 32  # effective: samples per optimiser step
-    grad_accum: int = 4  # micro-batches per step (memory), exact: the loss divides by the step's tokens
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    max_grad_norm: float = 1.0  # Hugging Face Trainer's default, which TOFU used; 0: no clipping
-    max_length: int = 500  # TOFU's
-    lora: int = 0  # LoRA rank; 0: full fine-tuning
-    save_every: int = 0  # steps between resumable states (0: epoch ends only)
-    seed: int = 0
-    max_steps: Optional[int] = None  # stop the phase after this many steps (a short run)
+    lr: float = setting(help="peak learning rate", low=0, strict=True)
+    epochs: int = setting(5, "passes over the training split", low=1)
+    batch_size: int = setting(32, "effective batch (samples per optimiser step)", low=1)
+    # exact: the loss divides by the step's tokens
+    grad_accum: int = setting(4, "micro-batches per step (memory only)", low=1)
+    # as Hugging Face's Trainer (TOFU's): not on biases and norm weights
+    weight_decay: float = setting(0.01, "AdamW's weight decay", low=0)
+    warmup_epochs: float = setting(1.0, "linear warm-up, then linear decay", low=0)
+    # Hugging Face Trainer's default, which TOFU used
+    max_grad_norm: float = setting(1.0, "gradient clipping threshold (0: no clipping)", low=0)
+    max_length: int = setting(500, "tokens per QA pair", low=1)  # TOFU's
+    lora: int = setting(0, "train LoRA adapters of rank R (0: full)", low=0, metavar="R")
+    save_every: int = setting(0, "steps between resumable states (0: epoch ends)", low=0)
+    seed: int = setting(0, "seed of the data order", low=0, high=2 ** 32, high_text="2^32")
+    max_steps: Optional[int] = setting(None, "stop each model after N steps (a short run)", low=1)
 
     def check(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("lora", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        error = first_error(self)
+        if error:
+            raise ValueError(error)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
-        for name in ("weight_decay", "warmup_epochs", "max_grad_norm"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
 
     def to_dict(self) -> dict:
         return asdict(self)

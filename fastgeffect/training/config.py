@@ -1,40 +1,47 @@
 """The unlearning loop's settings (:class:`UnlearnConfig`), apart from the loop so that the
-driver's run configuration and the loop share one definition without importing the loop."""
+driver's run configuration and the loop share one definition without importing the loop.
+
+Each field states its default, help and bounds once; ``python -m fastgeffect.run``'s training flags
+take theirs from here (:class:`fastgeffect.driver.config.RunConfig`).
+"""
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
+
+from ..dataclass_cli import first_error, setting
 
 
 @dataclass
 class UnlearnConfig:
-    epochs: int = 5
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    max_grad_norm: float = 1.0  # 0: no clipping
-    geffect_every: int = 1  # 0: never
-    geffect_batch: int = 16  # samples in each risk batch
-    geffect_groups: str = "paper"
-    update_effects: bool = True  # with the G-effects: the AdamW step's predicted and realised risk changes
-    pg_steps: Sequence[int] = field(default_factory=tuple)  # steps with per-sample PG-effects (-1: last)
-    save_every: int = 0  # steps between resumable states (0: epoch ends only)
-    seed: int = 0
-    stop_at_step: Optional[int] = None  # stop (state saved) after this many steps, as if interrupted
+    epochs: int = setting(5, "passes over the forget set", low=1)
+    batch_size: int = setting(16, "forget samples per optimiser step (+ as many retain)", low=1)
+    grad_accum: int = setting(1, "micro-batches per step (exact accumulation)", low=1)
+    lr: float = setting(2e-5, "peak learning rate", low=0, strict=True)
+    weight_decay: float = setting(0.01, "AdamW's decoupled weight decay", low=0)
+    warmup_epochs: float = setting(1.0, "linear warm-up length, then linear decay", low=0)
+    max_grad_norm: float = setting(1.0, "gradient clipping threshold (global L2 norm; 0: no clipping)", low=0,
+                                   why="0: no clipping")
+    geffect_every: int = setting(1, "measure every K steps (0: never)", low=0, why="0: never")
+    geffect_batch: int = setting(16, "samples in each risk batch", low=1)
+    geffect_groups: str = setting("paper", "layer groups: the paper's (embed, shallow, middle, deep, lm), one per "
+                                           "block, or one per parameter")
+    # with the G-effects: the AdamW step's predicted and realised risk changes
+    update_effects: bool = setting(True, "also predict each risk's change under the real (clipped AdamW) step and "
+                                         "measure the realised change after it (one more forward per risk and step)")
+    pg_steps: Sequence[int] = setting(default_factory=tuple, help="steps with per-sample PG-effects (-1: the last)")
+    save_every: int = setting(0, "resumable state every N steps (0: epoch ends only)", low=0,
+                              why="0: epoch ends only")
+    seed: int = setting(0, "seed of the data order and the retain pairing", low=0, high=2 ** 32, high_text="2^32")
+    stop_at_step: Optional[int] = setting(None, "stop after N steps with the state saved, as if interrupted "
+                                                "(continue with --resume)", low=0)
 
     def check(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "geffect_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        error = first_error(self, name_of=str)
+        if error:
+            raise ValueError(error)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
-            raise ValueError(f"max_grad_norm must be a finite number >= 0 (0: no clipping), got {self.max_grad_norm}")
 
 
 def config_dict(cfg: UnlearnConfig) -> dict:
