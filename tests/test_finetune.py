@@ -212,3 +212,21 @@ def test_smollm2_two_steps_then_resume(smollm2, tmp_path, lora):
     if lora:  # merged adapters: only the adapted linear layers moved; the adapters are kept too
         assert (out / "target" / "adapter" / "adapter_config.json").is_file()
         assert "model.embed_tokens.weight" not in moved and not any("norm" in k for k in moved)
+
+
+def test_a_non_finite_gradient_stops_before_the_step(tmp_path):
+    # a finite loss with an infinite gradient (here: a hook) must not reach AdamW: the weights stay as they were
+    from fastgeffect.data.qa import QADataset
+    from fastgeffect.finetune.loop import train
+    from fastgeffect.finetune.recipe import Recipe
+    tok = tiny_tokenizer(["who wrote it", "a book"])
+    model = tiny_llama(layers=1, vocab=len(tok), hidden=16)
+    rows = [{"question": "who wrote it", "answer": "a book"}] * 4
+    data = QADataset(rows, tok, get_template("phi"), 24)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    next(model.parameters()).register_hook(lambda g: g * float("inf"))
+    with pytest.raises(FloatingPointError, match="step 0: the gradient norm is (inf|nan); lower --lr"):
+        train(model, data, Recipe(lr=1e-3, epochs=1, batch_size=2, grad_accum=1, max_length=24), tmp_path,
+              progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not (tmp_path / "train_log.jsonl").read_text()  # nothing logged for the refused step

@@ -51,6 +51,28 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=recipe.lr)
 
 
+def resume_state(state_path: Path, model: torch.nn.Module, opt, scheduler, recipe: Recipe,
+                 frozen: Optional[str]) -> int:
+    """Load the saved state into the model, optimiser and scheduler, after checking it was saved
+    by this recipe over these frozen weights and parameters; the step it was saved at."""
+    state = read_state(state_path, deepspeed=False)
+    if state["recipe"] != recipe.to_dict():
+        raise ValueError(f"{state_path} was saved with another recipe ({state['recipe']}); start a new --out")
+    if state.get("frozen_digest") != frozen:
+        raise ValueError(f"{state_path} was saved over other frozen (base) weights than this model's; resume "
+                         "with the same --model, or start a new --out")
+    params = _trainable(model)
+    if set(state["model"]) != set(params):
+        raise ValueError(f"{state_path} holds other parameters than this model's trainable ones "
+                         "(another model or --lora); start a new --out")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["model"][name])
+    opt.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]
+
+
 def train(model: torch.nn.Module, dataset: QADataset, recipe: Recipe, work_dir: Path, *,
           stop_after: Optional[int] = None, progress: bool = True) -> dict:
     """Fine-tune ``model`` in place on ``dataset``; continues from ``work_dir``'s state when there is
@@ -65,26 +87,9 @@ def train(model: torch.nn.Module, dataset: QADataset, recipe: Recipe, work_dir: 
     warmup = max(1, round(recipe.warmup_epochs * per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(per_epoch * recipe.epochs, warmup))
     state_path = work_dir / STATE_FILE
-    step = saved = 0
     # LoRA: the frozen base is not in the state, only its digest (a resume must start from the same base)
     frozen = frozen_weights_digest(model) if any(not p.requires_grad for p in model.parameters()) else None
-    if state_path.exists():
-        state = read_state(state_path, deepspeed=False)
-        if state["recipe"] != recipe.to_dict():
-            raise ValueError(f"{state_path} was saved with another recipe ({state['recipe']}); start a new --out")
-        if state.get("frozen_digest") != frozen:
-            raise ValueError(f"{state_path} was saved over other frozen (base) weights than this model's; resume "
-                             "with the same --model, or start a new --out")
-        params = _trainable(model)
-        if set(state["model"]) != set(params):
-            raise ValueError(f"{state_path} holds other parameters than this model's trainable ones "
-                             "(another model or --lora); start a new --out")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state["model"][name])
-        opt.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = saved = state["step"]
+    step = saved = resume_state(state_path, model, opt, scheduler, recipe, frozen) if state_path.exists() else 0
     truncate_jsonl(work_dir / LOG_FILE, step)
 
     def save() -> None:
@@ -121,6 +126,8 @@ def train(model: torch.nn.Module, dataset: QADataset, recipe: Recipe, work_dir: 
                 raise FloatingPointError(f"step {step}: the loss is {loss_value}; lower --lr")
             norm = torch.nn.utils.clip_grad_norm_(list(_trainable(model).values()),
                                                   recipe.max_grad_norm if recipe.max_grad_norm > 0 else math.inf)
+            if not math.isfinite(float(norm)):  # refused before the step: the weights stay finite
+                raise FloatingPointError(f"step {step}: the gradient norm is {float(norm)}; lower --lr")
             opt.step()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
