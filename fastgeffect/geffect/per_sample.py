@@ -24,13 +24,18 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, jvp
 
 from .. import distributed as _dist
 from .. import ops as _ops
 from ..model_structure import unwrap
+from .closed_forms import (
+    bias_contrib,
+    embedding_contrib,
+    layer_norm_weight_contrib,
+    linear_weight_contrib,
+    module_jvp_contrib,
+)
 from .finite import check_finite_pg_effects
 from .groups import Grouping, GroupSpec, build_grouping
 from .risk import check_per_sample_losses, evaluate_risk
@@ -51,68 +56,6 @@ class PerSampleResult:
     batch: float                  # <∇R, ∇Σ_i ℓ_i> from the batched backward (≈ values.sum())
     risk: float
     fallback: List[str]           # parameters computed by the exact per-sample loop
-
-
-def _ct(*tensors: Optional[torch.Tensor]) -> torch.dtype:
-    """Compute dtype of the ghost products: fp64 if any input is fp64, else fp32."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _per_row_sum(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1).sum(1, dtype=acc)
-
-
-def linear_weight_contrib(x: torch.Tensor, dy: torch.Tensor, gw: torch.Tensor, acc: torch.dtype,
-                          weight_is_in_out: bool = False) -> torch.Tensor:
-    """(B,) Σ_t δ_tᵀ G_W a_t for ``y = a Wᵀ`` (``weight_is_in_out``: ``y = a W``, HF Conv1D)."""
-    B = dy.shape[0]
-    ct = _ct(x, dy, gw)
-    w = (gw.t() if weight_is_in_out else gw).to(ct)  # (out, in)
-    a = x.reshape(B, -1, x.shape[-1]).to(ct)
-    d = dy.reshape(B, -1, dy.shape[-1]).to(ct)
-    # contract over the larger side so the temporary is (B, T, min(in, out))
-    prod = (a @ w.t()) * d if w.shape[0] <= w.shape[1] else (d @ w) * a
-    return _per_row_sum(prod, acc)
-
-
-def bias_contrib(dy: torch.Tensor, gb: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """(B,) Σ_t δ_t·G_b for a bias added along the last dimension."""
-    ct = _ct(dy, gb)
-    return _per_row_sum(dy.to(ct) * gb.to(ct), acc)
-
-
-def embedding_contrib(ids: torch.Tensor, dy: torch.Tensor, gw: torch.Tensor, padding_idx: Optional[int],
-                      acc: torch.dtype) -> torch.Tensor:
-    """(B,) Σ_t G_W[ids_t]·δ_t; positions holding ``padding_idx`` get no gradient in nn.Embedding."""
-    ct = _ct(dy, gw)
-    prod = F.embedding(ids, gw.to(ct)) * dy.to(ct)
-    if padding_idx is not None:
-        prod = prod * (ids != padding_idx).unsqueeze(-1).to(ct)
-    return _per_row_sum(prod, acc)
-
-
-def layer_norm_weight_contrib(mod: nn.LayerNorm, x: torch.Tensor, dy: torch.Tensor, gw: torch.Tensor,
-                              acc: torch.dtype) -> torch.Tensor:
-    """(B,) Σ_t δ_t·(x̂_t ⊙ G_w) with x̂ the normalised input of ``mod``."""
-    ct = _ct(x, dy, gw)
-    xhat = F.layer_norm(x.to(ct), mod.normalized_shape, None, None, mod.eps)
-    return _per_row_sum(dy.to(ct) * xhat * gw.to(ct), acc)
-
-
-def module_jvp_contrib(mod: nn.Module, name: str, tangent: torch.Tensor, args, kwargs, dy: torch.Tensor,
-                       acc: torch.dtype) -> torch.Tensor:
-    """(B,) Σ_t δ_t·(J_t G): forward-mode derivative of the output of ``mod`` along G for its
-    parameter ``name`` (the module's other parameters held fixed)."""
-    p = dict(mod.named_parameters(recurse=False))[name]
-
-    def f(w):
-        return functional_call(mod, {name: w}, args, kwargs)
-
-    _, ydot = jvp(f, (p.detach(),), (tangent.to(p.dtype),))
-    if not isinstance(ydot, torch.Tensor) or ydot.shape != dy.shape:
-        raise RuntimeError("module output changed shape in the forward-mode recomputation")
-    ct = _ct(ydot, dy)
-    return _per_row_sum(ydot.to(ct) * dy.to(ct), acc)
 
 
 def _is_linear(mod: nn.Module) -> bool:
@@ -259,31 +202,15 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     values) raises ``FloatingPointError`` naming the groups, the samples and which gradient it was."""
     mode = _dist.reduction_mode(model)
     grouping = groups if isinstance(groups, Grouping) else build_grouping(unwrap(model), groups)
-    params = grouping.params
-    P = len(params)
     if mode in ("sharded", "zero3"):  # no whole parameters for the closed forms: exact shard dots
-        table, risk_value, risk_norm2 = sharded_per_sample_geffects(
-            model, params, grouping.group_ids, len(grouping.names), mode, risk_fn, per_sample_losses_fn,
-            accumulate_dtype)
-        check_finite_pg_effects(table, grouping.names, lambda: risk_norm2)
-        values = table.sum(0)
-        if not return_details:
-            return values
-        return PerSampleResult(values, table, list(grouping.names), float(values.sum()), risk_value, [])
+        return _sharded(model, grouping, mode, risk_fn, per_sample_losses_fn, accumulate_dtype, return_details)
     model = unwrap(model)
+    params = grouping.params
 
     def acc_of(dev: torch.device) -> torch.dtype:
         return default_accumulate_dtype(dev, accumulate_dtype)
 
-    risk, risk_value = evaluate_risk("risk_fn", risk_fn)
-    G = list(torch.autograd.grad(risk, params, allow_unused=True))
-    del risk
-    if mode == "replicated":  # the shares' gradients summed: ∇R on every rank (same as one process)
-        G = [torch.zeros_like(p) if g is None else g for p, g in zip(params, G)]
-        for g in G:
-            torch.distributed.all_reduce(g)
-        risk_value = float(_dist.all_reduce_sum(torch.tensor(risk_value, dtype=torch.float64)))
-
+    G, risk_value = _risk_gradient(risk_fn, params, mode)
     cap = _Capture(model, params, G, acc_of)
     try:
         with torch.enable_grad():
@@ -294,33 +221,9 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
 
     fallback = dict(cap.bad)
     if check:
-        # One batched backward of Σℓ: the closed forms fire from tensor hooks, while the stream dots
-        # each parameter's batch gradient with G (row 0) and with itself (row 1) for the check.
-        with GradientDotStream(params, list(range(P)), P, 2, partners=G, accumulate_dtype=accumulate_dtype,
-                               self_row=1) as stream:
-            stream.backward(losses.sum(), row=0, retain_graph=True)
-            batch_dots, grad_norm2 = stream.result()
-        cap.active = False
-        # consistency check, with one host transfer per device: Σ_i closed form vs <G, ∇Σℓ>
-        sums = grouped_dots([cap.contrib.get(i) for i in range(P)],
-                            [None if i not in cap.contrib else torch.ones_like(cap.contrib[i]) for i in range(P)],
-                            range(P), P, accumulate_dtype)
-        g_norm2 = grouped_dots(G, G, range(P), P, accumulate_dtype)
-        for i in range(P):
-            if i in fallback or G[i] is None:
-                continue
-            rtol = check_rtol if check_rtol is not None else _default_rtol(params[i].dtype)
-            scale = math.sqrt(float(g_norm2[i]) * float(grad_norm2[i]))
-            if abs(float(sums[i]) - float(batch_dots[i])) > rtol * scale:
-                fallback[i] = "closed form does not sum to the batch value (parameter used outside its module?)"
+        batch_dots = _checked_closed_forms(cap, losses, params, G, fallback, check_rtol, accumulate_dtype)
     else:
-        # back-propagate to the hooked module outputs only: no weight-gradient matmuls
-        targets = [o for o in cap.outputs if o.requires_grad]
-        torch.autograd.grad(losses.sum(), targets, retain_graph=True, allow_unused=True)
-        cap.active = False
-        fallback.update({i: "no closed-form contribution" for i in range(P)
-                         if i not in cap.contrib and i not in fallback})
-        batch_dots = None
+        batch_dots = _closed_forms_only(cap, losses, len(params), fallback)
     fallback = {i: why for i, why in fallback.items() if G[i] is not None}
     if fallback:
         warnings.warn("PG-effects: exact per-sample fallback (one backward per sample) for "
@@ -330,10 +233,91 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
     del losses
     cap.outputs = []
 
+    table = _group_table(cap.contrib, grouping, B)
+    _check_finite(table, batch_dots, grouping, G, mode, accumulate_dtype)
+    values = table.sum(0)
+    if not return_details:
+        return values
+    batch = float(batch_dots.sum()) if batch_dots is not None else float(values.sum())
+    return PerSampleResult(values, table, list(grouping.names), batch, risk_value,
+                           [grouping.param_names[i] for i in sorted(fallback)])
+
+
+def _sharded(model, grouping: Grouping, mode: str, risk_fn, per_sample_losses_fn, accumulate_dtype,
+             return_details: bool):
+    """PG-effects under FSDP2 / ZeRO-3: exact dots of reduced gradient shards (:mod:`.sharded`)."""
+    table, risk_value, risk_norm2 = sharded_per_sample_geffects(
+        model, grouping.params, grouping.group_ids, len(grouping.names), mode, risk_fn, per_sample_losses_fn,
+        accumulate_dtype)
+    check_finite_pg_effects(table, grouping.names, lambda: risk_norm2)
+    values = table.sum(0)
+    if not return_details:
+        return values
+    return PerSampleResult(values, table, list(grouping.names), float(values.sum()), risk_value, [])
+
+
+def _risk_gradient(risk_fn, params, mode: str):
+    """∇R per parameter (None where R does not depend on it) and R's value; under DDP ("replicated")
+    each rank's share summed, so every rank holds the whole risk's gradient, as one process would."""
+    risk, risk_value = evaluate_risk("risk_fn", risk_fn)
+    G = list(torch.autograd.grad(risk, params, allow_unused=True))
+    del risk
+    if mode == "replicated":
+        G = [torch.zeros_like(p) if g is None else g for p, g in zip(params, G)]
+        for g in G:
+            torch.distributed.all_reduce(g)
+        risk_value = float(_dist.all_reduce_sum(torch.tensor(risk_value, dtype=torch.float64)))
+    return G, risk_value
+
+
+def _checked_closed_forms(cap: "_Capture", losses: torch.Tensor, params, G, fallback: Dict[int, str],
+                          check_rtol: Optional[float], accumulate_dtype) -> torch.Tensor:
+    """One batched backward of Σℓ: the closed forms fire from tensor hooks, while the stream dots
+    each parameter's batch gradient with G (row 0) and with itself (row 1); a parameter whose closed
+    forms do not sum to its batch dot joins ``fallback``. Returns the batch dots."""
+    P = len(params)
+    with GradientDotStream(params, list(range(P)), P, 2, partners=G, accumulate_dtype=accumulate_dtype,
+                           self_row=1) as stream:
+        stream.backward(losses.sum(), row=0, retain_graph=True)
+        batch_dots, grad_norm2 = stream.result()
+    cap.active = False
+    # consistency check, with one host transfer per device: Σ_i closed form vs <G, ∇Σℓ>
+    sums = grouped_dots([cap.contrib.get(i) for i in range(P)],
+                        [None if i not in cap.contrib else torch.ones_like(cap.contrib[i]) for i in range(P)],
+                        range(P), P, accumulate_dtype)
+    g_norm2 = grouped_dots(G, G, range(P), P, accumulate_dtype)
+    for i in range(P):
+        if i in fallback or G[i] is None:
+            continue
+        rtol = check_rtol if check_rtol is not None else _default_rtol(params[i].dtype)
+        scale = math.sqrt(float(g_norm2[i]) * float(grad_norm2[i]))
+        if abs(float(sums[i]) - float(batch_dots[i])) > rtol * scale:
+            fallback[i] = "closed form does not sum to the batch value (parameter used outside its module?)"
+    return batch_dots
+
+
+def _closed_forms_only(cap: "_Capture", losses: torch.Tensor, P: int, fallback: Dict[int, str]) -> None:
+    """Back-propagate Σℓ to the hooked module outputs only (no weight-gradient matmuls); a parameter
+    without a closed-form contribution joins ``fallback``. No batch dots: returns None."""
+    targets = [o for o in cap.outputs if o.requires_grad]
+    torch.autograd.grad(losses.sum(), targets, retain_graph=True, allow_unused=True)
+    cap.active = False
+    fallback.update({i: "no closed-form contribution" for i in range(P) if i not in cap.contrib and i not in fallback})
+    return None
+
+
+def _group_table(contrib: Dict[int, torch.Tensor], grouping: Grouping, B: int) -> torch.Tensor:
+    """(groups, B) float64 table of the per-parameter PG-effects summed by group."""
     table = torch.zeros(len(grouping.names), B, dtype=torch.float64)
-    for i, c in cap.contrib.items():
+    for i, c in contrib.items():
         table[grouping.group_ids[i]] += c.to("cpu", torch.float64)
-    # a parameter acting outside its module shows a NaN/inf gradient only in its batch dot
+    return table
+
+
+def _check_finite(table: torch.Tensor, batch_dots: Optional[torch.Tensor], grouping: Grouping, G, mode: str,
+                  accumulate_dtype) -> None:
+    """NaN/inf PG-effects raise, naming groups and samples; a parameter acting outside its module shows
+    a NaN/inf gradient only in its batch dot. Under DDP every rank raises when one does."""
     batch_groups = None if batch_dots is None else \
         torch.zeros(len(grouping.names), dtype=torch.float64).index_add_(0, torch.tensor(grouping.group_ids),
                                                                          batch_dots.to(torch.float64))
@@ -345,12 +329,6 @@ def per_sample_geffects(model: nn.Module, risk_fn: Callable[[], torch.Tensor],
                                      "groups, samples and the non-finite gradient")
     check_finite_pg_effects(table, grouping.names, lambda: grouped_dots(G, G, grouping.group_ids, len(grouping.names),
                                                                         accumulate_dtype), batch_groups)
-    values = table.sum(0)
-    if not return_details:
-        return values
-    batch = float(batch_dots.sum()) if batch_dots is not None else float(values.sum())
-    return PerSampleResult(values, table, list(grouping.names), batch, risk_value,
-                           [grouping.param_names[i] for i in sorted(fallback)])
 
 
 def _default_rtol(dtype: torch.dtype) -> float:
