@@ -21,13 +21,13 @@ import argparse
 import itertools
 import json
 import math
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from . import run_files as files
+from .atomic_file import atomic_write
 from .cli_help import HelpFormatter, examples
 from .data.tofu import RETAIN_OF
 from .distributed import write_json_main
@@ -257,9 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
