@@ -24,7 +24,7 @@ import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import run_files as files
 from .atomic_file import atomic_write
@@ -203,14 +203,15 @@ def read_recorded(out: Path) -> Dict[str, List[str]]:
     return recorded
 
 
-def run_one(name: str, argv: List[str], action: str, out: Path) -> Path:
+def run_one(name: str, argv: List[str], action: str, out: Path) -> Tuple[Path, int]:
+    """Run (or resume, or reuse) one run of the sweep: its folder and its exit code (0: done)."""
     folder = out / name
-    if action != "reuse":
-        recorded = read_recorded(out)
-        if action == "run":  # a resumed run keeps the flags it was started with
-            write_json_main(out / RUNS_FILE, {**recorded, name: argv})
-        run_main(argv + (["--resume"] if action == "resume" else []))
-    return folder
+    if action == "reuse":
+        return folder, 0
+    recorded = read_recorded(out)
+    if action == "run":  # a resumed run keeps the flags it was started with
+        write_json_main(out / RUNS_FILE, {**recorded, name: argv})
+    return folder, run_main(argv + (["--resume"] if action == "resume" else []))
 
 
 def read_metrics(folder: Path) -> Dict[str, float]:
@@ -274,7 +275,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for i, ((name, run_flags, action), s) in enumerate(zip(steps, combos), 1):
         print(f"[{i}/{len(steps)}] {name}" + (" (finished earlier: reused)" if action == "reuse" else ""),
               flush=True)
-        folder = run_one(name, run_flags, action, out)
+        folder, code = run_one(name, run_flags, action, out)
+        if code:  # interrupted (Ctrl-C: 130) or failed: the sweep stops with the run's status
+            print(f"run {name} exited with status {code}: the sweep stops here; the same command continues it "
+                  "(finished runs are reused, this one resumes)", file=sys.stderr, flush=True)
+            return code
         rows.append({"name": name, "setting": s, "folder": str(folder), "metrics": read_metrics(folder)})
         # written after every run, so an interrupted sweep keeps what it has
         write_json_main(out / "sweep.json", rows)

@@ -100,3 +100,15 @@ def test_reference_cache_load_names_a_corrupt_file(tmp_path):
     torch.save([1, 2], path)
     with pytest.raises(ValueError, match="is not a reference log-prob cache"):
         RefLogprobCache.load(path)
+
+
+def test_shared_dir_may_not_be_another_runs_folder(tmp_path):
+    # it used to overwrite that run's metrics_before.json, eval_before/ logs and twin log, exit 0
+    assert run(tmp_path / "a", "--eval", "none") == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
+    with pytest.raises(SystemExit, match="--shared-dir .* is another run's folder"):
+        run(tmp_path / "b", "--shared-dir", str(tmp_path / "a"))
+    assert not (tmp_path / "b").exists()  # refused before the run folder was claimed
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()} == before
+    # the run's own folder as its shared folder is what leaving the flag out means
+    assert run(tmp_path / "c", "--eval", "none", "--shared-dir", str(tmp_path / "c")) == 0

@@ -96,3 +96,20 @@ def test_whole_grid_is_checked_before_the_first_run(tmp_path, capsys):
         with pytest.raises(SystemExit, match=message):
             tiny(out, "--method", "wga", *sweep, extra=extra)
     assert not out.exists()  # nothing was run, nothing was written
+
+
+def test_an_interrupted_run_stops_the_sweep_with_its_status(tmp_path, monkeypatch, capsys):
+    # Ctrl-C in a run (exit 130) used to be ignored: the sweep ran the rest and exited 0
+    import fastgeffect.sweep as sweep
+    started = []
+
+    def fake_run(argv):
+        started.append(argv[argv.index("--out") + 1])
+        return 130 if len(started) == 2 else 0
+
+    monkeypatch.setattr(sweep, "run_main", fake_run)
+    out = tmp_path / "grid"
+    assert tiny(out, "--method", "wga", "--alpha", "1,2,3") == 130
+    assert [os.path.basename(p) for p in started] == ["wga-alpha1", "wga-alpha2"]  # alpha3 never started
+    assert "run wga-alpha2 exited with status 130: the sweep stops here" in capsys.readouterr().err
+    assert [r["name"] for r in json.loads((out / "sweep.json").read_text())] == ["wga-alpha1"]

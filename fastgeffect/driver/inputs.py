@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from .. import run_files as files
 from ..eval import load_retain_log
 from ..model_loading import ALIASES
 from .artefacts import load_json_dict
@@ -93,10 +94,24 @@ def check_retain_log(path: str) -> None:
                          "retain-only model")
 
 
+def check_shared_dir(shared_dir: Optional[str], out: Optional[str]) -> None:
+    """``--shared-dir`` must not be another run's folder: the evaluation before unlearning, its logs
+    and the twin's log written there would replace that run's own (a sweep's ``shared/`` is made
+    for this and carries no run marker)."""
+    if shared_dir is None or (out is not None and Path(shared_dir).resolve() == Path(out).resolve()):
+        return
+    if (Path(shared_dir) / files.MARKER).exists():
+        raise SystemExit(f"--shared-dir {shared_dir} is another run's folder (it holds {files.MARKER}): this run "
+                         f"would overwrite its {files.METRICS_BEFORE}, {files.EVAL_BEFORE}/ and retain twin's log; "
+                         "give a folder of its own (e.g. a sweep's shared/), or leave --shared-dir out")
+
+
 def check_inputs(*, model: Optional[str], retain_model: Optional[str], data_dir: Optional[str],
-                 authors: Optional[int], retain_log: Optional[str]) -> None:
+                 authors: Optional[int], retain_log: Optional[str], shared_dir: Optional[str] = None,
+                 out: Optional[str] = None) -> None:
     """Every path the settings name: ``--model`` (and its fine-tune's manifest), ``--retain-model``,
-    ``--data-dir`` (with ``--authors``), ``--retain-log``."""
+    ``--data-dir`` (with ``--authors``), ``--retain-log``, ``--shared-dir``."""
+    check_shared_dir(shared_dir, out)
     if model is not None:
         check_model(model)
         check_manifest(model, authors, data_dir)
