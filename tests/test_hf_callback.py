@@ -331,3 +331,20 @@ def test_under_the_unlearning_trainer(tmp_path):
     assert len(records) == 4
     for r in records:
         assert r["total"] == pytest.approx(math.fsum(expected[r["risk"]].values()), abs=1e-4 * scale[r["risk"]])
+
+
+def test_a_risk_batch_the_nll_cannot_use_is_refused_before_training(tmp_path):
+    # it used to fail at the first optimiser step, as a bare AllMaskedError / IndexError naming no batch
+    masked = {**FORGET, "labels": torch.full_like(FORGET["labels"], -100)}
+    with pytest.raises(ValueError, match="risk batch 'unlearn' has no label to predict"):
+        GEffectCallback({"unlearn": masked})
+    GEffectCallback({"unlearn": masked}, risk_fn=lambda m, b: nll_risk(m, FORGET))  # a risk_fn reads what it likes
+    model = tiny_llama(seed=0)
+    oov = {**FORGET, "input_ids": FORGET["input_ids"].clone()}
+    oov["input_ids"][0, 1] = model.config.vocab_size
+    cb = GEffectCallback({"unlearn": oov}, out=None)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    with pytest.raises(ValueError, match=r"risk batch 'unlearn': input_ids holds ids outside the model's vocabulary"):
+        cb.on_train_begin(args, state, None, model=model)
+    GEffectCallback({"unlearn": FORGET}, out=None).on_train_begin(args, state, None, model=model)  # a valid one

@@ -28,6 +28,32 @@ RiskOf = Callable[[torch.nn.Module, dict], torch.Tensor]
 NLL_KEYS = ("input_ids", "attention_mask", "labels")
 
 
+def check_nll_batch(name: str, batch: Mapping) -> None:
+    """A risk batch for the default NLL risk: integer ``input_ids`` and ``labels`` of one shape, with
+    at least one label that is not -100 (else the risk has no token and fails at the first step)."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    for key, t in (("input_ids", ids), ("labels", labels)):
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.dim() != 2:
+            raise ValueError(f"risk batch {name!r}: {key} must be a 2-D integer tensor (batch, tokens), got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
+    if labels.shape != ids.shape:
+        raise ValueError(f"risk batch {name!r}: labels {tuple(labels.shape)} and input_ids {tuple(ids.shape)} differ")
+    # the label at position 0 is never predicted (HF shifts by one)
+    if not bool((labels[:, 1:] != -100).any()):
+        raise ValueError(f"risk batch {name!r} has no label to predict (every label after the first position is "
+                         "-100): its NLL risk would be undefined")
+
+
+def check_token_ids(name: str, batch: Mapping, vocab_size: int) -> None:
+    """Token ids and labels of a risk batch inside the model's vocabulary (named before training)."""
+    for key in ("input_ids", "labels"):
+        t = batch[key]
+        t = t[t != -100] if key == "labels" else t
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
+            raise ValueError(f"risk batch {name!r}: {key} holds ids outside the model's vocabulary "
+                             f"[0, {vocab_size}) (min {int(t.min())}, max {int(t.max())})")
+
+
 class GEffectCallback(TrainerCallback):
     """Measures G-effects of each ``every``-th optimiser step of a ``Trainer``.
 
@@ -69,6 +95,8 @@ class GEffectCallback(TrainerCallback):
             if risk_fn is None and missing:
                 raise ValueError(f"risk batch {name!r} lacks {missing}: the default NLL risk needs "
                                  f"{list(NLL_KEYS)} (or pass risk_fn(model, batch))")
+            if risk_fn is None:
+                check_nll_batch(name, batch)
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         if risk_fn is not None and not callable(risk_fn):
@@ -99,6 +127,11 @@ class GEffectCallback(TrainerCallback):
         if args.fp16:
             raise NotImplementedError("GEffectCallback does not support fp16 mixed precision: the gradient at "
                                       "on_pre_optimizer_step may still carry the loss scale (use bf16 or fp32)")
+        model = kwargs.get("model")
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if self.risk_fn is nll_risk and vocab is not None:
+            for name, batch in self.risk_batches.items():
+                check_token_ids(name, batch, vocab)
         if self.out is not None and state.is_world_process_zero:
             # a run resumed from a checkpoint re-measures the steps after it without duplicate lines
             self.logger = GEffectLogger(self.out, resume_step=state.global_step)
