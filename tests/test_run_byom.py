@@ -281,3 +281,21 @@ def test_ps_protocol_defaults_to_clean_for_a_chat_model(byom, tmp_path):
     assert default(str(chat), given="uwc-linear") == "uwc-linear"  # --ps-protocol always wins
     with pytest.raises(SystemExit, match="--model"):
         default(str(tmp_path / "missing"))
+
+
+def test_resume_over_a_replaced_model_folder_is_refused_before_set_up(byom, tmp_path):
+    # it used to go on with the new weights as θ_o (only "recomputing ref_logprobs" was printed)
+    model = tmp_path / "model"
+    shutil.copytree(byom.target, model)
+    out = tmp_path / "run"
+    flags = ["--model", str(model), "--data-dir", str(byom.data), "--max-length", str(byom.max_length),
+             "--out", str(out), "--no-progress", "--epochs", "1", "--batch-size", "4", "--eval", "none"]
+    assert main(flags + ["--stop-at-step", "1"]) == 0
+    assert json.loads((out / "config.json").read_text())["sources"]["model"]["path"] == str(model.resolve())
+    other = AutoModelForCausalLM.from_pretrained(byom.retain)  # another model's weights in the same folder
+    other.save_pretrained(model)
+    kept = {name: (out / name).read_bytes() for name in ("state.pt", "ref_logprobs_forget.pt", "config.json")}
+    with pytest.raises(SystemExit, match="--resume: --model changed since .* the saved state was trained from the "
+                                         "old weights"):
+        main(flags + ["--resume"])
+    assert {name: (out / name).read_bytes() for name in kept} == kept  # refused before anything was recomputed

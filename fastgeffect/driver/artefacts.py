@@ -43,6 +43,9 @@ def source_identity(source: Optional[PathLike]) -> dict:
     anything else (a hub name; None: the hub's TOFU) by name."""
     if source is not None and Path(source).is_dir():
         return {"path": str(Path(source).resolve()), "files": folder_signature(source)}
+    if source is not None and Path(source).is_file():  # a .gguf model
+        stat = Path(source).stat()
+        return {"path": str(Path(source).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return {"name": None if source is None else str(source)}
 
 

@@ -153,6 +153,21 @@ class RunFolder:
         if not self.has_config():
             write_json_main(self.config_path, config)
 
+    def check_sources(self, sources: Dict[str, object]) -> None:
+        """On resume: the model folders the run reads (``--model``, ``--retain-model``) must be those
+        recorded when it started. Checked before any set-up: the saved state was trained from the old
+        weights, and θ_o, the metrics before and UWC's original would otherwise come from the new ones.
+        A run folder of an older version recorded none: nothing to compare."""
+        saved = read_json(self.config_path).get("sources")
+        if saved is None:
+            return
+        changed = sorted(k for k in set(saved) | set(sources) if saved.get(k) != sources.get(k))
+        if changed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise SystemExit(f"--resume: {flags} changed since {self.path} was started (its files differ from "
+                             f"those recorded in {files.CONFIG}): the saved state was trained from the old weights; "
+                             "restore that folder, or start a new --out")
+
     def complete_config(self, extra: dict, must_agree: Sequence[str] = ()) -> None:
         """Add what set-up found (resolved choices, the target's details) to ``config.json``, once:
         keys already there (a resumed run's) are kept, and those in ``must_agree`` must be equal."""

@@ -29,7 +29,7 @@ from ..scalars import metric_scalars
 from ..tensorboard import TensorBoardLog
 from ..training.backend import STATE_FILE, StateNotSaved, full_model_state
 from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict
-from .artefacts import cached, reference_fingerprint
+from .artefacts import cached, reference_fingerprint, source_identity
 from .config import RunConfig, objective_hparams, settings, train_config, with_defaults
 from .evaluation import before_metrics, evaluate, retain_model_log, uwc_metrics
 from .inputs import check_inputs
@@ -103,6 +103,13 @@ def config_record(cfg: RunConfig, hp: dict, ucfg: UnlearnConfig, argv, accelerat
                             "strategy": strategy, **launch_details(accelerator)}}
 
 
+def model_sources(cfg: RunConfig) -> dict:
+    """The local model folders or files the run reads, by path and file signature (size, mtime), so
+    that a resume over a replaced folder is refused; a hub name is recorded by its name."""
+    return {k: source_identity(v) for k, v in (("model", cfg.model), ("retain_model", cfg.retain_model))
+            if v is not None}
+
+
 def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
     """Check everything the settings say, claim the run folder, then run the study in it; the folder's
     lock is held until the end. Exit codes: 0 done (or stopped as asked), 130 interrupted (Ctrl-C)."""
@@ -117,7 +124,11 @@ def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
         run_settings = settings(cfg)
         folder.prepare(resume=cfg.resume, overwrite=cfg.overwrite, settings=run_settings,
                        resume_keys=list(run_settings))
-        folder.write_config(config_record(cfg, hp, ucfg, argv, accelerator, strategy))
+        sources = model_sources(cfg)
+        if cfg.resume:
+            folder.check_sources(sources)
+        folder.write_config({**config_record(cfg, hp, ucfg, argv, accelerator, strategy),
+                             **({"sources": sources} if sources else {})})
     dist_.barrier()
     try:
         return study(cfg, preset, hp, ucfg, accelerator, folder)
