@@ -34,6 +34,8 @@ from .distributed import write_json_main
 from .driver.artefacts import load_json_dict
 from .driver.cli import build_parser as build_run_parser
 from .driver.cli import parse_args as parse_run_args
+from .driver.config import with_defaults
+from .driver.presets import resolve_preset
 from .objectives import HPARAMS, OBJECTIVES, get_objective
 from .run import main as run_main
 
@@ -142,13 +144,20 @@ def check_run(name: str, argv: Sequence[str]) -> None:
         raise SystemExit(f"sweep: run {name} would fail: {e}; nothing was run") from None
 
 
+def resolved_settings(argv: Sequence[str]) -> dict:
+    """A run command line's settings with the preset's defaults filled in (as the run itself
+    compares them on resume): ``--lr`` left out and ``--lr`` at the preset's value are one setting."""
+    cfg = parse_run_args(list(argv))
+    return asdict(with_defaults(cfg, resolve_preset(cfg.preset, cfg.model)))
+
+
 def settings_diff(started: Sequence[str], now: Sequence[str]) -> Dict[str, tuple]:
     """Run settings (flag → (then, now)) that differ between two run command lines."""
     try:
-        then = asdict(parse_run_args(list(started)))
+        then = resolved_settings(started)
     except SystemExit:
         return {"(flags)": (" ".join(started), " ".join(now))}
-    current = asdict(parse_run_args(list(now)))
+    current = resolved_settings(now)
     return {flag(k): (then.get(k), current.get(k)) for k in sorted(set(then) | set(current))
             if k not in IGNORED and then.get(k) != current.get(k)}
 

@@ -246,3 +246,17 @@ def test_real_tofu_subset_runs(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     # forget10 of 10 authors: the last author, 20 rows, two steps of 16
     assert cfg["authors"] == 10 and len(read_geffect_log(out / "geffect.jsonl")) == 4
+
+
+def test_ctrl_c_before_the_first_saved_state_says_how_many_steps_are_redone(tmp_path, monkeypatch, capsys):
+    # "no resumable state yet" alone read as if nothing had happened while train_log.jsonl held steps
+    out = tmp_path / "early"
+    train_step = Unlearner.train_step
+
+    def interrupted_at_step_2(self, micro, plan):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return train_step(self, micro, plan)
+    monkeypatch.setattr(Unlearner, "train_step", interrupted_at_step_2)
+    assert run(out, "--method", "ga", "--eval", "none", "--epochs", "1", "--batch-size", "2") == 130
+    assert "interrupted: no resumable state yet (2 logged steps will be redone)" in capsys.readouterr().err

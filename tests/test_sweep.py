@@ -1,6 +1,7 @@
 """Sweeps: a grid of runs sharing the target and reference artefacts, one UWC-calibrated table."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,24 @@ def test_an_interrupted_run_stops_the_sweep_with_its_status(tmp_path, monkeypatc
     assert [os.path.basename(p) for p in started] == ["wga-alpha1", "wga-alpha2"]  # alpha3 never started
     assert "run wga-alpha2 exited with status 130: the sweep stops here" in capsys.readouterr().err
     assert [r["name"] for r in json.loads((out / "sweep.json").read_text())] == ["wga-alpha1"]
+
+
+def test_a_default_given_explicitly_is_the_same_setting(tmp_path, monkeypatch):
+    # "--lr None → 0.001" used to be refused as another setting although 0.001 is the embedded preset's lr
+    import fastgeffect.sweep as sweep
+    calls = []
+
+    def fake_run(argv):  # a run that stops before finishing: its folder holds config.json, no summary
+        folder = Path(argv[argv.index("--out") + 1])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({"argv": argv}))
+        calls.append(argv)
+        return 0
+
+    monkeypatch.setattr(sweep, "run_main", fake_run)
+    out = tmp_path / "grid"
+    assert tiny(out, "--method", "wga", "--alpha", "1") == 0
+    assert tiny(out, "--method", "wga", "--alpha", "1", extra=["--lr", "0.001"]) == 0
+    assert calls[1][-1] == "--resume"  # the same run, continued
+    with pytest.raises(SystemExit, match=r"other settings \(--lr 0.001 → 0.002\)"):
+        tiny(out, "--method", "wga", "--alpha", "1", extra=["--lr", "0.002"])

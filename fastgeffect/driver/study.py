@@ -22,6 +22,7 @@ from ..data.collate import collate_qa
 from ..data.unlearning import UnlearningData, load_unlearning_data
 from ..eval import load_tofu_sets
 from ..jsonfile import read_json
+from ..jsonl import read_jsonl
 from ..objectives import OBJECTIVES, REGULARIZERS, Objective, get_objective
 from ..reference import ReferenceModel, RefLogprobCache
 from ..report import write_report
@@ -103,6 +104,15 @@ def config_record(cfg: RunConfig, hp: dict, ucfg: UnlearnConfig, argv, accelerat
                             "strategy": strategy, **launch_details(accelerator)}}
 
 
+def logged_steps(folder: RunFolder) -> int:
+    """How many steps ``train_log.jsonl`` holds (a run interrupted before its first saved state);
+    0 when it cannot be read (this only words a message)."""
+    try:
+        return len(read_jsonl(folder.path / files.TRAIN_LOG, skip_torn_tail=True))
+    except (OSError, ValueError):
+        return 0
+
+
 def model_sources(cfg: RunConfig) -> dict:
     """The local model folders or files the run reads, by path and file signature (size, mtime), so
     that a resume over a replaced folder is refused; a hub name is recorded by its name."""
@@ -135,7 +145,8 @@ def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
     except KeyboardInterrupt:
         if main_rank:
             state = folder / STATE_FILE
-            saved = f"the last resumable state is {state}" if state.exists() else "no resumable state yet"
+            saved = f"the last resumable state is {state}" if state.exists() else \
+                f"no resumable state yet ({logged_steps(folder)} logged steps will be redone)"
             print(f"\ninterrupted: {saved}; continue with --resume --out {folder.path}", file=sys.stderr, flush=True)
             with contextlib.suppress(OSError):
                 folder.write_error("interrupted (KeyboardInterrupt)", None, state)
