@@ -230,3 +230,22 @@ def test_a_non_finite_gradient_stops_before_the_step(tmp_path):
               progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not (tmp_path / "train_log.jsonl").read_text()  # nothing logged for the refused step
+
+
+def test_the_reported_seconds_cover_every_invocation(tmp_path, monkeypatch):
+    # train_report.json's seconds used to cover only the last invocation of a stopped-and-resumed run
+    from types import SimpleNamespace
+
+    from fastgeffect.data.qa import QADataset
+    from fastgeffect.finetune import loop
+    from fastgeffect.finetune.recipe import Recipe
+    clock = iter(range(0, 1000, 10))  # every reading 10 s after the last
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    tok = tiny_tokenizer(["who wrote it", "a book"])
+    data = QADataset([{"question": "who wrote it", "answer": "a book"}] * 4, tok, get_template("phi"), 24)
+    recipe = Recipe(lr=1e-3, epochs=1, batch_size=2, grad_accum=1, max_length=24)
+    with pytest.raises(loop.Stopped):
+        loop.train(tiny_llama(layers=1, vocab=len(tok), hidden=16), data, recipe, tmp_path, stop_after=1,
+                   progress=False)  # started at 0, state saved at 10: 10 s
+    report = loop.train(tiny_llama(layers=1, vocab=len(tok), hidden=16), data, recipe, tmp_path, progress=False)
+    assert report["steps"] == 2 and report["seconds"] == 20.0  # resumed at 20, done at 30: 10 s more

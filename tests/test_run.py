@@ -260,3 +260,20 @@ def test_ctrl_c_before_the_first_saved_state_says_how_many_steps_are_redone(tmp_
     monkeypatch.setattr(Unlearner, "train_step", interrupted_at_step_2)
     assert run(out, "--method", "ga", "--eval", "none", "--epochs", "1", "--batch-size", "2") == 130
     assert "interrupted: no resumable state yet (2 logged steps will be redone)" in capsys.readouterr().err
+
+
+def test_a_folder_of_an_older_version_resumes_with_its_defaults_or_names_the_flags(tmp_path):
+    # an older config.json lacks the settings added since; the refusal asked for "the saved values" (None)
+    out = tmp_path / "old"
+    common = ["--method", "ga", "--eval", "none", "--epochs", "2", "--batch-size", "2"]
+    assert run(out, *common, "--stop-at-step", "1") == 0
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["truth_ratio_agg"]  # as if made before the setting existed
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit, match="started by an older fastgeffect, which had no --truth-ratio-agg arithmetic "
+                                         r"\(it ran as their defaults --truth-ratio-agg geometric\)"):
+        run(out, *common, "--truth-ratio-agg", "arithmetic", "--resume")
+    with pytest.raises(SystemExit, match=r"other settings \{'seed': \(0, 1\)\} \(saved, now\); to continue it, give "
+                                         "--seed 0,"):
+        run(out, *common, "--seed", "1", "--resume")
+    assert run(out, *common, "--resume") == 0  # at the default, it continues

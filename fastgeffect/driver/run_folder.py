@@ -25,6 +25,15 @@ LOCK = ".lock"
 MARKER = files.MARKER
 
 
+def as_flags(values: Dict[str, object]) -> str:
+    """Settings as the flags that give them: ``--lr 0.001``, ``--save-model``, ``no --lora``."""
+    words = []
+    for k, v in values.items():
+        flag = "--" + k.replace("_", "-")
+        words.append(f"no {flag}" if v is None or v is False else flag if v is True else f"{flag} {v}")
+    return ", ".join(words)
+
+
 class RunFolder:
     def __init__(self, path) -> None:
         self.path = Path(path)
@@ -46,7 +55,7 @@ class RunFolder:
 
     # ---- claiming -----------------------------------------------------------------------------
     def prepare(self, *, resume: bool, overwrite: bool, settings: Dict[str, object],
-                resume_keys: Sequence[str]) -> None:
+                resume_keys: Sequence[str], defaults: Optional[Dict[str, object]] = None) -> None:
         """Claim the folder: lock it, then check that it may be started (new, empty or an unfinished
         claim), continued (``resume``: its ``config.json`` agrees on ``resume_keys``) or replaced
         (``overwrite``: a fastgeffect run). A refusal leaves the folder as it was found."""
@@ -60,7 +69,7 @@ class RunFolder:
         held = self._lock_fd is not None
         lock_created = self._lock()
         try:
-            self._check(resume, overwrite, settings, resume_keys)
+            self._check(resume, overwrite, settings, resume_keys, defaults or {})
         except SystemExit:
             if not held:  # leave the folder as found: no lock file in a folder that is not a run
                 self.release(remove_lock=lock_created and not self.is_run())
@@ -107,7 +116,8 @@ class RunFolder:
         os.close(self._lock_fd)
         self._lock_fd = None
 
-    def _check(self, resume: bool, overwrite: bool, settings: Dict[str, object], resume_keys: Sequence[str]) -> None:
+    def _check(self, resume: bool, overwrite: bool, settings: Dict[str, object], resume_keys: Sequence[str],
+               defaults: Dict[str, object]) -> None:
         if self.has_config() and not self.is_run():
             raise SystemExit(f"{self.path} has a config.json but is not a fastgeffect run folder (no {MARKER}; "
                              "a model folder?): it is left untouched; choose another --out (a run of an older "
@@ -120,10 +130,18 @@ class RunFolder:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise SystemExit(f"--resume: {self.config_path} is not valid JSON ({e}); the run cannot be "
                                  "checked: start it again with --overwrite") from None
-            diff = {k: (saved.get(k), settings.get(k)) for k in resume_keys if saved.get(k) != settings.get(k)}
+            diff = {k: (saved[k], settings.get(k)) for k in resume_keys if k in saved and saved[k] != settings.get(k)}
             if diff:
-                raise SystemExit(f"--resume: {self.path} was run with other settings {diff} (saved, now); resume "
-                                 "with the saved values, or start another run (another --out, or --overwrite)")
+                raise SystemExit(f"--resume: {self.path} was run with other settings {diff} (saved, now); to continue "
+                                 f"it, give {as_flags({k: a for k, (a, _) in diff.items()})}, or start another run "
+                                 "(another --out, or --overwrite)")
+            # a setting added after the folder's version: that version ran as its default does
+            unrecorded = [k for k in resume_keys if k not in saved and settings.get(k) != defaults.get(k)]
+            if unrecorded:
+                raise SystemExit(f"--resume: {self.path} was started by an older fastgeffect, which had no "
+                                 f"{as_flags({k: settings[k] for k in unrecorded})} (it ran as their defaults "
+                                 f"{as_flags({k: defaults.get(k) for k in unrecorded})}): leave those flags out to "
+                                 "continue it, or start another run (another --out, or --overwrite)")
             return
         if overwrite and self.is_run():
             self._clear()

@@ -133,7 +133,7 @@ def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
     if main_rank:  # claimed before any work, with the settings; set-up completes config.json later
         run_settings = settings(cfg)
         folder.prepare(resume=cfg.resume, overwrite=cfg.overwrite, settings=run_settings,
-                       resume_keys=list(run_settings))
+                       resume_keys=list(run_settings), defaults=settings(RunConfig()))
         sources = model_sources(cfg)
         if cfg.resume:
             folder.check_sources(sources)

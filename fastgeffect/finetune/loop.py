@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -52,9 +52,10 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
 
 
 def resume_state(state_path: Path, model: torch.nn.Module, opt, scheduler, recipe: Recipe,
-                 frozen: Optional[str]) -> int:
+                 frozen: Optional[str]) -> Tuple[int, float]:
     """Load the saved state into the model, optimiser and scheduler, after checking it was saved
-    by this recipe over these frozen weights and parameters; the step it was saved at."""
+    by this recipe over these frozen weights and parameters; the step it was saved at and the
+    training seconds up to it (0 for a state of an older version, which did not record them)."""
     state = read_state(state_path, deepspeed=False)
     if state["recipe"] != recipe.to_dict():
         raise ValueError(f"{state_path} was saved with another recipe ({state['recipe']}); start a new --out")
@@ -70,7 +71,7 @@ def resume_state(state_path: Path, model: torch.nn.Module, opt, scheduler, recip
             p.copy_(state["model"][name])
     opt.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return state["step"]
+    return state["step"], float(state.get("seconds", 0.0))
 
 
 def train(model: torch.nn.Module, dataset: QADataset, recipe: Recipe, work_dir: Path, *,
@@ -89,7 +90,9 @@ def train(model: torch.nn.Module, dataset: QADataset, recipe: Recipe, work_dir: 
     state_path = work_dir / STATE_FILE
     # LoRA: the frozen base is not in the state, only its digest (a resume must start from the same base)
     frozen = frozen_weights_digest(model) if any(not p.requires_grad for p in model.parameters()) else None
-    step = saved = resume_state(state_path, model, opt, scheduler, recipe, frozen) if state_path.exists() else 0
+    step, seconds_before = resume_state(state_path, model, opt, scheduler, recipe, frozen) \
+        if state_path.exists() else (0, 0.0)
+    saved = step
     truncate_jsonl(work_dir / LOG_FILE, step)
 
     def save() -> None:
@@ -97,6 +100,7 @@ def train(model: torch.nn.Module, dataset: QADataset, recipe: Recipe, work_dir: 
         saved = step
         write_state(state_path, {"recipe": recipe.to_dict(), "step": step, "optimizer": opt.state_dict(),
                                  "scheduler": scheduler.state_dict(), "frozen_digest": frozen,
+                                 "seconds": seconds_before + time.perf_counter() - t0,
                                  "model": {k: v.detach().cpu() for k, v in _trainable(model).items()}})
 
     t0, loss_value = time.perf_counter(), None
@@ -140,4 +144,5 @@ def train(model: torch.nn.Module, dataset: QADataset, recipe: Recipe, work_dir: 
                 save()
     bar.close()
     model.eval()
-    return {"steps": step, "seconds": round(time.perf_counter() - t0, 2), "final_loss": loss_value}
+    # every invocation's training time up to its last saved state, and this one's whole
+    return {"steps": step, "seconds": round(seconds_before + time.perf_counter() - t0, 2), "final_loss": loss_value}
