@@ -169,3 +169,34 @@ def test_report_names_run_files_only_through_run_files():
     found = {p.name: [s for s in _string_constants(ast.parse(p.read_text())) if file_name.search(s)]
              for p in sorted(REPORT.glob("*.py"))}
     assert {k: v for k, v in found.items() if v} == {}
+
+
+def _copy_run(run, dest, **config):
+    """A copy of the run folder ``run`` at ``dest`` with some settings of its config.json changed."""
+    import shutil
+    shutil.copytree(run, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**cfg, **config}))
+    return dest
+
+
+def test_compare_gives_runs_with_one_folder_name_their_own_labels(run, tmp_path):
+    # two runs in folders of one name used to collapse into one entry (one curve, one column)
+    a, b = _copy_run(run, tmp_path / "a" / "tnpo"), _copy_run(run, tmp_path / "b" / "tnpo")
+    table = compare([a, b], tmp_path / "cmp").read_text()
+    header = table.splitlines()[2]
+    assert "(a/tnpo)" in header and "(b/tnpo)" in header
+    with pytest.raises(ValueError, match="is given twice"):
+        compare([a, a], tmp_path / "cmp2")
+
+
+def test_compare_refuses_runs_made_under_other_settings_unless_asked(run, tmp_path, capsys):
+    a = _copy_run(run, tmp_path / "a", split="forget10", eval_size=300)
+    b = _copy_run(run, tmp_path / "b", split="forget05", eval_size=100)
+    with pytest.raises(ValueError, match=r"split: .*'forget10', .*'forget05'; eval_size: .*300, .*100"):
+        compare([a, b], tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 2
+    assert "--allow-different" in capsys.readouterr().err
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp"), "--allow-different"]) == 0
+    assert "**Made under different settings**: split:" in (tmp_path / "cmp" / "compare.md").read_text()

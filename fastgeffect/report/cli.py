@@ -33,13 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=HelpFormatter)
     cmp_.add_argument("run_dirs", type=Path, nargs="+", help=f"run folders (each holds {files.CONFIG})")
     cmp_.add_argument("--out", type=Path, default=None, help=f"output folder (default: <parent>/{files.COMPARE})")
+    cmp_.add_argument("--allow-different", action="store_true",
+                      help="compare runs made with another model, data, split or evaluation (refused by default), "
+                           "naming the differences in the summary")
     return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        path = write_report(args.run_dir) if args.cmd == "show" else compare(args.run_dirs, args.out)
+        if args.cmd == "show":
+            path = write_report(args.run_dir)
+        else:
+            path = compare(args.run_dirs, args.out, args.allow_different)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
