@@ -310,3 +310,27 @@ def test_huge_losses_give_strict_json_logs_and_finite_metrics(toy, tmp_path):
         _strict(p.read_text())
     assert all(math.isfinite(v) for v in res["metrics"].values()), res["metrics"]
     assert aggregate(load_logs(tmp_path)) == pytest.approx(res["metrics"])
+
+
+def test_cli_tofu_never_overwrites_earlier_logs_nor_writes_under_a_hub_name(tmp_path, monkeypatch):
+    # the default folder used to hold only ds_size (another split or length overwrote it), and a hub name as
+    # --model made ./org/name/eval_results in the current folder, after which that name no longer loaded
+    from fastgeffect.eval.__main__ import build_parser, default_out, main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--model org/name is not a local folder or file: give --out"):
+        main(["tofu", "--model", "org/name", "--split", "forget01"])
+    assert not (tmp_path / "org").exists()
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    parse = build_parser().parse_args
+    a, b = (default_out(parse(["tofu", "--model", str(model), "--split", s])) for s in ("forget01", "forget05"))
+    assert a != b and a.parent == model / "eval_results" and "forget01" in a.name and "ds300" in a.name
+    assert default_out(parse(["tofu", "--model", str(model), "--max-length", "96"])) != \
+        default_out(parse(["tofu", "--model", str(model)]))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval_log_forget.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"holds TOFU logs already \(eval_log_forget.json\): not overwritten"):
+        main(["tofu", "--model", str(model), "--out", str(out)])  # refused before the model is loaded

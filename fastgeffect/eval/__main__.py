@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -77,6 +78,31 @@ def _aggregate(args) -> int:
     return 0
 
 
+def default_out(args) -> Path:
+    """``MODEL/eval_results/<settings>`` beside a local model folder or ``.gguf`` file, named by every
+    setting that changes the logs, so that evaluations under other settings never share a folder. A
+    hub name or an alias has no folder of its own: ``--out`` is needed (a path derived from a hub
+    name would land in the current folder and shadow the hub model)."""
+    if not Path(args.model).exists():
+        raise SystemExit(f"--model {args.model} is not a local folder or file: give --out (where to write the logs)")
+    base = Path(args.model[:-len(".gguf")] if args.model.endswith(".gguf") else args.model)
+    name = (f"{args.split}-ds{args.ds_size}-len{args.max_length}"
+            + (f"-new{args.max_new_tokens}" if args.max_new_tokens else "")
+            + f"-{args.gen_mode}-{args.template or 'auto'}-{args.truth_ratio_agg}-{args.dtype}")
+    if args.tokenizer:
+        name += "-tok" + hashlib.sha256(str(Path(args.tokenizer).resolve()).encode()).hexdigest()[:8]
+    return base / "eval_results" / name
+
+
+def check_out(out_dir: Path, overwrite: bool) -> None:
+    """Earlier logs in the output folder are never replaced without ``--overwrite``."""
+    held = sorted(p.name for p in out_dir.glob("eval_*.json")) if out_dir.is_dir() else []
+    if held and not overwrite:
+        listed = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise SystemExit(f"{out_dir} holds TOFU logs already ({listed}): not overwritten; pass --overwrite to "
+                         "replace them, or another --out")
+
+
 def _tofu(args) -> int:
     # only this subcommand needs torch and transformers: aggregate and --help stay instant
     import torch
@@ -91,6 +117,8 @@ def _tofu(args) -> int:
         check_model_path("--model", args.model)
     if args.tokenizer:
         check_model_path("--tokenizer", args.tokenizer, ("tokenizer_config.json", "tokenizer.json", "config.json"))
+    out_dir = Path(args.out) if args.out else default_out(args)
+    check_out(out_dir, args.overwrite)
     sets = load_tofu_sets(args.split, args.data_dir)
     retain = None
     if args.retain_log:
@@ -103,8 +131,6 @@ def _tofu(args) -> int:
     if args.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     template = choose_template(tokenizer, args.template)  # chat for a chat tokenizer unless --template says
-    base = Path(args.model[:-len(".gguf")] if args.model.endswith(".gguf") else args.model)
-    out_dir = Path(args.out or base / "eval_results" / f"ds_size{args.ds_size}")
     res = evaluate_tofu(model, tokenizer, template, sets, out_dir=out_dir,
                         retain_log=retain, ds_size=args.ds_size, max_length=args.max_length,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, gen_mode=args.gen_mode,
@@ -138,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--template", default=None, choices=["phi", "llama2", "chat"],
                    help="prompt template (default: chat for a tokenizer with a chat template, else phi)")
     t.add_argument("--retain-log", help="a retain-only model's eval_log_forget.json (for Forget Quality)")
-    t.add_argument("--out", help="output folder (default: MODEL/eval_results/ds_sizeN)")
+    t.add_argument("--out", help="output folder (default: MODEL/eval_results/<split>-ds<N>-len<L>-...: every setting "
+                   "that changes the logs; needed for a hub name or an alias)")
+    t.add_argument("--overwrite", action="store_true", help="replace the TOFU logs already in the output folder")
     t.add_argument("--ds-size", type=positive_int, default=300, help="rows per evaluation set (TOFU's ds_size)")
     t.add_argument("--max-length", type=positive_int, default=200, help="token length of prompt + answer (TOFU's)")
     t.add_argument("--max-new-tokens", type=positive_int, help="generation budget (default: TOFU's max_length rule)")
