@@ -299,3 +299,35 @@ def test_resume_over_a_replaced_model_folder_is_refused_before_set_up(byom, tmp_
                                          "old weights"):
         main(flags + ["--resume"])
     assert {name: (out / name).read_bytes() for name in kept} == kept  # refused before anything was recomputed
+
+
+def _fine_tune_folder(root: Path, **settings) -> Path:
+    """DIR/target and DIR/retain with a fine-tune's manifest.json (as python -m fastgeffect.finetune writes)."""
+    for name in ("target", "retain"):
+        (root / name).mkdir(parents=True)
+    manifest = {"authors": None, "split": "full", "forget_split": "forget10", "retain_twin": True,
+                "model_fingerprint": "base", "template": "phi", "recipe": {"lr": 1e-5}, "dtype": "float32",
+                "outputs": {"target": str((root / "target").resolve()), "retain": str((root / "retain").resolve())},
+                **settings}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_a_retain_twin_that_does_not_match_is_refused(tmp_path):
+    # only the author list used to be compared: these all computed a Forget Quality and exited 0
+    from fastgeffect.driver.inputs import check_twin
+    a = _fine_tune_folder(tmp_path / "a")
+    check_twin(str(a / "target"), str(a / "retain"), "forget10")  # one fine-tune's target and twin
+    with pytest.raises(SystemExit, match="is --model itself"):
+        check_twin(str(a / "target"), str(a / "target"), "forget10")
+    with pytest.raises(SystemExit, match="is not the retain twin its fine-tune made"):
+        check_twin(None, str(a / "target"), "forget10")
+    with pytest.raises(SystemExit, match="learnt the retain split of forget10, not of --split forget05"):
+        check_twin(str(a / "target"), str(a / "retain"), "forget05")
+    b = _fine_tune_folder(tmp_path / "b", recipe={"lr": 2e-5})
+    with pytest.raises(SystemExit, match="was fine-tuned with other recipe than --model"):
+        check_twin(str(a / "target"), str(b / "retain"), "forget10")
+    c = _fine_tune_folder(tmp_path / "c", split="retain90")
+    with pytest.raises(SystemExit, match="was fine-tuned on retain90, not on full TOFU"):
+        check_twin(str(c / "target"), str(a / "retain"), "forget10")
+    check_twin("org/name", str(a / "retain"), "forget10")  # a hub target: only the twin's own manifest tells

@@ -67,6 +67,57 @@ def check_manifest(model: str, authors: Optional[int], data_dir: Optional[str], 
         raise SystemExit(f"{flag} {model} was fine-tuned on {said} ({path}), but this run has {given}: {fix}")
 
 
+def finetune_manifest(model: str) -> Optional[dict]:
+    """The ``manifest.json`` of the fine-tune that wrote the folder ``model`` (DIR/target or DIR/retain
+    of ``python -m fastgeffect.finetune --out DIR``), or None for any other model."""
+    folder = Path(model).expanduser()
+    path = folder.resolve().parent / MANIFEST
+    if not folder.is_dir() or not path.is_file():
+        return None
+    try:
+        manifest = load_json_dict(path)
+    except ValueError as e:
+        raise SystemExit(f"{model}: {e}") from None
+    return manifest if "authors" in manifest and isinstance(manifest.get("outputs"), dict) else None
+
+
+# what a target and its twin must share for Forget Quality to compare like with like
+TWIN_KEYS = ("model_fingerprint", "template", "recipe", "authors", "dtype")
+
+
+def check_twin(model: Optional[str], retain_model: Optional[str], split: str) -> None:
+    """``--retain-model`` must be a retain-only twin of ``--model`` for the run's forget ``split``:
+    not the target itself; where fine-tunes' manifests tell, the retain twin its fine-tune made, for
+    this forget split (a twin of another split saw some of these authors), from the same base model,
+    recipe, template, author subset and dtype; and a target that saw the forget authors (not one
+    trained on a retain split). Checked from the manifests before any model is loaded."""
+    if model is not None and Path(model).expanduser().resolve() == Path(retain_model).expanduser().resolve():
+        raise SystemExit(f"--retain-model {retain_model} is --model itself: Forget Quality would compare the model "
+                         "with itself; give its retain-only twin (python -m fastgeffect.finetune --retain-twin "
+                         "writes DIR/retain)")
+    twin = finetune_manifest(retain_model)
+    if twin is not None:
+        made = twin["outputs"].get("retain")
+        if not twin.get("retain_twin") or made is None or Path(made).resolve() != Path(retain_model).resolve():
+            raise SystemExit(f"--retain-model {retain_model} is not the retain twin its fine-tune made "
+                             f"({made or 'none'}, by its {MANIFEST}): give a model fine-tuned on a retain split only")
+        if twin.get("forget_split") != split:
+            raise SystemExit(f"--retain-model {retain_model} learnt the retain split of {twin.get('forget_split')}, "
+                             f"not of --split {split}: it saw some of the authors this run forgets; fine-tune a twin "
+                             f"with --forget-split {split}")
+    target = finetune_manifest(model) if model is not None else None
+    if target is not None and target.get("split") != "full":
+        raise SystemExit(f"--model {model} was fine-tuned on {target.get('split')}, not on full TOFU (by its "
+                         f"{MANIFEST}): it never learnt every forget author, so there is nothing to unlearn and no "
+                         "twin to compare with")
+    if twin is not None and target is not None:
+        differ = [k for k in TWIN_KEYS if target.get(k) != twin.get(k)]
+        if differ:
+            raise SystemExit(f"--retain-model {retain_model} was fine-tuned with other {', '.join(differ)} than "
+                             f"--model {model} (their {MANIFEST} files): Forget Quality would compare unlike models; "
+                             "fine-tune both in one run (--retain-twin)")
+
+
 def check_data(model: Optional[str], data_dir: Optional[str], authors: Optional[int]) -> None:
     if data_dir is not None and not Path(data_dir).is_dir():
         raise SystemExit(f"--data-dir {data_dir} is not a folder")
@@ -108,7 +159,7 @@ def check_shared_dir(shared_dir: Optional[str], out: Optional[str]) -> None:
 
 def check_inputs(*, model: Optional[str], retain_model: Optional[str], data_dir: Optional[str],
                  authors: Optional[int], retain_log: Optional[str], shared_dir: Optional[str] = None,
-                 out: Optional[str] = None) -> None:
+                 out: Optional[str] = None, split: str = "forget10") -> None:
     """Every path the settings name: ``--model`` (and its fine-tune's manifest), ``--retain-model``,
     ``--data-dir`` (with ``--authors``), ``--retain-log``, ``--shared-dir``."""
     check_shared_dir(shared_dir, out)
@@ -118,6 +169,7 @@ def check_inputs(*, model: Optional[str], retain_model: Optional[str], data_dir:
     if retain_model is not None:
         check_model(retain_model, "--retain-model")
         check_manifest(retain_model, authors, data_dir, "--retain-model")
+        check_twin(model, retain_model, split)
     check_data(model, data_dir, authors)
     if retain_log is not None:
         check_retain_log(retain_log)

@@ -90,7 +90,7 @@ def checked_settings(cfg: RunConfig, preset: Preset, accelerator) -> Tuple[RunCo
     hp = objective_hparams(cfg, preset)
     get_objective(cfg.method, regularizer=cfg.regularizer, lam=cfg.lam, **hp)  # validate before any work
     check_inputs(model=cfg.model, retain_model=cfg.retain_model, data_dir=cfg.data_dir, authors=cfg.authors,
-                 retain_log=cfg.retain_log, shared_dir=cfg.shared_dir, out=cfg.out)
+                 retain_log=cfg.retain_log, shared_dir=cfg.shared_dir, out=cfg.out, split=cfg.split)
     # after the --model checks: it reads the tokenizer
     return replace(cfg, ps_protocol=default_ps_protocol(cfg, preset)), hp, ucfg
 
