@@ -61,7 +61,7 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     assert (out / "wga-alpha0.5" / "summary.md").exists()
     config = (out / "wga-alpha0.5" / "config.json").read_text()
     for sweep, extra, named in ((["--seed", "1"], two, "--seed 0 → 1"),
-                                (["--regularizer", "gd"], two, "--regularizer None → 'gd'"),
+                                (["--regularizer", "gd"], two, "--regularizer 'none' → 'gd'"),  # resolved: wga's own
                                 ([], ["--epochs", "3"], "--epochs 2 → 3")):
         with pytest.raises(SystemExit, match=f"holds a run with other settings \\({named}\\); nothing was run"):
             tiny(out, "--method", "wga", "--alpha", "0.5", *sweep, extra=extra)
