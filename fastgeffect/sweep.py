@@ -30,6 +30,7 @@ from . import run_files as files
 from .atomic_file import atomic_write
 from .cli_help import HelpFormatter, examples
 from .data.tofu import RETAIN_OF
+from .dataclass_cli import flag
 from .distributed import write_json_main
 from .driver.artefacts import load_json_dict
 from .driver.cli import build_parser as build_run_parser
@@ -48,10 +49,6 @@ RUNS_FILE = "runs.json"  # {run name: the run flags it was started with}
 # --save-every given now would not be honoured by it; the sweep sets --out and --shared-dir itself
 IGNORED = ("no_progress", "resume", "overwrite", "stop_at_step", "out", "shared_dir")
 UNSET = object()
-
-
-def flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
 
 
 def parse_grid(text: str, dest: str) -> List[float]:

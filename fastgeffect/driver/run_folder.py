@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from .. import run_files as files
+from ..dataclass_cli import flag
 from ..distributed import write_json_main
 from ..jsonfile import read_json
 
@@ -29,8 +30,8 @@ def as_flags(values: Dict[str, object]) -> str:
     """Settings as the flags that give them: ``--lr 0.001``, ``--save-model``, ``no --lora``."""
     words = []
     for k, v in values.items():
-        flag = "--" + k.replace("_", "-")
-        words.append(f"no {flag}" if v is None or v is False else flag if v is True else f"{flag} {v}")
+        name = flag(k)
+        words.append(f"no {name}" if v is None or v is False else name if v is True else f"{name} {v}")
     return ", ".join(words)
 
 
@@ -181,7 +182,7 @@ class RunFolder:
             return
         changed = sorted(k for k in set(saved) | set(sources) if saved.get(k) != sources.get(k))
         if changed:
-            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            flags = ", ".join(flag(k) for k in changed)
             raise SystemExit(f"--resume: {flags} changed since {self.path} was started (its files differ from "
                              f"those recorded in {files.CONFIG}): the saved state was trained from the old weights; "
                              "restore that folder, or start a new --out")
