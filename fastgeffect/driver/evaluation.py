@@ -27,6 +27,24 @@ def eval_options(cfg: RunConfig, target: Target) -> dict:
             "gen_mode": cfg.gen_mode or preset.gen_mode, "truth_ratio": cfg.truth_ratio_agg}
 
 
+def check_eval_length(target: Target, sets, cfg: RunConfig) -> None:
+    """Every evaluated prompt must leave room for an answer token within the evaluation length: found
+    before anything is computed, naming the flag and the length that fits, not deep in the evaluation."""
+    max_length = eval_options(cfg, target)["max_length"]
+    add_special = not target.template.chat
+    longest, where = 0, None
+    for name, records in sets.items():
+        for r in records[:cfg.eval_size]:
+            n = len(target.tokenizer(target.template.prompt(r["question"], target.tokenizer),
+                                     add_special_tokens=add_special)["input_ids"])
+            if n > longest:
+                longest, where = n, f"{name}: {str(r['question'])[:60]!r}"
+    if longest >= max_length:
+        flag = "--eval-max-length" if cfg.eval_max_length else "--eval-max-length (the default is the preset's)"
+        raise SystemExit(f"evaluation length {max_length} tokens leaves no answer token for the longest prompt "
+                         f"({longest} tokens, {where}): set {flag} to more than {longest}")
+
+
 def evaluate(model, target: Target, sets, out_dir: Path, cfg: RunConfig, retain_log) -> dict:
     """TOFU metrics (logs written to ``out_dir``) and PS-exact/PS-perturb on retain and forget."""
     res = evaluate_tofu(model, target.tokenizer, target.template, sets, out_dir=out_dir, retain_log=retain_log,

@@ -32,7 +32,7 @@ from ..training.backend import STATE_FILE, StateNotSaved, full_model_state
 from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict
 from .artefacts import cached, reference_fingerprint, source_identity
 from .config import RunConfig, objective_hparams, settings, train_config, with_defaults
-from .evaluation import before_metrics, evaluate, retain_model_log, uwc_metrics
+from .evaluation import before_metrics, check_eval_length, evaluate, retain_model_log, uwc_metrics
 from .inputs import check_inputs
 from .launch import check_fused, launch_details, launch_strategy, make_accelerator, use_fused, whole_model
 from .lora import adapter_note, merged, reference_of
@@ -151,9 +151,9 @@ def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
             with contextlib.suppress(OSError):
                 folder.write_error("interrupted (KeyboardInterrupt)", None, state)
         return 130
-    except Exception as e:
-        if main_rank and not dist_.is_distributed():  # (a distributed failure writes its own, naming the rank)
-            with contextlib.suppress(OSError):
+    except (Exception, SystemExit) as e:  # SystemExit: a refusal found once the target is loaded
+        if main_rank and not dist_.is_distributed() and not (isinstance(e, SystemExit) and e.code in (0, None)):
+            with contextlib.suppress(OSError):  # (a distributed failure writes its own, naming the rank)
                 folder.write_error(f"{type(e).__name__}: {e}", None, folder / STATE_FILE)
         raise
     finally:
@@ -263,6 +263,7 @@ def evaluate_before(run: Run) -> Optional[dict]:
     run.sets = load_tofu_sets(cfg.split, run.target.data_dir) if cfg.eval == "full" and dist_.is_main() else None
     if not run.sets:
         return None
+    check_eval_length(run.target, run.sets, cfg)
     run.retain_log, note = retain_model_log(run.target, run.sets, cfg, run.shared, run.preset)
     run.folder.complete_config({"forget_quality": note})
     t = time.perf_counter()

@@ -40,6 +40,7 @@ import numpy as np
 from scipy.special import logsumexp
 from scipy.stats import hmean, ks_2samp
 
+from ..data.templates import TEMPLATES
 from ..jsonfile import read_json
 
 FILES = {
@@ -152,6 +153,10 @@ def _norm(s: str) -> str:
     return "".join(str(s).split())  # decoding may move spaces around punctuation
 
 
+# the templates' answer markers as _norm leaves them: what a cut answer can start with (rouge_references)
+_ANSWER_MARKERS = tuple(sorted({_norm(t.answer_start or t.question_end) for t in TEMPLATES.values()} - {""}))
+
+
 def _ground_truths(log: Mapping) -> Optional[List[str]]:
     """The ground-truth answers of a log's ``generated_text`` ([prompt, generation, truth]), if any."""
     gen = log.get("generated_text")
@@ -160,23 +165,50 @@ def _ground_truths(log: Mapping) -> Optional[List[str]]:
     return [str(x[-1]) for x in gen.values()]
 
 
+def _is_cut_of(stored: str, answer: str) -> bool:
+    """Whether a log's stored ground truth is ``answer`` or TOFU's cut of it: the answer tokens kept
+    within max_length, decoded (a prefix of the answer; where the tokenizer does not give the
+    template's answer marker back, the decoded text still starts with that marker)."""
+    s, a = _norm(stored), _norm(answer)
+    if a.startswith(s):
+        return True
+    lead = next((m for m in _ANSWER_MARKERS if s.startswith(m)), None)
+    return lead is not None and a.startswith(s[len(lead):])
+
+
 def check_retain_log(retain_forget_log: Mapping, n: int, answers: Optional[Sequence[str]] = None,
-                     name: str = "the retain model's eval_log_forget.json") -> None:
-    """Refuse a retain model's forget log that does not cover the same forget rows as ``n``
-    samples with ground truths ``answers`` (when known): another forget split or eval size."""
+                     name: str = "the retain model's eval_log_forget.json", *,
+                     stored: Optional[Sequence[str]] = None) -> None:
+    """Refuse a retain model's forget log that does not cover the same forget rows as this
+    evaluation of ``n`` samples: another forget split, eval size or evaluation length, each named.
+
+    ``answers``: this evaluation's raw ground truths (when known); the log's stored ones may be a cut
+    of them (TOFU stores the answer as decoded from the tokens within max_length). ``stored``: what
+    this evaluation's own log stores, when known: then the cuts must be the same (a log made at another
+    length has other truth ratios for the rows that do not fit)."""
     n_retain = len(log_truth_ratio(retain_forget_log, name))
     theirs = _ground_truths(retain_forget_log)
-    if answers is not None and theirs is not None:
-        bad = [i for i, (x, y) in enumerate(zip(answers, theirs)) if _norm(x) != _norm(y)]
-        if bad:
-            raise ValueError(f"{name} has other ground-truth answers (samples {bad[:5]}): it was made on another "
-                             f"forget set (another forget split: {SPLIT_ROWS}); use the retain log of this split")
-        same_rows = True
-    else:
-        same_rows = False
+    sizes = (f"; the sizes differ too ({n_retain} samples there, {n} here)" if n_retain != n else "")
+    compared = theirs is not None and (answers is not None or stored is not None)
+    if compared:
+        common = range(min(n, n_retain, len(theirs)))
+        ours = answers if answers is not None else stored
+        other = [i for i in common if not (_is_cut_of(theirs[i], ours[i]) or _is_cut_of(ours[i], theirs[i]))]
+        if other:
+            raise ValueError(f"{name} has other ground-truth answers (samples {other[:5]}): it was made on another "
+                             f"forget set (another forget split: {SPLIT_ROWS}){sizes}; use the retain log of this "
+                             "split")
+        if stored is not None:
+            cut = [i for i in common if _norm(theirs[i]) != _norm(stored[i])]
+            if cut:
+                raise ValueError(f"{name} stores samples {cut[:5]} cut at another length than this evaluation "
+                                 "(the answers are the same, truncated differently): it was evaluated with another "
+                                 "max length (TOFU's max_length, --eval-max-length, --max-length), which changes "
+                                 f"those rows' truth ratios{sizes}; remake the retain log at this evaluation's "
+                                 "length")
     if n_retain == n:
         return
-    if same_rows:
+    if compared:
         raise ValueError(f"{name} has {n_retain} samples but this forget evaluation {n}: the same forget split "
                          f"evaluated with another eval size; evaluate with ds_size (--eval-size, --ds-size) "
                          f"{n_retain} to match it, or remake the retain log with {n}")
@@ -190,7 +222,7 @@ def forget_quality(forget_log: Mapping, retain_forget_log: Mapping) -> Dict[str,
     (on log r: the test only ranks the values). ``log Forget Quality`` is None when the p-value
     underflows to 0."""
     a = log_truth_ratio(forget_log, "eval_log_forget.json")
-    check_retain_log(retain_forget_log, len(a), _ground_truths(forget_log))
+    check_retain_log(retain_forget_log, len(a), stored=_ground_truths(forget_log))
     res = ks_2samp(a, log_truth_ratio(retain_forget_log, "the retain model's eval_log_forget.json"))
     p = float(res.pvalue)
     if p == 0:

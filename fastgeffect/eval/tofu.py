@@ -210,9 +210,11 @@ def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Seque
             raise ValueError("a retain_log (for Forget Quality) needs the forget set among the sets")
         retain = load_retain_log(retain_log)
         forget = sets["forget"][:ds_size]
-        check_records(forget, ("answer",), "forget")
+        check_records(forget, ("question", "answer"), "forget")
         name = retain_log if isinstance(retain_log, (str, Path)) else "the retain model's eval_log_forget.json"
-        check_retain_log(retain, len(forget), [r["answer"] for r in forget], name=str(name))
+        answers = [r["answer"] for r in forget]
+        stored = rouge_references(tokenizer, template, [r["question"] for r in forget], answers, max_length)
+        check_retain_log(retain, len(forget), answers, name=str(name), stored=stored)
     was_training = model.training
     model.eval()
     logs = {}
