@@ -249,3 +249,63 @@ def test_the_reported_seconds_cover_every_invocation(tmp_path, monkeypatch):
                    progress=False)  # started at 0, state saved at 10: 10 s
     report = loop.train(tiny_llama(layers=1, vocab=len(tok), hidden=16), data, recipe, tmp_path, progress=False)
     assert report["steps"] == 2 and report["seconds"] == 20.0  # resumed at 20, done at 30: 10 s more
+
+
+def test_a_failed_run_with_nothing_to_keep_leaves_no_folder(tiny, tmp_path):
+    # it used to leave .work/settings.json: the corrected command said "not empty", --resume "other settings"
+    data, model = tiny
+    out = tmp_path / "ft"
+    flags = ["--model", str(model), "--data-dir", str(data), "--out", str(out)] + TINY_FLAGS
+    with pytest.raises(SystemExit, match=r"leaves no answer token.*\nnothing could be kept: --out .* was removed, so "
+                                         r"the corrected command runs as it is"):
+        main(flags + ["--max-length", "8"])
+    assert not out.exists()
+    assert main(flags + ["--max-steps", "1"]) == 0  # the corrected command, as it is
+
+
+def test_a_failed_run_that_kept_a_model_says_how_to_continue_or_start_again(tiny, tmp_path, monkeypatch):
+    from fastgeffect.finetune import cli
+    data, model = tiny
+    out = tmp_path / "ft"
+    flags = ["--model", str(model), "--data-dir", str(data), "--out", str(out), "--retain-twin",
+             "--max-steps", "2"] + TINY_FLAGS
+    real_train, calls = cli.train, []
+
+    def train_then_fail(*args, **kw):  # the twin's training fails after the target's completed
+        calls.append(1)
+        if len(calls) == 2:
+            raise FloatingPointError("step 0: the gradient norm is inf; lower --lr")
+        return real_train(*args, **kw)
+    monkeypatch.setattr(cli, "train", train_then_fail)
+    with pytest.raises(SystemExit, match=r"lower --lr\n--out .* keeps the trained target model: once the cause is "
+                                         r"fixed, continue with --resume and the same flags .*or start again with "
+                                         r"--overwrite"):
+        main(flags)
+    monkeypatch.setattr(cli, "train", real_train)
+    assert json.loads((out / ".work" / "error.json").read_text())["kept"] == ["the trained target model"]
+    with pytest.raises(SystemExit, match=r"not empty \(it holds a fine-tune that failed: FloatingPointError: step 0"
+                                         r".*pass --resume .*--overwrite to start it again"):
+        main(flags)
+    report = (out / "target" / "train_report.json").read_text()
+    assert main(flags + ["--resume"]) == 0
+    assert (out / "target" / "train_report.json").read_text() == report  # kept, not trained again
+    assert (out / "retain" / "eval_log_forget.json").is_file() and not (out / ".work").exists()
+
+
+def test_overwrite_replaces_a_finetune_and_nothing_else(tiny, tmp_path):
+    data, model = tiny
+    out = tmp_path / "ft"
+    flags = ["--model", str(model), "--data-dir", str(data), "--out", str(out), "--max-steps", "1"] + TINY_FLAGS
+    assert main(flags) == 0
+    with pytest.raises(SystemExit, match="other settings \\(recipe\\).*start again with --overwrite"):
+        main(flags + ["--lr", "2e-3", "--resume"])
+    assert main(flags + ["--lr", "2e-3", "--overwrite"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["lr"] == 2e-3
+    with pytest.raises(SystemExit, match="--resume continues .* --overwrite replaces it: pass one"):
+        main(flags + ["--resume", "--overwrite"])
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a fine-tune")
+    with pytest.raises(SystemExit, match="holds no fine-tune .*--overwrite never replaces such a folder"):
+        main(["--model", str(model), "--data-dir", str(data), "--out", str(other), "--overwrite"] + TINY_FLAGS)
+    assert (other / "notes.txt").is_file()

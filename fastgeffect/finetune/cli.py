@@ -8,11 +8,17 @@ Layout of ``--out DIR`` (every part written atomically; ``--resume`` continues a
     DIR/retain/          --retain-twin: the same, trained on the retain split of --forget-split,
                          + eval_log_forget.json (the log behind Forget Quality) and metrics.json
     DIR/manifest.json    model, data, author subset, template, recipe, fingerprints, reports
-    DIR/.work/           resumable states and the run's settings (removed when the run completes)
+    DIR/.work/           resumable states and the run's settings (removed when the run completes),
+                         error.json when it failed
+
+A run that fails before anything resumable exists removes the folder it created, so the corrected
+command runs as it is; otherwise the error says whether to continue (``--resume``, same flags) or
+start again (``--overwrite``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import shutil
@@ -32,6 +38,7 @@ from ..embedded.cache import atomic_dir, cached_dir
 from ..eval import evaluate_tofu
 from ..jsonfile import read_json, write_json
 from ..model_loading import ModelLoadError, load_causal_lm, model_fingerprint, resolve_model_spec
+from ..training.backend import STATE_FILE
 from . import config
 from .config import FinetuneConfig
 from .loop import LOG_FILE, Stopped, train
@@ -39,6 +46,8 @@ from .recipe import Recipe, default_lr
 
 WORK = ".work"
 SETTINGS = "settings.json"
+ERROR = "error.json"
+PHASES = ("target", "retain")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,9 +81,44 @@ def check_config(cfg: FinetuneConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file")
-    if not cfg.resume and out.is_dir() and any(out.iterdir()):
-        raise SystemExit(f"error: --out {out} is not empty: pass --resume to continue the run there, "
-                         "or choose a new folder")
+    if cfg.resume and cfg.overwrite:
+        raise SystemExit("error: --resume continues the fine-tune in --out, --overwrite replaces it: pass one")
+    if out.is_dir() and any(out.iterdir()) and not cfg.resume:
+        if not holds_finetune(out):
+            raise SystemExit(f"error: --out {out} is not empty and holds no fine-tune (no manifest.json, no "
+                             f"{WORK}/{SETTINGS}): choose a new folder" + (" (--overwrite never replaces such a "
+                                                                           "folder)" if cfg.overwrite else ""))
+        if not cfg.overwrite:
+            error = out / WORK / ERROR
+            failed = f" (it holds a fine-tune that failed: {read_json(error)['error']})" if error.is_file() else ""
+            raise SystemExit(f"error: --out {out} is not empty{failed}: pass --resume to continue the run there "
+                             "(with its flags), --overwrite to start it again, or choose a new folder")
+
+
+def holds_finetune(out: Path) -> bool:
+    return (out / "manifest.json").is_file() or (out / WORK / SETTINGS).is_file()
+
+
+def resumable_parts(out: Path) -> List[str]:
+    """What a --resume would not redo: trained models, saved training states."""
+    done = [f"the trained {p} model" for p in PHASES if (out / p / "train_report.json").is_file()]
+    return done + [f"the {p} model's training state" for p in PHASES if (out / WORK / p / STATE_FILE).is_file()]
+
+
+def after_failure(out: Path, created: bool, error: BaseException) -> str:
+    """Clean up after a failed run and say how to restart: a folder this run created, holding nothing
+    resumable, is removed; otherwise the error is recorded in ``.work/error.json``."""
+    kept = resumable_parts(out)
+    if created and not kept:
+        shutil.rmtree(out, ignore_errors=True)
+        return f"nothing could be kept: --out {out} was removed, so the corrected command runs as it is"
+    with contextlib.suppress(OSError):
+        (out / WORK).mkdir(parents=True, exist_ok=True)
+        write_json(out / WORK / ERROR, {"error": f"{type(error).__name__}: {error}", "kept": kept})
+    if kept:
+        return (f"--out {out} keeps {', '.join(kept)}: once the cause is fixed, continue with --resume and the same "
+                "flags (other flags are refused), or start again with --overwrite")
+    return f"nothing in --out {out} can be resumed: start again with --overwrite"
 
 
 def settings_of(cfg: FinetuneConfig, source: str, model_type: str, template: Template, recipe: Recipe) -> dict:
@@ -94,7 +138,8 @@ def check_settings(out: Path, settings: dict) -> None:
             diff = [k for k in settings if saved.get(k) != settings[k]]
             if diff:
                 raise SystemExit(f"error: --out {out} holds a run with other settings ({', '.join(diff)}): "
-                                 "resume it with the same flags, or choose a new folder")
+                                 "resume it with the same flags, start again with --overwrite, or choose a new "
+                                 "folder")
             break
     (out / WORK).mkdir(parents=True, exist_ok=True)
     write_json(out / WORK / SETTINGS, settings)
@@ -158,8 +203,30 @@ def run(cfg: FinetuneConfig) -> dict:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
     settings = settings_of(cfg, source, model_type, template, recipe)
+    for split in needed_splits(cfg):  # a missing file is found before anything is replaced or written
+        load_tofu_split(split, cfg.data_dir)
+    if cfg.overwrite and out.is_dir():
+        shutil.rmtree(out)  # check_config made sure it holds a fine-tune
+    created = not out.is_dir() or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, settings)
+    try:
+        return train_all(cfg, out, source, template, recipe, settings, device)
+    except Stopped:
+        raise
+    except Exception as e:
+        e.restart_hint = after_failure(out, created, e)  # read by main
+        raise
+
+
+def needed_splits(cfg: FinetuneConfig) -> List[str]:
+    twin = [RETAIN_OF[cfg.forget_split], f"{cfg.forget_split}_perturbed"] if cfg.retain_twin else []
+    return [cfg.split] + twin
+
+
+def train_all(cfg: FinetuneConfig, out: Path, source: str, template: Template, recipe: Recipe, settings: dict,
+              device: torch.device) -> dict:
+    """The target (and its twin) trained into ``out``, then the manifest."""
     data = Path(cfg.data_dir)
     if cfg.authors is not None:
         data = cached_dir(out / "data", lambda tmp: subset_tofu(cfg.data_dir, tmp, cfg.authors))
@@ -169,7 +236,7 @@ def run(cfg: FinetuneConfig) -> dict:
         reports["retain"] = train_phase("retain", load_tofu_split(RETAIN_OF[cfg.forget_split], data), cfg, source,
                                         template, recipe, out, device,
                                         forget_rows=load_tofu_split(f"{cfg.forget_split}_perturbed", data))
-    used = [cfg.split] + ([RETAIN_OF[cfg.forget_split], f"{cfg.forget_split}_perturbed"] if cfg.retain_twin else [])
+    used = needed_splits(cfg)
     manifest = {**settings, "data": str(data.resolve()),
                 "data_fingerprints": {s: _sha256(data / f"{s}.json") for s in used},
                 "outputs": {"target": str((out / "target").resolve()),
@@ -190,6 +257,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"fine-tune: {e}", file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        raise SystemExit(f"error: {e}") from e
+        hint = getattr(e, "restart_hint", None)
+        raise SystemExit(f"error: {e}" + (f"\n{hint}" if hint else "")) from e
+    except Exception as e:
+        hint = getattr(e, "restart_hint", None)
+        if hint:
+            print(f"fine-tune failed: {hint}", file=sys.stderr)
+        raise
     print(json.dumps({"outputs": manifest["outputs"], "template": manifest["template"]}, indent=1))
     return 0

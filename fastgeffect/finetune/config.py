@@ -54,6 +54,8 @@ class FinetuneConfig:
     max_steps: Optional[int] = recipe_field("max_steps")
     seed: int = recipe_field("seed")
     resume: bool = setting(False, "continue an interrupted run in --out", group=RUNNING)
+    overwrite: bool = setting(False, "start again in --out: replace the fine-tune it holds (failed, interrupted or "
+                                     "done; a folder that holds no fine-tune is never replaced)", group=RUNNING)
     save_every: int = recipe_field("save_every", group=RUNNING)
     stop_after: Optional[int] = setting(None, "stop after N steps of a model, as if interrupted: state saved, exit "
                                               "status 3 (see --resume)", group=RUNNING, low=0)
