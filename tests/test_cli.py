@@ -95,9 +95,32 @@ def test_run_folder_refuses_to_mix_runs(tmp_path):
     (tmp_path / "other" / "x").write_text("")
     with pytest.raises(SystemExit, match="not a run folder"):
         RunFolder(tmp_path / "other").prepare(resume=True, overwrite=False, settings={}, resume_keys=())
-    folder.add_timing({"total": 1.0}, resumed=False)
-    folder.add_timing({"total": 2.0}, resumed=True)
+    first = folder.start_timing()
+    folder.update_timing(first, {"resumed": False, "status": "done", "total": 1.0})
+    second = folder.start_timing()
+    folder.update_timing(second, {"resumed": True, "status": "done", "total": 2.0})
     assert [t["resumed"] for t in json.loads((folder / "timing.json").read_text())] == [False, True]
+
+
+def test_a_killed_invocation_keeps_its_timing_entry(tmp_path):
+    # timing.json used to be written once, at the end: a killed invocation's seconds were lost
+    import time
+
+    from fastgeffect.driver.study import Timer
+    folder = RunFolder(tmp_path / "run")
+    folder.prepare(resume=False, overwrite=False, settings={}, resume_keys=())
+    killed = Timer(folder)
+    killed.phase("setup", time.perf_counter() - 1.5)
+    killed.phase("reference", time.perf_counter() - 0.5)  # then SIGKILL: no other line of it runs
+    entries = json.loads((folder / "timing.json").read_text())
+    assert entries == [{"resumed": False, "status": "running", "setup": pytest.approx(1.5, abs=0.5),
+                        "reference": pytest.approx(0.5, abs=0.5)}]
+    resumed = Timer(folder, resumed=True)
+    resumed.phase("setup", time.perf_counter() - 2.0)
+    resumed.save("stopped")
+    entries = json.loads((folder / "timing.json").read_text())
+    assert [e["status"] for e in entries] == ["killed", "stopped"] and set(entries[0]) >= {"setup", "reference"}
+    assert entries[1]["resumed"] is True and entries[1]["setup"] == pytest.approx(2.0, abs=0.5)
 
 
 def test_template_choices_are_the_package_templates_and_need_model(capsys):

@@ -206,8 +206,20 @@ class RunFolder:
         with contextlib.suppress(FileNotFoundError):
             (self.path / files.ERROR).unlink()
 
-    def add_timing(self, times: Dict[str, float], resumed: bool) -> None:
-        """Append this invocation's phase timings to ``timing.json`` (one entry per start or resume)."""
+    def start_timing(self) -> int:
+        """Open this invocation's entry in ``timing.json`` (one per start or resume) and return its
+        index. An earlier entry still ``running`` belongs to an invocation that was killed (the folder's
+        lock rules out one running now): it is marked ``killed``, keeping the phases it completed."""
         path = self.path / files.TIMING
-        previous = read_json(path) if path.exists() else []
-        write_json_main(path, previous + [{"resumed": bool(resumed), **times}])
+        entries = read_json(path) if path.exists() else []
+        for e in entries:
+            if e.get("status") == "running":
+                e["status"] = "killed"
+        write_json_main(path, entries + [{"resumed": None, "status": "running"}])
+        return len(entries)
+
+    def update_timing(self, index: int, entry: Dict[str, object]) -> None:
+        path = self.path / files.TIMING
+        entries = read_json(path)
+        entries[index] = entry
+        write_json_main(path, entries)

@@ -43,14 +43,23 @@ from .token_weights import TokenWeightLog
 
 
 class Timer:
-    """Seconds spent per phase of this invocation."""
+    """Seconds spent per phase of this invocation, kept in the run folder's ``timing.json`` as each
+    phase ends (main process), so an invocation that is killed keeps the phases it completed."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Optional[RunFolder] = None, resumed: bool = False) -> None:
         self.t0 = time.perf_counter()
         self.times: Dict[str, float] = {}
+        self.folder, self.resumed = folder, resumed
+        self.entry: Optional[int] = folder.start_timing() if folder is not None and dist_.is_main() else None
 
     def phase(self, name: str, since: float) -> None:
         self.times[name] = time.perf_counter() - since
+        self.save("running")
+
+    def save(self, status: str) -> None:
+        """``status``: running, done, stopped (as asked), interrupted (Ctrl-C) or failed."""
+        if self.entry is not None:
+            self.folder.update_timing(self.entry, {"resumed": bool(self.resumed), "status": status, **self.times})
 
 
 @dataclass
@@ -140,9 +149,12 @@ def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
         folder.write_config({**config_record(cfg, hp, ucfg, argv, accelerator, strategy),
                              **({"sources": sources} if sources else {})})
     dist_.barrier()
+    timer = Timer(folder, resumed=cfg.resume)
     try:
-        return study(cfg, preset, hp, ucfg, accelerator, folder)
+        return study(cfg, preset, hp, ucfg, accelerator, folder, timer)
     except KeyboardInterrupt:
+        with contextlib.suppress(OSError):
+            timer.save("interrupted")
         if main_rank:
             state = folder / STATE_FILE
             saved = f"the last resumable state is {state}" if state.exists() else \
@@ -152,6 +164,8 @@ def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
                 folder.write_error("interrupted (KeyboardInterrupt)", None, state)
         return 130
     except (Exception, SystemExit) as e:  # SystemExit: a refusal found once the target is loaded
+        with contextlib.suppress(OSError):
+            timer.save("failed")
         if main_rank and not dist_.is_distributed() and not (isinstance(e, SystemExit) and e.code in (0, None)):
             with contextlib.suppress(OSError):  # (a distributed failure writes its own, naming the rank)
                 folder.write_error(f"{type(e).__name__}: {e}", None, folder / STATE_FILE)
@@ -161,18 +175,21 @@ def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
 
 
 # ---- the study in a claimed folder -----------------------------------------------------------------
-def study(cfg: RunConfig, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, folder: RunFolder) -> int:
+def study(cfg: RunConfig, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, folder: RunFolder,
+          timer: Timer) -> int:
     """Set-up, reference log-probs, evaluation before, unlearning, then :func:`finish`."""
-    run = set_up(cfg, preset, accelerator, folder)
+    run = set_up(cfg, preset, accelerator, folder, timer)
     objective, data = objective_and_data(run, hp)
     before = evaluate_before(run)
     dist_.barrier()
     unlearner, resumed = make_unlearner(run, objective, data, ucfg, accelerator)
+    timer.resumed = resumed  # a state was loaded (--resume of a folder with none starts afresh)
     t = time.perf_counter()
     status = unlearn(run, unlearner, before)
     run.timer.phase("unlearn", t)
     if not status["completed"]:
         if dist_.is_main():
+            timer.save("stopped")
             folder.clear_error()
             print(f"stopped after step {status['step']} as asked; continue with --resume --out {run.out}")
         return 0
@@ -188,14 +205,13 @@ def study(cfg: RunConfig, preset: Preset, hp: dict, ucfg: UnlearnConfig, acceler
     return 0
 
 
-def set_up(cfg: RunConfig, preset: Preset, accelerator, folder: RunFolder) -> Run:
+def set_up(cfg: RunConfig, preset: Preset, accelerator, folder: RunFolder, timer: Timer) -> Run:
     """The target on its device (built by the main process first: the others then read its cache), and
     config.json completed with what set-up resolved."""
     main_rank = dist_.is_main()
     device = accelerator.device if accelerator is not None else \
         torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
-    timer = Timer()
     if main_rank:  # builds (or downloads) once; the other ranks then read the cache
         target = build_target(cfg, preset, device)
     dist_.barrier()
@@ -349,7 +365,7 @@ def finish(run: Run, model, resumed: bool, step: int) -> None:
     if run.sets:
         evaluate_after(run, model, step)
     run.timer.phase("total", run.timer.t0)
-    run.folder.add_timing(run.timer.times, resumed)
+    run.timer.save("done")
     run.folder.clear_error()
     summary = write_report(run.out)
     print(summary.read_text(encoding="utf-8"))
