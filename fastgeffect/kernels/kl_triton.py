@@ -10,12 +10,14 @@ Pass 2 writes the gradient over the current logits. Entries of zero mass (logit 
 """
 from __future__ import annotations
 
+from typing import Dict, Tuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .common import launch_device
-from .token_weighted_triton import NEG_BIG, block_v
+from .token_weighted_triton import NEG_BIG, launch_config
 
 
 @triton.jit
@@ -74,16 +76,25 @@ def _kl_rows(q_ptr, stride_q, r_ptr, stride_r, scale_ptr, kl_ptr, V,
             tl.store(qbase + cols, g.to(q_ptr.dtype.element_ty), mask=msk)
 
 
+def kl_launch(logits: torch.Tensor, ref_logits: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
+              reverse: bool, write_grad: bool) -> Tuple[tuple, Dict[str, object]]:
+    """The arguments and compile-time parameters of :func:`_kl_rows` over the rows of ``logits``,
+    which decide the variant Triton compiles (the ahead-of-time compile test builds its variants
+    from this function)."""
+    V = logits.shape[1]
+    args = (logits, logits.stride(0), ref_logits, ref_logits.stride(0), scale.to(torch.float32), out, V)
+    return args, {"REVERSE": reverse, "WRITE_GRAD": write_grad, **launch_config(V)}
+
+
 def kl_chunk_triton(logits: torch.Tensor, ref_logits: torch.Tensor, scale: torch.Tensor, reverse: bool,
                     write_grad: bool) -> torch.Tensor:
     """Triton twin of :func:`.kl_torch.kl_chunk_torch`."""
     if logits.dtype == torch.float64 or ref_logits.dtype == torch.float64:
         raise ValueError("the Triton kernels take fp32/bf16/fp16 logits; use backend='torch' for fp64")
-    C, V = logits.shape
+    C = logits.shape[0]
     assert logits.stride(1) == 1 and ref_logits.stride(1) == 1, "logits chunks must be row-contiguous"
     out = torch.empty(C, dtype=torch.float32, device=logits.device)
+    args, params = kl_launch(logits, ref_logits, scale, out, reverse, write_grad)
     with launch_device(logits):
-        _kl_rows[(C,)](logits, logits.stride(0), ref_logits, ref_logits.stride(0), scale, out, V,
-                       REVERSE=reverse, WRITE_GRAD=write_grad, BLOCK_V=block_v(V),
-                       num_warps=8 if V >= 4096 else 4)
+        _kl_rows[(C,)](*args, **params)
     return out

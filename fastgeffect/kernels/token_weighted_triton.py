@@ -8,7 +8,7 @@ Contract identical to :func:`.token_weighted_torch.token_weighted_chunk_torch`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -92,8 +92,37 @@ def _token_weighted_rows(logits_ptr, stride_row, labels_ptr, ref_ptr, explicit_p
             tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=msk)
 
 
-def block_v(vocab: int) -> int:
-    return min(triton.next_power_of_2(vocab), 4096)
+# Vocab columns per loop trip. Every vocabulary above SMALL_VOCAB (all real and shipped models)
+# takes the full block on 8 warps (16 columns a thread): one compiled variant per dtype and
+# objective, fewer first-launch compiles; tiny test vocabularies take their own power of two (the
+# interpreter's arrays stay small).
+MAX_BLOCK_V, SMALL_VOCAB = 4096, 512
+
+
+def launch_config(vocab: int) -> Dict[str, int]:
+    """``BLOCK_V`` and ``num_warps`` of a launch over rows of ``vocab`` logits (both kernels;
+    ``num_stages`` is Triton's default). tests/test_kernels_compile.py compiles every variant this
+    gives for sm_80 and sm_90 ahead of time and fails on a register spill."""
+    block = MAX_BLOCK_V if vocab > SMALL_VOCAB else triton.next_power_of_2(vocab)
+    return {"BLOCK_V": block, "num_warps": 8 if block >= MAX_BLOCK_V else 4}
+
+
+def token_weighted_launch(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
+                          explicit: Optional[torch.Tensor], scale: torch.Tensor, logp: torch.Tensor,
+                          wlogp: torch.Tensor, entry: tw.TokenWeight, alpha: float, beta: float,
+                          write_grad: bool) -> Tuple[tuple, Dict[str, object]]:
+    """The arguments and compile-time parameters of :func:`_token_weighted_rows` over the rows of
+    ``logits``, which decide the variant Triton compiles. Labels go in as int64, reference
+    log-probs and explicit weights as fp32 (the kernel converts them anyway), so the variants
+    differ only in the logits' dtype, the objective, ``write_grad`` and the vocab size; the
+    ahead-of-time compile test builds its variants from this function."""
+    dummy = logp  # never read when the objective has no such input (constexpr branch)
+    ref = dummy if ref is None else ref.to(torch.float32)
+    explicit = dummy if explicit is None else explicit.to(torch.float32)
+    V = logits.shape[1]
+    args = (logits, logits.stride(0), labels.to(torch.int64), ref, explicit, scale.to(torch.float32), logp, wlogp, V,
+            float(alpha), float(beta))
+    return args, {"CODE": entry.code, "WRITE_GRAD": write_grad, **launch_config(V)}
 
 
 def token_weighted_chunk_triton(logits: torch.Tensor, labels: torch.Tensor, ref: Optional[torch.Tensor],
@@ -102,15 +131,12 @@ def token_weighted_chunk_triton(logits: torch.Tensor, labels: torch.Tensor, ref:
     """Triton twin of :func:`.token_weighted_torch.token_weighted_chunk_torch`."""
     if logits.dtype == torch.float64:
         raise ValueError("the Triton kernels take fp32/bf16/fp16 logits; use backend='torch' for fp64")
-    C, V = logits.shape
+    C = logits.shape[0]
     assert logits.stride(1) == 1, "logits chunk must be row-contiguous"
     logp = torch.empty(C, dtype=torch.float32, device=logits.device)
     wlogp = torch.empty_like(logp)
-    dummy = logp  # never read when the objective has no such input (constexpr branch)
+    args, params = token_weighted_launch(logits, labels, ref, explicit, scale, logp, wlogp, entry, alpha, beta,
+                                         write_grad)
     with launch_device(logits):
-        _token_weighted_rows[(C,)](
-            logits, logits.stride(0), labels, dummy if ref is None else ref,
-            dummy if explicit is None else explicit, scale, logp, wlogp, V, float(alpha), float(beta),
-            CODE=entry.code, WRITE_GRAD=write_grad, BLOCK_V=block_v(V), num_warps=8 if V >= 4096 else 4,
-        )
+        _token_weighted_rows[(C,)](*args, **params)
     return logp, wlogp
