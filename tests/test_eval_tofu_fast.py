@@ -16,6 +16,7 @@ from fastgeffect.data.templates import Template, get_template
 from fastgeffect.embedded import TokenizerConfig, train_tokenizer
 from fastgeffect.eval import answer_losses, evaluate_set, evaluate_tofu, greedy_generate
 from fastgeffect.eval.cached_generate import cached_greedy_generate, plain_greedy
+from fastgeffect.eval.kv_cache import cache_keyword, keep_rows, returned_cache
 from fastgeffect.eval.prefix_losses import shared_prefix_losses, split_pairs
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "tofu"
@@ -103,6 +104,25 @@ def test_shared_prefix_falls_back_where_nothing_is_shared(toy):
         def forward(self, **kwargs):
             return self.inner(**kwargs)
     assert_losses_close(ref, shared_prefix_losses(Wrapped(model), tok, bare, qs, ans, batch_size=4), 1e-6)
+
+
+def test_kv_cache_helpers(toy):
+    """The cache keyword of this transformers version, the cache a forward returns, and a batch
+    selection that leaves the rows it keeps as they were (a Cache object and the legacy tuples)."""
+    model, tok, _ = toy
+    assert cache_keyword(model) in ("cache", "past_key_values") and cache_keyword(torch.nn.Identity()) is None
+    x = torch.randint(3, len(tok), (4, 6))
+    with torch.no_grad():
+        cache = returned_cache(model(input_ids=x, use_cache=True))
+        legacy = tuple((layer.keys, layer.values) for layer in cache.layers) if hasattr(cache, "layers") else None
+        keep = torch.tensor([3, 1])
+        kept = keep_rows(copy.deepcopy(cache), keep)
+        nxt = torch.randint(3, len(tok), (2, 1))
+        got = model(input_ids=nxt, position_ids=torch.full((2, 1), 6), use_cache=True, **{cache_keyword(model): kept})
+        want = model(input_ids=torch.cat([x[keep], nxt], dim=1)).logits[:, -1]
+    torch.testing.assert_close(got.logits[:, -1], want, rtol=1e-5, atol=1e-5)
+    if legacy is not None:
+        assert all(torch.equal(a, b[keep]) for la, lb in zip(keep_rows(legacy, keep), legacy) for a, b in zip(la, lb))
 
 
 def eos_early(model, tok, token_id, scale=1.5):
@@ -258,3 +278,28 @@ def test_smollm2_chat_template_on_real_rows(tmp_path_factory, monkeypatch):
         kw = dict(max_length=200, max_new_tokens=8, batch_size=8, gen_mode=gen_mode)
         assert_same_logs(evaluate_set(model, tok, tpl, rows, "forget", reference=True, **kw),
                          evaluate_set(model, tok, tpl, rows, "forget", **kw), 1e-6)
+
+
+def test_benchmark_quick_mode(embedded, capsys):
+    """benchmarks/bench_eval_tofu.py --quick on the tiny embedded target: every row compares
+    the two paths on the same inputs and finds the same numbers (times are not checked)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_eval_tofu
+
+    assert bench_eval_tofu.main(["--quick", "--threads", str(torch.get_num_threads())]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    what = [r[0] for r in rows]
+    assert sum("TOFU metrics" in w for w in what) == 2 and sum("loss passes" in w for w in what) == 2
+    assert sum("generation" in w for w in what) == 2 and sum("UWC calibration" in w for w in what) == 1
+    for r in rows:
+        assert len(r) == 7 and float(r[1]) > 0 and float(r[2]) > 0 and r[3].endswith("×"), r
+        assert "NO" not in r[4] + r[5] and "other α" not in r[4], r
+        if "TOFU metrics" in r[0] or "generation" in r[0]:
+            assert r[5] == "yes"
+    uwc = rows[what.index(next(w for w in what if "UWC" in w))]
+    a, b = uwc[6].strip(" |").split(" / ")
+    assert a == b and "θ_u restored bitwise: yes" in uwc[4] and "PS at each α 0.0e+00" in uwc[4]
+    assert int(uwc[0].split(", ")[1].split()[0]) >= 4  # the search bisected (several α tried)

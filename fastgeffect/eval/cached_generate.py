@@ -110,7 +110,7 @@ def greedy_rows(model, cache_kw: str, x: torch.Tensor, att: torch.Tensor, own: S
             return new
         if len(keep) < len(alive):
             idx = torch.tensor(keep, device=device)
-            keep_rows(cache, idx)
+            cache = keep_rows(cache, idx)
             nxt, last = nxt[idx], last[idx]
             mask = mask[idx] if mask is not None else None
             alive = [alive[k] for k in keep]

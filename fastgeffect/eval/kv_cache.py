@@ -48,6 +48,10 @@ def last_logits_only(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
 
 
-def keep_rows(cache, rows: torch.Tensor) -> None:
-    """Keep only ``rows`` (batch indices) of ``cache``, in place (``Cache.batch_select_indices``)."""
-    cache.batch_select_indices(rows)
+def keep_rows(cache, rows: torch.Tensor):
+    """``cache`` keeping only ``rows`` (batch indices): a ``Cache`` in place
+    (``batch_select_indices``), the legacy tuple of (key, value) pairs as a new tuple."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(rows)
+        return cache
+    return tuple(tuple(t[rows] for t in layer) for layer in cache)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..data.templates import IGNORE_INDEX, Template
 from ._common import model_device, pad_id
 from .answer_losses import answer_losses, encode_pairs
-from .kv_cache import cache_keyword, last_logits_only, returned_cache
+from .kv_cache import cache_keyword, keep_rows, last_logits_only, returned_cache
 
 
 def prompt_ids(tokenizer, template: Template, question: str) -> List[int]:
@@ -42,7 +42,9 @@ def split_pairs(tokenizer, template: Template, questions: Sequence[str], ids: Se
     prompts: Dict[str, List[int]] = {}
     shared, other = {}, []
     for i, (q, x) in enumerate(zip(questions, ids)):
-        p = prompts.setdefault(q, prompt_ids(tokenizer, template, q))
+        if q not in prompts:
+            prompts[q] = prompt_ids(tokenizer, template, q)
+        p = prompts[q]
         if 2 <= len(p) < len(x) and list(x[: len(p)]) == list(p):
             shared[i] = len(p)
         else:
@@ -119,8 +121,7 @@ def _score_chunk(model, cache_kw: str, chunk, pairs, ids, labels, shared, batch_
             p = shared[i]
             y[k, : len(ids[i]) - p] = torch.tensor(labels[i][p:], dtype=torch.long)
             pos[k] = torch.arange(p - 1, p - 1 + x.shape[1])
-        cache = copy.deepcopy(prefix_cache)
-        cache.batch_select_indices(torch.tensor(rows, device=device))
+        cache = keep_rows(copy.deepcopy(prefix_cache), torch.tensor(rows, device=device))
         mask = torch.cat([patt[rows], att], dim=1)
         logits = model(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                        use_cache=True, **{cache_kw: cache}).logits
