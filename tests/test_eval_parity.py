@@ -21,6 +21,7 @@ from fastgeffect.embedded import TokenizerConfig, train_tokenizer
 from fastgeffect.eval import aggregate, evaluate_set, file_metrics, greedy_generate
 from fastgeffect.eval.__main__ import main as eval_main
 from fastgeffect.eval.aggregate import TRUTH_RATIO_AGGS, forget_quality
+from fastgeffect.eval.cached_generate import cached_greedy_generate
 from fastgeffect.eval.generate import GEN_MODES
 from fastgeffect.eval.tofu import rouge_references
 
@@ -70,6 +71,9 @@ def test_independent_mode_ignores_batching(never_eos):
     assert runs[1] == runs[7] == runs[32]
     for p, n, g in zip(prompts, lengths, runs[7]):  # each sample's own budget: max_length − its length
         assert g == argmax_continuation(model, tok, p, max_length - n)
+    for bs in (1, 7, 32):  # the TOFU metrics' KV-cache loop (rows leave as they end) keeps the rule
+        assert cached_greedy_generate(model, tok, prompts, mode="independent", max_length=max_length,
+                                      batch_size=bs) == runs[7]
     ids = greedy_generate(model, tok, prompts, mode="independent", max_length=max_length, return_ids=True)
     assert [len(x) for x in ids] == [max_length - n for n in lengths]
 
@@ -85,15 +89,17 @@ def test_tofu_mode_reproduces_tofu_batches_and_budgets(never_eos):
         T = max(lengths[s: s + 30])
         want += [argmax_continuation(model, tok, p, max_length - T) for p in prompts[s: s + 30]]
     assert got == want
+    assert cached_greedy_generate(model, tok, prompts, mode="tofu", max_length=max_length, batch_size=30) == want
     independent = greedy_generate(model, tok, prompts, mode="independent", max_length=max_length)
     # the rule matters: short prompts next to a long one get a shorter budget than their own
     assert sum(a != b for a, b in zip(got, independent)) >= 10
     # evaluate_set generates in TOFU's batches of 30 whatever its loss batch size
     recs = [{"question": p[len(TPL.question_start):-len(TPL.question_end)], "answer": "x", "paraphrased_answer": "x",
              "perturbed_answer": ["x"]} for p in prompts]
-    log = evaluate_set(model, tok, TPL, recs, "retain", ds_size=None, max_length=max_length, batch_size=4,
-                       gen_mode="tofu")
-    assert [log["generated_text"][str(i)][1] for i in range(len(recs))] == want
+    for reference in (True, False):
+        log = evaluate_set(model, tok, TPL, recs, "retain", ds_size=None, max_length=max_length, batch_size=4,
+                           gen_mode="tofu", reference=reference)
+        assert [log["generated_text"][str(i)][1] for i in range(len(recs))] == want
 
 
 def test_generation_mode_is_checked(never_eos):

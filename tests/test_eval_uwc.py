@@ -135,3 +135,107 @@ def test_driver_evaluates_the_calibrated_model_fully(tmp_path):
     assert (tmp_path / "eval_uwc" / "eval_log_forget.json").exists()
     table = metrics_table({"UWC-calibrated": res})
     assert "| Model Utility |" in table and "| Forget Quality |" in table
+
+
+def _pair(tied: bool, seed: int = 0):
+    """A tiny Llama (tied or not) and a noised copy playing the unlearned model."""
+    orig = tiny_llama(41, hidden_size=16, layers=3, heads=2, seed=seed)
+    if tied:
+        orig.config.tie_word_embeddings = True
+        orig.lm_head.weight = orig.model.embed_tokens.weight
+    unl = copy.deepcopy(orig)
+    with torch.no_grad():
+        for p in unl.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return orig, unl
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_materialised_mixture_equals_the_hooks(tied):
+    """The default mode computes the same ``torch.lerp`` once per α instead of around every
+    module's forward: identical logits (bit for bit) at every α, tied weights mixed once and still
+    one tensor inside the block, θ_u's own tensors back afterwards."""
+    orig, unl = _pair(tied)
+    saved = {n: p.detach().clone() for n, p in unl.named_parameters()}
+    own = {n: p.data_ptr() for n, p in unl.named_parameters()}
+    x = torch.randint(0, 41, (3, 9))
+    with torch.no_grad():
+        for alpha in (0.0, 0.2, 0.5, 0.77, 1.0):
+            with mixed_weights(unl, orig, alpha, mode="hooks") as m:
+                want = m(input_ids=x).logits
+            with mixed_weights(unl, orig, alpha) as m:
+                assert torch.equal(m(input_ids=x).logits, want), alpha
+                if tied:
+                    assert m.lm_head.weight is m.model.embed_tokens.weight
+                if 0 < alpha < 1:
+                    p, o = m.model.layers[1].mlp.up_proj.weight, orig.model.layers[1].mlp.up_proj.weight
+                    assert torch.equal(p, torch.lerp(o, saved["model.layers.1.mlp.up_proj.weight"], alpha))
+                if alpha == 0.0:  # θ_o's values in a tensor of its own, never θ_o's storage
+                    assert all(torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+                               for p, q in zip(m.parameters(), orig.parameters()))
+    for n, p in unl.named_parameters():
+        assert torch.equal(p, saved[n]) and p.data_ptr() == own[n], n  # θ_u's own storage, unchanged
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in unl.modules())
+
+
+@pytest.mark.parametrize("mode", ["materialise", "hooks"])
+def test_weights_are_restored_when_the_block_raises(mode):
+    orig, unl = _pair(tied=True)
+    saved = {n: p.detach().clone() for n, p in unl.named_parameters()}
+    x = torch.randint(0, 41, (2, 5))
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch.no_grad(), mixed_weights(unl, orig, 0.4, mode=mode) as m:
+            m(input_ids=x)
+            raise RuntimeError("boom")
+    # a forward that raises half way (a bad input inside the model)
+    with pytest.raises(IndexError):
+        with torch.no_grad(), mixed_weights(unl, orig, 0.4, mode=mode) as m:
+            m(input_ids=torch.full((1, 3), 41))
+    for n, p in unl.named_parameters():
+        assert torch.equal(p, saved[n]), n
+    assert unl.lm_head.weight is unl.model.embed_tokens.weight
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in unl.modules())
+    with pytest.raises(ValueError, match="unknown mixing mode 'copy'; valid: materialise, hooks"):
+        with mixed_weights(unl, orig, 0.4, mode="copy"):
+            pass
+
+
+def test_tied_in_one_model_but_not_the_other_is_refused():
+    orig, _ = _pair(tied=False)
+    _, unl = _pair(tied=True)
+    with pytest.raises(ValueError, match="tie their weights differently"):
+        with mixed_weights(unl, orig, 0.5):
+            pass
+
+
+def test_calibration_is_the_same_with_either_mixing_and_scores_only_retain_ps(monkeypatch):
+    """Same α, same PS at each α tried, same report; the search scores the retain rows only and the
+    report runs once, at the chosen α."""
+    import fastgeffect.eval.uwc as uwc
+
+    recs = toy_qa_records(4)
+    tok = toy_tokenizer_for(recs, TPL)
+    orig = tiny_llama(len(tok), hidden_size=32, layers=2, heads=4, seed=1, tokenizer=tok)
+    memorise(orig, tok, TPL, recs, steps=150)
+    unl = copy.deepcopy(orig)
+    with torch.no_grad():
+        for p in unl.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    retain, forget = recs[:4], recs[4:]
+    calls, reports = [], []
+    real = uwc.ps_scores
+
+    def spy(m, t, tpl, rows, **kw):
+        calls.append(rows)
+        return real(m, t, tpl, rows, **kw)
+    monkeypatch.setattr(uwc, "ps_scores", spy)
+    res = {}
+    for mixing in ("hooks", "materialise"):
+        calls.clear()
+        res[mixing] = uwc_calibrate(orig, unl, tok, TPL, retain, forget, alpha_tol=1 / 16, reference_ps=1.0,
+                                    mixing=mixing, report_fn=lambda m: reports.append(1) or {"n": len(reports)})
+        assert calls and all(rows is retain for rows in calls) and len(calls) == len(res[mixing]["history"])
+    assert res["hooks"]["history"] == res["materialise"]["history"] and 0 < res["hooks"]["alpha"] < 1
+    assert res["hooks"]["alpha"] == res["materialise"]["alpha"] and reports == [1, 1]
+    with pytest.raises(ValueError, match="unknown mixing mode"):
+        uwc_calibrate(orig, unl, tok, TPL, retain, forget, mixing="copy")

@@ -29,6 +29,16 @@ def check_gen_mode(mode: str) -> None:
         raise ValueError(f"unknown generation mode {mode!r}; valid: {', '.join(GEN_MODES)}")
 
 
+def check_generate_args(mode: str, batch_size: int, max_length: Optional[int], max_new_tokens: Optional[int]) -> None:
+    check_gen_mode(mode)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens is None and max_length is None:
+        raise ValueError("give max_length or max_new_tokens")
+    if max_new_tokens is not None and max_new_tokens < 1:  # an empty generation would score as a real one
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad: int):
     """(input_ids, attention_mask) with every sequence right-aligned."""
     T = max(len(s) for s in seqs)
@@ -69,13 +79,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, mode: str = "in
     soon as it left its target). ``return_ids=True`` returns the new token ids of each prompt
     instead of text (pad/EOS included, as generated, cut to the prompt's own budget).
     """
-    check_gen_mode(mode)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_new_tokens is None and max_length is None:
-        raise ValueError("give max_length or max_new_tokens")
-    if max_new_tokens is not None and max_new_tokens < 1:  # an empty generation would score as a real one
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_generate_args(mode, batch_size, max_length, max_new_tokens)
     if len(prompts) == 0:
         return []
     device = model_device(model)

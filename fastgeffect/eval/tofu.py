@@ -17,12 +17,17 @@ follows ``gen_mode`` (:mod:`.generate`): ``tofu`` reproduces TOFU's batches and 
 batching-independent ``independent`` does not. The ground truth in ``generated_text`` and for
 ROUGE is TOFU's: the answer as decoded back from its (possibly truncated) tokens
 (:func:`rouge_references`). Loss batches are length-sorted, which changes no number.
+
+Speed (docs/design.md §5.1): the answers of a question share its prompt, which runs once into a
+KV cache for all of them (:mod:`.prefix_losses`), and generation is a KV-cache loop in which a
+row leaves its batch when it ends (:mod:`.cached_generate`); ``reference=True`` runs the
+previous path (a full forward per pair, Hugging Face ``generate``) that the tests hold them to.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -33,7 +38,9 @@ from ..jsonfile import write_json
 from ._common import as_list, check_ds_size, check_records
 from .aggregate import aggregate, check_retain_log, check_truth_ratio, load_retain_log
 from .answer_losses import answer_losses, encode_pairs
+from .cached_generate import cached_greedy_generate
 from .generate import TOFU_BATCH_SIZE, check_gen_mode, greedy_generate
+from .prefix_losses import shared_prefix_losses
 
 # set name -> (TOFU log file, answer key used for the truth ratio's base, forget set?)
 TASKS = {
@@ -99,16 +106,41 @@ def _check_finite(task: str, key: str, values: torch.Tensor, records: Sequence[d
                          "model, or a too small dtype), so no metric can be computed")
 
 
+def set_losses(model, tokenizer, template: Template, questions: Sequence[str], answers: Sequence[str],
+               base: Sequence[str], perturbed: Sequence[Sequence[str]], *, max_length: int, batch_size: int,
+               reference: bool = False) -> Tuple[Tuple[torch.Tensor, torch.Tensor], ...]:
+    """``(loss, tokens)`` of the answers, of the base answers and of the perturbed ones (N × k) of
+    one set: every pair in one shared-prefix pass (:mod:`.prefix_losses`: each prompt runs once),
+    or with ``reference`` as before it, a full forward per pair (:func:`.answer_losses.answer_losses`)."""
+    n, k = len(questions), len(perturbed[0])
+    flat_q = [q for q in questions for _ in range(k)]
+    flat_p = [a for p in perturbed for a in p]
+    if reference:
+        gt = answer_losses(model, tokenizer, template, questions, answers, max_length=max_length, batch_size=batch_size)
+        pl, pn = answer_losses(model, tokenizer, template, flat_q, flat_p, max_length=max_length, batch_size=batch_size)
+        bs = answer_losses(model, tokenizer, template, questions, base, max_length=max_length, batch_size=batch_size)
+        return gt, bs, (pl.view(n, k), pn.view(n, k))
+    loss, count = shared_prefix_losses(model, tokenizer, template, list(questions) * 2 + flat_q,
+                                       list(answers) + list(base) + flat_p, max_length=max_length,
+                                       batch_size=batch_size)
+    return ((loss[:n], count[:n]), (loss[n: 2 * n], count[n: 2 * n]),
+            (loss[2 * n:].view(n, k), count[2 * n:].view(n, k)))
+
+
 def evaluate_set(model, tokenizer, template: Template, records: Sequence[dict], task: str, *,
                  ds_size: Optional[int] = 300, max_length: int = 200, max_new_tokens: Optional[int] = None,
-                 batch_size: int = 32, gen_mode: str = "tofu", generate: bool = True, progress=None) -> dict:
+                 batch_size: int = 32, gen_mode: str = "tofu", generate: bool = True, progress=None,
+                 reference: bool = False) -> dict:
     """TOFU's per-sample log of one set. ``task`` is one of ``retain``, ``forget``,
     ``real_authors``, ``world_facts`` (it picks the base answer key and whether
     ``normalized_gt_loss`` is written). Only the first ``ds_size`` records are used, as TOFU's
     ``ds_size=300`` (None: all; zero or a negative size is refused); ``generate=False`` skips
     generation and ROUGE (losses only). ``gen_mode`` ``tofu`` generates in TOFU's batches of 30
     whatever ``batch_size`` (which sizes the loss batches and ``independent``'s generation batches).
-    A non-finite loss (a diverged model) is refused."""
+    A non-finite loss (a diverged model) is refused. ``reference=True`` computes the same log the
+    slow way the fast path is tested against: a full forward per (question, answer) pair and
+    Hugging Face ``generate`` (the default runs each prompt once for all its answers and generates
+    by :mod:`.cached_generate`; equal losses up to float rounding, identical generations)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
     base_key = TASKS[task][1]
@@ -125,31 +157,25 @@ def evaluate_set(model, tokenizer, template: Template, records: Sequence[dict], 
     step = (lambda: progress.update(1)) if progress is not None else (lambda: None)
     log: Dict[str, dict] = {}
 
-    gt_loss, gt_n = answer_losses(model, tokenizer, template, qs, [r["answer"] for r in records],
-                                  max_length=max_length, batch_size=batch_size)
+    (gt_loss, gt_n), (bl, bn), (pl, pn) = set_losses(
+        model, tokenizer, template, qs, [r["answer"] for r in records], [r[base_key] for r in records], perturbed,
+        max_length=max_length, batch_size=batch_size, reference=reference)
     _check_finite(task, "answer loss", gt_loss, records)
+    _check_finite(task, "perturbed answer losses", pl, records)
+    _check_finite(task, f"{base_key} loss", bl, records)
     log["avg_gt_loss"] = _idx((gt_loss / gt_n).tolist())
     log["gt_loss"] = _idx(gt_loss.tolist())
     log["num_token_gt"] = _idx(gt_n.tolist())
     step()
     if generate:
         prompts = [template.prompt(q, tokenizer) for q in qs]
-        gens = greedy_generate(model, tokenizer, prompts, mode=gen_mode, max_length=max_length,
-                               max_new_tokens=max_new_tokens, add_special_tokens=not template.chat,
-                               batch_size=TOFU_BATCH_SIZE if gen_mode == "tofu" else batch_size)
+        gens = (greedy_generate if reference else cached_greedy_generate)(
+            model, tokenizer, prompts, mode=gen_mode, max_length=max_length, max_new_tokens=max_new_tokens,
+            add_special_tokens=not template.chat, batch_size=TOFU_BATCH_SIZE if gen_mode == "tofu" else batch_size)
         truths = rouge_references(tokenizer, template, qs, [r["answer"] for r in records], max_length)
         log["generated_text"] = _idx([[p, g, t] for p, g, t in zip(prompts, gens, truths)])
         log["rouge1_recall"], log["rougeL_recall"] = _rouge(gens, truths)
     step()
-    # every perturbed answer of the set in one batched pass
-    flat_q = [q for q, p in zip(qs, perturbed) for _ in p]
-    flat_a = [a for p in perturbed for a in p]
-    pl, pn = answer_losses(model, tokenizer, template, flat_q, flat_a, max_length=max_length, batch_size=batch_size)
-    pl, pn = pl.view(len(records), k), pn.view(len(records), k)
-    _check_finite(task, "perturbed answer losses", pl, records)
-    bl, bn = answer_losses(model, tokenizer, template, qs, [r[base_key] for r in records],
-                           max_length=max_length, batch_size=batch_size)
-    _check_finite(task, f"{base_key} loss", bl, records)
     avg_pert = pl / pn
     avg_base = bl / bn
     log["average_perturb_loss"] = _idx(avg_pert.tolist())
@@ -184,7 +210,8 @@ def write_logs(logs: Mapping[str, dict], out_dir: Union[str, Path]) -> Path:
 def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Sequence[dict]], *,
                   out_dir: Optional[Union[str, Path]] = None, retain_log=None, ds_size: Optional[int] = 300,
                   max_length: int = 200, max_new_tokens: Optional[int] = None, batch_size: int = 32,
-                  gen_mode: str = "tofu", truth_ratio: str = "geometric", progress: bool = True) -> dict:
+                  gen_mode: str = "tofu", truth_ratio: str = "geometric", progress: bool = True,
+                  reference: bool = False) -> dict:
     """Evaluate the TOFU sets and aggregate them.
 
     ``sets`` maps task names (``retain``, ``forget``, ``real_authors``, ``world_facts``) to
@@ -194,7 +221,8 @@ def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Seque
     Forget Quality; it is read and checked against the forget rows before anything is evaluated.
     Model Utility needs the three non-forget sets; with fewer, only the available sub-metrics are
     reported. ``gen_mode`` (:mod:`.generate`) and ``truth_ratio`` (:func:`.aggregate.aggregate`)
-    default to TOFU's published evaluation.
+    default to TOFU's published evaluation. ``reference=True``: the slow reference path of
+    :func:`evaluate_set`.
     """
     check_gen_mode(gen_mode)
     check_truth_ratio(truth_ratio)
@@ -225,7 +253,8 @@ def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Seque
                     bar.set_postfix_str(name)
                     logs[TASKS[name][0]] = evaluate_set(model, tokenizer, template, sets[name], name, ds_size=ds_size,
                                                         max_length=max_length, max_new_tokens=max_new_tokens,
-                                                        batch_size=batch_size, gen_mode=gen_mode, progress=bar)
+                                                        batch_size=batch_size, gen_mode=gen_mode, progress=bar,
+                                                        reference=reference)
     finally:
         model.train(was_training)
     if out_dir is not None:

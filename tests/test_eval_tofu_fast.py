@@ -1,0 +1,305 @@
+"""The TOFU metrics' fast paths against their references, row by row (issue 25, item 2): the
+shared-prefix answer losses (eval/prefix_losses.py) against a full forward per pair, the KV-cache
+generation loop (eval/cached_generate.py) against Hugging Face ``generate``, and whole
+``evaluate_set`` / ``evaluate_tofu`` logs key by key, on a word-level and a byte-level BPE
+tokenizer, the embedded target and SmolLM2-135M (skipped when absent)."""
+import copy
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.toy_qa import tiny_llama, toy_qa_records, toy_tokenizer_for
+
+from fastgeffect.data.templates import Template, get_template
+from fastgeffect.embedded import TokenizerConfig, train_tokenizer
+from fastgeffect.eval import answer_losses, evaluate_set, evaluate_tofu, greedy_generate
+from fastgeffect.eval.cached_generate import cached_greedy_generate, plain_greedy
+from fastgeffect.eval.kv_cache import cache_keyword, keep_rows, returned_cache
+from fastgeffect.eval.prefix_losses import shared_prefix_losses, split_pairs
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "tofu"
+TPL = get_template("phi")
+LOSS_KEYS = ("avg_gt_loss", "gt_loss", "avg_paraphrased_loss", "paraphrased_loss", "average_perturb_loss",
+             "perturb_loss", "normalized_gt_loss", "truth_ratio")
+
+
+def bpe_tokenizer_for(records, template):
+    """A byte-level BPE (the embedded target's kind) trained on the records' text."""
+    texts = [v for r in records for f in r.values() for v in (f if isinstance(f, list) else [f])]
+    return train_tokenizer(texts + [template.full("", "")], TokenizerConfig(vocab_size=400))
+
+
+@pytest.fixture(scope="module", params=["word", "bpe"])
+def toy(request):
+    recs = toy_qa_records(6)
+    tok = (toy_tokenizer_for if request.param == "word" else bpe_tokenizer_for)(recs, TPL)
+    model = tiny_llama(len(tok), hidden_size=24, layers=2, heads=2, seed=3, tokenizer=tok)
+    return model, tok, recs
+
+
+def pairs_of(recs):
+    qs, ans = [], []
+    for r in recs:
+        for a in [r["answer"], r["paraphrased_answer"]] + r["perturbed_answer"]:
+            qs.append(r["question"])
+            ans.append(a)
+    return qs, ans
+
+
+def assert_losses_close(ref, new, rel):
+    """Equal counts; each pair's loss within ``rel`` of its own size (a sum of positive NLLs)."""
+    (rl, rn), (nl, nn) = ref, new
+    assert torch.equal(rn, nn)
+    assert rl.dtype == nl.dtype == torch.float64
+    bad = [(i, float(a), float(b)) for i, (a, b) in enumerate(zip(rl, nl)) if abs(a - b) > rel * abs(a)]
+    assert not bad, bad[:5]
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("fit", ["whole", "truncated"])
+def test_shared_prefix_losses_equal_full_forwards(toy, dtype, rel, fit):
+    model, tok, recs = toy
+    model = copy.deepcopy(model).to(dtype)
+    qs, ans = pairs_of(recs)
+    # truncated: one token past the longest prompt, so its answers keep a single token and no EOS
+    max_length = 200 if fit == "whole" else max(len(tok(TPL.prompt(q))["input_ids"]) for q in qs) + 1
+    ids = [tok(TPL.full(q, a))["input_ids"][:max_length] for q, a in zip(qs, ans)]
+    shared, other = split_pairs(tok, TPL, qs, ids)
+    assert not other and len(shared) == len(qs)  # every pair goes through the cache here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the truncation warning, both ways
+        for bs in (1, 5, 64):
+            ref = answer_losses(model, tok, TPL, qs, ans, max_length=max_length, batch_size=bs)
+            assert_losses_close(ref, shared_prefix_losses(model, tok, TPL, qs, ans, max_length=max_length,
+                                                          batch_size=bs), rel)
+    assert (int(ref[1].min()) == 1) == (fit == "truncated")
+
+
+def test_shared_prefix_falls_back_where_nothing_is_shared(toy):
+    """A one-token prompt leaves nothing to cache: those pairs take the full forward, the others
+    the cache, and every loss is the reference's; a forward without a cache keyword (a wrapper
+    taking **kwargs) takes the reference path."""
+    model, tok, recs = toy
+    bare = Template("bare", "", "", " ")
+    ans = [r["answer"] for r in recs]
+    # one-token questions that stay a prefix of question + answer
+    words = sorted({w for r in recs for w in r["answer"].split() if len(tok(w)["input_ids"]) == 1
+                    and all(tok(bare.full(w, a))["input_ids"][:1] == tok(w)["input_ids"] for a in ans)})
+    assert words
+    qs = [r["question"] for r in recs] + [words[i % len(words)] for i in range(len(recs))]
+    ans = ans * 2
+    ids = [tok(bare.full(q, a))["input_ids"] for q, a in zip(qs, ans)]
+    shared, other = split_pairs(tok, bare, qs, ids)
+    assert len(shared) >= len(recs) and all(i >= len(recs) for i in other)
+    ref = answer_losses(model, tok, bare, qs, ans, batch_size=4)
+    assert_losses_close(ref, shared_prefix_losses(model, tok, bare, qs, ans, batch_size=4), 1e-6)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+    assert_losses_close(ref, shared_prefix_losses(Wrapped(model), tok, bare, qs, ans, batch_size=4), 1e-6)
+
+
+def test_kv_cache_helpers(toy):
+    """The cache keyword of this transformers version, the cache a forward returns, and a batch
+    selection that leaves the rows it keeps as they were (a Cache object and the legacy tuples)."""
+    model, tok, _ = toy
+    assert cache_keyword(model) in ("cache", "past_key_values") and cache_keyword(torch.nn.Identity()) is None
+    x = torch.randint(3, len(tok), (4, 6))
+    with torch.no_grad():
+        cache = returned_cache(model(input_ids=x, use_cache=True))
+        legacy = tuple((layer.keys, layer.values) for layer in cache.layers) if hasattr(cache, "layers") else None
+        keep = torch.tensor([3, 1])
+        kept = keep_rows(copy.deepcopy(cache), keep)
+        nxt = torch.randint(3, len(tok), (2, 1))
+        got = model(input_ids=nxt, position_ids=torch.full((2, 1), 6), use_cache=True, **{cache_keyword(model): kept})
+        want = model(input_ids=torch.cat([x[keep], nxt], dim=1)).logits[:, -1]
+    torch.testing.assert_close(got.logits[:, -1], want, rtol=1e-5, atol=1e-5)
+    if legacy is not None:
+        assert all(torch.equal(a, b[keep]) for la, lb in zip(keep_rows(legacy, keep), legacy) for a, b in zip(la, lb))
+
+
+def eos_early(model, tok, token_id, scale=1.5):
+    """``model`` whose EOS logit is ``scale`` × that of ``token_id``: rows end where that token
+    would be competitive, at different steps."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.lm_head.weight[tok.eos_token_id] = scale * m.lm_head.weight[token_id]
+    return m
+
+
+def eos_positions(ids, eos):
+    return [x.index(eos) if eos in x else -1 for x in ids]
+
+
+@pytest.fixture(scope="module")
+def eos_model(toy):
+    """Of a few candidates, the EOS-early model whose rows end at the most different steps."""
+    model, tok, recs = toy
+    prompts = [TPL.prompt(r["question"]) for r in recs] + [TPL.prompt(r["paraphrased_question"]) for r in recs]
+    best = (0, None)
+    for t in sorted({t for r in recs for t in tok(r["answer"])["input_ids"]})[:40]:
+        for scale in (1.2, 1.5):
+            m = eos_early(model, tok, t, scale)
+            ids = greedy_generate(m, tok, prompts, max_new_tokens=12, batch_size=32, return_ids=True)
+            best = max(best, (len(set(eos_positions(ids, tok.eos_token_id))), m), key=lambda b: b[0])
+    return best[1], prompts
+
+
+@pytest.mark.parametrize("mode", ["independent", "tofu"])
+def test_cached_generation_equals_generate(toy, eos_model, mode):
+    """Rows that end by EOS at several steps, rows cut by their budget (TOFU's per batch or each
+    its own), rows with no budget left, batches of one."""
+    model, tok, recs = toy
+    eos_m, prompts = eos_model
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    ends, texts = set(), []
+    for m in (model, eos_m):
+        for kw in (dict(max_length=max(lengths) + 9), dict(max_length=max(lengths)), dict(max_new_tokens=7)):
+            for bs in ((1, 7) if m is eos_m else (7,)):
+                ref = greedy_generate(m, tok, prompts, mode=mode, batch_size=bs, return_ids=True, **kw)
+                want = tok.batch_decode(ref, skip_special_tokens=True)
+                assert cached_greedy_generate(m, tok, prompts, mode=mode, batch_size=bs, **kw) == want
+                ends |= set(eos_positions(ref, tok.eos_token_id))
+                texts += want
+    assert -1 in ends and len(ends) >= 5, ends  # rows that hit EOS at several steps, and rows that never do
+    assert "" in texts  # max(lengths) leaves no budget to the longest prompts
+
+
+def test_generation_config_beyond_plain_greedy_takes_generate(toy):
+    model, tok, recs = toy
+    prompts = [TPL.prompt(r["question"]) for r in recs]
+    m = copy.deepcopy(model)
+    m.generation_config.repetition_penalty = 3.0
+    assert plain_greedy(model) and not plain_greedy(m)
+    want = greedy_generate(m, tok, prompts, max_new_tokens=8)
+    assert want != greedy_generate(model, tok, prompts, max_new_tokens=8)  # the penalty changes something
+    assert cached_greedy_generate(m, tok, prompts, max_new_tokens=8) == want
+    # several stop ids in the generation config: a row ends at any of them
+    m = eos_early(model, tok, tok(recs[0]["answer"])["input_ids"][1])
+    m.generation_config.eos_token_id = [tok.eos_token_id, tok(recs[0]["answer"])["input_ids"][2]]
+    assert cached_greedy_generate(m, tok, prompts, max_new_tokens=8) == greedy_generate(m, tok, prompts,
+                                                                                        max_new_tokens=8)
+
+
+def derived_scale(log: dict, key: str, i: str) -> float:
+    """The size of the terms a derived number is computed from, for its tolerance: the truth
+    ratio exp(avg paraphrased − mean avg perturbed) errs by itself × the error of its exponent,
+    the normalised loss avg_gt + logsumexp(−avg losses) by that of its terms."""
+    pert = [abs(x) for x in log["average_perturb_loss"][i]]
+    if key == "truth_ratio":
+        return (log[key][i] or 0.0) * (abs(log["avg_paraphrased_loss"][i]) + sum(pert) / len(pert))
+    gt = abs(log["avg_gt_loss"][i])
+    return gt + max([gt] + pert) + math.log(1 + len(pert))
+
+
+def assert_same_logs(ref: dict, new: dict, rel: float):
+    """Key by key and row by row: the same keys and samples; the losses within ``rel`` of their
+    scale (the largest |value| of the key in the set), the truth ratio and the normalised loss
+    within ``rel`` of the terms they are computed from (:func:`derived_scale`); token counts,
+    ROUGE and generations identical."""
+    assert list(ref) == list(new)  # the same keys in the same order (the files' layout)
+    for key in ref:
+        assert list(ref[key]) == list(new[key]), key
+        if key not in LOSS_KEYS:
+            assert ref[key] == new[key], key
+            continue
+        values = [abs(x) for v in ref[key].values() for x in (v if isinstance(v, list) else [v]) if x is not None]
+        for i in ref[key]:
+            tol = rel * (derived_scale(ref, key, i) if key in ("truth_ratio", "normalized_gt_loss") else max(values))
+            a, b = ref[key][i], new[key][i]
+            if isinstance(a, list):
+                assert len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b)), (key, i, a, b)
+            else:
+                assert (a is None) == (b is None) and (a is None or abs(a - b) <= tol), (key, i, a, b)
+
+
+@pytest.mark.parametrize("gen_mode", ["independent", "tofu"])
+def test_evaluate_set_new_equals_reference(toy, gen_mode):
+    model, tok, recs = toy
+    for m, rel in ((copy.deepcopy(model).double(), 1e-12), (eos_early(model, tok, tok("books")["input_ids"][0]), 1e-6)):
+        for task in ("forget", "real_authors"):
+            kw = dict(max_length=40, batch_size=3, gen_mode=gen_mode)
+            assert_same_logs(evaluate_set(m, tok, TPL, recs, task, reference=True, **kw),
+                             evaluate_set(m, tok, TPL, recs, task, **kw), rel)
+
+
+@pytest.fixture(scope="module")
+def embedded(module_embedded_cache):
+    from fastgeffect.embedded import build_embedded
+    from fastgeffect.eval import load_tofu_sets
+
+    emb = build_embedded(size="tiny")
+    return emb, emb.load_target(), load_tofu_sets(emb.forget_split, emb.data_dir)
+
+
+@pytest.mark.parametrize("gen_mode", ["independent", "tofu"])
+def test_evaluate_tofu_on_the_embedded_target(embedded, gen_mode):
+    """The memorised target: answers end in EOS, the forget set's are reproduced; every log file
+    and the aggregated metrics agree (Model Utility within 1e-6 of its scale)."""
+    emb, model, sets = embedded
+    kw = dict(ds_size=12, max_length=emb.max_length, gen_mode=gen_mode, batch_size=8, progress=False)
+    ref = evaluate_tofu(model, emb.tokenizer, emb.template, sets, reference=True, **kw)
+    new = evaluate_tofu(model, emb.tokenizer, emb.template, sets, **kw)
+    assert list(ref["logs"]) == list(new["logs"])
+    for name in ref["logs"]:
+        assert_same_logs(ref["logs"][name], new["logs"][name], 1e-6)
+    assert set(ref["metrics"]) == set(new["metrics"])
+    for k, v in ref["metrics"].items():
+        assert math.isclose(v, new["metrics"][k], rel_tol=1e-6, abs_tol=1e-9), k
+    forget = new["logs"]["eval_log_forget.json"]
+    # generations that reproduce the answer and end there, by EOS, well before their budget
+    assert sum(g == emb.template.answer_start + t for _, g, t in forget["generated_text"].values()) >= 3
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/tofu (the TOFU data) is not present")
+def test_smollm2_chat_template_on_real_rows(tmp_path_factory, monkeypatch):
+    """A real pretrained LM (tied embeddings, 30 blocks, BPE with a chat template whose prompt
+    holds the system turn): two real forget rows, both generation modes."""
+    from helpers.smollm2 import ALIAS, converted_smollm2
+
+    from fastgeffect.data.templates import choose_template
+    from fastgeffect.data.tofu import load_tofu_split
+    from fastgeffect.model_loading import load_causal_lm
+
+    cache, _ = converted_smollm2(tmp_path_factory)
+    monkeypatch.setenv("FASTGEFFECT_CACHE", str(cache))
+    model, tok = load_causal_lm(ALIAS)
+    tpl = choose_template(tok)
+    assert tpl.chat
+    rows = load_tofu_split("forget10_perturbed", SHARED)[:2]
+    for gen_mode in ("tofu", "independent"):
+        kw = dict(max_length=200, max_new_tokens=8, batch_size=8, gen_mode=gen_mode)
+        assert_same_logs(evaluate_set(model, tok, tpl, rows, "forget", reference=True, **kw),
+                         evaluate_set(model, tok, tpl, rows, "forget", **kw), 1e-6)
+
+
+def test_benchmark_quick_mode(embedded, capsys):
+    """benchmarks/bench_eval_tofu.py --quick on the tiny embedded target: every row compares
+    the two paths on the same inputs and finds the same numbers (times are not checked)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_eval_tofu
+
+    assert bench_eval_tofu.main(["--quick", "--threads", str(torch.get_num_threads())]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    what = [r[0] for r in rows]
+    assert sum("TOFU metrics" in w for w in what) == 2 and sum("loss passes" in w for w in what) == 2
+    assert sum("generation" in w for w in what) == 2 and sum("UWC calibration" in w for w in what) == 1
+    for r in rows:
+        assert len(r) == 7 and float(r[1]) > 0 and float(r[2]) > 0 and r[3].endswith("×"), r
+        assert "NO" not in r[4] + r[5] and "other α" not in r[4], r
+        if "TOFU metrics" in r[0] or "generation" in r[0]:
+            assert r[5] == "yes"
+    uwc = rows[what.index(next(w for w in what if "UWC" in w))]
+    a, b = uwc[6].strip(" |").split(" / ")
+    assert a == b and "θ_u restored bitwise: yes" in uwc[4] and "PS at each α 0.0e+00" in uwc[4]
+    assert int(uwc[0].split(", ")[1].split()[0]) >= 4  # the search bisected (several α tried)
