@@ -54,10 +54,14 @@ def _timed(fn: Callable, device: str):
 
 
 def compare_ps(model, tokenizer, template, records: Sequence[dict], *, model_name: str, device: str,
-               repeats: int, protocols: Sequence[str] = PROTOCOLS, family: str = "phi") -> List[Dict]:
-    """One row per (set, protocol): reference and fast path on ``records``, timed interleaved."""
+               repeats: int, protocols: Sequence[str] = PROTOCOLS, family: str = "phi",
+               uwc_rows: Optional[int] = None) -> List[Dict]:
+    """One row per (set, protocol): reference and fast path on ``records`` (uwc-linear: the first
+    ``uwc_rows`` of them; its reference generates row by row), timed interleaved."""
     rows = []
+    all_records = records
     for protocol in protocols:
+        records = all_records[:uwc_rows] if protocol == "uwc-linear" else all_records
         for set_name, key in SETS.items():
             kw = dict(protocol=protocol, question_key=key, family=family)
             for method in ("search", "teacher-forced"):  # warm-up: first calls allocate
@@ -83,7 +87,7 @@ def compare_ps(model, tokenizer, template, records: Sequence[dict], *, model_nam
 
 
 def ps_section(device: str = "cpu", quick: bool = False, size: str = "default", smollm2_rows: int = 4,
-               data_dir: Optional[Path] = None, repeats: int = 3) -> List[Dict]:
+               data_dir: Optional[Path] = None, repeats: int = 3, smollm2_uwc_rows: int = 2) -> List[Dict]:
     """PS rows: the embedded target (its forget rows) and, unless ``quick`` or unavailable, SmolLM2."""
     emb = build_embedded(size="tiny" if quick else size)
     recs = load_tofu_split(f"{emb.forget_split}_perturbed", emb.data_dir)[:4 if quick else None]
@@ -104,13 +108,14 @@ def ps_section(device: str = "cpu", quick: bool = False, size: str = "default", 
         return rows
     recs = load_tofu_split("forget10_perturbed", str(data_dir))[:smollm2_rows]
     rows += compare_ps(smol.to(device), tok, choose_template(tok), recs, model_name="SmolLM2-135M", device=device,
-                       repeats=1)
+                       repeats=1, uwc_rows=smollm2_uwc_rows)
     return rows
 
 
 # each section takes the parsed arguments and returns its table rows
 SECTIONS: Dict[str, Callable[[argparse.Namespace], List[Dict]]] = {
-    "PS": lambda a: ps_section(a.device, a.quick, a.size, a.smollm2_rows, a.data_dir, a.repeats),
+    "PS": lambda a: ps_section(a.device, a.quick, a.size, a.smollm2_rows, a.data_dir, a.repeats,
+                               a.smollm2_uwc_rows),
 }
 
 
@@ -128,6 +133,8 @@ def main(argv=None) -> Dict[str, List[Dict]]:
     ap.add_argument("--quick", action="store_true", help="tiny embedded target, 4 rows, one repeat, no SmolLM2")
     ap.add_argument("--size", default="default", choices=sorted(SIZES), help="embedded target size")
     ap.add_argument("--smollm2-rows", type=int, default=4, help="TOFU forget10 rows for SmolLM2 (0: skip it)")
+    ap.add_argument("--smollm2-uwc-rows", type=int, default=2,
+                    help="of those, for uwc-linear (its reference takes ~80 s a row on one CPU thread)")
     ap.add_argument("--data-dir", type=Path, help="TOFU data (its forget10 rows for SmolLM2; none: no SmolLM2)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per method on the embedded target (best)")
     ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")

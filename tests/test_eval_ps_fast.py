@@ -251,3 +251,43 @@ def test_embedded_target(embedded):
         for key in KEYS:
             rows = recs if protocol != "uwc-linear" else recs[:6]
             assert_same(model, tok, rows, protocol, template=tpl, question_key=key, **kw)
+
+
+FACTS = [  # rows a pretrained model half knows: reproduced from some prefix, not from none
+    {"question": "What is the capital of France?", "answer": "The capital of France is Paris.",
+     "paraphrased_question": "Which city is the capital of France?"},
+    {"question": "Who wrote Romeo and Juliet?", "answer": "Romeo and Juliet was written by William Shakespeare.",
+     "paraphrased_question": "Who is the author of the play Romeo and Juliet?"},
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    from helpers.smollm2 import converted_smollm2
+
+    from fastgeffect.model_loading import load_causal_lm
+    _, folder = converted_smollm2(tmp_path_factory)
+    return load_causal_lm(str(folder))
+
+
+def test_smollm2(smollm2):
+    """A real pretrained LM (byte-level BPE, chat template for clean, its EOS <|im_end|>); the
+    public code's protocols with budgets that end most generations before EOS (their own
+    max_length: 200 and 150 would take minutes here)."""
+    from fastgeffect.data.templates import choose_template
+    from fastgeffect.eval.ps_fast_protocols import paper_ps_fast, uwc_linear_ps_fast
+    from fastgeffect.eval.ps_protocols import paper_ps_scores, uwc_linear_ps_scores
+    from fastgeffect.eval.ps_teacher_forced import default_margin
+    model, tok = smollm2
+    tpl = choose_template(tok)
+    for key in KEYS:
+        ref, _ = assert_same(model, tok, FACTS, "clean", template=tpl, question_key=key)
+    assert 0 < ref["ps"] < 1
+    margin = default_margin(model)
+    budget = max(len(tok(PS_PROMPT.full(r["question"], r["answer"]))["input_ids"]) for r in FACTS) + 12
+    ref = paper_ps_scores(model, tok, FACTS, max_length=budget)
+    new = paper_ps_fast(model, tok, FACTS, margin=margin, max_length=budget)
+    assert new["right"] == ref["right"] and new["scores"] == ref["scores"]
+    ref = uwc_linear_ps_scores(model, tok, FACTS, family="phi", max_length=budget)
+    new = uwc_linear_ps_fast(model, tok, FACTS, family="phi", margin=margin, max_length=budget)
+    assert new["given_words"] == ref["given_words"] and new["scores"] == ref["scores"]
