@@ -11,7 +11,7 @@ import torch
 from helpers.ps_cases import byte_level_tokenizer, char_ids, memorise_ids, trailing_space_tokenizer
 from helpers.toy_qa import tiny_llama, tiny_tokenizer, toy_qa_records
 
-from fastgeffect.data.templates import get_template
+from fastgeffect.data.templates import Template, get_template
 from fastgeffect.data.tofu import load_tofu_split
 from fastgeffect.embedded import build_embedded
 from fastgeffect.eval import ps_scores
@@ -25,6 +25,9 @@ from fastgeffect.eval.ps_teacher_forced import (
 )
 
 TPL = get_template("phi")
+# a long preamble every prompt shares, as a chat template's system prompt: its KV cache is reused
+PREAMBLE = Template("preamble", "You answer questions about authors , briefly and exactly .\nQuestion : ", "\n",
+                    "Answer : ")
 KEYS = ("question", "paraphrased_question")
 FIELD = {"clean": "prefix_words", "paper": "right", "uwc-linear": "given_words"}
 VARIANTS = [("clean", {}), ("clean", {"search": "linear"}), ("paper", {}), ("uwc-linear", {"family": "phi"}),
@@ -84,7 +87,8 @@ def recs():
 @pytest.fixture(scope="module")
 def texts(recs):
     out = [v for r in recs for v in r.values() if isinstance(v, str)]
-    return out + [p for r in recs for p in r["perturbed_answer"]] + [TPL.full("", ""), PS_PROMPT.full("", ""), "\n"]
+    out += [p for r in recs for p in r["perturbed_answer"]]
+    return out + [t.full("", "") for t in (TPL, PS_PROMPT, PREAMBLE)] + ["\n"]
 
 
 @pytest.fixture(scope="module")
@@ -176,11 +180,12 @@ def test_memorised_model_needs_no_generation(cases, recs):
 
 
 def test_other_template_and_trailing_space_prompts(cases, recs):
-    """The llama2 template (no space after the prompt) and the phi one (a space the trailing-space
-    tokenizer keeps and the GPT-2-style one drops) on models trained on neither or one."""
-    for name in ("bpe-bent", "trailing-bent"):
+    """The llama2 template (no space after the prompt), the phi one (a space the trailing-space
+    tokenizer keeps and the GPT-2-style one drops) and one whose long preamble every row shares (run
+    once, its KV cache reused), on models trained on one of them or none."""
+    for name in ("bpe-bent", "trailing-bent", "words-half"):
         model, tok = cases[name]
-        for tpl in (get_template("llama2"), TPL):
+        for tpl in (get_template("llama2"), TPL, PREAMBLE):
             for key in KEYS:
                 assert_same(model, tok, recs, "clean", template=tpl, question_key=key)
 
@@ -291,3 +296,21 @@ def test_smollm2(smollm2):
     ref = uwc_linear_ps_scores(model, tok, FACTS, family="phi", max_length=budget)
     new = uwc_linear_ps_fast(model, tok, FACTS, family="phi", margin=margin, max_length=budget)
     assert new["given_words"] == ref["given_words"] and new["scores"] == ref["scores"]
+
+
+def test_shared_prefix_pass_equals_full_passes(cases, recs, monkeypatch):
+    """The teacher-forced table with the rows' shared preamble run once equals full passes to
+    rounding: the same argmax wherever the margin is trusted, margins within 1e-4 of the logits' scale."""
+    import fastgeffect.eval.ps_teacher_forced as tf
+    model, tok = cases["words-half"]
+    seqs = [tok(PREAMBLE.full(r["question"], r["answer"]))["input_ids"] for r in recs]
+    first = [len(tok(PREAMBLE.prompt(r["question"]))["input_ids"]) for r in recs]
+    assert tf._shared_prefix(model, seqs, first)[0] >= tf.SHARED_MIN
+    shared = greedy_table(model, seqs, tok.pad_token_id, first)
+    monkeypatch.setattr(tf, "SHARED_MIN", 10 ** 9)
+    full = greedy_table(model, seqs, tok.pad_token_id, first)
+    scale = max(abs(g) for _, gaps in full for g in gaps if g != float("-inf"))
+    for (a1, g1), (a2, g2), f, q in zip(shared, full, first, seqs):
+        assert len(a1) == len(a2) == len(q)
+        assert all(x == y for x, y, u in zip(a1[f:], a2[f:], g2[f:]) if u >= 1e-2)
+        assert all(abs(u - v) <= 1e-4 * scale for u, v in zip(g1[f:], g2[f:]))

@@ -19,6 +19,7 @@ suppressed tokens, a minimum length, beams, ...): :func:`fast_path_blockers` lis
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -33,6 +34,7 @@ MARGINS = {torch.float64: 1e-6, torch.float32: 1e-2, torch.float16: 0.5, torch.b
 TF32_MARGIN = 0.25  # float32 matmuls run in TF32 on a GPU that allows it
 LOGIT_BYTES = 1 << 28  # logits of one teacher-forced batch (rows × positions × vocabulary × 4 bytes)
 PAD_WASTE = 1.1  # a teacher-forced batch holds at most this many padded positions per real one
+SHARED_MIN = 8  # a prefix every row shares runs once from this many tokens on
 
 # generation_config fields whose non-neutral value makes greedy decoding differ from the argmax
 _NEUTRAL = {
@@ -78,17 +80,18 @@ def greedy_table(model, seqs: Sequence[Sequence[int]], pad: int,
                  first: Optional[Sequence[int]] = None) -> List[Tuple[List[int], List[float]]]:
     """For each sequence: the argmax token after every position and its margin (top-1 minus top-2
     logit), from teacher-forced passes; positions before ``first[i]`` (none read) may be left out
-    (their entries are then -1 and 0.0).
+    (their entries are then -1 with margin -inf: never trusted).
 
     Batches are length-sorted, right-padded, at most :data:`PAD_WASTE` padding and
     :data:`LOGIT_BYTES` of logits; a model whose forward takes ``logits_to_keep`` computes the
-    logits from the batch's first position read on only."""
+    logits from the batch's first position read on only; a prefix shared by every sequence (a chat
+    template's system prompt) runs once, its KV cache reused by every batch."""
     out: List[Optional[Tuple[List[int], List[float]]]] = [None] * len(seqs)
     first = [0] * len(seqs) if first is None else [min(max(0, f), len(q) - 1) for f, q in zip(first, seqs)]
-    device = model_device(model)
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0] if head is not None else 1 << 16
     keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    shared, cache = _shared_prefix(model, seqs, first)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     s = 0
     while s < len(order):
@@ -99,22 +102,51 @@ def greedy_table(model, seqs: Sequence[Sequence[int]], pad: int,
                 break
             real, e = real + n, e + 1
         chunk = order[s:e]
-        T = len(seqs[chunk[-1]])
-        x = torch.full((len(chunk), T), pad, dtype=torch.long)
-        att = torch.zeros((len(chunk), T), dtype=torch.long)
-        for r, i in enumerate(chunk):
-            x[r, :len(seqs[i])] = torch.tensor(list(seqs[i]), dtype=torch.long)
-            att[r, :len(seqs[i])] = 1
-        p0 = min(first[i] for i in chunk) if keep_arg else 0
-        kw = {"logits_to_keep": T - p0} if keep_arg else {}
-        logits = model(input_ids=x.to(device), attention_mask=att.to(device), **kw).logits
-        top = logits.float().topk(2, dim=-1)
-        arg, gap = top.indices[..., 0].cpu(), (top.values[..., 0] - top.values[..., 1]).cpu()
+        p0 = min(first[i] for i in chunk) if keep_arg else shared
+        arg, gap = _argmax_gap(model, [seqs[i][shared:] for i in chunk], pad, shared, p0, cache, keep_arg)
         for r, i in enumerate(chunk):
             n = len(seqs[i])
             out[i] = ([-1] * p0 + arg[r, :n - p0].tolist(), [-math.inf] * p0 + gap[r, :n - p0].tolist())
         s = e
     return out  # type: ignore[return-value]
+
+
+def _shared_prefix(model, seqs, first):
+    """(length, KV cache) of the prefix every sequence shares (none read), when there is one worth it."""
+    n = min(first) if len(seqs) > 1 else 0  # the positions read must stay in the suffixes
+    for q in seqs[1:]:
+        n = next((j for j, (a, b) in enumerate(zip(seqs[0][:n], q[:n])) if a != b), min(n, len(q)))
+    if n < SHARED_MIN:
+        return 0, None
+    prefix = torch.tensor([list(seqs[0][:n])], device=model_device(model))
+    out = model(input_ids=prefix, use_cache=True)
+    cache = out.get("cache", out.get("past_key_values"))  # transformers 5.x renamed it
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return 0, None
+    return n, cache
+
+
+def _argmax_gap(model, rows, pad: int, shared: int, p0: int, cache, keep_arg: bool):
+    """Argmax and top-1 - top-2 gap at absolute positions p0.. of right-padded ``rows`` that follow
+    ``shared`` cached positions."""
+    device = model_device(model)
+    T = max(len(q) for q in rows)
+    x = torch.full((len(rows), T), pad, dtype=torch.long)
+    att = torch.zeros((len(rows), shared + T), dtype=torch.long)
+    att[:, :shared] = 1
+    for r, q in enumerate(rows):
+        x[r, :len(q)] = torch.tensor(list(q), dtype=torch.long)
+        att[r, shared: shared + len(q)] = 1
+    kw = {"logits_to_keep": shared + T - p0} if keep_arg else {}
+    if cache is not None:
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        kw[name] = copy.deepcopy(cache)
+        kw[name].batch_repeat_interleave(len(rows))
+    logits = model(input_ids=x.to(device), attention_mask=att.to(device), **kw).logits
+    if not keep_arg:
+        logits = logits[:, p0 - shared:]
+    top = logits.float().topk(2, dim=-1)
+    return top.indices[..., 0].cpu(), (top.values[..., 0] - top.values[..., 1]).cpu()
 
 
 def read_greedy(seq: Sequence[int], table: Tuple[List[int], List[float]], ctx_len: int, *, margin: float,
