@@ -150,6 +150,17 @@ def _known(model, tokenizer, probes, row_of, fulls, full_texts, tables, *, margi
     return out
 
 
+def _mark_moot(pending, verdicts) -> None:
+    """Open probes after a row's first decided match are never read (the row's answer is an
+    earlier k): marked False so that only the open probes before it are generated."""
+    matched = set()
+    for r, (i, _) in enumerate(pending):
+        if verdicts[r] is None and i in matched:
+            verdicts[r] = False
+        elif verdicts[r] is True:
+            matched.add(i)
+
+
 def paper_ps_fast(model, tokenizer, records: Sequence[dict], *, margin: float, question_key: str = "question",
                   answer_key: str = "answer", batch_size: int = PAPER_BATCH,
                   max_length: int = PAPER_MAX_LENGTH) -> Dict[str, object]:
@@ -172,7 +183,7 @@ def paper_ps_fast(model, tokenizer, records: Sequence[dict], *, margin: float, q
             texts = tokenizer.batch_decode([f[:m] for f, m in zip(fulls, mid)], skip_special_tokens=True)
             ctxs = [_encode(tokenizer, t) for t in texts]
             budget = max(1, max_length - max(len(c) for c in ctxs))  # the padded batch's, as generate() counts
-            keys = [(i, tuple(c), budget) for i, c in enumerate(ctxs)]
+            keys = [(i, m, tuple(c), budget) for i, (m, c) in enumerate(zip(mid, ctxs))]
             rows = [i for i, key in enumerate(keys) if key not in cache]
             probes = [(ctxs[i], budget, texts[i]) for i in rows]
             known = _known(model, tokenizer, probes, rows, fulls, full_texts, tables, margin=margin,
@@ -232,14 +243,7 @@ def uwc_linear_ps_fast(model, tokenizer, records: Sequence[dict], *, family: str
             return uwc_decide(tokenizer, gen, complete, answers[i], words[i], k, phi, settle)
         verdicts = [decide(r, g, c) for r, (g, c) in enumerate(known)]
         count["probes"] += len(pending)
-        # generate the open probes that come before a row's first decided match; later ones are moot
-        first_true = {}
-        for r, (i, _) in enumerate(pending):
-            if verdicts[r] is True and i not in first_true:
-                first_true[i] = r
-        moot = [r for r, (i, _) in enumerate(pending) if verdicts[r] is None and r > first_true.get(i, len(pending))]
-        for r in moot:
-            verdicts[r] = False  # never read: the row's answer is an earlier k
+        _mark_moot(pending, verdicts)
         _settle_open(model, probes, verdicts, [g for g, _ in known], count, decide, stop_ids=stop_ids, pad=pad,
                      batch_size=batch_size)
         for r, (i, k) in enumerate(pending):

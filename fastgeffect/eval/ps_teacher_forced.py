@@ -157,6 +157,8 @@ def read_greedy(seq: Sequence[int], table: Tuple[List[int], List[float]], ctx_le
     the decoder stays on ``seq``; the first token off ``seq`` is known, the ones after it are not."""
     arg, gap = table
     out: List[int] = []
+    if ctx_len < 1:
+        return out, False  # nothing to condition on: left to generation (which refuses it)
     p = ctx_len - 1
     while len(out) < budget:
         if gap[p] < margin:
