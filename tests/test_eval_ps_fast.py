@@ -314,3 +314,19 @@ def test_shared_prefix_pass_equals_full_passes(cases, recs, monkeypatch):
         assert len(a1) == len(a2) == len(q)
         assert all(x == y for x, y, u in zip(a1[f:], a2[f:], g2[f:]) if u >= 1e-2)
         assert all(abs(u - v) <= 1e-4 * scale for u, v in zip(g1[f:], g2[f:]))
+
+
+@pytest.mark.parametrize("max_length", [12, 30, 45])
+def test_budgets_that_cut_in(cases, recs, max_length):
+    """The public code's protocols with budgets that end generations mid-answer or leave one token
+    (the prompt fills max_length): the known tokens stop at the budget as generate() does."""
+    from fastgeffect.eval.ps_fast_protocols import paper_ps_fast, uwc_linear_ps_fast
+    from fastgeffect.eval.ps_protocols import paper_ps_scores, uwc_linear_ps_scores
+    for name in ("bpe-bent", "words-memorised"):
+        model, tok = cases[name]
+        ref = paper_ps_scores(model, tok, recs, max_length=max_length, batch_size=3)
+        new = paper_ps_fast(model, tok, recs, margin=1e-2, max_length=max_length, batch_size=3)
+        assert new["right"] == ref["right"] and new["scores"] == ref["scores"]
+        ref = uwc_linear_ps_scores(model, tok, recs[:4], family=FAMILY[name], max_length=max_length)
+        new = uwc_linear_ps_fast(model, tok, recs[:4], family=FAMILY[name], margin=1e-2, max_length=max_length)
+        assert new["given_words"] == ref["given_words"] and new["scores"] == ref["scores"]
