@@ -120,7 +120,7 @@ def _shared_prefix(model, seqs, first):
         return 0, None
     prefix = torch.tensor([list(seqs[0][:n])], device=model_device(model))
     out = model(input_ids=prefix, use_cache=True)
-    cache = out.get("cache", out.get("past_key_values"))  # transformers 5.x renamed it
+    cache = out["cache"] if "cache" in out else out.get("past_key_values")  # transformers 5.x renamed it
     if not hasattr(cache, "batch_repeat_interleave"):
         return 0, None
     return n, cache
