@@ -1,6 +1,9 @@
 """Evaluation speed, reference vs new in one run (issue 25), section by section; each section
 returns table rows and ``main`` prints one Markdown table per section.
 
+TOFU metrics and UWC section (:func:`tofu_uwc_section`, from ``bench_eval_tofu.py``): the TOFU
+evaluator and UWC calibration with their references on the same rows, every number compared.
+
 PS section (:func:`ps_section`): ``ps_scores`` under each protocol (clean, paper, uwc-linear),
 PS-exact (``question``) and PS-perturb (``paraphrased_question``), with the reference search
 (``method="search"``: a generation at every search step) and the fast path (the default,
@@ -112,10 +115,25 @@ def ps_section(device: str = "cpu", quick: bool = False, size: str = "default", 
     return rows
 
 
+def tofu_uwc_section(args: argparse.Namespace) -> List[Dict]:
+    """TOFU metrics (both generation modes) and UWC calibration, reference vs new (bench_eval_tofu.py):
+    the embedded target, then SmolLM2 on real TOFU rows unless ``--quick`` or without ``--data-dir``."""
+    import bench_eval_tofu as tofu  # a sibling file: the script's folder is on sys.path
+
+    ns = argparse.Namespace(quick=args.quick, size=args.size, rows=4 if args.quick else 100, batch_size=32,
+                            repeats=1 if args.quick else 2, data_dir=args.data_dir, smollm2=False)
+    rows = tofu.run_embedded(ns, args.device)
+    if not args.quick and args.data_dir is not None and args.smollm2_rows > 0:
+        rows += tofu.run_smollm2(argparse.Namespace(**{**vars(ns), "rows": 8, "repeats": 1}), args.device)
+    cols = [c.strip() for c in tofu.HEADER[0].strip().strip("|").split("|")]
+    return [dict(zip(cols, (c.strip() for c in r.strip().strip("|").split("|")))) for r in rows]
+
+
 # each section takes the parsed arguments and returns its table rows
 SECTIONS: Dict[str, Callable[[argparse.Namespace], List[Dict]]] = {
     "PS": lambda a: ps_section(a.device, a.quick, a.size, a.smollm2_rows, a.data_dir, a.repeats,
                                a.smollm2_uwc_rows),
+    "TOFU metrics and UWC": tofu_uwc_section,
 }
 
 

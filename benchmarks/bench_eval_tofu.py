@@ -5,8 +5,9 @@ items 2 and 3; docs/design.md §5.1, §5.3).
   Hugging Face ``generate``) against the default (each prompt once into a KV cache for all its
   answers, a KV-cache generation loop whose rows leave as they end); then the same split into its
   loss passes and its generation, each timed both ways, which says where the time goes.
-* UWC: ``uwc_calibrate(mixing="hooks")`` (the mixture recomputed around every module's forward)
-  against ``mixing="materialise"`` (the mixture computed once per α), same reference PS.
+* UWC: ``uwc_calibrate(mixing="hooks", ps_method="search")`` (the mixture recomputed around every
+  module's forward, PS by generation at every search step: the previous implementation) against the
+  default (the mixture computed once per α, PS's teacher-forced fast path), same reference PS.
 
 Every number is compared: the largest |difference| of the losses, truth ratios, ROUGE, token
 counts and aggregated metrics (with the scale: the largest |value|), whether every generation is
@@ -168,19 +169,20 @@ def tofu_rows(model, tokenizer, template, sets: Dict[str, Sequence[dict]], *, ma
 def uwc_rows(original, unlearned, tokenizer, template, retain: Sequence[dict], forget: Sequence[dict], *,
              preset: str = "phi", ps_protocol: str = "clean", batch_size: int = 32, alpha_tol: float = 1 / 64,
              quick: bool = False, repeats: Optional[int] = None, label: str = "", device="cpu") -> List[str]:
-    """Row: ``uwc_calibrate`` with the per-module hooks vs the materialised mixture (search and the
-    default PS report at α; the reference PS computed once beforehand and given to both)."""
+    """Row: ``uwc_calibrate`` as it was (per-module hooks, PS by the reference search) vs the new
+    (the materialised mixture, PS's teacher-forced fast path): the search and the default PS report
+    at α; the reference PS computed once beforehand and given to both."""
     repeats = repeats or 1
     kw = dict(preset=preset, ps_protocol=ps_protocol, batch_size=batch_size, alpha_tol=alpha_tol)
     reference_ps = ps_scores(original, tokenizer, template, retain, protocol=ps_protocol, family=preset,
                              batch_size=batch_size)["ps"]
     before = {n: p.detach().clone() for n, p in unlearned.named_parameters()}
 
-    def run(mixing):
+    def run(mixing, ps_method):
         return uwc_calibrate(original, unlearned, tokenizer, template, retain, forget, reference_ps=reference_ps,
-                             mixing=mixing, **kw)
-    t_ref, ref = timed(lambda: run("hooks"), device, repeats)
-    t_new, new = timed(lambda: run("materialise"), device, repeats)
+                             mixing=mixing, ps_method=ps_method, **kw)
+    t_ref, ref = timed(lambda: run("hooks", "search"), device, repeats)
+    t_new, new = timed(lambda: run("materialise", "teacher-forced"), device, repeats)
     restored = all(torch.equal(p, before[n]) for n, p in unlearned.named_parameters())
     d, s = max_difference([ref["metrics"][k] for k in sorted(ref["metrics"])],
                           [new["metrics"][k] for k in sorted(ref["metrics"])])

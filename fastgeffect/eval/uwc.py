@@ -167,14 +167,15 @@ def uwc_calibrate(original_model, unlearned_model, tokenizer, template: Template
                   forget_records: Sequence[dict], *, tolerance: Optional[float] = None, preset: str = "phi",
                   alpha_tol: float = 1 / 64, batch_size: int = 32, reference_ps: Optional[float] = None,
                   report_fn: Optional[Callable] = None, ps_protocol: str = "clean",
-                  mixing: str = "materialise") -> Dict[str, object]:
+                  mixing: str = "materialise", ps_method: str = "teacher-forced") -> Dict[str, object]:
     """UWC-calibrate an unlearned model against its original.
 
     Retain PS-exact of θ_o is computed once (or passed as ``reference_ps``, e.g. cached from an
     earlier run); the search evaluates only the retain PS of θ_mix, at ~log2(1/alpha_tol) values
     of α. At the chosen α, once, ``report_fn(model)`` (default: PS-exact/PS-perturb on retain and
     forget) gives the metrics. PS is computed under ``ps_protocol`` (eval/ps_protocols.py;
-    ``preset`` names uwc-linear's family). ``mixing`` is :func:`mixed_weights`' mode.
+    ``preset`` names uwc-linear's family). ``mixing`` is :func:`mixed_weights`' mode; ``ps_method``
+    is :func:`.ps.ps_scores`' (its reference search: ``"search"``): both change no number.
     """
     if mixing not in MIX_MODES:  # before the reference PS is spent
         raise ValueError(f"unknown mixing mode {mixing!r}; valid: {', '.join(MIX_MODES)}")
@@ -182,7 +183,7 @@ def uwc_calibrate(original_model, unlearned_model, tokenizer, template: Template
         if preset not in TOLERANCE:
             raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(TOLERANCE)} (or pass tolerance=)")
         tolerance = TOLERANCE[preset]
-    ps_kw = dict(protocol=ps_protocol, family=preset, batch_size=batch_size)
+    ps_kw = dict(protocol=ps_protocol, family=preset, batch_size=batch_size, method=ps_method)
     if reference_ps is None:
         reference_ps = ps_scores(original_model, tokenizer, template, retain_records, **ps_kw)["ps"]
 
