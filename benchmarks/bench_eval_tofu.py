@@ -57,16 +57,25 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable, device, repeats: int = 1):
-    """(best seconds of ``repeats`` calls, the last call's result)."""
-    best, out = math.inf, None
+def timed(fn: Callable, device):
+    """(seconds, result) of one call."""
+    _sync(device)
+    t = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t, out
+
+
+def timed_pair(reference: Callable, new: Callable, device, repeats: int = 1):
+    """(best seconds of the reference, its result, best seconds of the new path, its result): the two
+    alternate ``repeats`` times, so that a machine busy for a while slows both alike."""
+    best = [math.inf, math.inf]
+    outs = [None, None]
     for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        out = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        for k, fn in enumerate((reference, new)):
+            t, outs[k] = timed(fn, device)
+            best[k] = min(best[k], t)
+    return best[0], outs[0], best[1], outs[1]
 
 
 def _numbers(v) -> List[Optional[float]]:
@@ -122,14 +131,14 @@ def tofu_rows(model, tokenizer, template, sets: Dict[str, Sequence[dict]], *, ma
               repeats: Optional[int] = None, label: str = "", device="cpu") -> List[str]:
     """Rows: ``evaluate_tofu`` reference vs new on ``sets`` (their first ``ds_size`` rows), then its
     loss passes and its generation alone, each both ways. ``repeats`` (default 1 quick, else 2):
-    the best of that many runs is timed."""
+    the best of that many alternating runs is kept (:func:`timed_pair`)."""
     repeats = repeats or (1 if quick else 2)
     kw = dict(ds_size=ds_size, max_length=max_length, gen_mode=gen_mode, batch_size=batch_size, progress=False)
     warm = {name: list(r[:1]) for name, r in list(sets.items())[:1]}  # imports (ROUGE's nltk), first calls
     for reference in (True, False):
         evaluate_tofu(model, tokenizer, template, warm, reference=reference, **kw)
-    t_ref, ref = timed(lambda: evaluate_tofu(model, tokenizer, template, sets, reference=True, **kw), device, repeats)
-    t_new, new = timed(lambda: evaluate_tofu(model, tokenizer, template, sets, **kw), device, repeats)
+    t_ref, ref, t_new, new = timed_pair(lambda: evaluate_tofu(model, tokenizer, template, sets, reference=True, **kw),
+                                        lambda: evaluate_tofu(model, tokenizer, template, sets, **kw), device, repeats)
     diffs = log_differences(ref["logs"], new["logs"])
     metrics = max_difference([ref["metrics"][k] for k in sorted(ref["metrics"])],
                              [new["metrics"][k] for k in sorted(ref["metrics"])])
@@ -155,24 +164,25 @@ def tofu_rows(model, tokenizer, template, sets: Dict[str, Sequence[dict]], *, ma
         return fn(model, tokenizer, prompts, mode=gen_mode, max_length=max_length, add_special_tokens=not template.chat,
                   batch_size=TOFU_BATCH_SIZE if gen_mode == "tofu" else batch_size)
 
-    tl_ref, l_ref = timed(lambda: losses(True), device, repeats)
-    tl_new, l_new = timed(lambda: losses(False), device, repeats)
+    tl_ref, l_ref, tl_new, l_new = timed_pair(lambda: losses(True), lambda: losses(False), device, repeats)
     d, s = max_difference(l_ref, l_new)
     rows.append(_row(f"— loss passes (answer, base, perturbed; {len(l_ref)} pairs)", tl_ref, tl_new,
                      f"losses {d:.1e} (scale {s:.3g})"))
-    tg_ref, g_ref = timed(lambda: generate(greedy_generate), device, repeats)
-    tg_new, g_new = timed(lambda: generate(cached_greedy_generate), device, repeats)
+    tg_ref, g_ref, tg_new, g_new = timed_pair(lambda: generate(greedy_generate),
+                                              lambda: generate(cached_greedy_generate), device, repeats)
     rows.append(_row(f"— generation ({len(g_ref)} prompts)", tg_ref, tg_new, "", "yes" if g_ref == g_new else "NO"))
     return rows
 
 
 def uwc_rows(original, unlearned, tokenizer, template, retain: Sequence[dict], forget: Sequence[dict], *,
-             preset: str = "phi", ps_protocol: str = "clean", batch_size: int = 32, alpha_tol: float = 1 / 64,
+             preset: str = "phi", ps_protocol: str = "clean", batch_size: int = 32, alpha_tol: Optional[float] = None,
              quick: bool = False, repeats: Optional[int] = None, label: str = "", device="cpu") -> List[str]:
     """Row: ``uwc_calibrate`` as it was (per-module hooks, PS by the reference search) vs the new
     (the materialised mixture, PS's teacher-forced fast path): the search and the default PS report
-    at α; the reference PS computed once beforehand and given to both."""
+    at α; the reference PS computed once beforehand and given to both. ``alpha_tol`` defaults to
+    the driver's 1/64 (1/16 quick)."""
     repeats = repeats or 1
+    alpha_tol = alpha_tol or (1 / 16 if quick else 1 / 64)
     kw = dict(preset=preset, ps_protocol=ps_protocol, batch_size=batch_size, alpha_tol=alpha_tol)
     reference_ps = ps_scores(original, tokenizer, template, retain, protocol=ps_protocol, family=preset,
                              batch_size=batch_size)["ps"]
@@ -181,8 +191,8 @@ def uwc_rows(original, unlearned, tokenizer, template, retain: Sequence[dict], f
     def run(mixing, ps_method):
         return uwc_calibrate(original, unlearned, tokenizer, template, retain, forget, reference_ps=reference_ps,
                              mixing=mixing, ps_method=ps_method, **kw)
-    t_ref, ref = timed(lambda: run("hooks", "search"), device, repeats)
-    t_new, new = timed(lambda: run("materialise", "teacher-forced"), device, repeats)
+    t_ref, ref, t_new, new = timed_pair(lambda: run("hooks", "search"), lambda: run("materialise", "teacher-forced"),
+                                        device, repeats)
     restored = all(torch.equal(p, before[n]) for n, p in unlearned.named_parameters())
     d, s = max_difference([ref["metrics"][k] for k in sorted(ref["metrics"])],
                           [new["metrics"][k] for k in sorted(ref["metrics"])])

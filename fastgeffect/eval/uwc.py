@@ -80,7 +80,8 @@ def mixed_weights(unlearned: torch.nn.Module, original: torch.nn.Module, alpha: 
 
 
 def _mixture(p: torch.Tensor, o: torch.Tensor, alpha: float) -> torch.Tensor:
-    o = o.detach().to(device=p.device, dtype=p.dtype, non_blocking=True)
+    # a blocking copy: a non-blocking one from a GPU into CPU memory could be read before it lands
+    o = o.detach().to(device=p.device, dtype=p.dtype)
     return o if alpha == 0.0 else torch.lerp(o, p.data, alpha)
 
 
