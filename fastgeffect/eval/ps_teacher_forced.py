@@ -13,6 +13,11 @@ beats the runner-up by ``margin`` (:data:`MARGINS`, per dtype); where it does no
 unknown from there on and a real generation decides (:func:`continue_greedy`, from the context plus
 the tokens already known, stopping each row as soon as its verdict is certain).
 
+Deciding a verdict from the first tokens of a generation needs what every longer generation
+keeps: :func:`settled_text` (the decoded text, less an unfinished character and what a clean-up of
+spaces may still change) and :func:`settled_tokens` (the tokens of a re-encoding before its last
+word and the whitespace ahead of it).
+
 Greedy generation is the argmax only when no logits processor is configured (repetition penalty,
 suppressed tokens, a minimum length, beams, ...): :func:`fast_path_blockers` lists what the model's
 ``generation_config`` sets; PS then falls back to its reference search.
@@ -59,11 +64,12 @@ def fast_path_blockers(model) -> List[str]:
 
 
 def default_margin(model) -> float:
-    """:data:`MARGINS` for the model's floating-point dtype (TF32 counts as its own precision)."""
+    """:data:`MARGINS` for the model's floating-point dtype (float32 matmuls allowed to run in
+    TF32 or lower count as that precision)."""
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = param.dtype if param is not None else torch.float32
-    if dtype == torch.float32 and param is not None and param.device.type == "cuda" \
-            and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and (torch.get_float32_matmul_precision() != "highest" or (
+            param is not None and param.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)):
         return TF32_MARGIN
     return MARGINS.get(dtype, MARGINS[torch.bfloat16])
 
