@@ -46,18 +46,24 @@ def words_state(text: str, target: Sequence[str]):
 
 
 class Job:
-    """One (sample, m) check: context text and ids, words already given, target words, budget."""
+    """One (sample, m) check: context text and ids, words already given, target words, budget
+    (:meth:`build` makes one; :func:`build_jobs` many with batched tokenizer calls)."""
 
-    def __init__(self, tokenizer, base: str, words: List[str], m: int, add_special: bool,
-                 full: Optional[List[int]] = None):
+    def __init__(self, tokenizer, words: List[str], m: int, context: str, ids: List[int], target_tokens: int):
         self.prefix = " ".join(words[:m])
-        self.context, self.ids = context_of(tokenizer, base, words, m, add_special, full)
+        self.context, self.ids = context, ids
         self.sep = " " if self.context.endswith(" ") else ""
         self.tail = self.ids[-_TAIL:]
         self.words = words
         self.tail_text = tokenizer.decode(self.tail, skip_special_tokens=True)
-        target = " ".join(words[m:])
-        self.budget = 2 * len(tokenizer(" " + target, add_special_tokens=False)["input_ids"]) + 8
+        self.budget = 2 * target_tokens + 8
+
+    @classmethod
+    def build(cls, tokenizer, base: str, words: List[str], m: int, add_special: bool,
+              full: Optional[List[int]] = None) -> "Job":
+        context, ids = context_of(tokenizer, base, words, m, add_special, full)
+        target = tokenizer(" " + " ".join(words[m:]), add_special_tokens=False)["input_ids"]
+        return cls(tokenizer, words, m, context, ids, len(target))
 
     def reconstructed(self, tokenizer, new_ids: Sequence[int]) -> str:
         full = tokenizer.decode(list(self.tail) + list(new_ids), skip_special_tokens=True)
@@ -100,6 +106,24 @@ def context_of(tokenizer, base: str, words: List[str], m: int, add_special: bool
         if full[:len(ids)] == ids:
             return cand, ids
     return stripped, tokenizer(stripped, add_special_tokens=add_special)["input_ids"]
+
+
+def build_jobs(tokenizer, bases: Sequence[str], words: Sequence[List[str]], rows: Sequence[int], ms: Sequence[int],
+               add_special: bool, fulls: Sequence[List[int]]) -> List[Job]:
+    """:meth:`Job.build` for every (row, m), its tokenizer calls batched (the same ids)."""
+    stripped = [(bases[i] + " ".join(words[i][:m]) + (" " if m else "")).rstrip(" ") for i, m in zip(rows, ms)]
+    bare = tokenizer(stripped, add_special_tokens=add_special)["input_ids"]
+    spaced = tokenizer([t + " " for t in stripped], add_special_tokens=add_special)["input_ids"]
+    targets = tokenizer([" " + " ".join(words[i][m:]) for i, m in zip(rows, ms)], add_special_tokens=False)["input_ids"]
+    jobs = []
+    for r, (i, m) in enumerate(zip(rows, ms)):
+        full = fulls[i]
+        if full[:len(bare[r])] != bare[r] and full[:len(spaced[r])] == spaced[r]:
+            context, ids = stripped[r] + " ", spaced[r]
+        else:  # the stripped form: a prefix, or the fallback (context_of's order)
+            context, ids = stripped[r], bare[r]
+        jobs.append(Job(tokenizer, words[i], m, context, ids, len(targets[r])))
+    return jobs
 
 
 def _make_stopper(tokenizer, jobs: List[Job], eos: Optional[int]):
@@ -173,7 +197,7 @@ def clean_ps_search(model, tokenizer, template: Template, records: Sequence[dict
     bases, words, add_special = clean_rows(tokenizer, template, records, question_key, answer_key)
 
     def answer(rows, ms):
-        jobs = [Job(tokenizer, bases[i], words[i], m, add_special) for i, m in zip(rows, ms)]
+        jobs = [Job.build(tokenizer, bases[i], words[i], m, add_special) for i, m in zip(rows, ms)]
         return generate_verdicts(model, tokenizer, jobs, batch_size, add_special)
 
     prefix_words, steps = prefix_search([len(w) for w in words], search, answer)

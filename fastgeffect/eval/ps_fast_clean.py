@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..data.templates import Template
 from ._common import pad_id
-from .ps_clean import Job, clean_result, clean_rows, prefix_search
+from .ps_clean import Job, build_jobs, clean_result, clean_rows, prefix_search
 from .ps_teacher_forced import continue_greedy, greedy_table, guess_ids, read_greedy, read_own, stop_ids_of
 
 
@@ -46,7 +46,8 @@ def clean_ps_fast(model, tokenizer, template: Template, records: Sequence[dict],
     # generate() ends a row at the config's EOS (greedy_generate adds the tokenizer's when it has
     # none) and the reference's stopper at the tokenizer's
     stop_ids = stop_ids_of(model, [eos])
-    shortest = [len(Job(tokenizer, b, w, 0, add_special, full=f).ids) for b, w, f in zip(bases, words, fulls)]
+    shortest = [len(j.ids) for j in build_jobs(tokenizer, bases, words, range(len(words)), [0] * len(words),
+                                                add_special, fulls)]
     tables = greedy_table(model, fulls, pad, [n - 1 for n in shortest])  # m = 0: the shortest context
     count = {"generate_calls": 0, "probes": 0, "generated_probes": 0}
 
@@ -72,7 +73,7 @@ def clean_ps_fast(model, tokenizer, template: Template, records: Sequence[dict],
         return [k for k, _ in known]
 
     def answer(rows: List[int], ms: List[int]) -> List[bool]:
-        jobs = [Job(tokenizer, bases[i], words[i], m, add_special, full=fulls[i]) for i, m in zip(rows, ms)]
+        jobs = build_jobs(tokenizer, bases, words, rows, ms, add_special, fulls)
         known = known_tokens(rows, jobs)
         verdicts = [scan_verdict(tokenizer, job, k, stop_ids) for job, k in zip(jobs, known)]
         open_ = [r for r, v in enumerate(verdicts) if v is None]

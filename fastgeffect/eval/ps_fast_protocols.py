@@ -31,7 +31,6 @@ from .ps_protocols import (
     PAPER_MAX_LENGTH,
     PS_PROMPT,
     UWC_LINEAR_MAX_LENGTH,
-    _encode,
     paper_match,
     paper_rows,
     paper_search,
@@ -39,6 +38,7 @@ from .ps_protocols import (
     uwc_prompt,
 )
 from .ps_teacher_forced import (
+    Encoder,
     continue_greedy,
     decode_settle,
     greedy_table,
@@ -54,13 +54,13 @@ UWC_WINDOW = 4  # uwc-linear: k per row in a row's first round of probes; double
 
 
 def paper_decide(tokenizer, ctx: List[int], gen: List[int], complete: bool, full: Sequence[int], mid: int,
-                 settle: int) -> Optional[bool]:
+                 settle: int, encoder: Encoder) -> Optional[bool]:
     """Table 1's match of a row whose generation starts with ``gen`` (all of it when ``complete``),
     or None while appended tokens could still change it."""
     if complete:
-        return paper_match(tokenizer, ctx + gen, full, mid)
+        return paper_match(tokenizer, ctx + gen, full, mid, encoder.ids)
     text = settled_text(tokenizer, ctx + gen, settle)
-    stable = settled_tokens(tokenizer, text)
+    stable = settled_tokens(tokenizer, text, encoder)
     if stable is None:
         return None
     s = len(stable)
@@ -69,12 +69,12 @@ def paper_decide(tokenizer, ctx: List[int], gen: List[int], complete: bool, full
         return False
     if s >= len(full):
         return True
-    if s >= mid and _next_token_differs(tokenizer, stable, full[s], text, settle):
+    if s >= mid and _next_token_differs(tokenizer, stable, full[s], text, settle, encoder):
         return False
     return None
 
 
-def _next_token_differs(tokenizer, stable: List[int], token: int, text: str, settle: int) -> bool:
+def _next_token_differs(tokenizer, stable: List[int], token: int, text: str, settle: int, encoder: Encoder) -> bool:
     """Whether the re-encoded output's token after its settled tokens ``stable`` cannot be ``token``:
     the text it would decode to disagrees with the known text. Decoding the re-encoding gives the
     decoded output back (checked on the known text), so both are prefixes of the same string."""
@@ -82,7 +82,7 @@ def _next_token_differs(tokenizer, stable: List[int], token: int, text: str, set
     n = min(len(with_token), len(text))
     if with_token[:n] == text[:n]:
         return False
-    return tokenizer.decode(_encode(tokenizer, text), skip_special_tokens=True) == text
+    return tokenizer.decode(encoder.ids(text), skip_special_tokens=True) == text
 
 
 def uwc_decide(tokenizer, gen: List[int], complete: bool, answer: str, words: Sequence[str], k: int, phi: bool,
@@ -176,12 +176,13 @@ def paper_ps_fast(model, tokenizer, records: Sequence[dict], *, margin: float, q
         pairs = [(str(r[question_key]), str(r[answer_key])) for r in records[s: s + batch_size]]
         fulls, qs = paper_rows(tokenizer, pairs)
         full_texts = [PS_PROMPT.full(q, a) for q, a in pairs]
+        encoder = Encoder(tokenizer, full_texts)
         tables = greedy_table(model, fulls, pad, [q - 1 for q in qs])  # mid never goes below the question's length
         cache: Dict[tuple, bool] = {}
 
         def step(mid: List[int]) -> List[bool]:
             texts = tokenizer.batch_decode([f[:m] for f, m in zip(fulls, mid)], skip_special_tokens=True)
-            ctxs = [_encode(tokenizer, t) for t in texts]
+            ctxs = tokenizer(texts, add_special_tokens=True)["input_ids"]  # batched: the same ids as _encode
             budget = max(1, max_length - max(len(c) for c in ctxs))  # the padded batch's, as generate() counts
             keys = [(i, m, tuple(c), budget) for i, (m, c) in enumerate(zip(mid, ctxs))]
             rows = [i for i, key in enumerate(keys) if key not in cache]
@@ -191,7 +192,7 @@ def paper_ps_fast(model, tokenizer, records: Sequence[dict], *, margin: float, q
 
             def decide(r, gen, complete):
                 i = rows[r]
-                return paper_decide(tokenizer, ctxs[i], gen, complete, fulls[i], mid[i], settle)
+                return paper_decide(tokenizer, ctxs[i], gen, complete, fulls[i], mid[i], settle, encoder)
             verdicts = [decide(r, g, c) for r, (g, c) in enumerate(known)]
             count["probes"] += len(rows)
             _settle_open(model, probes, verdicts, [g for g, _ in known], count, decide, stop_ids=stop_ids, pad=pad,
@@ -223,18 +224,17 @@ def uwc_linear_ps_fast(model, tokenizer, records: Sequence[dict], *, family: str
     answers = [str(r[answer_key]) for r in records]
     words = [a.split(" ") for a in answers]
     full_texts = [PS_PROMPT.full(q, a) for q, a in zip(questions, answers)]
-    fulls = [_encode(tokenizer, t) for t in full_texts]
-    tables = greedy_table(model, fulls, pad, [len(_encode(tokenizer, PS_PROMPT.prompt(q))) - 1 for q in questions])
+    fulls = tokenizer(full_texts, add_special_tokens=True)["input_ids"]  # batched: the same ids as _encode
+    prompts = tokenizer([PS_PROMPT.prompt(q) for q in questions], add_special_tokens=True)["input_ids"]
+    tables = greedy_table(model, fulls, pad, [len(p) - 1 for p in prompts])
     given: List[Optional[int]] = [None] * len(records)
     start, window, count = [0] * len(records), [UWC_WINDOW] * len(records), _counts()
     while any(g is None for g in given):
         pending = [(i, k) for i in range(len(records)) if given[i] is None
                    for k in range(start[i], min(start[i] + window[i], len(words[i]) + 1))]
-        probes = []
-        for i, k in pending:
-            text = uwc_prompt(questions[i], words[i], k)
-            ctx = _encode(tokenizer, text)
-            probes.append((ctx, max(1, max_length - len(ctx)), text))  # one row per call: no padding
+        texts = [uwc_prompt(questions[i], words[i], k) for i, k in pending]
+        ctxs = tokenizer(texts, add_special_tokens=True)["input_ids"]
+        probes = [(c, max(1, max_length - len(c)), t) for c, t in zip(ctxs, texts)]  # one row per call: no padding
         known = _known(model, tokenizer, probes, [i for i, _ in pending], fulls, full_texts, tables, margin=margin,
                        stop_ids=stop_ids, pad=pad)
 

@@ -25,7 +25,7 @@ none: PS = 0. The scripts divide by a hard-coded 40 = their sample count; we ave
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,10 +61,13 @@ def _generate(model, rows: Sequence[Sequence[int]], pad: int, max_length: int) -
     return out.tolist()
 
 
-def paper_match(tokenizer, out: Sequence[int], full: Sequence[int], mid: int) -> bool:
+def paper_match(tokenizer, out: Sequence[int], full: Sequence[int], mid: int,
+                encode: Optional[Callable[[str], List[int]]] = None) -> bool:
     """Table 1's match of one row: the whole output (padding, prompt, new tokens) decoded and
-    re-encoded; its tokens ``[mid:len(full)]`` must be a prefix of ``full[mid:]``."""
-    pred = _encode(tokenizer, tokenizer.decode(list(out), skip_special_tokens=True))
+    re-encoded (``encode``: any function giving ``_encode``'s ids); its tokens ``[mid:len(full)]``
+    must be a prefix of ``full[mid:]``."""
+    text = tokenizer.decode(list(out), skip_special_tokens=True)
+    pred = encode(text) if encode is not None else _encode(tokenizer, text)
     got = pred[mid:len(full)]
     return got == list(full[mid:mid + len(got)])
 

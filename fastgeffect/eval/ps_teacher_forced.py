@@ -13,6 +13,11 @@ beats the runner-up by ``margin`` (:data:`MARGINS`, per dtype); where it does no
 unknown from there on and a real generation decides (:func:`continue_greedy`, from the context plus
 the tokens already known, stopping each row as soon as its verdict is certain).
 
+Deciding a verdict from the first tokens of a generation needs what every longer generation
+keeps: :func:`settled_text` (the decoded text, less an unfinished character and what a clean-up of
+spaces may still change) and :func:`settled_tokens` (the tokens of a re-encoding before its last
+word and the whitespace ahead of it).
+
 Greedy generation is the argmax only when no logits processor is configured (repetition penalty,
 suppressed tokens, a minimum length, beams, ...): :func:`fast_path_blockers` lists what the model's
 ``generation_config`` sets; PS then falls back to its reference search.
@@ -59,11 +64,12 @@ def fast_path_blockers(model) -> List[str]:
 
 
 def default_margin(model) -> float:
-    """:data:`MARGINS` for the model's floating-point dtype (TF32 counts as its own precision)."""
+    """:data:`MARGINS` for the model's floating-point dtype (float32 matmuls allowed to run in
+    TF32 or lower count as that precision)."""
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = param.dtype if param is not None else torch.float32
-    if dtype == torch.float32 and param is not None and param.device.type == "cuda" \
-            and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and (torch.get_float32_matmul_precision() != "highest" or (
+            param is not None and param.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)):
         return TF32_MARGIN
     return MARGINS.get(dtype, MARGINS[torch.bfloat16])
 
@@ -192,7 +198,33 @@ def settled_text(tokenizer, ids: Sequence[int], settle: int) -> str:
     return text[:len(text) - settle] if settle else text
 
 
-def settled_tokens(tokenizer, text: str) -> Optional[List[int]]:
+class Encoder:
+    """``tokenizer(text, add_special_tokens=True)``: ids and offsets, through the tokenizer's Rust
+    backend where that gives the same on the texts it was checked with (a transformers call costs
+    ~0.3 ms of Python, and the fast path encodes at every probe), else through transformers."""
+
+    def __init__(self, tokenizer, check: Sequence[str]):
+        self.tokenizer, self.backend = tokenizer, None
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        if backend is not None and check:
+            ref = tokenizer(list(check), add_special_tokens=True, return_offsets_mapping=True)
+            got = backend.encode_batch(list(check), add_special_tokens=True)
+            if all(e.ids == list(i) and [tuple(x) for x in e.offsets] == [tuple(x) for x in o]
+                   for e, i, o in zip(got, ref["input_ids"], ref["offset_mapping"])):
+                self.backend = backend
+
+    def ids(self, text: str) -> List[int]:
+        return self.backend.encode(text).ids if self.backend else self.tokenizer(text)["input_ids"]
+
+    def with_offsets(self, text: str):
+        if self.backend:
+            enc = self.backend.encode(text)
+            return enc.ids, enc.offsets
+        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+
+
+def settled_tokens(tokenizer, text: str, encoder: Optional[Encoder] = None) -> Optional[List[int]]:
     """The leading tokens of ``encode(text)`` that ``encode(text + more)`` keeps for any ``more``
     (special tokens added), or None without offsets (a slow tokenizer).
 
@@ -209,18 +241,16 @@ def settled_tokens(tokenizer, text: str) -> Optional[List[int]]:
     cut = word
     while cut and text[cut - 1].isspace():  # the whitespace before it
         cut -= 1
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = (encoder or Encoder(tokenizer, ())).with_offsets(text)
     special = set(tokenizer.all_special_ids)
     keep = 0
-    for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+    for tok, (start, end) in zip(ids, offsets):
         if start >= end and tok not in special:
             break  # an empty span (trimmed offsets of a whitespace token) says nothing about where it ends
         if end > cut and not (start < cut and end <= word < len(text)):
             break
         keep += 1
-    ids = list(enc["input_ids"][:keep])
-    probe = tokenizer(text + "\n x", add_special_tokens=True)["input_ids"]  # a cheap check of the claim
-    return ids if probe[:keep] == ids else None
+    return list(ids[:keep])
 
 
 def continue_greedy(model, states: Sequence[Sequence[int]], budgets: Sequence[int], *, stop_ids: frozenset,
