@@ -42,6 +42,10 @@ from .targets import Target, build_target, default_ps_protocol
 from .token_weights import TokenWeightLog
 
 
+class RecordedStop(SystemExit):
+    """A stop whose ``error.json`` is already written, with the step and the state to resume from."""
+
+
 class Timer:
     """Seconds spent per phase of this invocation, kept in the run folder's ``timing.json`` as each
     phase ends (main process), so an invocation that is killed keeps the phases it completed."""
@@ -166,7 +170,8 @@ def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
     except (Exception, SystemExit) as e:  # SystemExit: a refusal found once the target is loaded
         with contextlib.suppress(OSError):
             timer.save("failed")
-        if main_rank and not dist_.is_distributed() and not (isinstance(e, SystemExit) and e.code in (0, None)):
+        unrecorded = not isinstance(e, RecordedStop) and not (isinstance(e, SystemExit) and e.code in (0, None))
+        if main_rank and not dist_.is_distributed() and unrecorded:
             with contextlib.suppress(OSError):  # (a distributed failure writes its own, naming the rank)
                 folder.write_error(f"{type(e).__name__}: {e}", None, folder / STATE_FILE)
         raise
@@ -333,12 +338,12 @@ def unlearn(run: Run, unlearner: Unlearner, before: Optional[dict]) -> dict:
         return unlearner.run(on_step=None if tb is None else tb.step)
     except NonFiniteLoss as e:
         run.folder.write_error(str(e), unlearner.step, unlearner.state_path)
-        raise SystemExit(f"stopped: {e}; the last finite state is in {unlearner.state_path} "
-                         "(train_log.jsonl holds the last finite values)") from None
+        raise RecordedStop(f"stopped: {e}; the last finite state is in {unlearner.state_path} "
+                           "(train_log.jsonl holds the last finite values)") from None
     except StateNotSaved as e:
         with contextlib.suppress(OSError):  # the disk may be full: error.json may not fit either
             run.folder.write_error(str(e), unlearner.step, unlearner.state_path)
-        raise SystemExit(f"stopped: {e}") from None
+        raise RecordedStop(f"stopped: {e}") from None
     except Exception as e:
         if not dist_.is_distributed():
             raise
