@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -72,10 +72,11 @@ def _timed(fn: Callable, device: str):
 
 
 def compare_ps(model, tokenizer, template, records: Sequence[dict], *, model_name: str, device: str,
-               repeats: int, protocols: Sequence[str] = PROTOCOLS, family: str = "phi",
+               repeats: Union[int, Dict[str, int]], protocols: Sequence[str] = PROTOCOLS, family: str = "phi",
                row_counts: Optional[Dict[str, int]] = None) -> List[Dict]:
     """One row per (set, protocol): reference and fast path on ``records`` (the first
-    ``row_counts[protocol]`` of them when given), timed interleaved."""
+    ``row_counts[protocol]`` of them when given), timed interleaved, best of ``repeats`` (per
+    protocol when a dict)."""
     rows = []
     all_records = records
     for protocol in protocols:
@@ -86,7 +87,7 @@ def compare_ps(model, tokenizer, template, records: Sequence[dict], *, model_nam
                 ps_scores(model, tokenizer, template, records[:1], method=method, **kw)
             best = {"search": float("inf"), "teacher-forced": float("inf")}
             out = {}
-            for _ in range(repeats):
+            for _ in range(repeats if isinstance(repeats, int) else repeats.get(protocol, 1)):
                 for method in best:
                     t, out[method] = _timed(lambda: ps_scores(model, tokenizer, template, records, method=method, **kw),
                                             device)
@@ -129,7 +130,8 @@ def ps_section(device: str = "cpu", quick: bool = False, size: str = "default",
         return rows
     recs = load_tofu_split("forget10_perturbed", str(data_dir))
     rows += compare_ps(smol.to(device), tok, choose_template(tok), recs, model_name="SmolLM2-135M", device=device,
-                       repeats=1, protocols=[p for p in PROTOCOLS if smollm2_rows.get(p)], row_counts=smollm2_rows)
+                       repeats={"clean": repeats}, protocols=[p for p in PROTOCOLS if smollm2_rows.get(p)],
+                       row_counts=smollm2_rows)  # paper's and uwc-linear's references take minutes: once
     return rows
 
 
@@ -172,7 +174,8 @@ def main(argv=None) -> Dict[str, List[Dict]]:
                          "(a protocol left out or 0: not run); the references take about 2, 40 and 80 s a row "
                          "on one CPU thread")
     ap.add_argument("--data-dir", type=Path, help="TOFU data (its forget10 rows for SmolLM2; none: no SmolLM2)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per method on the embedded target (best)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs per method (best of): the embedded target, SmolLM2's clean")
     ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     args = ap.parse_args(argv)
     if args.device == "cpu":

@@ -111,7 +111,7 @@ def _counts() -> Dict[str, int]:
 
 def _settle_open(model, probes, verdicts, known, count, decide, *, stop_ids, pad, batch_size):
     """Generates the probes whose verdict is open (None), each from its context plus its known
-    tokens; ``probes[r] = (ctx, budget)``, ``decide(r, gen, complete)``. Fills ``verdicts``."""
+    tokens; ``probes[r] = (ctx, budget, ctx_text)``, ``decide(r, gen, complete)``. Fills ``verdicts``."""
     open_ = [r for r, v in enumerate(verdicts) if v is None]
     if not open_:
         return
