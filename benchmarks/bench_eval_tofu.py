@@ -9,6 +9,8 @@ items 2 and 3; docs/design.md §5.1, §5.3).
   module's forward, PS by generation at every search step: the previous implementation) against the
   default (the mixture computed once per α, PS's teacher-forced fast path), same reference PS.
 
+Times are wall seconds on a GPU and the process's CPU seconds on a CPU (one thread: a shared
+machine's other work does not count), the best of ``--repeats`` alternating runs.
 Every number is compared: the largest |difference| of the losses, truth ratios, ROUGE, token
 counts and aggregated metrics (with the scale: the largest |value|), whether every generation is
 identical, and α. ``tofu_rows`` / ``uwc_rows`` return Markdown table rows (``HEADER`` first).
@@ -57,13 +59,20 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def clock(device) -> Callable[[], float]:
+    """Wall time on a GPU; on a CPU the process's CPU time, which a shared machine's other work
+    does not inflate (the runs here use one thread)."""
+    return time.perf_counter if str(device).startswith("cuda") else time.process_time
+
+
 def timed(fn: Callable, device):
     """(seconds, result) of one call."""
+    now = clock(device)
     _sync(device)
-    t = time.perf_counter()
+    t = now()
     out = fn()
     _sync(device)
-    return time.perf_counter() - t, out
+    return now() - t, out
 
 
 def timed_pair(reference: Callable, new: Callable, device, repeats: int = 1):
@@ -279,8 +288,9 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     rows = run_smollm2(args, args.device) if args.smollm2 else run_embedded(args, args.device)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({args.threads} thread)"
-    print(f"device: {name}, torch {torch.__version__}")
+    cuda = args.device.startswith("cuda")
+    name = torch.cuda.get_device_name() if cuda else f"CPU ({args.threads} thread)"
+    print(f"device: {name}, torch {torch.__version__}; times: {'wall' if cuda else 'process CPU'} seconds")
     print("\n".join(HEADER + rows))
     return 0
 

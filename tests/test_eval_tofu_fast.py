@@ -15,9 +15,11 @@ from helpers.toy_qa import tiny_llama, toy_qa_records, toy_tokenizer_for
 from fastgeffect.data.templates import Template, get_template
 from fastgeffect.embedded import TokenizerConfig, train_tokenizer
 from fastgeffect.eval import answer_losses, evaluate_set, evaluate_tofu, greedy_generate
+from fastgeffect.eval.answer_losses import encode_pairs
+from fastgeffect.eval.batch_encode import batch_encode_pairs
 from fastgeffect.eval.cached_generate import cached_greedy_generate, plain_greedy
 from fastgeffect.eval.kv_cache import cache_keyword, keep_rows, returned_cache
-from fastgeffect.eval.prefix_losses import shared_prefix_losses, split_pairs
+from fastgeffect.eval.prefix_losses import shared_prefix_losses
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "tofu"
 TPL = get_template("phi")
@@ -65,9 +67,7 @@ def test_shared_prefix_losses_equal_full_forwards(toy, dtype, rel, fit):
     qs, ans = pairs_of(recs)
     # truncated: one token past the longest prompt, so its answers keep a single token and no EOS
     max_length = 200 if fit == "whole" else max(len(tok(TPL.prompt(q))["input_ids"]) for q in qs) + 1
-    ids = [tok(TPL.full(q, a))["input_ids"][:max_length] for q, a in zip(qs, ans)]
-    shared, other = split_pairs(tok, TPL, qs, ids)
-    assert not other and len(shared) == len(qs)  # every pair goes through the cache here
+    assert min(batch_encode_pairs(tok, TPL, qs, ans, max_length)[4]) >= 2  # every pair goes through the cache
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the truncation warning, both ways
         for bs in (1, 5, 64):
@@ -75,6 +75,32 @@ def test_shared_prefix_losses_equal_full_forwards(toy, dtype, rel, fit):
             assert_losses_close(ref, shared_prefix_losses(model, tok, TPL, qs, ans, max_length=max_length,
                                                           batch_size=bs), rel)
     assert (int(ref[1].min()) == 1) == (fit == "truncated")
+
+
+@pytest.mark.parametrize("template", ["phi", "llama2"])
+def test_batched_encoding_is_encode_pairs(toy, template):
+    """Two batched tokenizer calls give encode_pairs' ids, labels, lengths and truncation count
+    (answers whole and cut, to one token and at the EOS slot), and encode_qa's refusals."""
+    _, tok, recs = toy
+    tpl = get_template(template)
+    qs, ans = pairs_of(recs)
+    longest = max(len(tok(tpl.prompt(q))["input_ids"]) for q in qs)
+    full = sorted(len(tok(tpl.full(q, a))["input_ids"]) for q, a in zip(qs, ans))
+    for max_length in (200, longest + 1, full[len(full) // 2], full[len(full) // 2] + 1):
+        got = batch_encode_pairs(tok, tpl, qs, ans, max_length)
+        assert got[:4] == encode_pairs(tok, tpl, qs, ans, max_length), max_length
+        assert got[4] == [len(tok(tpl.prompt(q))["input_ids"]) for q in qs]
+    assert batch_encode_pairs(tok, tpl, [], [], 200) == ([], [], [], 0, [])
+    with pytest.raises(ValueError, match="leaves no answer token: question"):
+        batch_encode_pairs(tok, tpl, qs, ans, longest)
+    glued = Template("glued", "", "", "")  # question and answer run together: the tokenizer merges them
+    merged = [(q, a) for q, a in (("Ann", "x Lee"), ("Le", "e Ann"), ("boo", "ks set"), ("Ki", "m Lee"))
+              if len(tok(q + a)["input_ids"]) > len(tok(q)["input_ids"])
+              and tok(q + a)["input_ids"][: len(tok(q)["input_ids"])] != tok(q)["input_ids"]]
+    assert merged
+    for encode in (encode_pairs, batch_encode_pairs):
+        with pytest.raises(ValueError, match="not a prefix of the prompt\\+answer tokens"):
+            encode(tok, glued, [merged[0][0]], [merged[0][1]], 200)
 
 
 def test_shared_prefix_falls_back_where_nothing_is_shared(toy):
@@ -90,9 +116,8 @@ def test_shared_prefix_falls_back_where_nothing_is_shared(toy):
     assert words
     qs = [r["question"] for r in recs] + [words[i % len(words)] for i in range(len(recs))]
     ans = ans * 2
-    ids = [tok(bare.full(q, a))["input_ids"] for q, a in zip(qs, ans)]
-    shared, other = split_pairs(tok, bare, qs, ids)
-    assert len(shared) >= len(recs) and all(i >= len(recs) for i in other)
+    prompt_lengths = batch_encode_pairs(tok, bare, qs, ans, 200)[4]
+    assert min(prompt_lengths[: len(recs)]) >= 2 and max(prompt_lengths[len(recs):]) == 1
     ref = answer_losses(model, tok, bare, qs, ans, batch_size=4)
     assert_losses_close(ref, shared_prefix_losses(model, tok, bare, qs, ans, batch_size=4), 1e-6)
 

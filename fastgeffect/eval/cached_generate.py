@@ -67,7 +67,7 @@ def cached_greedy_generate(model, tokenizer, prompts: Sequence[str], *, mode: st
                                add_special_tokens=add_special_tokens)
     if len(prompts) == 0:
         return []
-    enc = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    enc = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]  # one batched call
     empty = [i for i, e in enumerate(enc) if not e]
     if empty:
         raise ValueError(f"prompts {empty[:5]} encode to no token: nothing to condition on")

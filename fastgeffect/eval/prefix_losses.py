@@ -8,9 +8,10 @@ and each pair then runs only ``[last prompt token] + its answer tokens`` on top 
 the positions it has in the full sequence. The first answer token is predicted from the last
 prompt token, so the prompt pass needs no logits.
 
-The token ids are exactly ``answer_losses``' (``encode_pairs``: the TOFU encoding, truncated to
-``max_length``); a pair whose ids do not start with its prompt's own ids (a tokenizer merging
-across the boundary), or whose prompt is a single token, is scored by ``answer_losses`` instead.
+The token ids are exactly ``answer_losses``' (the TOFU encoding truncated to ``max_length``, from
+:func:`.batch_encode.batch_encode_pairs`, which refuses, as ``encode_qa`` does, a pair whose ids
+do not start with its prompt's own ids); a pair whose prompt is a single token has nothing to
+cache and is scored by ``answer_losses``.
 Prompts are right-padded in their batch and answers appended after the padding: the padded
 cache slots are masked, so a pair sees what it sees in its full forward. Only float rounding
 differs (other matrix shapes); per-pair NLLs are summed in float64.
@@ -26,30 +27,9 @@ import torch.nn.functional as F
 
 from ..data.templates import IGNORE_INDEX, Template
 from ._common import model_device, pad_id
-from .answer_losses import answer_losses, encode_pairs
+from .answer_losses import answer_losses
+from .batch_encode import batch_encode_pairs
 from .kv_cache import cache_keyword, keep_rows, last_logits_only, returned_cache
-
-
-def prompt_ids(tokenizer, template: Template, question: str) -> List[int]:
-    """The prompt's own token ids, as ``encode_qa`` computes them."""
-    return tokenizer(template.prompt(question, tokenizer), add_special_tokens=not template.chat)["input_ids"]
-
-
-def split_pairs(tokenizer, template: Template, questions: Sequence[str], ids: Sequence[List[int]]
-                ) -> Tuple[Dict[int, List[int]], List[int]]:
-    """``(prompt length of every pair whose ids start with its prompt's ids, pairs that do not)``.
-    A one-token prompt leaves nothing to cache: those pairs go with the others."""
-    prompts: Dict[str, List[int]] = {}
-    shared, other = {}, []
-    for i, (q, x) in enumerate(zip(questions, ids)):
-        if q not in prompts:
-            prompts[q] = prompt_ids(tokenizer, template, q)
-        p = prompts[q]
-        if 2 <= len(p) < len(x) and list(x[: len(p)]) == list(p):
-            shared[i] = len(p)
-        else:
-            other.append(i)
-    return shared, other
 
 
 @torch.no_grad()
@@ -64,12 +44,15 @@ def shared_prefix_losses(model, tokenizer, template: Template, questions: Sequen
     if cache_kw is None:
         return answer_losses(model, tokenizer, template, questions, answers, max_length=max_length,
                              batch_size=batch_size)
-    ids, labels, real, truncated = encode_pairs(tokenizer, template, questions, answers, max_length)
+    ids, labels, real, truncated, prompt_lengths = batch_encode_pairs(tokenizer, template, questions, answers,
+                                                                      max_length)
     if truncated:
         warnings.warn(f"{truncated} of {len(ids)} question+answer pairs exceed max_length={max_length} tokens "
                       "and were truncated (as TOFU does); their losses cover the kept answer tokens only",
                       stacklevel=2)
-    shared, other = split_pairs(tokenizer, template, questions, ids)
+    # a one-token prompt leaves nothing to cache: those pairs take the full forward
+    shared = {i: p for i, p in enumerate(prompt_lengths) if p >= 2}
+    other = [i for i, p in enumerate(prompt_lengths) if p < 2]
     loss = torch.zeros(len(ids), dtype=torch.float64)
     count = torch.zeros(len(ids), dtype=torch.int64)
     if other:

@@ -38,6 +38,7 @@ from ..jsonfile import write_json
 from ._common import as_list, check_ds_size, check_records
 from .aggregate import aggregate, check_retain_log, check_truth_ratio, load_retain_log
 from .answer_losses import answer_losses, encode_pairs
+from .batch_encode import batch_encode_pairs
 from .cached_generate import cached_greedy_generate
 from .generate import TOFU_BATCH_SIZE, check_gen_mode, greedy_generate
 from .prefix_losses import shared_prefix_losses
@@ -77,6 +78,12 @@ def rouge_references(tokenizer, template: Template, questions: Sequence[str], an
     kept answer tokens are decoded instead.
     """
     ids, labels, real, _ = encode_pairs(tokenizer, template, questions, answers, max_length)
+    return decoded_references(tokenizer, template, answers, ids, labels, real, max_length)
+
+
+def decoded_references(tokenizer, template: Template, answers: Sequence[str], ids, labels, real,
+                       max_length: int) -> List[str]:
+    """:func:`rouge_references` from the pairs' encodings (``encode_pairs``' ids, labels, lengths)."""
     marker = template.answer_start or template.question_end
     refs = []
     for a, x, y, n in zip(answers, ids, labels, real):
@@ -172,7 +179,10 @@ def evaluate_set(model, tokenizer, template: Template, records: Sequence[dict], 
         gens = (greedy_generate if reference else cached_greedy_generate)(
             model, tokenizer, prompts, mode=gen_mode, max_length=max_length, max_new_tokens=max_new_tokens,
             add_special_tokens=not template.chat, batch_size=TOFU_BATCH_SIZE if gen_mode == "tofu" else batch_size)
-        truths = rouge_references(tokenizer, template, qs, [r["answer"] for r in records], max_length)
+        answers = [r["answer"] for r in records]
+        truths = (rouge_references(tokenizer, template, qs, answers, max_length) if reference else
+                  decoded_references(tokenizer, template, answers,
+                                     *batch_encode_pairs(tokenizer, template, qs, answers, max_length)[:3], max_length))
         log["generated_text"] = _idx([[p, g, t] for p, g, t in zip(prompts, gens, truths)])
         log["rouge1_recall"], log["rougeL_recall"] = _rouge(gens, truths)
     step()
