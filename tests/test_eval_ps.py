@@ -4,7 +4,8 @@ import torch
 from helpers.toy_qa import memorise, tiny_llama, toy_qa_records, toy_tokenizer_for
 
 from fastgeffect.data.templates import get_template
-from fastgeffect.eval import extraction_strength, ps_report, ps_scores
+from fastgeffect.eval import exact_memorization, extraction_strength, ps_report, ps_scores
+from fastgeffect.eval.memorization import memorization_scores
 
 TPL = get_template("phi")
 
@@ -72,22 +73,35 @@ def test_batched_search_equals_per_sample_and_reference(toy):
         assert batched["prefix_words"] == ref  # reproduction is monotone in m on this model
 
 
-def test_extraction_strength_reference(toy):
+def _per_token_correct(model, tok, r):
+    """Plain reference: one unbatched forward, argmax == answer token at each answer position."""
+    prompt = tok(TPL.prompt(r["question"]))["input_ids"]
+    full = tok(TPL.full(r["question"], r["answer"]))["input_ids"] + [tok.eos_token_id]
+    with torch.no_grad():
+        pred = model(input_ids=torch.tensor([full[:-1]])).logits[0].argmax(-1).tolist()
+    return [pred[t - 1] == full[t] for t in range(len(prompt), len(full))]
+
+
+def test_extraction_strength_and_exact_memorization_reference(toy):
     trained, untrained, tok, recs = toy
     # a half-trained model gives partial suffixes
     half = tiny_llama(len(tok), hidden_size=32, layers=2, heads=4, seed=1, tokenizer=tok)
     memorise(half, tok, TPL, recs, steps=25)
-    for model in (half, untrained):
+    seen_partial = False
+    for model in (half, untrained, trained):
         got = extraction_strength(model, tok, TPL, recs, batch_size=3)["scores"]
-        for r, g in zip(recs, got):
-            prompt = tok(TPL.prompt(r["question"]))["input_ids"]
-            full = tok(TPL.full(r["question"], r["answer"]))["input_ids"] + [tok.eos_token_id]
-            with torch.no_grad():
-                pred = model(input_ids=torch.tensor([full[:-1]])).logits[0].argmax(-1).tolist()
-            correct = [pred[t - 1] == full[t] for t in range(len(prompt), len(full))]
+        em = exact_memorization(model, tok, TPL, recs, batch_size=2)
+        both = memorization_scores(model, tok, TPL, recs, batch_size=4)
+        assert both["es_scores"] == got and both["em_scores"] == em["scores"]
+        for r, g, e in zip(recs, got, em["scores"]):
+            correct = _per_token_correct(model, tok, r)
             L = len(correct)
             k = next((k for k in range(L) if all(correct[k:])), L - 1)  # open-unlearning's loop
             assert g == pytest.approx(1 - k / L)
+            assert e == pytest.approx(sum(correct) / L)  # open-unlearning's (preds == labels).sum() / L
+            seen_partial |= 0 < sum(correct) < L
+        assert em["em"] == pytest.approx(sum(em["scores"]) / len(recs))
+    assert seen_partial  # the reference was exercised between 0 and 1
 
 
 def test_report_and_bad_input(toy):

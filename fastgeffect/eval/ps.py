@@ -1,4 +1,4 @@
-"""PS-exact / PS-perturb ("Unlearning with Control", UWC) and teacher-forced extraction strength.
+"""PS-exact / PS-perturb ("Unlearning with Control", UWC); extraction strength is re-exported here.
 
 PS comes under three protocols (``ps_scores(protocol=...)``, docs/design.md "PS protocols"):
 ``paper`` and ``uwc-linear`` reproduce the public code behind the paper's Table 1 and UWC's
@@ -21,21 +21,16 @@ Every protocol has two methods with the same m and score on every row (docs/desi
 reads greedy decoding off one teacher-forced pass per row and generates only the probes that pass
 cannot decide (eval/ps_teacher_forced.py, eval/ps_fast_clean.py, eval/ps_fast_protocols.py).
 
-Extraction strength (open-unlearning's ``extraction_strength``): one teacher-forced pass;
-with L answer tokens (EOS included), k the first position from which every argmax prediction
-is correct, ES = 1 − k/L; when even the last token is wrong k = L − 1 (open-unlearning's loop),
-so ES = 1/L.
+Extraction strength lives in eval/memorization.py (re-exported here).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
-from ..data.templates import IGNORE_INDEX, Template
-from ..losses import valid_mask
-from ._common import check_records, model_device, pad_id
-from .answer_losses import encode_pairs
+from ..data.templates import Template
+from .memorization import extraction_strength  # noqa: F401  (re-exported: its old home)
 from .ps_clean import SEARCHES, clean_ps_search
 from .ps_fast_clean import clean_ps_fast
 from .ps_fast_protocols import paper_ps_fast, uwc_linear_ps_fast
@@ -111,39 +106,3 @@ def ps_report(model, tokenizer, template: Template, sets: Dict[str, Sequence[dic
             out[f"PS-perturb {name}"] = ps_scores(model, tokenizer, template, perturb,
                                                   question_key="paraphrased_question", **kw)["ps"]
     return out
-
-
-@torch.no_grad()
-def extraction_strength(model, tokenizer, template: Template, records: Sequence[dict], *,
-                        question_key: str = "question", answer_key: str = "answer", max_length: int = 200,
-                        batch_size: int = 32) -> Dict[str, object]:
-    """Teacher-forced extraction strength per record (one forward pass per batch):
-    ``{"es": mean, "scores": per sample}``."""
-    check_records(records, (question_key, answer_key), "extraction strength")
-    ids, labels, real, _ = encode_pairs(tokenizer, template, [r[question_key] for r in records],
-                                        [r[answer_key] for r in records], max_length)
-    device = model_device(model)
-    pad = pad_id(tokenizer)
-    scores: List[float] = [0.0] * len(ids)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for s in range(0, len(order), batch_size):
-        chunk = order[s: s + batch_size]
-        T = max(len(ids[i]) for i in chunk)
-        x = torch.full((len(chunk), T), pad, dtype=torch.long)
-        y = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
-        att = torch.zeros((len(chunk), T), dtype=torch.long)
-        for r, i in enumerate(chunk):
-            x[r, : len(ids[i])], y[r, : len(ids[i])] = torch.tensor(ids[i]), torch.tensor(labels[i])
-            att[r, : real[i]] = 1
-        logits = model(input_ids=x.to(device), attention_mask=att.to(device)).logits
-        pred = torch.zeros_like(y)
-        pred[:, 1:] = logits[:, :-1].argmax(-1).cpu()  # aligned with labels
-        mask = valid_mask(y)
-        for r, i in enumerate(chunk):
-            correct = (pred[r] == y[r])[mask[r]]
-            L = int(correct.numel())
-            suffix_ok = correct.flip(0).cumprod(0).flip(0).bool()  # all correct from here on
-            hits = suffix_ok.nonzero()
-            k = int(hits[0]) if len(hits) else L - 1
-            scores[i] = 1.0 - k / L
-    return {"es": sum(scores) / len(scores), "scores": scores}
