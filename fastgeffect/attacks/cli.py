@@ -58,21 +58,22 @@ def run(args) -> int:
     from ..data.templates import choose_template
     from ..data.tofu import load_tofu_split
     from ..model_loading import load_causal_lm
-    from .report import run_attacks
+    from .report import check_attack_args, run_attacks
 
     out = Path(args.out)
     if (out / FILE).exists() and not args.overwrite:
         raise ValueError(f"{out / FILE} exists: not overwritten; pass --overwrite to replace it, or another --out")
     forget = load_tofu_split(args.split, args.data_dir)
+    kw = dict(attacks=args.attacks, steps=args.steps, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
+              bits=args.bits, group_sizes=(None, args.group_size))
+    check_attack_args(forget, **kw)  # before the (slow) models load
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_causal_lm(args.model, dtype=dtype, device=device)
     twin = load_causal_lm(args.retain_model, dtype=dtype, device=device)[0] if args.retain_model else None
     template = choose_template(tokenizer, args.template)
-    res = run_attacks(model, tokenizer, template, forget, out_dir=out, attacks=args.attacks, twin=twin,
-                      steps=args.steps, seed=args.seed, lr=args.lr, batch_size=args.batch_size, bits=args.bits,
-                      group_sizes=(None, args.group_size), include_lm_head=not args.no_lm_head, rouge=args.rouge,
-                      max_length=args.max_length)
+    res = run_attacks(model, tokenizer, template, forget, out_dir=out, twin=twin, include_lm_head=not args.no_lm_head,
+                      rouge=args.rouge, max_length=args.max_length, **kw)
     print(summary(res))
     print(f"written to {out / FILE}")
     return 0

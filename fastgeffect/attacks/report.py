@@ -60,6 +60,31 @@ def granularity(group_size: Optional[int]) -> str:
     return "per_channel" if group_size is None else f"group{group_size}"
 
 
+def _as_tuple(values) -> tuple:
+    return tuple(values) if isinstance(values, (list, tuple)) else (values,)
+
+
+def check_attack_args(forget_records: Sequence[dict], *, attacks=ATTACKS, steps=STEPS, seed: int = SEED,
+                      lr: float = LR, batch_size: int = BATCH_SIZE, bits=BITS, group_sizes=GROUP_SIZES) -> tuple:
+    """:func:`run_attacks`' checks that need no model (a CLI runs them before loading one); the
+    attack names, deduplicated."""
+    names = check_attacks(attacks)
+    check_records(forget_records, ("question", "answer"), "the attacks' forget rows")
+    if "relearn" in names:
+        check_steps(steps)
+        check_train_args(lr, batch_size)
+        split_forget(len(forget_records), seed)
+    if "quantize" in names:
+        bits, group_sizes = _as_tuple(bits), _as_tuple(group_sizes)
+        if not bits or not group_sizes:
+            raise ValueError("the quantisation attack needs at least one bit width and one granularity")
+        for b in bits:
+            check_bits(b)
+        for g in group_sizes:
+            check_group_size(g)
+    return names
+
+
 def run_attacks(model, tokenizer, template: Template, forget_records: Sequence[dict], *,
                 out_dir: Union[str, Path], attacks=ATTACKS, twin=None, steps=STEPS, seed: int = SEED,
                 lr: float = LR, batch_size: int = BATCH_SIZE, bits=BITS, group_sizes=GROUP_SIZES,
@@ -70,21 +95,10 @@ def run_attacks(model, tokenizer, template: Template, forget_records: Sequence[d
     ``out_dir/attacks.json`` (module docstring) and, after relearning, ``out_dir/attacks_relearn.png``.
     Returns what attacks.json holds. Every argument is checked before any model runs or any file is
     written; ``model`` and ``twin`` are never changed (the attacks work on copies)."""
-    names = check_attacks(attacks)
-    check_records(forget_records, ("question", "answer"), "the attacks' forget rows")
+    names = check_attack_args(forget_records, attacks=attacks, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
+                              bits=bits, group_sizes=group_sizes)
     check_twin(model, twin)
-    if "relearn" in names:
-        check_steps(steps)
-        check_train_args(lr, batch_size)
-        split = split_forget(len(forget_records), seed)
-    if "quantize" in names:
-        bits, group_sizes = tuple(bits), tuple(group_sizes)
-        if not bits or not group_sizes:
-            raise ValueError("the quantisation attack needs at least one bit width and one granularity")
-        for b in bits:
-            check_bits(b)
-        for g in group_sizes:
-            check_group_size(g)
+    bits, group_sizes = _as_tuple(bits), _as_tuple(group_sizes)
 
     def measure(m, rows):
         return forget_metrics(m, tokenizer, template, rows, rouge=rouge, max_length=max_length,
@@ -92,6 +106,7 @@ def run_attacks(model, tokenizer, template: Template, forget_records: Sequence[d
 
     out = {"forget_rows": len(forget_records), "metrics": list(METRICS) + ([ROUGE] if rouge else [])}
     if "relearn" in names:
+        split = split_forget(len(forget_records), seed)
         out["relearn"] = _relearn(model, twin, tokenizer, template, forget_records, split, measure,
                                   steps=list(check_steps(steps)), seed=int(seed), lr=float(lr),
                                   batch_size=int(batch_size), max_length=max_length)
