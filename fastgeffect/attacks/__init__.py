@@ -1,4 +1,4 @@
-"""Robustness attacks on unlearning (docs/design.md, "Attacks"): does the forgotten data come back
+"""Robustness attacks on unlearning (docs/design.md §5.5): does the forgotten data come back
 after a few fine-tuning steps on part of it (:mod:`.relearn`), or after round-to-nearest weight
 quantisation to 8 or 4 bits (:mod:`.quantize`)? :func:`run_attacks` runs both and writes
 ``attacks.json`` and a plot; CLI: ``python -m fastgeffect.attacks``."""
