@@ -20,6 +20,8 @@ METRICS_UWC = "metrics_uwc.json"
 EVAL_BEFORE = "eval_before"  # TOFU's per-sample logs, one folder per evaluation
 EVAL_AFTER = "eval_after"
 EVAL_UWC = "eval_uwc"
+ATTACKS = "attacks.json"  # --attacks (fastgeffect/attacks/report.py)
+ATTACKS_PLOT = "attacks_relearn.png"
 
 SUMMARY = "summary.md"
 TOKEN_WEIGHTS_HTML = "token_weights.html"

@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from .. import run_files as files
 from ..data.templates import Template
 from ..eval._common import check_records
 from ..jsonfile import write_json
@@ -32,8 +33,8 @@ from .relearn import BATCH_SIZE, LR, MAX_LENGTH, SEED, STEPS, check_steps, check
 
 ATTACKS = ("relearn", "quantize")
 GROUP_SIZES = (None, GROUP_SIZE)  # per output channel, then groups of 128 inputs
-FILE = "attacks.json"
-PLOT = "attacks_relearn.png"
+FILE = files.ATTACKS
+PLOT = files.ATTACKS_PLOT
 
 
 def check_attacks(attacks) -> tuple:

@@ -33,6 +33,12 @@ TRUTH_RATIO_AGGS = ("geometric", "arithmetic")
 PS_PROTOCOLS = ("paper", "uwc-linear", "clean")
 GEFFECT_GROUPINGS = ("paper", "blocks", "params")
 TEMPLATE_NAMES = ("phi", "llama2", "chat")
+# what each evaluation computes (--eval-metrics; docs/design.md §5.4): TOFU's metrics, PrivLeak (Min-K%
+# AUC forget vs holdout against the twin's), all six membership-inference AUCs, exact memorisation and
+# extraction strength; and the attacks run after unlearning (--attacks)
+EVAL_METRICS = ("tofu", "privleak", "mia", "memorization")
+DEFAULT_EVAL_METRICS = ("tofu", "privleak", "memorization")
+ATTACKS = ("relearn", "quantize")
 
 # the only settings that may differ when resuming: where the run is, the resume switches, progress bars,
 # when the resumable state is saved, whether the final model is saved and whether TensorBoard files are
@@ -171,6 +177,21 @@ class RunConfig:
     # evaluation and outputs
     eval: str = setting("full", "TOFU metrics + PS before/after + UWC calibration, or none", group=OUTPUTS,
                         choices=("full", "none"))
+    eval_metrics: Optional[str] = setting(
+        None, "comma-separated: tofu (TOFU's metrics), privleak (Min-K%% AUC on forget vs holdout rows against the "
+              "retain twin's), mia (the six membership-inference AUCs and PrivLeak), memorization (exact memorisation "
+              "and extraction strength on the forget rows), all (every one); PS is always computed (default: "
+              f"{','.join(DEFAULT_EVAL_METRICS)}, privleak only where the data has holdout rows)", group=OUTPUTS)
+    attacks: Optional[str] = setting(
+        None, "comma-separated attacks on the unlearned model, written to attacks.json: relearn (fine-tune on part "
+              "of the forget rows, the retain twin as the control), quantize (8- and 4-bit round-to-nearest) "
+              "(default: none)", group=OUTPUTS)
+    relearn_steps: Optional[str] = setting(
+        None, "comma-separated step counts k at which the relearning attack measures the forget rows it does not "
+              "train on (default: the attack's own, 0,1,2,4,8,16)", group=OUTPUTS)
+    relearn_lr: Optional[float] = setting(
+        None, "the relearning attack's AdamW learning rate (default: the run's --lr)", group=OUTPUTS, low=0.0,
+        strict=True)
     eval_size: int = setting(300, "rows per evaluation set (TOFU's ds_size)", group=OUTPUTS, low=1)
     eval_batch_size: int = setting(32, "sequences per evaluation batch", group=OUTPUTS, low=1)
     no_uwc: bool = setting(False, "skip UWC calibration", group=OUTPUTS)
@@ -211,6 +232,39 @@ def pg_steps(cfg) -> tuple:
     return tuple(int(s) for s in cfg.pg_steps.split(",") if s.strip())
 
 
+def _names(value: Optional[str], flag: str, allowed: tuple, extra: tuple = ()) -> tuple:
+    names = tuple(dict.fromkeys(n.strip() for n in (value or "").split(",") if n.strip()))
+    unknown = [n for n in names if n not in allowed + extra]
+    if unknown:
+        raise ValueError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed + extra)}")
+    return names
+
+
+def eval_metrics(cfg) -> tuple:
+    """The metric families each evaluation computes (``--eval-metrics``; ValueError for an unknown name)."""
+    if cfg.eval_metrics is None:
+        return DEFAULT_EVAL_METRICS
+    names = _names(cfg.eval_metrics, "--eval-metrics", EVAL_METRICS, ("all",))
+    if not names:
+        raise ValueError("--eval-metrics: name at least one of " + ", ".join(EVAL_METRICS + ("all",)))
+    return EVAL_METRICS if "all" in names else tuple(n for n in EVAL_METRICS if n in names)
+
+
+def attack_names(cfg) -> tuple:
+    """The attacks run after unlearning (``--attacks``; ValueError for an unknown name)."""
+    return _names(cfg.attacks, "--attacks", ATTACKS)
+
+
+def relearn_steps(cfg) -> Optional[tuple]:
+    """``--relearn-steps`` as integers (None: the attack's default; ValueError when not integers)."""
+    if cfg.relearn_steps is None:
+        return None
+    try:
+        return tuple(int(k) for k in cfg.relearn_steps.split(","))
+    except ValueError:
+        raise ValueError(f"--relearn-steps must be comma-separated integers, got {cfg.relearn_steps!r}") from None
+
+
 def usage_error(cfg: RunConfig) -> Optional[str]:
     """What is wrong with the settings, as the command line says it (None: nothing): values outside
     their choices or bounds, and combinations that cannot run. Paths and devices are checked elsewhere."""
@@ -240,6 +294,14 @@ def combination_error(cfg: RunConfig) -> Optional[str]:
     if cfg.batch_size % cfg.grad_accum:
         return (f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}: every "
                 "micro-batch takes batch-size / grad-accum samples")
+    try:
+        eval_metrics(cfg), attack_names(cfg), relearn_steps(cfg)
+    except ValueError as e:
+        return str(e)
+    if "relearn" not in attack_names(cfg) and (cfg.relearn_steps is not None or cfg.relearn_lr is not None):
+        return "--relearn-steps and --relearn-lr need --attacks relearn"
+    if cfg.eval == "none" and (cfg.eval_metrics is not None or cfg.attacks):
+        return "--eval-metrics and --attacks need --eval full (they evaluate the model)"
     try:
         steps = pg_steps(cfg)
     except ValueError:

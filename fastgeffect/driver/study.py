@@ -10,7 +10,7 @@ import contextlib
 import copy
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -21,73 +21,25 @@ from .. import run_files as files
 from ..data.collate import collate_qa
 from ..data.unlearning import UnlearningData, load_unlearning_data
 from ..eval import load_tofu_sets
-from ..jsonfile import read_json
 from ..jsonl import read_jsonl
 from ..objectives import OBJECTIVES, REGULARIZERS, Objective, get_objective
 from ..reference import ReferenceModel, RefLogprobCache
 from ..report import write_report
 from ..scalars import metric_scalars
-from ..tensorboard import TensorBoardLog
 from ..training.backend import STATE_FILE, StateNotSaved, full_model_state
 from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict
+from .after_unlearning import check_attack_inputs, evaluate_after, tensorboard_log
 from .artefacts import cached, reference_fingerprint, source_identity
 from .config import RunConfig, objective_hparams, settings, train_config, with_defaults
-from .evaluation import before_metrics, check_eval_length, evaluate, retain_model_log, uwc_metrics
+from .evaluation import before_metrics, check_eval_length, retain_model_log
 from .inputs import check_inputs
 from .launch import check_fused, launch_details, launch_strategy, make_accelerator, use_fused, whole_model
 from .lora import adapter_note, merged, reference_of
 from .presets import Preset, resolve_preset
+from .run_context import RecordedStop, Run, Timer
 from .run_folder import RunFolder
-from .targets import Target, build_target, default_ps_protocol
+from .targets import build_target, default_ps_protocol
 from .token_weights import TokenWeightLog
-
-
-class RecordedStop(SystemExit):
-    """A stop whose ``error.json`` is already written, with the step and the state to resume from."""
-
-
-class Timer:
-    """Seconds spent per phase of this invocation, kept in the run folder's ``timing.json`` as each
-    phase ends (main process), so an invocation that is killed keeps the phases it completed."""
-
-    def __init__(self, folder: Optional[RunFolder] = None, resumed: bool = False) -> None:
-        self.t0 = time.perf_counter()
-        self.times: Dict[str, float] = {}
-        self.folder, self.resumed = folder, resumed
-        self.entry: Optional[int] = folder.start_timing() if folder is not None and dist_.is_main() else None
-
-    def phase(self, name: str, since: float) -> None:
-        self.times[name] = time.perf_counter() - since
-        self.save("running")
-
-    def save(self, status: str) -> None:
-        """``status``: running, done, stopped (as asked), interrupted (Ctrl-C) or failed."""
-        if self.entry is not None:
-            self.folder.update_timing(self.entry, {"resumed": bool(self.resumed), "status": status, **self.times})
-
-
-@dataclass
-class Run:
-    """What the phases of one study share: its settings (resolved), the claimed folder, the target on
-    its device, and (main process, ``--eval full``) the evaluation sets and the retain twin's log."""
-    cfg: RunConfig
-    preset: Preset
-    folder: RunFolder
-    target: Target
-    device: torch.device
-    fused: bool  # the fused LM-head losses run (--fused, resolved for the target)
-    timer: Timer
-    sets: Optional[dict] = None
-    retain_log: Optional[str] = None
-
-    @property
-    def out(self) -> Path:
-        return self.folder.path
-
-    @property
-    def shared(self) -> Path:
-        """Where what only depends on the target and data is kept (``--shared-dir``, else the run folder)."""
-        return Path(self.cfg.shared_dir) if self.cfg.shared_dir else self.out
 
 
 # ---- before the folder is claimed ------------------------------------------------------------------
@@ -285,6 +237,7 @@ def evaluate_before(run: Run) -> Optional[dict]:
     if not run.sets:
         return None
     check_eval_length(run.target, run.sets, cfg)
+    check_attack_inputs(run)
     run.retain_log, note = retain_model_log(run.target, run.sets, cfg, run.shared, run.preset)
     run.folder.complete_config({"forget_quality": note})
     t = time.perf_counter()
@@ -317,14 +270,6 @@ def make_unlearner(run: Run, objective: Objective, data: UnlearningData, ucfg: U
     weights.resume(unlearner.step)
     weights.start(unlearner.model, unlearner.step, unlearner.start_epoch, unlearner.start_batch)
     return unlearner, resumed
-
-
-def tensorboard_log(report_to: str, out: Path, step: int) -> Optional[TensorBoardLog]:
-    """With ``--report-to tensorboard``, on the main process: event files in ``<out>/tensorboard``
-    from ``step`` on (what an interrupted attempt wrote from there is hidden)."""
-    if report_to != "tensorboard" or not dist_.is_main():
-        return None
-    return TensorBoardLog(out / files.TENSORBOARD, purge_step=step)
 
 
 def unlearn(run: Run, unlearner: Unlearner, before: Optional[dict]) -> dict:
@@ -375,26 +320,3 @@ def finish(run: Run, model, resumed: bool, step: int) -> None:
     summary = write_report(run.out)
     print(summary.read_text(encoding="utf-8"))
     print(f"run folder: {run.out}")
-
-
-def evaluate_after(run: Run, model, step: int) -> None:
-    """TOFU metrics and PS after unlearning, then (unless ``--no-uwc``) of the UWC-calibrated model."""
-    cfg, out, timer = run.cfg, run.out, run.timer
-    tb = tensorboard_log(cfg.report_to, out, step)
-    t = time.perf_counter()
-    after = evaluate(model, run.target, run.sets, out / files.EVAL_AFTER, cfg, run.retain_log)
-    dist_.write_json_main(out / files.METRICS_AFTER, after)
-    if tb is not None:
-        tb.scalars(step, metric_scalars(after, "eval_after"))
-    timer.phase("eval_after", t)
-    if not cfg.no_uwc:
-        t = time.perf_counter()
-        before = read_json(out / files.METRICS_BEFORE)
-        uwc = uwc_metrics(model, run.target, run.sets, out / files.EVAL_UWC, cfg, run.preset, run.device,
-                          before.get("PS-exact retain"), run.retain_log)
-        dist_.write_json_main(out / files.METRICS_UWC, uwc)
-        if tb is not None:
-            tb.scalars(step, metric_scalars(uwc, "eval_uwc"))
-        timer.phase("uwc", t)
-    if tb is not None:
-        tb.close()

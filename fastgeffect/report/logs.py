@@ -128,6 +128,7 @@ class RunLogs:
     pg_effects: List[dict]
     token_weights: List[dict]
     metrics: Dict[str, Optional[dict]]  # "before", "after", "uwc": None where not measured
+    attacks: Optional[dict] = None  # attacks.json (--attacks), None where none ran
 
 
 def read_run(run_dir: Path) -> RunLogs:
@@ -140,4 +141,5 @@ def read_run(run_dir: Path) -> RunLogs:
         pg_effects=read_log(run_dir / files.PG_EFFECTS, PG_KEYS),
         token_weights=read_log(run_dir / files.TOKEN_WEIGHTS, TOKEN_WEIGHT_KEYS),
         metrics={"before": read_json(run_dir / files.METRICS_BEFORE), "after": read_json(run_dir / files.METRICS_AFTER),
-                 "uwc": read_json(run_dir / files.METRICS_UWC)})
+                 "uwc": read_json(run_dir / files.METRICS_UWC)},
+        attacks=read_json(run_dir / files.ATTACKS))

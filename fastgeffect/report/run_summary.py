@@ -37,6 +37,8 @@ def draw_plots(run_dir: Path, run: RunLogs, name: str) -> List[str]:
     if token_weights_html(run.token_weights, run_dir / files.TOKEN_WEIGHTS_HTML,
                           f"token weights of {name} across epochs"):
         made.append(files.TOKEN_WEIGHTS_HTML)
+    if (run_dir / files.ATTACKS_PLOT).exists():  # drawn by the relearning attack itself
+        made.append(files.ATTACKS_PLOT)
     return made
 
 
@@ -48,5 +50,5 @@ def write_report(run_dir: Path) -> Path:
     name = run_name(run.config, run_dir.name)
     made = draw_plots(run_dir, run, name)
     out = run_dir / files.SUMMARY
-    out.write_text(summary_markdown(name, run.config, run.metrics, run.geffects, made), encoding="utf-8")
+    out.write_text(summary_markdown(name, run.config, run.metrics, run.geffects, made, run.attacks), encoding="utf-8")
     return out

@@ -108,6 +108,33 @@ def _metrics_section(metrics: Mapping[str, Optional[dict]]) -> List[str]:
     return parts
 
 
+def _attacks_section(attacks: Optional[Mapping]) -> List[str]:
+    """attacks.json as tables: the relearning curves (target, retain twin, gap) per k and the forget
+    metrics of each quantised model."""
+    if not attacks:
+        return []
+    metrics, parts = attacks["metrics"], ["## Attacks\n"]
+    relearn = attacks.get("relearn")
+    if relearn:
+        curves = [c for c in ("target", "twin", "gap") if relearn.get(c)]
+        head = [f"{m} {c}" for m in metrics for c in curves]
+        lines = ["| k | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
+        for i, k in enumerate(relearn["steps"]):
+            lines.append(f"| {k} | " + " | ".join(fmt(relearn[c][i][m]) for m in metrics for c in curves) + " |")
+        parts += [f"Relearning: k fine-tuning steps (lr {fmt(relearn['lr'])}) on {len(relearn['train_rows'])} forget "
+                  f"rows, measured on the other {len(relearn['eval_rows'])}; the twin (the retain model) is the "
+                  "control, gap = target − twin.\n", "\n".join(lines) + "\n"]
+    quantize = attacks.get("quantize")
+    if quantize:
+        lines = ["| weights | " + " | ".join(metrics) + " |", "| --- |" + " --- |" * len(metrics)]
+        for row in quantize["rows"]:
+            name = "unquantised" if row["bits"] is None else f"{row['bits']}-bit {row['granularity']}"
+            lines.append(f"| {name} | " + " | ".join(fmt(row[m]) for m in metrics) + " |")
+        parts += [f"Quantisation (round-to-nearest, {quantize['layers']} linear weights) on all "
+                  f"{attacks['forget_rows']} forget rows:\n", "\n".join(lines) + "\n"]
+    return parts
+
+
 def _notes_section(config: Mapping) -> List[str]:
     """What a reader needs to read the numbers: where Forget Quality's retain log came from (or why
     there is none) and, with --lora, that the G-effects are over the adapters."""
@@ -131,9 +158,11 @@ def _geffect_sections(records: Sequence[dict]) -> List[str]:
 
 
 def summary_markdown(name: str, config: Mapping, metrics: Mapping[str, Optional[dict]], records: Sequence[dict],
-                     made: Sequence[str]) -> str:
+                     made: Sequence[str], attacks: Optional[Mapping] = None) -> str:
     """The text of a run's summary: settings, metrics ("before", "after", "uwc"), notes, the tables
-    of G-effect ``records`` and links to the files ``made`` (paths relative to the run folder)."""
-    parts = [f"# {name} run\n", _settings_line(config), *_metrics_section(metrics), *_notes_section(config),
+    of G-effect ``records``, the ``attacks`` (attacks.json) and links to the files ``made`` (paths
+    relative to the run folder)."""
+    parts = [f"# {name} run\n", _settings_line(config), *_metrics_section(metrics), *_attacks_section(attacks),
+             *_notes_section(config),
              *_geffect_sections(records), "## Files\n", *(f"- [{m}]({m})" for m in made)]
     return "\n".join(parts) + "\n"
