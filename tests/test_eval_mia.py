@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 from helpers.toy_qa import memorise, tiny_llama, toy_qa_records, toy_tokenizer_for
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from fastgeffect.data.templates import get_template
 from fastgeffect.eval import mia_auc, privleak
@@ -126,24 +126,28 @@ def test_gradnorm_matches_per_row_backward(toy, p):
     assert all(q.grad is None for q in model.parameters())
 
 
-def _tied_llama(vocab, tok):
+def _other_model(kind, vocab, tok):
     torch.manual_seed(7)
+    if kind == "gpt2":  # HF Conv1D layers, tied head, position embeddings broadcast over the batch
+        cfg = GPT2Config(vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        return GPT2LMHeadModel(cfg).double().eval()
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                      pad_token_id=tok.pad_token_id)
+                      attention_bias=True, mlp_bias=True, pad_token_id=tok.pad_token_id)
     return LlamaForCausalLM(cfg).double().eval()
 
 
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied_biases", "gpt2"])
 @pytest.mark.parametrize("ghost_linear", [True, False])
-def test_ghost_norms_equal_the_loop(toy, tied, ghost_linear):
+def test_ghost_norms_equal_the_loop(toy, kind, ghost_linear):
     model, _, tok, forget, _ = toy
-    if tied:
-        model = _tied_llama(len(tok), tok)
-        assert model.lm_head.weight is model.model.embed_tokens.weight
+    if kind != "llama":
+        model = _other_model(kind, len(tok), tok)
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     enc = Encoded(tok, TPL, forget, 200, "t")
     (chunk, x, att, y), = list(enc.batches(len(forget)))[:1]
-    assert bool((x == tok.pad_token_id).any())  # padding holds the pad id, the embedding's padding_idx
+    assert bool((x == tok.pad_token_id).any())  # padding holds the pad id, Llama's embedding padding_idx
     mask = (y[:, 1:] != -100)
 
     def losses():

@@ -5,10 +5,11 @@ p = 2 without a backward per sample ("ghost" norms): one batched forward/backwar
 hooks keeping, per module call, its input ``a`` and output gradient ``δ`` (rows of sample i only);
 a parameter's per-sample gradient is the sum over its uses of
 
-* Linear weight:  Σ_t δ_t a_tᵀ,  so ||·||² = Σ_{t,s} (a_t·a_s)(δ_t·δ_s)  (or, when T² > in·out, the
-  (out, in) matrix itself);
+* Linear weight:  Σ_t δ_t a_tᵀ (HF Conv1D: its transpose),  so ||·||² = Σ_{t,s} (a_t·a_s)(δ_t·δ_s)
+  (or, when T² > in·out, the (out, in) matrix itself);
 * Embedding:      row v gets Σ_{t: id_t = v} δ_t,  so ||·||² = Σ_{t,s: id_t = id_s} δ_t·δ_s
-  (positions holding ``padding_idx`` get no gradient);
+  (positions holding ``padding_idx`` get no gradient; a call broadcast over the batch, as GPT-2's
+  position embeddings, is expanded to per-sample rows);
 * Linear bias, and the small parameters of any other leaf module (RMSNorm/LayerNorm weights):
   the per-sample gradient itself (a vmap of the module's vector-Jacobian product).
 
@@ -29,6 +30,12 @@ from torch.func import functional_call, grad, vmap
 
 EXPLICIT_LIMIT = 1 << 26  # B · numel above which a leaf module's per-sample gradients are not formed
 
+try:  # GPT-2 style "Conv1D" (y = a W + b, W stored (in, out)); transformers is a dependency but keep this soft
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+except Exception:  # pragma: no cover
+    _HFConv1D = nn.Linear
+_GHOST_MODULES = (nn.Linear, _HFConv1D, nn.Embedding)
+
 
 class _Uses:
     """Forward hooks recording, for every call of a module owning a parameter, the module, its
@@ -39,6 +46,7 @@ class _Uses:
         self.uses: Dict[int, list] = {i: [] for i in range(len(params))}
         self.bad: Dict[int, str] = {}
         self.off = False
+        self.seen_batch = 0  # largest leading dimension of a hooked output so far in the forward
         self.handles = []
         for mod in model.modules():
             owned = [(n, p) for n, p in mod.named_parameters(recurse=False) if id(p) in self.index]
@@ -60,11 +68,19 @@ class _Uses:
                 return None
             if not output.requires_grad:
                 return None
-            use = {"mod": mod, "x": args[0].detach(), "d": None}
+            x, B = args[0].detach(), self.seen_batch
+            if output.dim() >= 2 and output.shape[0] == 1 and B > 1 and x.dim() >= 1 and x.shape[0] == 1 \
+                    and isinstance(mod, _GHOST_MODULES):
+                # a batch-broadcast call (GPT-2's position embeddings on (1, T) ids): hand the model an
+                # expanded view, identical after broadcasting, so δ arrives per sample
+                output, x = output.expand(B, *output.shape[1:]), x.expand(B, *x.shape[1:])
+            elif output.dim() >= 1:
+                self.seen_batch = max(self.seen_batch, output.shape[0])
+            use = {"mod": mod, "x": x, "d": None}
             output.register_hook(lambda d: use.__setitem__("d", d.detach()))
             for n, p in owned:
                 self.uses[self.index[id(p)]].append((n, use))
-            return None
+            return output
         return hook
 
 
@@ -79,11 +95,11 @@ def _rep(name: str, use: dict, B: int, uses_obj: _Uses) -> Optional[tuple]:
         return ("zero",)
     if d.dim() == 0 or d.shape[0] != B or x.dim() == 0 or x.shape[0] != B:
         return None
-    if isinstance(mod, nn.Linear):
+    if isinstance(mod, (nn.Linear, _HFConv1D)):
         a, dd = x.reshape(B, -1, x.shape[-1]), d.reshape(B, -1, d.shape[-1])
         if a.shape[1] != dd.shape[1]:
             return None
-        return ("lin", a, dd) if name == "weight" else ("exp", dd.sum(1))
+        return ("lin", a, dd, not isinstance(mod, nn.Linear)) if name == "weight" else ("exp", dd.sum(1))
     if isinstance(mod, nn.Embedding):
         if mod.max_norm is not None or mod.scale_grad_by_freq or x.shape != d.shape[:-1]:
             return None
@@ -117,7 +133,9 @@ def _inner(u: tuple, v: tuple, ghost: Optional[bool]) -> Optional[torch.Tensor]:
         ct = _ct(u[1], v[1])
         return (u[1].to(ct) * v[1].to(ct)).flatten(1).sum(1)
     if kinds == ("lin", "lin"):
-        (_, a1, d1), (_, a2, d2) = u, v
+        (_, a1, d1, t1), (_, a2, d2, t2) = u, v
+        if t1 != t2:  # one weight as both (out, in) and (in, out): not a pair met in practice
+            return None
         ct = _ct(a1, d1)
         a1, d1, a2, d2 = a1.to(ct), d1.to(ct), a2.to(ct), d2.to(ct)
         use_ghost = ghost if ghost is not None else a1.shape[1] * a2.shape[1] <= a1.shape[2] * d1.shape[2]
@@ -130,7 +148,9 @@ def _inner(u: tuple, v: tuple, ghost: Optional[bool]) -> Optional[torch.Tensor]:
         same = (i1.unsqueeze(2) == i2.unsqueeze(1)).to(ct)
         return (same * (d1.to(ct) @ d2.to(ct).transpose(1, 2))).sum((1, 2))
     if kinds == ("emb", "lin"):  # a tied embedding and LM head: weight (V, H) in both
-        (_, ids, de), (_, a, dl) = u, v
+        (_, ids, de), (_, a, dl, transposed) = u, v
+        if transposed:
+            return None
         ct = _ct(de)
         B, S = ids.shape
         R = a.shape[1]
@@ -146,9 +166,8 @@ def _batch_grad(rep: tuple, shape: torch.Size) -> Optional[torch.Tensor]:
     if rep[0] == "exp":
         return rep[1].sum(0)
     if rep[0] == "lin":
-        a, d = rep[1], rep[2]
-        ct = _ct(a, d)
-        return d.to(ct).flatten(0, 1).t() @ a.to(ct).flatten(0, 1)
+        a, d = rep[1].to(_ct(rep[1], rep[2])).flatten(0, 1), rep[2].to(_ct(rep[1], rep[2])).flatten(0, 1)
+        return a.t() @ d if rep[3] else d.t() @ a
     ids, d = rep[1], rep[2]
     out = torch.zeros(shape, dtype=_ct(d), device=d.device)
     return out.index_add_(0, ids.flatten(), d.to(out.dtype).flatten(0, 1))
