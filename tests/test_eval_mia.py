@@ -228,7 +228,7 @@ def test_bad_input(toy):
     for k in (0, 1.5, -0.1, True):
         with pytest.raises(ValueError, match=r"k \(the Min-K% fraction of tokens\) must be in \(0, 1\]"):
             call(attack="min_k", k=k)
-    for p in (3, 0, "2", True):
+    for p in (3, 0, "2", True, -math.inf):
         with pytest.raises(ValueError, match="p must be 1, 2 or inf"):
             call(attack="gradnorm", p=p)
     with pytest.raises(ValueError, match="forget rows: the set is empty"):
@@ -245,3 +245,6 @@ def test_bad_input(toy):
         mia_auc(small, tok, TPL, forget, holdout, attack="loss")
     with pytest.raises(ValueError, match="reference model's vocabulary has"):
         privleak_report(model, other, tok, TPL, forget, holdout)
+    frozen = tiny_llama(len(tok), hidden_size=16, layers=1, heads=2, seed=1).double().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        mia_auc(frozen, tok, TPL, forget, holdout, attack="gradnorm")

@@ -22,6 +22,7 @@ to one backward per sample (as do p = 1 and p = ∞, which no ghost identity giv
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, List, Optional
 
 import torch
@@ -208,6 +209,8 @@ def per_sample_grad_norms(model: nn.Module, losses_fn, *, p: float = 2, ghost_li
     Linear form (None: the cheaper one); ``force_loop`` computes every parameter by the loop."""
     named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
     params = [q for _, q in named]
+    if not params:
+        raise ValueError("GradNorm needs gradients but the model has no trainable parameter (requires_grad)")
     cap = _Uses(model, params) if p == 2 and not force_loop else None
     try:
         with torch.enable_grad():
@@ -241,6 +244,6 @@ def check_p(p) -> float:
     """p of the GradNorm attack: 1, 2 or inf (open-unlearning's choices)."""
     if isinstance(p, str) and p.lower() in ("inf", "infinity"):
         return math.inf
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or p not in (1, 2, math.inf):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or p not in (1, 2, math.inf):
         raise ValueError(f"p must be 1, 2 or inf (the GradNorm attack's norms), got {p!r}")
     return float(p)
