@@ -248,3 +248,15 @@ def test_bad_input(toy):
     frozen = tiny_llama(len(tok), hidden_size=16, layers=1, heads=2, seed=1).double().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter"):
         mia_auc(frozen, tok, TPL, forget, holdout, attack="gradnorm")
+
+
+def test_bench_gradnorm_quick(capsys):
+    """``benchmarks/bench_gradnorm.py --quick``: both paths on the same batch agree (times printed, never checked)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_gradnorm
+
+    row = bench_gradnorm.main(["--quick", "--tied"])
+    assert row["max rel diff"] < 1e-4 and row["ghost fallback"] == []  # fp32 model
+    assert "loop/ghost" in capsys.readouterr().out
