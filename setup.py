@@ -18,6 +18,7 @@ install_requires = [
     "tokenizers",
     "numpy",
     "scipy",
+    "scikit-learn",  # roc_auc_score for the membership-inference AUCs, as open-unlearning
     "rouge-score",
     "matplotlib",
     "tqdm",
