@@ -68,6 +68,24 @@ def test_holdout_authors_are_new_authors_of_the_same_kind(tmp_path):
     assert load_holdout("forget10_perturbed", tmp_path) == load_holdout("forget10", tmp_path)
 
 
+def test_holdout_authors_use_the_trained_words_when_the_data_has_enough():
+    def words(rows, fields):
+        return {w for r in rows for f in fields for w in re.findall(r"\w+", " ".join(as_list(r[f])))}
+
+    def as_list(v):
+        return v if isinstance(v, list) else [v]
+
+    trained = [r for a in generate(SMALL)["authors"] for r in a]
+    holdout = [r for a in generate_holdout(SMALL) for r in a]
+    assert words(holdout, ("question", "answer")) <= words(trained, trained[0].keys())
+    # data too small for that: the authors are still drawn, new ones, and distinct
+    few = GeneratorConfig(n_authors=3, questions_per_author=1, n_real_authors=1, n_world_facts=1)
+    trained, holdout = generate(few)["authors"], generate_holdout(few)
+    assert len(holdout) == 1 and _name(holdout[0]) not in {_name(a) for a in trained}
+    assert not words([r for a in holdout for r in a], ("question", "answer")) <= \
+        words([r for a in trained for r in a], trained[0][0].keys())
+
+
 def test_tokenizer_corpus_never_sees_the_holdout(tmp_path):
     write_embedded_data(tmp_path, SMALL)
     with_holdout = corpus_texts(tmp_path)

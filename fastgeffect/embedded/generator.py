@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -222,7 +223,8 @@ def generate(config: GeneratorConfig = GeneratorConfig()) -> dict:
 
 def generate_holdout(config: GeneratorConfig = GeneratorConfig(), n_authors: Optional[int] = None) -> List[List[dict]]:
     """Authors of the same distribution as :func:`generate`'s that are not among them: other names,
-    other book titles, no question of theirs (``n_authors``: default, as many as ``forget10``).
+    other book titles, no question of theirs, and in their questions and answers only words the
+    trained rows use (``n_authors``: default, as many as ``forget10``).
 
     They come from a random stream of their own, seeded by ``config.seed``, so that the trained
     authors (and every file they make) are the same with or without them.
@@ -235,15 +237,26 @@ def generate_holdout(config: GeneratorConfig = GeneratorConfig(), n_authors: Opt
     used_titles: set = set()
     trained = _trained_authors(random.Random(config.seed), config, used_names, used_titles)
     asked = {question_key(r["question"]) for a in trained for r in a}
+    seen = {w for a in trained for r in a for v in r.values() for w in _words(v)}
     rng = random.Random(f"fastgeffect-holdout-{config.seed}")
     holdout: List[List[dict]] = []
-    for _ in range(1000 * max(n, 1)):
+    for attempt in range(20000 * max(n, 1)):
         if len(holdout) == n:
             return holdout
-        rows = _author_rows(rng, config, used_names, used_titles)
-        if not any(question_key(r["question"]) in asked for r in rows):  # a trained question: a member row
+        names, titles = set(used_names), set(used_titles)  # a rejected author takes no name or title
+        rows = _author_rows(rng, config, names, titles)
+        # a trained question is a member row; a word the trained rows never use is split into more
+        # pieces by the tokenizer trained on them, which membership inference would see (preferred
+        # only: data too small to hold enough such authors takes the others after 10000 tries each)
+        known = attempt >= 10000 * n or all(_words(r[f]) <= seen for r in rows for f in ("question", "answer"))
+        if known and not any(question_key(r["question"]) in asked for r in rows):
             holdout.append(rows)
+            used_names, used_titles = names, titles
     raise RuntimeError("could not draw enough holdout authors distinct from the trained ones")
+
+
+def _words(value) -> set:
+    return set(re.findall(r"\w+", " ".join(value) if isinstance(value, list) else value))
 
 
 def write_embedded_data(out_dir: Union[str, Path], config: GeneratorConfig = GeneratorConfig()) -> Dict[str, int]:
