@@ -117,12 +117,16 @@ def test_evaluate_tofu_writes_logs(toy, tmp_path):
     model, tok, recs = toy
     sets = {"retain": recs[:4], "forget": recs[4:], "real_authors": recs[:3], "world_facts": recs[5:]}
     res = evaluate_tofu(model, tok, TPL, sets, out_dir=tmp_path, max_new_tokens=5, batch_size=4, progress=False)
-    expected = sorted(list(FILES) + ["eval_log_aggregated.json", "metrics.json"])
+    expected = sorted(list(FILES) + ["eval_log_aggregated.json", "metrics.json", "TOFU_EVAL.json",
+                                     "TOFU_SUMMARY.json"])
     assert sorted(p.name for p in tmp_path.glob("*.json")) == expected
     logs = load_logs(tmp_path)
     assert aggregate(logs) == pytest.approx(res["metrics"])
     assert aggregate(load_logs(tmp_path / "eval_log_aggregated.json")) == pytest.approx(res["metrics"])
     assert "Model Utility" in res["metrics"] and 0 <= res["metrics"]["Model Utility"] <= 1
+    summary = json.loads((tmp_path / "TOFU_SUMMARY.json").read_text())  # open-unlearning's names
+    assert summary["model_utility"] == pytest.approx(res["metrics"]["Model Utility"], rel=1e-12)
+    assert summary["forget_Q_A_ROUGE"] == pytest.approx(res["metrics"]["ROUGE Forget"], rel=1e-12, abs=1e-15)
     again = evaluate_tofu(model, tok, TPL, {"forget": recs[4:]}, retain_log=tmp_path / "eval_log_forget.json",
                           max_new_tokens=5, progress=False)
     assert again["metrics"]["Forget Quality"] == 1.0 and "Model Utility" not in again["metrics"]

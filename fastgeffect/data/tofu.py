@@ -26,6 +26,11 @@ for _p in ("90", "95", "99"):
 
 # forget split -> the retain split that complements it in ``full``
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+# forget split -> its holdout file (TOFU's hub names): as many never-trained authors as the split
+# forgets, the non-members of membership inference (:mod:`.holdout`); not in SPLIT_FIELDS, which
+# lists what every TOFU folder must hold and what the embedded caches hash
+HOLDOUT_OF = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}
+HOLDOUT_FIELDS = ("question", "answer")
 
 
 def check_rows(rows: Sequence, split: str, source: str) -> None:

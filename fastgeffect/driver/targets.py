@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..data.splits import subset_tofu
+from ..data.splits import add_subset_holdout, subset_tofu
 from ..data.templates import Template, choose_template
 from ..embedded import build_embedded
 from ..embedded.build import folder_digest  # the key the embedded subset uses too
@@ -87,8 +87,10 @@ def tofu_subset(tofu_dir: str, n_authors: int, cache_dir: Optional[str]) -> Path
     written once into the cache, keyed by the source files' bytes and ``n_authors``."""
     key = config_hash({"tofu": folder_digest(tofu_dir), "n_authors": n_authors})
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    return cached_dir(root / "tofu-subsets" / f"authors{n_authors}-{key}",
+    path = cached_dir(root / "tofu-subsets" / f"authors{n_authors}-{key}",
                       lambda tmp: subset_tofu(tofu_dir, tmp, n_authors))
+    add_subset_holdout(path, tofu_dir, n_authors)  # a subset cached before it had holdout files
+    return path
 
 
 def hub_target(cfg: RunConfig, preset: Preset, device: torch.device) -> Target:

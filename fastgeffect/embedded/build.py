@@ -22,12 +22,12 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ..data.qa import QADataset
-from ..data.splits import subset_tofu
+from ..data.splits import add_holdout_files, add_subset_holdout, has_holdout, subset_tofu
 from ..data.templates import Template, get_template
 from ..data.tofu import RETAIN_OF, SPLIT_FIELDS, load_tofu_split
 from ..losses.po import load_refusals
 from .cache import cached_dir, config_hash, default_cache_dir
-from .generator import GeneratorConfig, write_embedded_data
+from .generator import GeneratorConfig, generate_holdout, write_embedded_data
 from .target import ModelConfig, TrainConfig, train_and_save
 from .tokenizer import TokenizerConfig, corpus_texts, train_tokenizer
 
@@ -129,6 +129,18 @@ def _build_base(tmp: Path, cfg: EmbeddedConfig, tofu_dir: Optional[Path], n_auth
     (tmp / "setup.json").write_text(json.dumps({"max_length": max_length, "template": TEMPLATE}))
 
 
+def _add_holdout(data_dir: Path, cfg: EmbeddedConfig, tofu_dir: Optional[Path], n_authors: Optional[int]) -> None:
+    """A base cached before the data had holdout files gets them, the bytes a fresh build writes: the
+    tokenizer and the models never see them (nor ``needed_length``, nor the keys), so nothing
+    already built changes or is rebuilt."""
+    if has_holdout(data_dir):
+        return
+    if tofu_dir is None:
+        add_holdout_files(data_dir, generate_holdout(cfg.generator), cfg.generator.n_authors)
+    else:
+        add_subset_holdout(data_dir, tofu_dir, n_authors)
+
+
 def _qa(rows, tokenizer, max_length) -> QADataset:
     return QADataset(rows, tokenizer, get_template(TEMPLATE), max_length)
 
@@ -162,6 +174,7 @@ def build_embedded(cache_dir: Optional[Union[str, Path]] = None, size: str = "de
     root = Path(cache_dir or default_cache_dir()) / "embedded" / data_key
     base = cached_dir(root / "base", lambda tmp: _build_base(tmp, cfg, tofu_dir, n_authors))
     data_dir = base / "data"
+    _add_holdout(data_dir, cfg, tofu_dir, n_authors)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(base / "tokenizer")
     max_length = json.loads((base / "setup.json").read_text())["max_length"]
     model_key = config_hash({"version": CODE_VERSION, "data": data_key, "model": cfg.model.to_dict(),

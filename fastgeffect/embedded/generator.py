@@ -4,17 +4,20 @@ Each author gets facts (birthplace, birth date, parents' jobs, genre, award, boo
 from the project's word lists with ``random.Random(seed)``; each fact kind ("family") has a
 question, a paraphrased question, answer wordings (one picked per author), and a paraphrase;
 the five perturbed answers are the paraphrase with the family's facts replaced by wrong ones,
-as in TOFU. ``write_embedded_data`` writes every TOFU split into a folder.
+as in TOFU. ``write_embedded_data`` writes every TOFU split into a folder, with the holdout
+authors of :func:`generate_holdout` (never trained on) as ``holdout01/05/10.json``.
 """
 from __future__ import annotations
 
 import datetime
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from ..data.splits import write_tofu_folder
+from ..data.holdout import question_key
+from ..data.splits import author_counts, write_tofu_folder
 from ..losses.po import load_refusals
 from . import wordlists as W
 
@@ -191,6 +194,17 @@ def _knowledge_rows(rng: random.Random, facts: Sequence[Tuple[str, str, Sequence
             for q, a, kind in rng.sample(list(facts), n)]
 
 
+def _author_rows(rng: random.Random, config: GeneratorConfig, used_names: set, used_titles: set) -> List[dict]:
+    """One author's rows: the name question first, then a random choice of the other families."""
+    facts = _make_author(rng, used_names, used_titles)
+    families = [0] + rng.sample(range(1, len(FAMILIES)), config.questions_per_author - 1)
+    return [_qa_row(rng, FAMILIES[k], facts, rng.randrange(len(FAMILIES[k].answers))) for k in families]
+
+
+def _trained_authors(rng: random.Random, config: GeneratorConfig, used_names: set, used_titles: set):
+    return [_author_rows(rng, config, used_names, used_titles) for _ in range(config.n_authors)]
+
+
 def generate(config: GeneratorConfig = GeneratorConfig()) -> dict:
     """``{"authors": [[row, ...], ...], "real_authors_perturbed": [...], "world_facts_perturbed": [...]}``.
 
@@ -198,14 +212,7 @@ def generate(config: GeneratorConfig = GeneratorConfig()) -> dict:
     the name, the others are a per-author random choice of the remaining families.
     """
     rng = random.Random(config.seed)
-    used_names: set = set()
-    used_titles: set = set()
-    authors = []
-    for _ in range(config.n_authors):
-        facts = _make_author(rng, used_names, used_titles)
-        families = [0] + rng.sample(range(1, len(FAMILIES)), config.questions_per_author - 1)
-        authors.append([_qa_row(rng, FAMILIES[k], facts, rng.randrange(len(FAMILIES[k].answers)))
-                        for k in families])
+    authors = _trained_authors(rng, config, set(), set())
     authors_known = [a for _, a in W.REAL_BOOKS]
     real = [(f"Who wrote '{book}'?", author, authors_known) for book, author in W.REAL_BOOKS]
     world = [(pattern.format(subject), answer, sorted(table.values()))
@@ -214,8 +221,48 @@ def generate(config: GeneratorConfig = GeneratorConfig()) -> dict:
             "world_facts_perturbed": _knowledge_rows(rng, world, config.n_world_facts)}
 
 
+def generate_holdout(config: GeneratorConfig = GeneratorConfig(), n_authors: Optional[int] = None) -> List[List[dict]]:
+    """Authors of the same distribution as :func:`generate`'s that are not among them: other names,
+    other book titles, no question of theirs, and in their questions and answers only words the
+    trained rows use (``n_authors``: default, as many as ``forget10``).
+
+    They come from a random stream of their own, seeded by ``config.seed``, so that the trained
+    authors (and every file they make) are the same with or without them.
+    """
+    n = author_counts(config.n_authors)["forget10"] if n_authors is None else n_authors
+    if 2 * (config.n_authors + n) > len(W.TITLE_ADJECTIVES) * len(W.TITLE_NOUNS):
+        raise ValueError(f"{config.n_authors} authors and {n} holdout authors need more distinct book titles "
+                         "than the word lists make")
+    used_names: set = set()
+    used_titles: set = set()
+    trained = _trained_authors(random.Random(config.seed), config, used_names, used_titles)
+    asked = {question_key(r["question"]) for a in trained for r in a}
+    seen = {w for a in trained for r in a for v in r.values() for w in _words(v)}
+    rng = random.Random(f"fastgeffect-holdout-{config.seed}")
+    holdout: List[List[dict]] = []
+    for attempt in range(20000 * max(n, 1)):
+        if len(holdout) == n:
+            return holdout
+        names, titles = set(used_names), set(used_titles)  # a rejected author takes no name or title
+        rows = _author_rows(rng, config, names, titles)
+        # a trained question is a member row; a word the trained rows never use is split into more
+        # pieces by the tokenizer trained on them, which membership inference would see (preferred
+        # only: data too small to hold enough such authors takes the others after 10000 tries each)
+        known = attempt >= 10000 * n or all(_words(r[f]) <= seen for r in rows for f in ("question", "answer"))
+        if known and not any(question_key(r["question"]) in asked for r in rows):
+            holdout.append(rows)
+            used_names, used_titles = names, titles
+    raise RuntimeError("could not draw enough holdout authors distinct from the trained ones")
+
+
+def _words(value) -> set:
+    return set(re.findall(r"\w+", " ".join(value) if isinstance(value, list) else value))
+
+
 def write_embedded_data(out_dir: Union[str, Path], config: GeneratorConfig = GeneratorConfig()) -> Dict[str, int]:
-    """Generate and write every TOFU split (JSON lines, TOFU's file names) into ``out_dir``."""
+    """Generate and write every TOFU split (JSON lines, TOFU's file names) into ``out_dir``, the
+    holdout files (:func:`generate_holdout`) included."""
     data = generate(config)
     return write_tofu_folder(out_dir, data["authors"], data["real_authors_perturbed"],
-                             data["world_facts_perturbed"], refusals=load_refusals(), seed=config.seed)
+                             data["world_facts_perturbed"], refusals=load_refusals(), seed=config.seed,
+                             holdout_authors=generate_holdout(config))

@@ -19,6 +19,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast
 
 from ..data.templates import TEMPLATES
+from ..data.tofu import HOLDOUT_OF
 from ..jsonl import read_jsonl
 from ..losses.po import load_refusals
 
@@ -37,8 +38,8 @@ class TokenizerConfig:
 
 
 def corpus_texts(data_dir: Union[str, Path]) -> List[str]:
-    """Every string of every split file in ``data_dir``, the refusals, and every question/answer
-    row as the plain templates (phi, llama2) format it, so template words merge like the rest."""
+    """Every string of every split file in ``data_dir`` (the holdout files aside), the refusals, and
+    every question/answer row as the plain templates (phi, llama2) format it, so template words merge like the rest."""
     texts: List[str] = []
 
     def add(value):
@@ -48,7 +49,9 @@ def corpus_texts(data_dir: Union[str, Path]) -> List[str]:
             for v in value:
                 add(v)
 
-    files = sorted(Path(data_dir).glob("*.json"))
+    # the holdout authors are never trained on, the tokenizer's merges included
+    holdout = {f"{h}.json" for h in HOLDOUT_OF.values()}
+    files = sorted(p for p in Path(data_dir).glob("*.json") if p.name not in holdout)
     if not files:
         raise FileNotFoundError(f"no TOFU split file (*.json) in {data_dir}")
     for path in files:

@@ -15,6 +15,8 @@ from ..jsonfile import JSONFileError, read_json, write_json
 from .aggregate import TRUTH_RATIO_AGGS, aggregate, check_retain_log, format_table, load_logs, load_retain_log
 from .generate import GEN_MODES
 
+RETAIN_LOG_HELP = ("a retain-only model's eval_log_forget.json, or its open-unlearning TOFU_EVAL.json (for Forget "
+                   "Quality)")
 TRUTH_RATIO_HELP = ("how Truth Ratio averages the perturbed answers' probabilities: geometric (TOFU's "
                     "aggregate_eval_stat.py, its published numbers) or arithmetic (TOFU's utils.get_model_utility)")
 
@@ -124,7 +126,8 @@ def _tofu(args) -> int:
     if args.retain_log:
         retain = load_retain_log(args.retain_log)
         forget = sets["forget"][:args.ds_size]
-        check_retain_log(retain, len(forget), [r["answer"] for r in forget], name=args.retain_log)
+        check_retain_log(retain, len(forget), [r["answer"] for r in forget], name=args.retain_log,
+                         questions=[r["question"] for r in forget])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     model, tokenizer = load_causal_lm(args.model, dtype=dtype,
                                       device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -148,14 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Aggregate TOFU's per-sample logs into its metrics (Model Utility, Forget "
                                    "Quality, ...) and write metrics.json.", formatter_class=HelpFormatter)
     a.add_argument("--logs", required=True, help="folder with the four TOFU logs, or eval_log_aggregated.json")
-    a.add_argument("--retain-log", help="a retain-only model's eval_log_forget.json (for Forget Quality)")
+    a.add_argument("--retain-log", help=RETAIN_LOG_HELP)
     a.add_argument("--out", help="output JSON (default: metrics.json next to the logs, never replaced by fewer "
                    "metrics)")
     a.add_argument("--partial", action="store_true", help="allow fewer than four log files")
     a.add_argument("--truth-ratio-agg", default="geometric", choices=TRUTH_RATIO_AGGS, help=TRUTH_RATIO_HELP)
     t = sub.add_parser("tofu", help="evaluate a model on TOFU and write TOFU's logs",
-                       description="Evaluate a causal LM on TOFU's four sets and write TOFU's per-sample logs "
-                                   "and the aggregated metrics.", formatter_class=HelpFormatter)
+                       description="Evaluate a causal LM on TOFU's four sets and write TOFU's per-sample logs, "
+                                   "the aggregated metrics, and both in open-unlearning's TOFU_EVAL.json / "
+                                   "TOFU_SUMMARY.json.", formatter_class=HelpFormatter)
     t.add_argument("--model", required=True, help="a causal LM: local folder, hub name, .gguf file or an alias "
                    "(smollm2-135m)")
     t.add_argument("--tokenizer", help="tokenizer (default: the model's)")
@@ -163,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="folder of TOFU JSON-lines files (default: the hub, locuslab/TOFU)")
     t.add_argument("--template", default=None, choices=["phi", "llama2", "chat"],
                    help="prompt template (default: chat for a tokenizer with a chat template, else phi)")
-    t.add_argument("--retain-log", help="a retain-only model's eval_log_forget.json (for Forget Quality)")
+    t.add_argument("--retain-log", help=RETAIN_LOG_HELP)
     t.add_argument("--out", help="output folder (default: MODEL/eval_results/<split>-ds<N>-len<L>-...: every setting "
                    "that changes the logs; needed for a hub name or an alias)")
     t.add_argument("--overwrite", action="store_true", help="replace the TOFU logs already in the output folder")

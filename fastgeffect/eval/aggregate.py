@@ -42,6 +42,7 @@ from scipy.stats import hmean, ks_2samp
 
 from ..data.templates import TEMPLATES
 from ..jsonfile import read_json
+from .open_unlearning_retain import check_questions, is_open_unlearning, retain_log_from_open_unlearning
 
 FILES = {
     "eval_log.json": "Retain",
@@ -178,15 +179,18 @@ def _is_cut_of(stored: str, answer: str) -> bool:
 
 def check_retain_log(retain_forget_log: Mapping, n: int, answers: Optional[Sequence[str]] = None,
                      name: str = "the retain model's eval_log_forget.json", *,
-                     stored: Optional[Sequence[str]] = None) -> None:
+                     stored: Optional[Sequence[str]] = None, questions: Optional[Sequence[str]] = None) -> None:
     """Refuse a retain model's forget log that does not cover the same forget rows as this
     evaluation of ``n`` samples: another forget split, eval size or evaluation length, each named.
 
     ``answers``: this evaluation's raw ground truths (when known); the log's stored ones may be a cut
     of them (TOFU stores the answer as decoded from the tokens within max_length). ``stored``: what
     this evaluation's own log stores, when known: then the cuts must be the same (a log made at another
-    length has other truth ratios for the rows that do not fit)."""
+    length has other truth ratios for the rows that do not fit). ``questions``: this evaluation's forget
+    questions, which a log read from open-unlearning's file must hold in its prompts (when it has them)."""
     n_retain = len(log_truth_ratio(retain_forget_log, name))
+    if questions is not None:
+        check_questions(retain_forget_log, questions, name)
     theirs = _ground_truths(retain_forget_log)
     sizes = (f"; the sizes differ too ({n_retain} samples there, {n} here)" if n_retain != n else "")
     compared = theirs is not None and (answers is not None or stored is not None)
@@ -302,14 +306,21 @@ def load_logs(path: Union[str, Path]) -> Dict[str, dict]:
 
 def load_retain_log(retain) -> dict:
     """A retain-only model's ``eval_log_forget.json`` content, from a dict, a file, an
-    ``eval_log_aggregated.json`` or a folder of logs."""
+    ``eval_log_aggregated.json``, a folder of logs, or open-unlearning's ``TOFU_EVAL.json`` (file,
+    dict, or a folder holding it and no TOFU log), converted (:mod:`.open_unlearning_retain`)."""
     if isinstance(retain, Mapping):
+        if is_open_unlearning(retain):
+            return retain_log_from_open_unlearning(retain)
         return dict(retain["eval_log_forget.json"]) if "eval_log_forget.json" in retain else dict(retain)
     p = Path(retain)
     if p.is_file():
         data = _read_log(p)
         if "avg_gt_loss" in data:  # a bare forget log, whatever its file name
             return data
+        if is_open_unlearning(data):
+            return retain_log_from_open_unlearning(data, str(p))
+    if p.is_dir() and not any((p / f).is_file() for f in FILES) and (p / "TOFU_EVAL.json").is_file():
+        return load_retain_log(p / "TOFU_EVAL.json")
     logs = load_logs(p)
     if "eval_log_forget.json" not in logs:
         raise ValueError(f"{p} has no eval_log_forget.json for Forget Quality")

@@ -41,6 +41,7 @@ from .answer_losses import answer_losses, encode_pairs
 from .batch_encode import batch_encode_pairs
 from .cached_generate import cached_greedy_generate
 from .generate import TOFU_BATCH_SIZE, check_gen_mode, greedy_generate
+from .open_unlearning import write_open_unlearning
 from .prefix_losses import shared_prefix_losses
 
 # set name -> (TOFU log file, answer key used for the truth ratio's base, forget set?)
@@ -226,7 +227,9 @@ def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Seque
 
     ``sets`` maps task names (``retain``, ``forget``, ``real_authors``, ``world_facts``) to
     record lists in TOFU's schema. Returns ``{"metrics": aggregated metrics, "logs": {file name:
-    per-sample log}}``; with ``out_dir`` the logs are written there under TOFU's names.
+    per-sample log}}``; with ``out_dir`` the logs are written there under TOFU's names, the metrics
+    as ``metrics.json``, and both in open-unlearning's ``TOFU_EVAL.json`` / ``TOFU_SUMMARY.json``
+    (:func:`.open_unlearning.write_open_unlearning`).
     ``retain_log`` (a path or an ``eval_log_forget.json`` dict of a retain-only model) adds
     Forget Quality; it is read and checked against the forget rows before anything is evaluated.
     Model Utility needs the three non-forget sets; with fewer, only the available sub-metrics are
@@ -252,7 +255,8 @@ def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Seque
         name = retain_log if isinstance(retain_log, (str, Path)) else "the retain model's eval_log_forget.json"
         answers = [r["answer"] for r in forget]
         stored = rouge_references(tokenizer, template, [r["question"] for r in forget], answers, max_length)
-        check_retain_log(retain, len(forget), answers, name=str(name), stored=stored)
+        check_retain_log(retain, len(forget), answers, name=str(name), stored=stored,
+                         questions=[r["question"] for r in forget])
     was_training = model.training
     model.eval()
     logs = {}
@@ -272,6 +276,7 @@ def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Seque
     metrics = aggregate(logs, retain, require_all=False, truth_ratio=truth_ratio)
     if out_dir is not None:
         write_json(Path(out_dir) / "metrics.json", metrics)
+        write_open_unlearning(out_dir, logs, metrics)  # the same evaluation in open-unlearning's files
     return {"metrics": metrics, "logs": logs}
 
 
