@@ -9,6 +9,7 @@ from typing import Dict, Optional
 from .. import distributed as dist_
 from .. import run_files as files
 from ..attacks import run_attacks
+from ..attacks.relearn import STEPS, check_steps
 from ..attacks.report import check_attack_args
 from ..jsonfile import read_json
 from ..scalars import metric_scalars
@@ -32,7 +33,7 @@ def evaluate_after(run: Run, model, step: int) -> None:
     cfg, out, timer = run.cfg, run.out, run.timer
     tb = tensorboard_log(cfg.report_to, out, step)
     t = time.perf_counter()
-    after = evaluate(model, run.target, run.sets, out / files.EVAL_AFTER, cfg, run.retain_log)
+    after = evaluate(model, run.target, run.sets, out / files.EVAL_AFTER, cfg, run.retain_log, run.privacy)
     dist_.write_json_main(out / files.METRICS_AFTER, after)
     if tb is not None:
         tb.scalars(step, metric_scalars(after, "eval_after"))
@@ -41,7 +42,7 @@ def evaluate_after(run: Run, model, step: int) -> None:
         t = time.perf_counter()
         before = read_json(out / files.METRICS_BEFORE)
         uwc = uwc_metrics(model, run.target, run.sets, out / files.EVAL_UWC, cfg, run.preset, run.device,
-                          before.get("PS-exact retain"), run.retain_log)
+                          before.get("PS-exact retain"), run.retain_log, run.privacy)
         dist_.write_json_main(out / files.METRICS_UWC, uwc)
         if tb is not None:
             tb.scalars(step, metric_scalars(uwc, "eval_uwc"))
@@ -55,6 +56,17 @@ def evaluate_after(run: Run, model, step: int) -> None:
         timer.phase("attacks", t)
     if tb is not None:
         tb.close()
+
+
+def check_attack_settings(cfg) -> None:
+    """What ``--attacks`` would refuse in the settings alone (the relearning steps and learning
+    rate), before the run folder is claimed."""
+    if "relearn" in attack_names(cfg):
+        steps = relearn_steps(cfg)
+        try:
+            check_steps(STEPS if steps is None else steps)
+        except ValueError as e:
+            raise SystemExit(f"--relearn-steps: {e}") from None
 
 
 def check_attack_inputs(run: Run) -> None:

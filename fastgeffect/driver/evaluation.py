@@ -10,11 +10,12 @@ from typing import Optional, Tuple
 from .. import run_files as files
 from ..data.tofu import RETAIN_OF, load_tofu_split
 from ..distributed import write_json_main
-from ..eval import evaluate_tofu, ps_report, uwc_calibrate
+from ..eval import evaluate_tofu, ps_report, uwc_calibrate, write_open_unlearning
 from ..eval.ps_samples import protocol_samples
 from .artefacts import before_fingerprint, cached, load_json_dict, retain_log_fingerprint
 from .config import RunConfig
 from .presets import PRESETS, Preset, is_published_checkpoint
+from .privacy import PrivacyInputs, privacy_metrics
 from .targets import Target
 
 
@@ -45,13 +46,23 @@ def check_eval_length(target: Target, sets, cfg: RunConfig) -> None:
                          f"({longest} tokens, {where}): set {flag} to more than {longest}")
 
 
-def evaluate(model, target: Target, sets, out_dir: Path, cfg: RunConfig, retain_log) -> dict:
-    """TOFU metrics (logs written to ``out_dir``) and PS-exact/PS-perturb on retain and forget."""
-    res = evaluate_tofu(model, target.tokenizer, target.template, sets, out_dir=out_dir, retain_log=retain_log,
-                        ds_size=cfg.eval_size, batch_size=cfg.eval_batch_size, progress=not cfg.no_progress,
-                        **eval_options(cfg, target))
-    metrics = dict(res["metrics"])
+def evaluate(model, target: Target, sets, out_dir: Path, cfg: RunConfig, retain_log,
+             privacy: Optional[PrivacyInputs] = None) -> dict:
+    """TOFU metrics (logs written to ``out_dir``), PS-exact/PS-perturb on retain and forget, and the
+    privacy and memorisation metrics ``privacy`` asks for (None: TOFU's metrics and PS only)."""
+    families = ("tofu",) if privacy is None else privacy.families
+    metrics, res = {}, None
+    if "tofu" in families:
+        res = evaluate_tofu(model, target.tokenizer, target.template, sets, out_dir=out_dir, retain_log=retain_log,
+                            ds_size=cfg.eval_size, batch_size=cfg.eval_batch_size, progress=not cfg.no_progress,
+                            **eval_options(cfg, target))
+        metrics.update(res["metrics"])
     metrics.update(ps_metrics(model, target, sets, cfg))
+    if privacy is not None:
+        extra = privacy_metrics(model, target, sets, cfg, privacy, out_dir, eval_options(cfg, target)["max_length"])
+        metrics.update(extra)
+        if res is not None and extra:  # open-unlearning's files of this evaluation, with these metrics too
+            write_open_unlearning(out_dir, res["logs"], res["metrics"], extra=extra)
     return metrics
 
 
@@ -68,15 +79,16 @@ def ps_metrics(model, target: Target, sets, cfg: RunConfig) -> dict:
                      protocol=cfg.ps_protocol, family=PRESETS[cfg.preset].uwc, batch_size=cfg.eval_batch_size)
 
 
-def before_metrics(model, target: Target, sets, cfg: RunConfig, shared: Path, retain_log) -> dict:
+def before_metrics(model, target: Target, sets, cfg: RunConfig, shared: Path, retain_log,
+                   privacy: Optional[PrivacyInputs] = None) -> dict:
     """The evaluation before unlearning (logs in ``shared/eval_before``), kept in ``shared`` with
     its fingerprint: computed once per model, data and evaluation size."""
     def compute(path: Path) -> dict:
-        metrics = evaluate(model, target, sets, shared / files.EVAL_BEFORE, cfg, retain_log)
+        metrics = evaluate(model, target, sets, shared / files.EVAL_BEFORE, cfg, retain_log, privacy)
         write_json_main(path, metrics)
         return metrics
     fingerprint = {**before_fingerprint(target, cfg.split, cfg.eval_size, retain_log, cfg.ps_protocol),
-                   "eval": eval_options(cfg, target)}
+                   "eval": eval_options(cfg, target), **({} if privacy is None else {"privacy": privacy.fingerprint()})}
     return cached(shared / files.METRICS_BEFORE, fingerprint, compute, load_json_dict, recompute=cfg.overwrite,
                   lock_dir=shared)
 
@@ -133,7 +145,7 @@ def retain_model_log(target: Target, sets, cfg: RunConfig, shared: Path, preset:
 
 
 def uwc_metrics(model, target: Target, sets, out_dir: Path, cfg: RunConfig, preset: Preset, device, reference_ps,
-                retain_log) -> dict:
+                retain_log, privacy: Optional[PrivacyInputs] = None) -> dict:
     """UWC: mix the unlearned weights with the original's until retain PS matches ``reference_ps``
     (the original's), and evaluate the calibrated model fully, as :func:`evaluate` does (TOFU's
     metrics with Model Utility and Forget Quality, logs in ``out_dir``, and PS)."""
@@ -143,6 +155,6 @@ def uwc_metrics(model, target: Target, sets, out_dir: Path, cfg: RunConfig, pres
                         samples["exact"]["retain"], samples["exact"]["forget"],
                         preset=preset.uwc, batch_size=cfg.eval_batch_size, reference_ps=reference_ps,
                         ps_protocol=cfg.ps_protocol,
-                        report_fn=lambda mixed: evaluate(mixed, target, sets, out_dir, cfg, retain_log))
+                        report_fn=lambda mixed: evaluate(mixed, target, sets, out_dir, cfg, retain_log, privacy))
     return {"alpha": res["alpha"], "tolerance": res["tolerance"], "reference_ps": res["reference_ps"],
             **res["metrics"]}

@@ -12,6 +12,7 @@ import torch
 from .. import distributed as dist_
 from .config import RunConfig
 from .presets import Preset
+from .privacy import PrivacyInputs
 from .run_folder import RunFolder
 from .targets import Target
 
@@ -53,6 +54,7 @@ class Run:
     timer: Timer
     sets: Optional[dict] = None
     retain_log: Optional[str] = None
+    privacy: Optional[PrivacyInputs] = None  # --eval-metrics: families, holdout rows, PrivLeak's reference
 
     @property
     def out(self) -> Path:

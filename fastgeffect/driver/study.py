@@ -28,14 +28,15 @@ from ..report import write_report
 from ..scalars import metric_scalars
 from ..training.backend import STATE_FILE, StateNotSaved, full_model_state
 from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict
-from .after_unlearning import check_attack_inputs, evaluate_after, tensorboard_log
+from .after_unlearning import check_attack_inputs, check_attack_settings, evaluate_after, tensorboard_log
 from .artefacts import cached, reference_fingerprint, source_identity
 from .config import RunConfig, objective_hparams, settings, train_config, with_defaults
-from .evaluation import before_metrics, check_eval_length, retain_model_log
+from .evaluation import before_metrics, check_eval_length, eval_options, retain_model_log
 from .inputs import check_inputs
 from .launch import check_fused, launch_details, launch_strategy, make_accelerator, use_fused, whole_model
 from .lora import adapter_note, merged, reference_of
 from .presets import Preset, resolve_preset
+from .privacy import privacy_inputs
 from .run_context import RecordedStop, Run, Timer
 from .run_folder import RunFolder
 from .targets import build_target, default_ps_protocol
@@ -54,6 +55,7 @@ def checked_settings(cfg: RunConfig, preset: Preset, accelerator) -> Tuple[RunCo
         dist_.check_divisible(cfg.batch_size, accelerator.num_processes, cfg.grad_accum)
     hp = objective_hparams(cfg, preset)
     get_objective(cfg.method, regularizer=cfg.regularizer, lam=cfg.lam, **hp)  # validate before any work
+    check_attack_settings(cfg)
     check_inputs(model=cfg.model, retain_model=cfg.retain_model, data_dir=cfg.data_dir, authors=cfg.authors,
                  retain_log=cfg.retain_log, shared_dir=cfg.shared_dir, out=cfg.out, split=cfg.split)
     # after the --model checks: it reads the tokenizer
@@ -239,9 +241,11 @@ def evaluate_before(run: Run) -> Optional[dict]:
     check_eval_length(run.target, run.sets, cfg)
     check_attack_inputs(run)
     run.retain_log, note = retain_model_log(run.target, run.sets, cfg, run.shared, run.preset)
-    run.folder.complete_config({"forget_quality": note})
+    run.privacy = privacy_inputs(run.target, run.sets, cfg, run.shared, run.retain_log,
+                                 eval_options(cfg, run.target)["max_length"])
+    run.folder.complete_config({"forget_quality": note, "privleak": run.privacy.note})
     t = time.perf_counter()
-    before = before_metrics(run.target.model, run.target, run.sets, cfg, run.shared, run.retain_log)
+    before = before_metrics(run.target.model, run.target, run.sets, cfg, run.shared, run.retain_log, run.privacy)
     if run.shared != run.out:
         dist_.write_json_main(run.out / files.METRICS_BEFORE, before)
     run.timer.phase("eval_before", t)

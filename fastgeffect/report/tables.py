@@ -136,9 +136,9 @@ def _attacks_section(attacks: Optional[Mapping]) -> List[str]:
 
 
 def _notes_section(config: Mapping) -> List[str]:
-    """What a reader needs to read the numbers: where Forget Quality's retain log came from (or why
-    there is none) and, with --lora, that the G-effects are over the adapters."""
-    notes = [config[k] for k in ("forget_quality", "geffect_over") if config.get(k)]
+    """What a reader needs to read the numbers: where Forget Quality's retain log and PrivLeak's
+    reference came from (or why there are none) and, with --lora, that the G-effects are over the adapters."""
+    notes = [config[k] for k in ("forget_quality", "privleak", "geffect_over") if config.get(k)]
     return ["## Notes\n\n" + "".join(f"- {n}\n" for n in notes)] if notes else []
 
 
