@@ -3,10 +3,14 @@ one Hessian-vector product against torch.autograd.functional.hvp on a tiny Llama
 logged value of a run against a recomputation, a quadratic risk predicted exactly, and the refusals."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from helpers.model_families import qa_batch
 from helpers.toy_qa import tiny_llama, toy_qa_records, toy_tokenizer_for
 from torch.func import functional_call
@@ -17,8 +21,10 @@ from fastgeffect.data.pairs import ForgetRetainDataset
 from fastgeffect.data.qa import QADataset
 from fastgeffect.data.templates import get_template
 from fastgeffect.data.unlearning import UnlearningData
+from fastgeffect.distributed import barrier
 from fastgeffect.driver.config import RunConfig, usage_error
 from fastgeffect.geffect import GEffect, read_geffect_log
+from fastgeffect.geffect.risk import nll_risk_on
 from fastgeffect.geffect.second_order import (
     hvp_term,
     math_attention,
@@ -249,3 +255,44 @@ def test_the_driver_refuses_sharding_before_the_folder(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match="--second-order is not available with sharded parameters"):
             study.checked_settings(cfg, resolve_preset(cfg.preset, cfg.model), None)
     assert not (tmp_path / "run").exists()
+
+
+def _ddp_setup():
+    """A float64 tiny GPT-2 with a fixed 'objective gradient' in p.grad, its AdamW, and 5 risk rows
+    (an odd count: the two ranks' shares differ)."""
+    template = get_template("phi")
+    records = toy_qa_records(6)
+    tok = toy_tokenizer_for(records, template)
+    items = [QADataset(records, tok, template, 40)[i] for i in range(5)]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                                       attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)).to(torch.float64).eval()
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(1)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    return model, params, items, torch.optim.AdamW(params, lr=1e-2)
+
+
+def _ddp_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    model, params, items, opt = _ddp_setup()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    risks = {"r": nll_risk_on(ddp, items, torch.device("cpu"), rank=rank, world=world)}
+    (out / f"rank{rank}.json").write_text(json.dumps(second_order_terms(ddp, risks, opt, params, 1.0)))
+    barrier()
+    os._exit(0)  # as tests/test_distributed.py: no gloo teardown
+
+
+def test_ddp_shares_sum_to_the_one_process_term(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, tmp_path), nprocs=2, join=True)
+    model, params, items, opt = _ddp_setup()
+    one = second_order_terms(model, {"r": nll_risk_on(model, items, torch.device("cpu"))}, opt, params, 1.0)["r"]
+    assert one != 0
+    for rank in range(2):
+        assert abs(json.loads((tmp_path / f"rank{rank}.json").read_text())["r"] - one) <= 1e-10 * abs(one)
