@@ -36,6 +36,7 @@ from . import distributed as dist_
 from .data.unlearning import UnlearningData
 from .geffect import GEffect
 from .geffect.risk import RiskFn, forget_risk_items, nll_risk, nll_risk_on, retain_risk_items
+from .geffect.second_order import second_order_error, second_order_terms, with_second_order
 from .model_structure import unwrap
 from .objectives import Objective
 from .objectives.base import count_items, sequence_weights
@@ -103,6 +104,10 @@ class Unlearner:
             warnings.warn("update effects are not measured under DeepSpeed ZeRO-3 (its Adam state lives in "
                           "DeepSpeed's partitions); the G-effects are", stacklevel=2)
             self.update_effects = False
+        if cfg.second_order:  # before any step: a term that cannot be measured is refused, not skipped
+            error = second_order_error(self.update_effects, dist_.reduction_mode(self.model) if self.geffect else None)
+            if error:
+                raise ValueError(error)
         self.pg_steps = {self.total_steps - 1 if s < 0 else int(s) for s in cfg.pg_steps}
         self.step = 0
         self.start_epoch, self.start_batch = 0, 0
@@ -199,6 +204,14 @@ class Unlearner:
             out[name] = {k: v if math.isfinite(v) else None for k, v in fields.items()}
         return out
 
+    def second_order(self, risks: dict) -> Dict[str, float]:
+        """Per risk, ``½ Δθᵀ H Δθ`` of the coming (clipped AdamW) step (:mod:`fastgeffect.geffect.second_order`)."""
+        self.model.eval()  # as the risks were measured: without dropout
+        terms = second_order_terms(self.model, risks, self.optimizer, self.geffect.grouping.params,
+                                   self.cfg.max_grad_norm or None)
+        self.model.train()
+        return terms
+
     def per_sample(self, micro: List[dict], plan: StepPlan) -> dict:
         """PG-effects of the step's first micro-batch, with its per-sample objective weights: the
         ``pg_effects.jsonl`` line (of every rank's first micro-batch, together, on every rank)."""
@@ -237,6 +250,8 @@ class Unlearner:
             raise NonFiniteLoss(f"step {self.step}: {e}") from e
         if risks is not None and self.update_effects:
             record.outcome = self.realised(record.geffects, risks, record.lr)
+            if record.second_order is not None:
+                record.outcome = with_second_order(record.outcome, record.second_order)
         self.scheduler.step()
         return record
 
@@ -250,6 +265,8 @@ class Unlearner:
         risks = None
         if self.geffect is not None and self.step % self.cfg.geffect_every == 0:
             record.geffects, risks = self.measure(plan)
+            if self.cfg.second_order:  # the objective gradient is back in p.grad; the step not yet taken
+                record.second_order = self.second_order(risks)
         if self.geffect is not None and self.step in self.pg_steps:
             record.pg_effects = self.per_sample(micro, plan)
         record.grad_norm = self.backend.clip_and_step(self.cfg.max_grad_norm)

@@ -171,6 +171,7 @@ class RunConfig:
     geffect_groups: str = train("geffect_groups", group=GEFFECTS, choices=GEFFECT_GROUPINGS)
     update_effects: str = train("update_effects", default="on" if UnlearnConfig.update_effects else "off",
                                 group=GEFFECTS, choices=("on", "off"))
+    second_order: bool = train("second_order", group=GEFFECTS)
     pg_steps: str = setting("0,-1", "comma-separated steps with per-sample PG-effects (-1: the last step; empty: "
                                     "none)", group=GEFFECTS)
 
@@ -302,6 +303,9 @@ def combination_error(cfg: RunConfig) -> Optional[str]:
         return "--relearn-steps and --relearn-lr need --attacks relearn"
     if cfg.eval == "none" and (cfg.eval_metrics is not None or cfg.attacks):
         return "--eval-metrics and --attacks need --eval full (they evaluate the model)"
+    if cfg.second_order and (cfg.geffect_every == 0 or cfg.update_effects == "off"):
+        return ("--second-order needs the G-effects (--geffect-every > 0) with --update-effects on: it is a term of "
+                "the real step's predicted risk change")
     try:
         steps = pg_steps(cfg)
     except ValueError:

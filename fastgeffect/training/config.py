@@ -29,6 +29,9 @@ class UnlearnConfig:
     # with the G-effects: the AdamW step's predicted and realised risk changes
     update_effects: bool = setting(True, "also predict each risk's change under the real (clipped AdamW) step and "
                                          "measure the realised change after it (one more forward per risk and step)")
+    second_order: bool = setting(False, "with the update effects: also the second-order term ½ΔθᵀHΔθ of each risk's "
+                                        "change under the real step and the prediction with it (one Hessian-vector "
+                                        "product, a double backward through the risk, per risk and measured step)")
     pg_steps: Sequence[int] = setting(default_factory=tuple, help="steps with per-sample PG-effects (-1: the last)")
     save_every: int = setting(0, "resumable state every N steps (0: epoch ends only)", low=0,
                               why="0: epoch ends only")
@@ -42,6 +45,9 @@ class UnlearnConfig:
             raise ValueError(error)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.second_order and not (self.geffect_every > 0 and self.update_effects):
+            raise ValueError("second_order needs the G-effects (geffect_every > 0) with update_effects on: it is a "
+                             "term of the real step's predicted risk change")
 
 
 def config_dict(cfg: UnlearnConfig) -> dict:

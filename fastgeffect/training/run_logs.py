@@ -24,6 +24,7 @@ class StepRecord:
     logs: Dict = field(default_factory=dict)  # the objective's (ObjectiveLogs.result), λ of primal-dual ones
     geffects: Optional[dict] = None       # risk -> GEffectResult, at measured steps
     outcome: Optional[dict] = None        # risk -> value after the step, realised and predicted changes
+    second_order: Optional[dict] = None   # risk -> ½ΔθᵀHΔθ of the step, with --second-order
     pg_effects: Optional[dict] = None     # the pg_effects.jsonl line, at PG-effect steps
     grad_norm: Optional[float] = None     # set once the optimiser step is taken
 
