@@ -194,7 +194,7 @@ class Unlearner:
         out = {}
         for name, a in zip(risks, after.tolist()):
             fields = {"risk_after": a, "realised": a - res[name].risk, "predicted_gd": -lr * res[name].total,
-                      "predicted_opt": -lr * res[name].update_total}
+                      "predicted_opt": res[name].update_change}  # ⟨∇R, Δθ⟩: -lr·u, each param group at its lr
             # a step into overflow (a run about to stop) has no finite outcome: null, as strict JSON wants
             out[name] = {k: v if math.isfinite(v) else None for k, v in fields.items()}
         return out
