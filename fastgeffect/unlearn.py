@@ -43,6 +43,7 @@ from .objectives.base import count_items, sequence_weights
 from .training.backend import STATE_FILE, make_backend
 from .training.batches import step_batches
 from .training.config import UnlearnConfig, config_dict  # noqa: F401  (re-exported)
+from .training.decay import decay_param_groups
 from .training.objective_logs import ObjectiveLogs
 from .training.plan import StepPlan, plan_step, steps_per_epoch, warmup_linear
 from .training.reduce import global_counts, local_counts
@@ -84,10 +85,9 @@ class Unlearner:
         self.on_epoch_end = on_epoch_end
         self.n_steps_epoch = steps_per_epoch(len(data.pairs), cfg.batch_size)
         self.total_steps = self.n_steps_epoch * cfg.epochs
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters")
-        adamw = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        adamw = torch.optim.AdamW(decay_param_groups(model, cfg.weight_decay, cfg.decay_all_params), lr=cfg.lr)
         micro_batch = cfg.batch_size // (self.world * cfg.grad_accum)  # per rank
         self.backend = make_backend(model, adamw, accelerator, micro_batch=micro_batch, max_grad_norm=cfg.max_grad_norm)
         self.model = self.backend.model
@@ -199,7 +199,7 @@ class Unlearner:
         out = {}
         for name, a in zip(risks, after.tolist()):
             fields = {"risk_after": a, "realised": a - res[name].risk, "predicted_gd": -lr * res[name].total,
-                      "predicted_opt": -lr * res[name].update_total}
+                      "predicted_opt": res[name].update_change}  # ⟨∇R, Δθ⟩: -lr·u, each param group at its lr
             # a step into overflow (a run about to stop) has no finite outcome: null, as strict JSON wants
             out[name] = {k: v if math.isfinite(v) else None for k, v in fields.items()}
         return out

@@ -198,8 +198,9 @@ def test_realised_change_matches_the_prediction_for_a_tiny_step(tmp_path):
     assert "## Predicted and realised changes" not in write_report(tmp_path / "off").read_text()
     for risk in ("unlearn", "retain"):
         q = prediction_quality(with_outcome(records, risk), "predicted_opt")
-        assert q["steps"] == 4 and abs(q["median_ratio"] - 1) < 1e-3 and q["corr"] > 0.99
-        assert f"| {risk} | update effect, −lr·u | {q['corr']:.4g} | {q['median_ratio']:.4g} | 4 |" in summary
+        assert q["steps"] == 4 and abs(q["median_ratio"] - 1) < 1e-3 and q["corr"] > 0.99 and q["sign_agree"] == 4
+        assert f"| {risk} | update effect, −lr·u | 4/4 | {q['iqr_log_ratio']:.4g} | {q['sum_ratio']:.4g} | " \
+               f"{q['spearman']:.4g} | {q['median_ratio']:.4g} |" in summary
     table = compare([tmp_path / "on", tmp_path / "off"]).read_text()
     assert "| ga (on) | unlearn |" in table and "(off)" not in table.split("## Predicted vs realised")[1]
 

@@ -26,7 +26,7 @@ CONFIG_KEYS = [
     "steering_coeff", "control_seed", "kl_direction", "kl_positions", "rr_layer", "ignore_first_n_answer_tokens",
     "constraint_eps", "dual_step", "fused", "model", "preset", "split", "data_dir", "authors", "size", "max_length",
     "retain_log", "cache_dir", "shared_dir", "retain_model", "template", "lora", "epochs", "batch_size", "grad_accum",
-    "lr", "weight_decay", "warmup_epochs", "max_grad_norm", "seed", "device", "fsdp2", "bf16",
+    "lr", "weight_decay", "decay_all_params", "warmup_epochs", "max_grad_norm", "seed", "device", "fsdp2", "bf16",
     "gradient_checkpointing", "geffect_every", "geffect_batch", "geffect_groups", "update_effects", "second_order",
     "pg_steps", "eval", "eval_metrics", "attacks", "relearn_steps", "relearn_lr", "eval_size", "eval_batch_size",
     "no_uwc", "ps_protocol", "eval_max_length", "gen_mode", "truth_ratio_agg", "out",

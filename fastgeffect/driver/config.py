@@ -46,6 +46,9 @@ ATTACKS = ("relearn", "quantize")
 # "What is safe")
 MAY_CHANGE_ON_RESUME = ("out", "resume", "overwrite", "no_progress", "stop_at_step", "save_every", "save_model",
                         "report_to")
+# what a run folder saved before a setting existed ran as, where that is not the setting's default: a resume
+# of such a folder keeps it (before issue 28 the unlearning AdamW decayed every parameter)
+OLDER_RUNS = {"decay_all_params": True}
 NAME_KEYS = ("method", "regularizer", "split", "seed")  # spelled out in the default run folder's name
 
 OBJECTIVE, MODEL_DATA, OWN_MODEL = "objective", "model and data", "bring your own model"
@@ -152,6 +155,7 @@ class RunConfig:
     grad_accum: int = train("grad_accum")
     lr: Optional[float] = train("lr", default=None, help="peak learning rate (default: the preset's)")
     weight_decay: float = train("weight_decay")
+    decay_all_params: bool = train("decay_all_params")
     warmup_epochs: float = train("warmup_epochs")
     max_grad_norm: float = train("max_grad_norm")
     seed: int = train("seed", help="seed of the data order, retain pairing and embedded target")
@@ -359,6 +363,12 @@ def objective_hparams(cfg: RunConfig, preset: Preset) -> dict:
         if value is not None:
             hp[name] = value
     return hp
+
+
+def as_older_run(cfg: RunConfig, saved: dict) -> RunConfig:
+    """``cfg`` to continue a run folder whose config.json is ``saved``: the settings it has no record
+    of take the values its version ran as (:data:`OLDER_RUNS`)."""
+    return replace(cfg, **{k: v for k, v in OLDER_RUNS.items() if k not in saved})
 
 
 def train_config(cfg: RunConfig) -> UnlearnConfig:

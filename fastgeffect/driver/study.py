@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import sys
 import time
 from dataclasses import asdict, replace
@@ -30,7 +31,7 @@ from ..training.backend import STATE_FILE, StateNotSaved, full_model_state
 from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict
 from .after_unlearning import check_attack_inputs, check_attack_settings, evaluate_after, tensorboard_log
 from .artefacts import cached, reference_fingerprint, source_identity
-from .config import RunConfig, objective_hparams, settings, train_config, with_defaults
+from .config import OLDER_RUNS, RunConfig, as_older_run, objective_hparams, settings, train_config, with_defaults
 from .evaluation import before_metrics, check_eval_length, eval_options, retain_model_log
 from .inputs import check_inputs
 from .launch import check_fused, launch_details, launch_strategy, make_accelerator, use_fused, whole_model
@@ -74,6 +75,16 @@ def config_record(cfg: RunConfig, hp: dict, ucfg: UnlearnConfig, argv, accelerat
                             "strategy": strategy, **launch_details(accelerator)}}
 
 
+def saved_config(out: Path) -> dict:
+    """The config.json of run folder ``out`` ({} when there is none or it cannot be read: preparing
+    the folder says why)."""
+    try:
+        saved = json.loads((out / files.CONFIG).read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def logged_steps(folder: RunFolder) -> int:
     """How many steps ``train_log.jsonl`` holds (a run interrupted before its first saved state);
     0 when it cannot be read (this only words a message)."""
@@ -95,6 +106,8 @@ def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
     lock is held until the end. Exit codes: 0 done (or stopped as asked), 130 interrupted (Ctrl-C)."""
     preset = resolve_preset(cfg.preset, cfg.model)
     cfg = with_defaults(cfg, preset)
+    if cfg.resume:  # a folder of an older version continues as that version ran
+        cfg = as_older_run(cfg, saved_config(Path(cfg.out)))
     accelerator = make_accelerator()
     strategy = launch_strategy(accelerator, cfg.fsdp2)
     cfg, hp, ucfg = checked_settings(cfg, preset, accelerator)
@@ -103,7 +116,7 @@ def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
     if main_rank:  # claimed before any work, with the settings; set-up completes config.json later
         run_settings = settings(cfg)
         folder.prepare(resume=cfg.resume, overwrite=cfg.overwrite, settings=run_settings,
-                       resume_keys=list(run_settings), defaults=settings(RunConfig()))
+                       resume_keys=list(run_settings), defaults={**settings(RunConfig()), **OLDER_RUNS})
         sources = model_sources(cfg)
         if cfg.resume:
             folder.check_sources(sources)

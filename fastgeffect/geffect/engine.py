@@ -35,7 +35,10 @@ from .update import UpdateDirections
 class GEffectResult:
     """One measurement: ``total`` = Σ ``groups``; ``risk`` the risk value; ``tied`` when the input
     embedding and LM head share a weight (it is then counted once, in ``embed``); ``update_total``
-    = Σ ``update_groups``, the update effect, when measured with an optimiser (else None)."""
+    = Σ ``update_groups``, the update effect, when measured with an optimiser (else None), and
+    ``update_change`` = Σ ``update_change_groups`` = ⟨∇R, Δθ⟩ = -Σ_p lr_p ⟨∇_p R, d_p⟩, the
+    first-order change of R under that step, each param group at its own learning rate (= -lr·u
+    when every group has the same lr)."""
     total: float
     groups: Dict[str, float]
     risk: float
@@ -43,11 +46,14 @@ class GEffectResult:
     notes: List[str] = field(default_factory=list)
     update_total: Optional[float] = None
     update_groups: Optional[Dict[str, float]] = None
+    update_change: Optional[float] = None
+    update_change_groups: Optional[Dict[str, float]] = None
 
     def to_dict(self) -> dict:
         out = {"total": self.total, "groups": dict(self.groups), "risk": self.risk, "tied": self.tied}
         if self.update_groups is not None:
-            out.update(update_total=self.update_total, update_groups=dict(self.update_groups))
+            out.update(update_total=self.update_total, update_groups=dict(self.update_groups),
+                       update_change=self.update_change, update_change_groups=dict(self.update_change_groups))
         return out
 
 
@@ -131,7 +137,11 @@ class GEffect:
         updates = None if optimizer is None else UpdateDirections(
             optimizer, params, self.grouping.param_names, [p.grad for p in params], max_grad_norm)
         n = len(risks)  # rows: the G-effects, then (with an optimiser) the update effects
-        stream = GradientDotStream(params, self.grouping.group_ids, len(self.grouping.names),
+        group_ids, n_cols = self.grouping.group_ids, len(self.grouping.names)
+        if updates is not None:  # one column per (layer group, param group): each param group's own lr
+            k = len(updates.lrs)
+            group_ids, n_cols = [g * k + j for g, j in zip(group_ids, updates.group_index)], n_cols * k
+        stream = GradientDotStream(params, group_ids, n_cols,
                                    n if updates is None else 2 * n, accumulate_dtype=self.accumulate_dtype,
                                    chunk_numel=self.chunk_numel, max_pending_bytes=self.max_pending_bytes,
                                    directions=None if updates is None else updates.direction, direction_offset=n)
@@ -145,7 +155,7 @@ class GEffect:
                 values.append(v)
                 del value
             table = stream.result()
-        return self._results(risks, table, values, self._objective_norm2)
+        return self._results(risks, table, values, self._objective_norm2, None if updates is None else updates.lrs)
 
     def _objective_norm2(self) -> torch.Tensor:
         """Per-group squared norms of this rank's objective gradient (the error path only)."""
@@ -153,14 +163,20 @@ class GEffect:
         return grouped_dots(grads, grads, self.grouping.group_ids, len(self.grouping.names), self.accumulate_dtype)
 
     def _results(self, risks: Mapping[str, RiskFn], table: torch.Tensor, values: List[float],
-                 objective_norm2: Callable[[], Optional[torch.Tensor]]) -> Dict[str, GEffectResult]:
+                 objective_norm2: Callable[[], Optional[torch.Tensor]], lrs: Optional[List[float]] = None
+                 ) -> Dict[str, GEffectResult]:
         if _dist.is_distributed():  # the one all-reduce: per-group partial sums and the risk shares together
             shares = torch.zeros(table.shape[0], 1, dtype=torch.float64)  # update-effect rows have no value
             shares[:len(values), 0] = torch.tensor(values, dtype=torch.float64)
             packed = _dist.all_reduce_sum(torch.cat([table, shares], 1))
             table, values = packed[:, :-1], packed[:len(values), -1].tolist()
-        # after the all-reduce, so that every rank sees the same table and raises alike
         n = len(risks)
+        change = None
+        if lrs is not None:  # columns (layer group, param group): ⟨∇R, Δθ⟩ = -Σ_k lr_k u_k, then the layer groups
+            parts = table.reshape(table.shape[0], -1, len(lrs))
+            table = parts.sum(-1)  # one param group: the very same numbers
+            change = -(parts[n:] * torch.tensor(lrs, dtype=torch.float64)).sum(-1)
+        # after the all-reduce, so that every rank sees the same table and raises alike
         names = list(risks) + [f"{r} (update effect)" for r in risks][:table.shape[0] - n]
         check_finite_geffects(table, self.grouping.names, names, objective_norm2)
         out = {}
@@ -171,6 +187,8 @@ class GEffect:
             if table.shape[0] > n:
                 update = {g: float(x) for g, x in zip(self.grouping.names, table[n + row].tolist())}
                 out[name].update_total, out[name].update_groups = math.fsum(update.values()), update
+                moved = {g: float(x) for g, x in zip(self.grouping.names, change[row].tolist())}
+                out[name].update_change, out[name].update_change_groups = math.fsum(moved.values()), moved
         return out
 
     def per_sample(self, risk_fn: RiskFn, per_sample_losses_fn: Callable[[], torch.Tensor], *,

@@ -31,7 +31,8 @@ def read_geffect_log(path: Union[str, os.PathLike], dedupe: bool = True) -> List
 
 
 # the fields a record's measurement fills
-MEASURED = ("total", "groups", "risk_value", "weights", "update_total", "update_groups")
+MEASURED = ("total", "groups", "risk_value", "weights", "update_total", "update_groups", "update_change",
+            "update_change_groups")
 
 
 def _check_measured(record: dict) -> None:
@@ -50,7 +51,8 @@ class GEffectLogger:
         {"step": 12, "risk": "unlearn", "total": -3.1, "groups": {...}, "risk_value": 2.4,
          "tied": false, "weights": {"mean": ..., ...}, ...extra}
 
-    plus ``update_total`` / ``update_groups`` when the result holds update effects, and the
+    plus ``update_total`` / ``update_groups`` and ``update_change`` / ``update_change_groups`` when the
+    result holds update effects, and the
     ``per_risk`` fields of that risk (e.g. its value after the step).
 
     ``resume_step``: drop records with step >= it right away (otherwise this happens at the first
@@ -108,7 +110,8 @@ class GEffectLogger:
             rec = {"step": step, "risk": str(name), "total": res.total, "groups": dict(res.groups),
                    "risk_value": res.risk, "tied": res.tied}
             if res.update_groups is not None:
-                rec.update(update_total=res.update_total, update_groups=dict(res.update_groups))
+                rec.update(update_total=res.update_total, update_groups=dict(res.update_groups),
+                           update_change=res.update_change, update_change_groups=dict(res.update_change_groups))
             if stats is not None:
                 rec["weights"] = dict(stats)
             for k, v in {**extra, **(per_risk or {}).get(name, {})}.items():

@@ -80,6 +80,15 @@ def adam_direction(grad: torch.Tensor, param: torch.Tensor, state: Optional[dict
     return d
 
 
+def with_decay_mode(optimizer, group: dict) -> dict:
+    """``group``, with Adam's ``decoupled_weight_decay`` decided from the optimiser's class where the
+    key is missing: torch releases before the AdamW/Adam merge have no such key, and there AdamW
+    decays decoupled, Adam by L2. A group holding the key is returned as it is."""
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and "decoupled_weight_decay" not in group:
+        return {**group, "decoupled_weight_decay": type(optimizer) is torch.optim.AdamW}
+    return group
+
+
 RULES: Dict[type, Rule] = {torch.optim.SGD: sgd_direction, torch.optim.Adam: adam_direction,
                            torch.optim.AdamW: adam_direction}
 
@@ -116,7 +125,8 @@ def clip_coefficient(grads: Sequence[Optional[torch.Tensor]], max_grad_norm: Opt
 class UpdateDirections:
     """``direction(i, grad, lo, hi)``: ``-Δθ / lr`` of the flat elements ``[lo, hi)`` of ``params[i]``
     (its local shard under FSDP2) for the objective gradient ``grad`` (the local part of what
-    ``p.grad`` held), or ``None`` when the optimiser will not move it (no gradient)."""
+    ``p.grad`` held), or ``None`` when the optimiser will not move it (no gradient).
+    ``group_index[i]``: the param group of ``params[i]``, which steps with learning rate ``lrs[k]``."""
 
     def __init__(self, optimizer, params: Sequence[nn.Parameter], param_names: Sequence[str],
                  grads: Sequence[Optional[torch.Tensor]], max_grad_norm: Optional[float] = None):
@@ -126,7 +136,10 @@ class UpdateDirections:
         if any(g is not None and g.is_sparse for g in grads):
             raise ValueError("update effects do not support sparse gradients")
         self.state = optimizer.state
-        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        # each parameter's param group: its index (the lr it steps with) and hyper-parameters
+        index_of = {id(p): k for k, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        groups = [with_decay_mode(optimizer, group) for group in optimizer.param_groups]
+        group_of = {i: groups[k] for i, k in index_of.items()}
         missing = [n for n, p, g in zip(param_names, params, grads) if g is not None and id(p) not in group_of]
         if missing:
             shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
@@ -134,6 +147,9 @@ class UpdateDirections:
                              f"param_groups: {shown}; pass the optimiser that steps this model")
         self.params: List[nn.Parameter] = list(params)
         self.groups: List[Optional[dict]] = [group_of.get(id(p)) for p in params]
+        # a parameter outside every group has no gradient, hence no direction: group 0 is as good as any
+        self.group_index: List[int] = [index_of.get(id(p), 0) for p in params]
+        self.lrs: List[float] = [float(group["lr"]) for group in optimizer.param_groups]
         self.coef = clip_coefficient(grads, max_grad_norm)
 
     def direction(self, i: int, grad: Optional[torch.Tensor], lo: int = 0, hi: Optional[int] = None
@@ -154,4 +170,4 @@ class UpdateDirections:
 
 
 __all__ = ["SUPPORTED", "RULES", "UpdateDirections", "adam_direction", "clip_coefficient", "rule_for",
-           "sgd_direction"]
+           "sgd_direction", "with_decay_mode"]

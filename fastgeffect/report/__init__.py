@@ -21,8 +21,12 @@ from .geffect_stats import (
     cumulative,
     group_shares,
     groups_of,
+    iqr_log_ratio,
     prediction_quality,
     series,
+    sign_agreement,
+    spearman,
+    sum_ratio,
     with_outcome,
 )
 from .logs import (
@@ -61,7 +65,7 @@ from .token_heatmap import token_weights_html
 __all__ = [
     "build_parser", "main", "compare", "write_report", "draw_plots",
     "GROUP_ORDER", "PREDICTORS", "cumulative", "group_shares", "groups_of", "prediction_quality", "series",
-    "with_outcome",
+    "with_outcome", "sign_agreement", "iqr_log_ratio", "sum_ratio", "spearman",
     "Check", "NUMBER", "TEXT", "LIST", "GEFFECT_KEYS", "UPDATE_KEYS", "PG_KEYS", "TOKEN_WEIGHT_KEYS", "TRAIN_KEYS",
     "RunLogs", "check_records", "check_run_folder", "read_geffects", "read_json", "read_log", "read_run",
     "plot_compare", "plot_geffects", "plot_pg_effects", "plot_risks", "plot_updates", "plot_weights",

@@ -2,8 +2,11 @@
 cumulative sums, how well each prediction tracks the realised change, each group's share."""
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Dict, List, Optional, Sequence
+
+import numpy as np
 
 GROUP_ORDER = ("embed", "shallow", "middle", "deep", "lm")
 # the predictions of a risk's change a record of a run with update effects holds, with their labels
@@ -44,16 +47,59 @@ def with_outcome(records: Sequence[dict], risk: str) -> List[dict]:
     return [r for r in records if r["risk"] == risk and all(isinstance(r.get(k), (int, float)) for k in keys)]
 
 
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+def sign_agreement(pairs: Sequence[tuple]) -> int:
+    """How many ``(predicted, realised)`` pairs have the same sign. Zero is a sign of its own: a zero
+    prediction agrees only with a zero realised change, and a nonzero one never with zero."""
+    return sum(1 for pred, real in pairs if _sign(pred) == _sign(real))
+
+
+def iqr_log_ratio(pairs: Sequence[tuple]) -> Optional[float]:
+    """The interquartile range of log|realised / predicted| over the pairs where both are nonzero
+    (numpy's linear quantiles): how far the size of the prediction spreads from step to step,
+    blind to a constant factor. None with fewer than two such pairs."""
+    logs = [math.log(abs(real)) - math.log(abs(pred)) for pred, real in pairs if pred != 0 and real != 0]
+    if len(logs) < 2:
+        return None
+    q1, q3 = np.percentile(logs, [25, 75])
+    return float(q3 - q1)
+
+
+def sum_ratio(pairs: Sequence[tuple]) -> Optional[float]:
+    """Σ realised / Σ predicted: how well the predictions add up to the cumulative change (None
+    when the predictions sum to zero)."""
+    total = math.fsum(pred for pred, _ in pairs)
+    return math.fsum(real for _, real in pairs) / total if total != 0 else None
+
+
+def spearman(pairs: Sequence[tuple]) -> Optional[float]:
+    """Spearman's rank correlation of predicted and realised (scipy.stats.spearmanr); None with
+    fewer than two pairs or a constant series, where it is undefined."""
+    if len(pairs) < 2 or any(len(set(xs)) < 2 for xs in zip(*pairs)):
+        return None
+    from scipy.stats import spearmanr  # here: the report's other users need no scipy import
+    return float(spearmanr(*zip(*pairs)).statistic)
+
+
 def prediction_quality(rows: Sequence[dict], key: str) -> Dict[str, Optional[float]]:
-    """How well ``key`` predicts the realised change over steps: Pearson correlation and the
-    median of realised / predicted (None where undefined: < 2 steps, a constant series)."""
+    """How well ``key`` predicts the realised change over steps (None where undefined):
+    ``sign_agree`` of ``steps`` steps with the sign right (:func:`sign_agreement`, the headline: a
+    median ratio near 1 can hide steps predicted with the wrong sign), ``iqr_log_ratio``
+    (:func:`iqr_log_ratio`), ``sum_ratio`` Σ realised / Σ predicted, ``spearman`` the rank
+    correlation, ``corr`` Pearson's correlation and ``median_ratio`` the median of realised /
+    predicted over the steps with a nonzero prediction."""
     pairs = [(r[key], r["realised"]) for r in rows]
     ratios = [real / pred for pred, real in pairs if pred != 0]
     try:
         corr = statistics.correlation(*zip(*pairs)) if len(pairs) >= 2 else None
     except statistics.StatisticsError:  # a constant series has no correlation
         corr = None
-    return {"corr": corr, "median_ratio": statistics.median(ratios) if ratios else None, "steps": len(pairs)}
+    return {"steps": len(pairs), "sign_agree": sign_agreement(pairs), "iqr_log_ratio": iqr_log_ratio(pairs),
+            "sum_ratio": sum_ratio(pairs), "spearman": spearman(pairs), "corr": corr,
+            "median_ratio": statistics.median(ratios) if ratios else None}
 
 
 def group_shares(records: Sequence[dict], risk: str, key: str) -> Dict[str, float]:

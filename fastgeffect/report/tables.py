@@ -47,16 +47,30 @@ def geffect_totals(records: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# how each prediction tracks the realised change: the columns of the tables, sign agreement first
+QUALITY_HEAD = ("sign agrees", "IQR of log |realised/predicted|", "Σ realised / Σ predicted", "Spearman",
+                "median realised/predicted")
+QUALITY_NOTE = ("Sign agrees: k of n steps where the prediction has the realised change's sign (zero counts as a "
+                "sign of its own); the IQR of log|realised/predicted| (steps where both are nonzero) is the spread "
+                "of its size, 0 for a constant factor; Σ realised / Σ predicted and a median ratio of 1 are a "
+                "calibrated prediction; Spearman is the rank correlation.\n")
+
+
+def quality_cells(q: Mapping) -> str:
+    """The cells of one :func:`prediction_quality` in the order of ``QUALITY_HEAD``."""
+    cells = [f"{q['sign_agree']}/{q['steps']}"] + [fmt(q[k]) for k in ("iqr_log_ratio", "sum_ratio", "spearman",
+                                                                       "median_ratio")]
+    return " | ".join(cells)
+
+
 def update_tables(records: Sequence[dict]) -> str:
     """Markdown: how each prediction tracks the realised change, and each group's share of the
     cumulative raw G-effect against its share of the cumulative update effect."""
-    lines = ["| risk | prediction | correlation | median realised/predicted | steps |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| risk | prediction | " + " | ".join(QUALITY_HEAD) + " |", "| --- | --- |" + " --- |" * len(QUALITY_HEAD)]
     for risk in RISKS:
         rows = with_outcome(records, risk)
         for key, label in PREDICTORS:
-            q = prediction_quality(rows, key)
-            lines.append(f"| {risk} | {label} | {fmt(q['corr'])} | {fmt(q['median_ratio'])} | {q['steps']} |")
+            lines.append(f"| {risk} | {label} | {quality_cells(prediction_quality(rows, key))} |")
     groups = groups_of(records)
     lines += ["", "| risk | share of the cumulative | " + " | ".join(groups) + " |",
               "| --- | --- |" + " --- |" * len(groups)]
@@ -68,21 +82,20 @@ def update_tables(records: Sequence[dict]) -> str:
 
 
 def compare_updates(runs: Mapping[str, Sequence[dict]]) -> str:
-    """Markdown: per run and risk, how well each prediction tracks the realised change ("" when no
+    """Markdown: per run, risk and prediction, how well it tracks the realised change ("" when no
     run measured update effects)."""
     lines = []
     for run, records in runs.items():
         for risk in RISKS:
             rows = with_outcome(records, risk)
             if rows:
-                q = [prediction_quality(rows, key) for key, _ in PREDICTORS]
-                lines.append(f"| {run} | {risk} | " + " | ".join(f"{fmt(x['corr'])} | {fmt(x['median_ratio'])}"
-                                                              for x in q) + " |")
+                lines += [f"| {run} | {risk} | {label} | {quality_cells(prediction_quality(rows, key))} |"
+                          for key, label in PREDICTORS]
     if not lines:
         return ""
-    head = ["| run | risk | corr. −lr·e | median ratio −lr·e | corr. −lr·u | median ratio −lr·u |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    return "\n".join(["## Predicted vs realised risk changes (realised/predicted)\n"] + head + lines) + "\n"
+    head = ["| run | risk | prediction | " + " | ".join(QUALITY_HEAD) + " |",
+            "| --- | --- | --- |" + " --- |" * len(QUALITY_HEAD)]
+    return "\n".join(["## Predicted vs realised risk changes\n", QUALITY_NOTE] + head + lines) + "\n"
 
 
 def run_name(config: Mapping, default: str) -> str:
@@ -152,7 +165,7 @@ def _geffect_sections(records: Sequence[dict]) -> List[str]:
         parts += ["## Predicted and realised changes\n",
                   "Each step's realised change of a risk, ΔR = R(θ_{t+1}) − R(θ_t) on the same batch, against "
                   "plain gradient descent's prediction −lr·e (the G-effect) and the real optimiser step's −lr·u "
-                  "(the update effect: AdamW's clipped step). A median ratio of 1 is a calibrated prediction.\n",
+                  "(the update effect: AdamW's clipped step). " + QUALITY_NOTE,
                   update_tables(records)]
     return parts
 

@@ -19,6 +19,9 @@ class UnlearnConfig:
     grad_accum: int = setting(1, "micro-batches per step (exact accumulation)", low=1)
     lr: float = setting(2e-5, "peak learning rate", low=0, strict=True)
     weight_decay: float = setting(0.01, "AdamW's decoupled weight decay", low=0)
+    decay_all_params: bool = setting(False, "weight decay on every parameter, biases and norm weights included (the "
+                                            "behaviour before issue 28; default: none on them, as Hugging Face's "
+                                            "Trainer)")
     warmup_epochs: float = setting(1.0, "linear warm-up length, then linear decay", low=0)
     max_grad_norm: float = setting(1.0, "gradient clipping threshold (global L2 norm; 0: no clipping)", low=0,
                                    why="0: no clipping")
