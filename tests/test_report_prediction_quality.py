@@ -85,3 +85,19 @@ def test_the_tables_lead_with_sign_agreement():
     assert "| a | retain | update effect, −lr·u | 4/7 |" in cmp
     assert "| b | unlearn | raw G-effect, −lr·e | 2/2 | 0 | 1 | – | 1 |" in cmp
     assert "| b | retain |" not in cmp and compare_updates({"a": []}) == ""
+
+
+def test_the_second_order_prediction_gets_its_row_only_where_every_step_has_it():
+    """--second-order adds predicted_opt2: a third row in the tables, whose sign agreement is its own;
+    a log without it (or with a step missing it) keeps the two rows."""
+    records = [record(s, real, gd, opt) for s, (gd, real) in enumerate(PAIRS[4:])
+               for opt in (gd,)]  # steps 0..2: (1, 2), (-4, -1), (3, 3)
+    plain = update_tables(records)
+    assert "½ΔθᵀHΔθ" not in plain
+    with_second = [{**r, "predicted_opt2": -r["realised"]} for r in records]  # every sign wrong
+    table = update_tables(with_second)
+    row = next(line for line in table.splitlines() if line.startswith("| retain | update effect + ½ΔθᵀHΔθ |"))
+    assert row.split(" | ")[2] == "0/3"
+    assert "½ΔθᵀHΔθ" in compare_updates({"run": with_second})
+    partial = with_second[:2] + [records[2]]
+    assert "½ΔθᵀHΔθ" not in update_tables(partial)

@@ -11,6 +11,8 @@ import numpy as np
 GROUP_ORDER = ("embed", "shallow", "middle", "deep", "lm")
 # the predictions of a risk's change a record of a run with update effects holds, with their labels
 PREDICTORS = (("predicted_gd", "raw G-effect, −lr·e"), ("predicted_opt", "update effect, −lr·u"))
+# with --second-order, a third prediction: the update effect plus ½ Δθᵀ H Δθ
+SECOND_ORDER = ("predicted_opt2", "update effect + ½ΔθᵀHΔθ")
 # the per-group effects a record holds ("update_groups" only with update effects), with their labels
 GROUP_EFFECTS = (("groups", "raw G-effect"), ("update_groups", "update effect"))
 RISKS = ("unlearn", "retain")  # the two risks of every G-effect log, in the order they are shown
@@ -45,6 +47,13 @@ def with_outcome(records: Sequence[dict], risk: str) -> List[dict]:
     """The records of ``risk`` holding a finite realised change and both predictions of it."""
     keys = ("realised",) + tuple(k for k, _ in PREDICTORS)
     return [r for r in records if r["risk"] == risk and all(isinstance(r.get(k), (int, float)) for k in keys)]
+
+
+def predictors_of(rows: Sequence[dict]) -> tuple:
+    """The predictions ``rows`` (of :func:`with_outcome`) all hold: :data:`PREDICTORS`, and the
+    second-order one where every row has it."""
+    second = rows and all(isinstance(r.get(SECOND_ORDER[0]), (int, float)) for r in rows)
+    return PREDICTORS + ((SECOND_ORDER,) if second else ())
 
 
 def _sign(x: float) -> int:

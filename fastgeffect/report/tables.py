@@ -5,7 +5,15 @@ import math
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from .. import run_files as files
-from .geffect_stats import GROUP_EFFECTS, PREDICTORS, RISKS, group_shares, groups_of, prediction_quality, with_outcome
+from .geffect_stats import (
+    GROUP_EFFECTS,
+    RISKS,
+    group_shares,
+    groups_of,
+    prediction_quality,
+    predictors_of,
+    with_outcome,
+)
 
 # the settings the summary's first line shows (the objective's hyper-parameters follow them)
 SUMMARY_KEYS = ("method", "regularizer", "lam", "split", "model", "preset", "size", "data_dir", "authors", "epochs",
@@ -69,7 +77,7 @@ def update_tables(records: Sequence[dict]) -> str:
     lines = ["| risk | prediction | " + " | ".join(QUALITY_HEAD) + " |", "| --- | --- |" + " --- |" * len(QUALITY_HEAD)]
     for risk in RISKS:
         rows = with_outcome(records, risk)
-        for key, label in PREDICTORS:
+        for key, label in predictors_of(rows):
             lines.append(f"| {risk} | {label} | {quality_cells(prediction_quality(rows, key))} |")
     groups = groups_of(records)
     lines += ["", "| risk | share of the cumulative | " + " | ".join(groups) + " |",
@@ -90,7 +98,7 @@ def compare_updates(runs: Mapping[str, Sequence[dict]]) -> str:
             rows = with_outcome(records, risk)
             if rows:
                 lines += [f"| {run} | {risk} | {label} | {quality_cells(prediction_quality(rows, key))} |"
-                          for key, label in PREDICTORS]
+                          for key, label in predictors_of(rows)]
     if not lines:
         return ""
     head = ["| run | risk | prediction | " + " | ".join(QUALITY_HEAD) + " |",
