@@ -141,8 +141,8 @@ class RunFolder:
             if unrecorded:
                 raise SystemExit(f"--resume: {self.path} was started by an older fastgeffect, which had no "
                                  f"{as_flags({k: settings[k] for k in unrecorded})} (it ran as their defaults "
-                                 f"{as_flags({k: defaults.get(k) for k in unrecorded})}): leave those flags out to "
-                                 "continue it, or start another run (another --out, or --overwrite)")
+                                 f"{as_flags({k: defaults.get(k) for k in unrecorded})}): give those to continue it, "
+                                 "or start another run (another --out, or --overwrite)")
             return
         if overwrite and self.is_run():
             self._clear()
