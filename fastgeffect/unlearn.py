@@ -3,12 +3,15 @@
 One optimiser step = ``batch_size`` forget samples (with their retain partners), split into
 ``grad_accum`` micro-batches whose reductions share the whole step's counts (exact accumulation).
 After the backward, while the objective gradient sits in ``p.grad``, :class:`~fastgeffect.GEffect`
-measures the unlearning G-effect (NLL on the step's forget samples) and the retaining G-effect
-(NLL on held-out retain rows the optimiser never sees). The raw objective gradient is measured,
+measures the unlearning G-effect (NLL on forget rows) and the retaining G-effect (NLL on held-out
+retain rows the optimiser never sees), on one fixed, seeded draw of rows (``risk_rows="fixed"``)
+or on the step's forget samples and a fresh held-out draw (``"step"``). The raw objective gradient is measured,
 before clipping. With ``update_effects`` the same measurement also predicts the AdamW step itself
 (clipped, as it will be taken: :mod:`fastgeffect.geffect.update`), and after the step each risk is
 evaluated once more on the same batch (one forward, no backward), so the log holds the realised
-change of each risk next to both predictions, ``-lr·e`` and ``-lr·u``.
+change of each risk next to both predictions, ``-lr·e`` and ``-lr·u``; ``stop_at_retain_damage``
+ends unlearning once their sum over steps exceeds a share of the retain risk
+(:mod:`fastgeffect.training.damage_stop`).
 Everything needed to continue (model, optimiser, scheduler, step) is saved
 atomically at epoch ends and every ``save_every`` steps; an interrupted run resumes from the
 last saved state and re-does (without duplicating log lines) the steps after it.
