@@ -3,12 +3,15 @@
 One optimiser step = ``batch_size`` forget samples (with their retain partners), split into
 ``grad_accum`` micro-batches whose reductions share the whole step's counts (exact accumulation).
 After the backward, while the objective gradient sits in ``p.grad``, :class:`~fastgeffect.GEffect`
-measures the unlearning G-effect (NLL on the step's forget samples) and the retaining G-effect
-(NLL on held-out retain rows the optimiser never sees). The raw objective gradient is measured,
+measures the unlearning G-effect (NLL on forget rows) and the retaining G-effect (NLL on held-out
+retain rows the optimiser never sees), on one fixed, seeded draw of rows (``risk_rows="fixed"``)
+or on the step's forget samples and a fresh held-out draw (``"step"``). The raw objective gradient is measured,
 before clipping. With ``update_effects`` the same measurement also predicts the AdamW step itself
 (clipped, as it will be taken: :mod:`fastgeffect.geffect.update`), and after the step each risk is
 evaluated once more on the same batch (one forward, no backward), so the log holds the realised
-change of each risk next to both predictions, ``-lr·e`` and ``-lr·u``.
+change of each risk next to both predictions, ``-lr·e`` and ``-lr·u``; ``stop_at_retain_damage``
+ends unlearning once their sum over steps exceeds a share of the retain risk
+(:mod:`fastgeffect.training.damage_stop`).
 Everything needed to continue (model, optimiser, scheduler, step) is saved
 atomically at epoch ends and every ``save_every`` steps; an interrupted run resumes from the
 last saved state and re-does (without duplicating log lines) the steps after it.
@@ -35,7 +38,15 @@ from tqdm.auto import tqdm
 from . import distributed as dist_
 from .data.unlearning import UnlearningData
 from .geffect import GEffect
-from .geffect.risk import RiskFn, forget_risk_items, nll_risk, nll_risk_on, retain_risk_items
+from .geffect.risk import (
+    RiskFn,
+    fixed_forget_items,
+    fixed_retain_items,
+    forget_risk_items,
+    nll_risk,
+    nll_risk_on,
+    retain_risk_items,
+)
 from .geffect.second_order import second_order_error, second_order_terms, with_second_order
 from .model_structure import unwrap
 from .objectives import Objective
@@ -43,6 +54,7 @@ from .objectives.base import count_items, sequence_weights
 from .training.backend import STATE_FILE, make_backend
 from .training.batches import step_batches
 from .training.config import UnlearnConfig, config_dict  # noqa: F401  (re-exported)
+from .training.damage_stop import DamageSum
 from .training.decay import decay_param_groups
 from .training.objective_logs import ObjectiveLogs
 from .training.plan import StepPlan, plan_step, steps_per_epoch, warmup_linear
@@ -109,8 +121,24 @@ class Unlearner:
             if error:
                 raise ValueError(error)
         self.pg_steps = {self.total_steps - 1 if s < 0 else int(s) for s in cfg.pg_steps}
+        # --risk-rows fixed: the two risks' rows are drawn (and batched) once
+        self.fixed_risks = None if self.geffect is None or cfg.risk_rows != "fixed" else {
+            "unlearn": self.risk_fn(fixed_forget_items(data.forget, cfg.seed, cfg.geffect_batch)),
+            "retain": self.risk_fn(fixed_retain_items(data.heldout, cfg.seed, cfg.geffect_batch))}
+        self.damage = self.stop_damage()
+        self.stopped: Optional[dict] = None  # why and where unlearning stopped early, once it did
         self.step = 0
         self.start_epoch, self.start_batch = 0, 0
+
+    def stop_damage(self) -> Optional[DamageSum]:
+        """The damage sum of ``stop_at_retain_damage`` (None: off); refused where the retain risk's update
+        effect is not measured at every step (``UnlearnConfig.check`` refuses the settings; ZeRO-3 here)."""
+        if self.cfg.stop_at_retain_damage is None:
+            return None
+        if not self.update_effects:
+            raise ValueError("--stop-at-retain-damage needs update effects, which are not measured under DeepSpeed "
+                             "ZeRO-3")
+        return DamageSum(self.cfg.stop_at_retain_damage, self.cfg.stop_damage_from)
 
     # ---- state ------------------------------------------------------------------------------
     @property
@@ -127,12 +155,16 @@ class Unlearner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.start_epoch, self.start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.objective.lam = state.get("lam", self.objective.lam)  # PDU's dual variable moves during training
+        if self.damage is not None:
+            self.damage.load(state.get("damage"))
+        self.stopped = state.get("stopped")
         return True
 
     def save(self, epoch: int, batch_in_epoch: int) -> None:
         self.backend.save(self.state_path, {"scheduler": self.scheduler.state_dict(), "step": self.step,
                                             "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                                            "lam": self.objective.lam})
+                                            "lam": self.objective.lam, "stopped": self.stopped,
+                                            "damage": None if self.damage is None else self.damage.state()})
 
     # ---- one step ---------------------------------------------------------------------------
     def plan(self, epoch: int, batch: int) -> StepPlan:
@@ -173,11 +205,12 @@ class Unlearner:
 
     def measure(self, plan: StepPlan) -> tuple:
         """``(results, risks)``: G-effects of the objective gradient now in the gradients, unlearning
-        (the step's first ``geffect_batch`` forget samples) and retaining (a draw of held-out retain
-        rows), with the update effects of the coming AdamW step when asked for."""
+        (forget rows) and retaining (held-out retain rows) on the ``risk_rows`` rows, with the update
+        effects of the coming AdamW step when asked for."""
         cfg = self.cfg
-        risks = {"unlearn": self.risk_fn(forget_risk_items(self.data.pairs, plan.global_chunks, cfg.geffect_batch)),
-                 "retain": self.risk_fn(retain_risk_items(self.data.heldout, cfg.seed, self.step, cfg.geffect_batch))}
+        risks = self.fixed_risks or {
+            "unlearn": self.risk_fn(forget_risk_items(self.data.pairs, plan.global_chunks, cfg.geffect_batch)),
+            "retain": self.risk_fn(retain_risk_items(self.data.heldout, cfg.seed, self.step, cfg.geffect_batch))}
         self.model.eval()  # risks without dropout
         if self.update_effects:
             res = self.geffect.measure(risks, optimizer=self.optimizer, max_grad_norm=cfg.max_grad_norm or None)
@@ -252,6 +285,8 @@ class Unlearner:
             record.outcome = self.realised(record.geffects, risks, record.lr)
             if record.second_order is not None:
                 record.outcome = with_second_order(record.outcome, record.second_order)
+            if self.damage is not None:
+                self.stopped = self.damage.add(self.step, record.geffects["retain"].risk, record.outcome["retain"])
         self.scheduler.step()
         return record
 
@@ -276,23 +311,28 @@ class Unlearner:
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self, on_step: Optional[Callable[[dict, Optional[dict]], None]] = None) -> dict:
-        """Train to the end (or ``stop_at_step``). ``on_step(row, geffects)`` after each step: its
+        """Train to the end (or ``stop_at_step``, or the step whose retain damage exceeds
+        ``stop_at_retain_damage``: the status then says why, under ``stopped``; a state saved after
+        that stop takes no further step). ``on_step(row, geffects)`` after each step: its
         ``train_log.jsonl`` row and its G-effect results (None when not measured), e.g. TensorBoard."""
         logs = RunLogs(self.out_dir, self.step, self.objective.name) if dist_.is_main() else NoRunLogs()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress,
                    desc=f"unlearn {self.objective.name}")
         try:
-            for plan in self.planned_steps():
+            for plan in [] if self.stopped else self.planned_steps():  # a run stopped on damage stays stopped
                 if self.cfg.stop_at_step is not None and self.step >= self.cfg.stop_at_step:
                     self.save(plan.epoch, plan.batch)
                     return {"completed": False, "step": self.step}
                 record = self.take_step(plan, logs)
                 logs.write(record)
                 self.after_step(record, on_step, bar)
+                if self.stopped is not None and self.step < self.total_steps:  # (at the last step: the end as usual)
+                    self.save(record.epoch, record.batch + 1)
+                    break
         finally:
             bar.close()
             logs.close()
-        return {"completed": True, "step": self.step}
+        return {"completed": True, "step": self.step, **({"stopped": self.stopped} if self.stopped else {})}
 
     def planned_steps(self) -> Iterator[StepPlan]:
         """The plans of the steps still to take, in order; after each epoch's last step (even when

@@ -273,7 +273,9 @@ def driver_one_process(tmp_path_factory):
 
 def _same_geffect_log(one, two):
     a, b = read_geffect_log(one / "geffect.jsonl"), read_geffect_log(two / "geffect.jsonl")
-    assert_same_geffects(a, b, 1e-4)  # fp32, lr 1e-3, another batch split
+    # fp32, lr 1e-3, another batch split: the two runs' parameters drift apart step by step (agreeing to ~3e-7
+    # at step 0); with fixed risk rows (all 5 forget rows at every step, not the last step's one) by 1.7e-4 at step 3
+    assert_same_geffects(a, b, 5e-4)
 
 
 def test_driver_under_torchrun_matches_one_process(driver_one_process):

@@ -9,7 +9,15 @@ import pytest
 import torch
 from helpers.model_families import qa_batch, tiny_model
 
-from fastgeffect.geffect.risk import forget_risk_items, n_tokens, nll_risk, nll_risk_on, retain_risk_items
+from fastgeffect.geffect.risk import (
+    fixed_forget_items,
+    fixed_retain_items,
+    forget_risk_items,
+    n_tokens,
+    nll_risk,
+    nll_risk_on,
+    retain_risk_items,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +63,16 @@ def test_risk_rows():
     assert a == b and len({r["index"] for r in a}) == 4  # seeded, without repeats
     assert retain_risk_items(heldout, 3, 8, 4) != a  # a fresh draw at every step
     assert len(retain_risk_items(heldout, 3, 7, 50)) == 10
+
+
+def test_fixed_risk_rows_are_one_seeded_draw():
+    forget, heldout = [{"index": i} for i in range(10)], [{"index": 100 + i} for i in range(40)]
+    a = fixed_forget_items(forget, 3, 4)
+    assert a == fixed_forget_items(forget, 3, 4) and len({r["index"] for r in a}) == 4  # seeded, without repeats
+    assert fixed_forget_items(forget, 4, 4) != a  # another seed: other rows
+    assert len(fixed_forget_items(forget, 3, 50)) == 10  # at most every row
+    r = fixed_retain_items(heldout, 3, 8)
+    assert r == fixed_retain_items(heldout, 3, 8) and len({x["index"] for x in r}) == 8
+    assert fixed_retain_items(heldout, 4, 8) != r
+    # not any step's draw (the fixed draw's generator seeds lie apart from the per-step ones)
+    assert all(r != retain_risk_items(heldout, 3, step, 8) for step in range(50))

@@ -27,9 +27,10 @@ CONFIG_KEYS = [
     "constraint_eps", "dual_step", "fused", "model", "preset", "split", "data_dir", "authors", "size", "max_length",
     "retain_log", "cache_dir", "shared_dir", "retain_model", "template", "lora", "epochs", "batch_size", "grad_accum",
     "lr", "weight_decay", "decay_all_params", "warmup_epochs", "max_grad_norm", "seed", "device", "fsdp2", "bf16",
-    "gradient_checkpointing", "geffect_every", "geffect_batch", "geffect_groups", "update_effects", "second_order",
-    "pg_steps", "eval", "eval_metrics", "attacks", "relearn_steps", "relearn_lr", "eval_size", "eval_batch_size",
-    "no_uwc", "ps_protocol", "eval_max_length", "gen_mode", "truth_ratio_agg", "out",
+    "gradient_checkpointing", "geffect_every", "geffect_batch", "geffect_groups", "risk_rows", "update_effects",
+    "second_order", "stop_at_retain_damage", "stop_damage_from", "pg_steps", "eval", "eval_metrics", "attacks",
+    "relearn_steps", "relearn_lr", "eval_size", "eval_batch_size", "no_uwc", "ps_protocol", "eval_max_length",
+    "gen_mode", "truth_ratio_agg", "out",
     "resume", "overwrite", "save_model", "checkpoint_epochs", "save_every", "stop_at_step", "no_progress", "report_to"]
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 from ..data.tofu import RETAIN_OF
 from ..dataclass_cli import first_error, like, setting
 from ..objectives import HPARAMS, OBJECTIVES, REGULARIZER_NAMES, REGULARIZERS
-from ..training.config import UnlearnConfig
+from ..training.config import UnlearnConfig, damage_stop_error
 from .presets import EMBEDDED, MODEL_DEFAULT, PRESETS, Preset, by_preset
 
 # written out where importing their home would make --help slow (tests/test_run_config.py and
@@ -47,8 +47,9 @@ ATTACKS = ("relearn", "quantize")
 MAY_CHANGE_ON_RESUME = ("out", "resume", "overwrite", "no_progress", "stop_at_step", "save_every", "save_model",
                         "report_to")
 # what a run folder saved before a setting existed ran as, where that is not the setting's default: a resume
-# of such a folder keeps it (before issue 28 the unlearning AdamW decayed every parameter)
-OLDER_RUNS = {"decay_all_params": True}
+# of such a folder keeps it (before issue 28 the unlearning AdamW decayed every parameter and the G-effect
+# risks were redrawn at every step)
+OLDER_RUNS = {"decay_all_params": True, "risk_rows": "step"}
 NAME_KEYS = ("method", "regularizer", "split", "seed")  # spelled out in the default run folder's name
 
 OBJECTIVE, MODEL_DATA, OWN_MODEL = "objective", "model and data", "bring your own model"
@@ -173,9 +174,12 @@ class RunConfig:
     geffect_every: int = train("geffect_every", group=GEFFECTS)
     geffect_batch: int = train("geffect_batch", group=GEFFECTS)
     geffect_groups: str = train("geffect_groups", group=GEFFECTS, choices=GEFFECT_GROUPINGS)
+    risk_rows: str = train("risk_rows", group=GEFFECTS)
     update_effects: str = train("update_effects", default="on" if UnlearnConfig.update_effects else "off",
                                 group=GEFFECTS, choices=("on", "off"))
     second_order: bool = train("second_order", group=GEFFECTS)
+    stop_at_retain_damage: Optional[float] = train("stop_at_retain_damage", group=GEFFECTS)
+    stop_damage_from: str = train("stop_damage_from", group=GEFFECTS)
     pg_steps: str = setting("0,-1", "comma-separated steps with per-sample PG-effects (-1: the last step; empty: "
                                     "none)", group=GEFFECTS)
 
@@ -299,6 +303,9 @@ def combination_error(cfg: RunConfig) -> Optional[str]:
     if cfg.batch_size % cfg.grad_accum:
         return (f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}: every "
                 "micro-batch takes batch-size / grad-accum samples")
+    stop_error = damage_stop_error(cfg.stop_at_retain_damage, cfg.geffect_every, cfg.update_effects == "on")
+    if stop_error:
+        return stop_error
     try:
         eval_metrics(cfg), attack_names(cfg), relearn_steps(cfg)
     except ValueError as e:
@@ -327,6 +334,12 @@ def _values(cfg) -> dict:
 def settings(cfg) -> dict:
     """The settings that define a run's results: all but :data:`MAY_CHANGE_ON_RESUME`."""
     return {k: v for k, v in _values(cfg).items() if k not in MAY_CHANGE_ON_RESUME}
+
+
+def resume_defaults() -> dict:
+    """What a run folder that does not record a setting ran as: its value then (:data:`OLDER_RUNS`),
+    else its default now."""
+    return {**settings(RunConfig()), **OLDER_RUNS}
 
 
 def default_out(cfg, defaults=None) -> Path:

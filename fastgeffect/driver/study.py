@@ -31,7 +31,7 @@ from ..training.backend import STATE_FILE, StateNotSaved, full_model_state
 from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict
 from .after_unlearning import check_attack_inputs, check_attack_settings, evaluate_after, tensorboard_log
 from .artefacts import cached, reference_fingerprint, source_identity
-from .config import OLDER_RUNS, RunConfig, as_older_run, objective_hparams, settings, train_config, with_defaults
+from .config import RunConfig, as_older_run, objective_hparams, resume_defaults, settings, train_config, with_defaults
 from .evaluation import before_metrics, check_eval_length, eval_options, retain_model_log
 from .inputs import check_inputs
 from .launch import check_fused, launch_details, launch_strategy, make_accelerator, use_fused, whole_model
@@ -116,7 +116,7 @@ def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
     if main_rank:  # claimed before any work, with the settings; set-up completes config.json later
         run_settings = settings(cfg)
         folder.prepare(resume=cfg.resume, overwrite=cfg.overwrite, settings=run_settings,
-                       resume_keys=list(run_settings), defaults={**settings(RunConfig()), **OLDER_RUNS})
+                       resume_keys=list(run_settings), defaults=resume_defaults())
         sources = model_sources(cfg)
         if cfg.resume:
             folder.check_sources(sources)
@@ -162,6 +162,9 @@ def study(cfg: RunConfig, preset: Preset, hp: dict, ucfg: UnlearnConfig, acceler
     t = time.perf_counter()
     status = unlearn(run, unlearner, before)
     run.timer.phase("unlearn", t)
+    if status.get("stopped") and dist_.is_main():  # why unlearning ended before its last step, in config.json
+        folder.complete_config({"unlearning_stopped": status["stopped"]})
+        print(f"unlearning stopped after step {status['stopped']['step']}: {status['stopped']['reason']}")
     if not status["completed"]:
         if dist_.is_main():
             timer.save("stopped")

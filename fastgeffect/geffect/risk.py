@@ -5,8 +5,11 @@
   fails with its name instead of deep inside autograd.
 * The default risk, :func:`nll_risk` (token-mean NLL of the answers), which the unlearning loop and
   :class:`~fastgeffect.integrations.hf_callback.GEffectCallback` both use.
-* The rows the loop measures it on (the step's first forget samples; a fresh draw of held-out
-  retain rows) and :func:`nll_risk_on`, the risk on such rows, as one rank's share under data parallel.
+* The rows the loop measures it on: with ``risk_rows="fixed"`` one seeded draw of forget rows and
+  one of held-out retain rows, the same at every step (so that the effects of successive steps add
+  up to the change of one risk); with ``"step"`` the step's first forget samples and a fresh draw
+  of held-out retain rows. :func:`nll_risk_on` is the risk on such rows, as one rank's share under
+  data parallel.
 
 Nothing here imports the loop: the callback takes its risk from here.
 """
@@ -88,6 +91,26 @@ def retain_risk_items(heldout: QADataset, seed: int, step: int, n: int) -> List[
     return [heldout[i] for i in idx]
 
 
+# the fixed draws' generator seeds lie above every per-step draw's (seed * 7919 + step, steps < 2^50)
+_FIXED_SEED = 1 << 50
+
+
+def fixed_rows(n_rows: int, seed: int, n: int, salt: int) -> List[int]:
+    """``min(n, n_rows)`` row numbers, one seeded draw (``salt`` tells the forget draw from the retain one)."""
+    g = torch.Generator().manual_seed(_FIXED_SEED + 2 * seed + salt)
+    return torch.randperm(n_rows, generator=g)[:min(n, n_rows)].tolist()
+
+
+def fixed_forget_items(forget: QADataset, seed: int, n: int) -> List[dict]:
+    """The unlearning risk's rows with fixed risk rows: ``n`` forget rows, drawn once for ``seed``."""
+    return [forget[i] for i in fixed_rows(len(forget), seed, n, salt=0)]
+
+
+def fixed_retain_items(heldout: QADataset, seed: int, n: int) -> List[dict]:
+    """The retaining risk's rows with fixed risk rows: ``n`` held-out retain rows, drawn once for ``seed``."""
+    return [heldout[i] for i in fixed_rows(len(heldout), seed, n, salt=1)]
+
+
 def nll_risk_on(model: torch.nn.Module, items: List[dict], device: torch.device, *, rank: int = 0, world: int = 1
                 ) -> RiskFn:
     """:func:`nll_risk` on the rows ``items``, batched once on ``device``. Under data parallel
@@ -108,4 +131,5 @@ def _on(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
 
 
 __all__ = ["RiskFn", "check_risk_value", "evaluate_risk", "check_per_sample_losses", "nll_risk", "nll_risk_on",
-           "n_tokens", "forget_risk_items", "retain_risk_items"]
+           "n_tokens", "forget_risk_items", "retain_risk_items", "fixed_rows", "fixed_forget_items",
+           "fixed_retain_items"]

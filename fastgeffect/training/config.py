@@ -11,6 +11,19 @@ from typing import Optional, Sequence
 
 from ..dataclass_cli import first_error, setting
 
+RISK_ROWS = ("fixed", "step")
+DAMAGE_FROM = ("predicted", "realised")
+
+
+def damage_stop_error(stop_at: Optional[float], geffect_every: int, update_effects: bool) -> Optional[str]:
+    """Why ``--stop-at-retain-damage`` cannot run with these settings (None: it can): it sums the
+    retain risk's update effect of every step."""
+    if stop_at is None or (geffect_every == 1 and update_effects):
+        return None
+    return (f"--stop-at-retain-damage needs the retain risk's update effect at every step: --geffect-every 1 and "
+            f"--update-effects on (got --geffect-every {geffect_every}, --update-effects "
+            f"{'on' if update_effects else 'off'})")
+
 
 @dataclass
 class UnlearnConfig:
@@ -27,6 +40,10 @@ class UnlearnConfig:
                                    why="0: no clipping")
     geffect_every: int = setting(1, "measure every K steps (0: never)", low=0, why="0: never")
     geffect_batch: int = setting(16, "samples in each risk batch", low=1)
+    risk_rows: str = setting("fixed", "rows of the two risks: fixed (one seeded draw of forget rows and of held-out "
+                                      "retain rows, the same at every step and across --resume, so cumulative "
+                                      "effects are changes of one risk) or step (the step's first forget rows and a "
+                                      "fresh held-out draw at every step)", choices=RISK_ROWS)
     geffect_groups: str = setting("paper", "layer groups: the paper's (embed, shallow, middle, deep, lm), one per "
                                            "block, or one per parameter")
     # with the G-effects: the AdamW step's predicted and realised risk changes
@@ -39,6 +56,13 @@ class UnlearnConfig:
     save_every: int = setting(0, "resumable state every N steps (0: epoch ends only)", low=0,
                               why="0: epoch ends only")
     seed: int = setting(0, "seed of the data order and the retain pairing", low=0, high=2 ** 32, high_text="2^32")
+    # stopping on predicted damage (needs the retain risk's update effect at every step)
+    stop_at_retain_damage: Optional[float] = setting(
+        None, "stop unlearning after the first step at which the cumulative predicted relative increase of the "
+              "retain risk, sum of predicted_opt / R_retain(θ_0), exceeds X; evaluation follows as usual (needs "
+              "G-effects at every step with update effects; default: off)", low=0, strict=True, metavar="X")
+    stop_damage_from: str = setting("predicted", "what --stop-at-retain-damage sums: the predicted (predicted_opt) "
+                                                 "or the realised changes of the retain risk", choices=DAMAGE_FROM)
     stop_at_step: Optional[int] = setting(None, "stop after N steps with the state saved, as if interrupted "
                                                 "(continue with --resume)", low=0)
 
@@ -51,6 +75,9 @@ class UnlearnConfig:
         if self.second_order and not (self.geffect_every > 0 and self.update_effects):
             raise ValueError("second_order needs the G-effects (geffect_every > 0) with update_effects on: it is a "
                              "term of the real step's predicted risk change")
+        error = damage_stop_error(self.stop_at_retain_damage, self.geffect_every, self.update_effects)
+        if error:
+            raise ValueError(error)
 
 
 def config_dict(cfg: UnlearnConfig) -> dict:
