@@ -148,7 +148,8 @@ def test_unlearning_stops_after_the_step_whose_retain_damage_exceeds_the_thresho
         assert stopped["damage"] == pytest.approx(own[k], rel=1e-9) and stopped["threshold"] == x
         if source == "predicted":  # evaluation and UWC as usual
             assert (out / "metrics_after.json").exists() and (out / "metrics_uwc.json").exists()
-            assert (out / "summary.md").exists() and not (out / "error.json").exists()
+            assert not (out / "error.json").exists()
+            assert f"Unlearning stopped after step {k} ({k + 1} steps taken)" in (out / "summary.md").read_text()
         # a resume after the stop takes no further step
         log = (out / "geffect.jsonl").read_text()
         assert run(out, *COMMON, *extra, "--stop-at-retain-damage", repr(x), "--stop-damage-from", source,

@@ -160,6 +160,11 @@ def _notes_section(config: Mapping) -> List[str]:
     """What a reader needs to read the numbers: where Forget Quality's retain log and PrivLeak's
     reference came from (or why there are none) and, with --lora, that the G-effects are over the adapters."""
     notes = [config[k] for k in ("forget_quality", "privleak", "geffect_over") if config.get(k)]
+    stop = config.get("unlearning_stopped")
+    if stop:  # --stop-at-retain-damage ended unlearning early: the numbers after are of a shorter run
+        notes.insert(0, f"Unlearning stopped after step {stop['step']} ({stop['steps_taken']} steps taken): the "
+                        f"{stop['from']} retain damage {fmt(stop['damage'])} exceeded --stop-at-retain-damage "
+                        f"{fmt(stop['threshold'])}")
     return ["## Notes\n\n" + "".join(f"- {n}\n" for n in notes)] if notes else []
 
 
