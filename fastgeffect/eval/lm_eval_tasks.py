@@ -83,10 +83,12 @@ def _check_counts(batch_size, limit) -> None:
 
 
 @contextlib.contextmanager
-def _caller_state_kept(model):
-    """``simple_evaluate`` seeds python, numpy and torch globally and ``HFLM`` puts the model in eval
-    mode: a run that evaluates between training steps must draw the same numbers afterwards."""
+def _caller_state_kept(model, tokenizer):
+    """``simple_evaluate`` seeds python, numpy and torch globally, ``HFLM`` puts the model in eval
+    mode and gives a tokenizer without a pad token its unk or EOS token: a run that evaluates
+    between training steps must draw the same numbers and pad the same way afterwards."""
     py_state, np_state, training = random.getstate(), np.random.get_state(), model.training
+    pad_token = tokenizer.pad_token
     devices = [model.device] if getattr(model, "device", torch.device("cpu")).type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
@@ -95,6 +97,7 @@ def _caller_state_kept(model):
         random.setstate(py_state)
         np.random.set_state(np_state)
         model.train(training)
+        tokenizer.pad_token = pad_token
 
 
 def task_metrics(task_results: dict) -> dict:
@@ -127,8 +130,8 @@ def evaluate_tasks(model, tokenizer, tasks: Sequence[str], *, batch_size: int, l
     Returns ``{"lm_eval_version": str, "tasks": {name: {"acc", "acc_stderr", "acc_norm",
     "acc_norm_stderr", ..., "n_samples"}}}`` with an entry per task and per group lm-eval reported
     (a group such as ``mmlu`` has its aggregate and its subtasks'); metrics are lm-eval's own, with
-    the ``,none`` filter suffix dropped (:func:`task_metrics`). The caller's random states and the
-    model's train/eval mode are as they were.
+    the ``,none`` filter suffix dropped (:func:`task_metrics`). The caller's random states, the
+    model's train/eval mode and the tokenizer's pad token are as they were.
     """
     _check_counts(batch_size, limit)
     if task_manager is None:
@@ -140,7 +143,7 @@ def evaluate_tasks(model, tokenizer, tasks: Sequence[str], *, batch_size: int, l
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    with _caller_state_kept(model):
+    with _caller_state_kept(model, tokenizer):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, batch_size=batch_size,
                                           limit=limit, task_manager=task_manager, log_samples=False)
