@@ -148,14 +148,14 @@ def test_unknown_task_is_refused_naming_it_with_builtin_and_local_tasks_known(ti
 def test_bad_arguments_are_refused_before_anything_runs(tiny, tmp_path):
     model, tok = tiny
     for kwargs, match in [(dict(batch_size=0), "batch_size"), (dict(batch_size=2, limit=0), "limit"),
-                          (dict(batch_size=2, limit=1.5), "limit"),
+                          (dict(batch_size=2, limit=1.5), "limit"), (dict(batch_size=2, num_fewshot=-1), "num_fewshot"),
                           (dict(batch_size=2, include_path=tmp_path / "nowhere"), "nowhere")]:
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             evaluate_tasks(model, tok, [TASK], **kwargs)
-    manager = load_task_manager(_write_task(tmp_path / "tasks", []), include_defaults=False)
-    for tasks in ([], TASK):
+    for tasks in ([], TASK, [TASK, None]):
         with pytest.raises(ValueError, match="non-empty list"):
-            evaluate_tasks(model, tok, tasks, batch_size=1, task_manager=manager)
+            evaluate_tasks(model, tok, tasks, batch_size=1)
+    manager = load_task_manager(_write_task(tmp_path / "tasks", []), include_defaults=False)
     with pytest.raises(ValueError, match="not both"):
         evaluate_tasks(model, tok, [TASK], batch_size=1, task_manager=manager, include_path=tmp_path)
 

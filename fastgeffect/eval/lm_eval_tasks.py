@@ -57,29 +57,36 @@ def load_task_manager(include_path: Optional[PathOrPaths] = None, *, include_def
     return TaskManager(include_path=paths, include_defaults=include_defaults)
 
 
+def _check_task_list(tasks) -> None:
+    if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"tasks must be a non-empty list of lm-eval task names, got {tasks!r}")
+
+
 def check_tasks(tasks: Sequence[str], task_manager) -> None:
     """A ``ValueError`` naming every task (or group, or tag) ``task_manager`` does not know, with the
     closest known names, before anything runs."""
-    if isinstance(tasks, str) or not tasks:
-        raise ValueError(f"tasks must be a non-empty list of lm-eval task names, got {tasks!r}")
+    _check_task_list(tasks)
     known = set(task_manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
         hints = []
         for t in unknown:
-            close = difflib.get_close_matches(t, known, n=3) if isinstance(t, str) else []
+            close = difflib.get_close_matches(t, known, n=3)
             hints.append(f"{t!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
         raise ValueError(f"unknown lm-eval task{'s' if len(unknown) > 1 else ''} {'; '.join(hints)}: not in "
                          f"lm-eval {lm_eval_version()}'s task list nor in include_path; {TASK_LIST_HINT}")
 
 
-def _check_counts(batch_size, limit) -> None:
+def _check_counts(batch_size, limit, num_fewshot) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0
                               or (isinstance(limit, float) and limit >= 1)):
         raise ValueError(f"limit must be a positive number of examples per task or a fraction in (0, 1), "
                          f"got {limit!r}")
+    if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int)
+                                    or num_fewshot < 0):
+        raise ValueError(f"num_fewshot must be a non-negative integer, got {num_fewshot!r}")
 
 
 @contextlib.contextmanager
@@ -133,12 +140,13 @@ def evaluate_tasks(model, tokenizer, tasks: Sequence[str], *, batch_size: int, l
     the ``,none`` filter suffix dropped (:func:`task_metrics`). The caller's random states, the
     model's train/eval mode and the tokenizer's pad token are as they were.
     """
-    _check_counts(batch_size, limit)
+    _check_task_list(tasks)
+    _check_counts(batch_size, limit, num_fewshot)
     if task_manager is None:
         task_manager = load_task_manager(include_path)
     elif include_path is not None:
         raise ValueError("give include_path to load_task_manager() when passing a task_manager, not both")
-    tasks = list(tasks) if not isinstance(tasks, str) else tasks
+    tasks = list(tasks)
     check_tasks(tasks, task_manager)
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
