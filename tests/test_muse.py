@@ -303,6 +303,16 @@ def test_bad_arguments(models):
                      privleak={"forget": ["Arno"], "holdout": data.privleak["holdout"]})
     with pytest.raises(ValueError, match="forget: text 0 has 2 token"):
         evaluate_muse(target, tok, short, metrics=["privleak"])
+    with pytest.raises(ValueError, match="lacks knowmem/retain_qa_icl, needed"):
+        lacking = MuseData(root=data.root, raw=data.raw, knowmem={"retain_qa": []}, verbmem=data.verbmem,
+                           privleak=data.privleak)
+        evaluate_muse(target, tok, lacking, metrics=["verbmem_f", "knowmem_r"])
+    with pytest.raises(ValueError, match="more than the model's 8 positions: cut the texts with privleak_max_length"):
+        evaluate_muse(tiny_llama(len(tok), hidden_size=16, layers=1, heads=2, max_positions=8, tokenizer=tok), tok,
+                      data, metrics=["privleak"])
+    cut = evaluate_muse(target, tok, data, metrics=["privleak"], privleak_max_length=12, return_logs=True)
+    short_scores = ref_min_k_scores(target, tok, [" ".join(t.split()[:11]) for t in data.privleak["forget"]])
+    np.testing.assert_allclose(cut["logs"]["privleak"]["forget_scores"], short_scores, rtol=1e-9)
     other = tiny_llama(len(tok) + 3, hidden_size=16, layers=1, heads=2, tokenizer=tok)
     with pytest.raises(ValueError, match="same tokenizer"):
         evaluate_muse(target, tok, data, retain_model=other)

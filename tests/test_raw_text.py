@@ -15,9 +15,9 @@ from fastgeffect.data.qa import QADataset
 from fastgeffect.data.raw_text import TextWindowDataset, chunk_windows
 from fastgeffect.data.templates import get_template
 from fastgeffect.geffect import GEffect
-from fastgeffect.geffect.risk import nll_risk
+from fastgeffect.geffect.risk import fixed_forget_items, nll_risk, nll_risk_on
 from fastgeffect.objectives import get_objective
-from fastgeffect.reference import RefLogprobCache
+from fastgeffect.reference import ReferenceModel, RefLogprobCache
 
 DOCS = [
     "the mayor of Varnholt opened the new bridge on Monday , and the river council cheered .",
@@ -239,3 +239,22 @@ def test_npo_gd_step_on_raw_text(fused):
     before = float(nll_risk(model, f).detach())
     torch.optim.SGD(model.parameters(), lr=1e-2).step()
     assert float(nll_risk(model, f).detach()) > before  # the step raised the forget risk, as its G-effect says
+
+
+def test_ga_kl_on_retain_text_and_fixed_risk_rows():
+    """KL on retain windows against θ_ref = θ is 0 with a zero gradient, so GA+KL's G-effect on
+    raw-text risk rows (drawn by the loop's own fixed_forget_items) is −<∇R_rows, ∇R_batch>."""
+    tok, model, forget, batch = _setup()
+    params = [p for p in model.parameters() if p.requires_grad]
+    obj = get_objective("ga", regularizer="kl", lam=2.0, reference=ReferenceModel(copy.deepcopy(model)))
+    model.zero_grad(set_to_none=True)
+    out = obj(model, batch)
+    assert abs(float(out.reg_loss.detach())) <= 1e-12
+    out.loss.backward()
+    rows = fixed_forget_items(forget, seed=0, n=3)
+    risk = nll_risk_on(model, rows, torch.device("cpu"))
+    res = GEffect(model).measure({"unlearn": risk})["unlearn"]
+    g_rows = _flat_grad(risk(), params)
+    g_batch = _flat_grad(nll_risk(model, batch["forget"]), params)
+    expect = -float((g_rows * g_batch).sum())
+    assert abs(res.total - expect) <= 1e-9 * float(g_rows.norm() * g_batch.norm())

@@ -28,6 +28,9 @@ from .muse_memorization import DEFAULT_BATCH_SIZE, knowmem, verbmem_f
 from .muse_privleak import MUSE_K, muse_privleak
 
 MUSE_METRICS = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
+NEEDS = {"verbmem_f": (("verbmem", "forget"),), "knowmem_f": (("knowmem", "forget_qa"), ("knowmem", "forget_qa_icl")),
+         "knowmem_r": (("knowmem", "retain_qa"), ("knowmem", "retain_qa_icl")),
+         "privleak": (("privleak", "forget"), ("privleak", "holdout"))}
 
 
 def check_args(data, metrics, batch_size, max_rows, reference_auc) -> None:
@@ -36,6 +39,9 @@ def check_args(data, metrics, batch_size, max_rows, reference_auc) -> None:
     unknown = [m for m in metrics if m not in MUSE_METRICS]
     if unknown or not metrics:
         raise ValueError(f"unknown MUSE metric(s) {unknown or 'none given'}; valid: {', '.join(MUSE_METRICS)}")
+    missing = [f"{sub}/{split}" for m in metrics for sub, split in NEEDS[m] if split not in getattr(data, sub)]
+    if missing:
+        raise ValueError(f"the MUSE data lacks {', '.join(missing)}, needed by the metrics asked for")
     for name, v in (("batch_size", batch_size), ("max_rows", max_rows)):
         if (v is not None or name == "batch_size") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive integer{' or None' if name == 'max_rows' else ''}, got {v!r}")

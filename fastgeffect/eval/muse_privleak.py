@@ -49,6 +49,16 @@ def encode_texts(tokenizer, texts: Sequence[str], k: float, max_length: Optional
     return out
 
 
+def check_positions(model, ids: Sequence[List[int]]) -> None:
+    """A text longer than the model's positions would be scored on positions it never learned."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    longest = max(map(len, ids))
+    if isinstance(limit, int) and longest > limit:
+        raise ValueError(f"a MUSE privleak text has {longest} tokens, more than the model's {limit} positions: "
+                         f"cut the texts with privleak_max_length={limit} (MUSE scores whole texts)")
+
+
 @torch.no_grad()
 def text_logprobs(model, ids: Sequence[List[int]], pad: int, batch_size: int) -> List[np.ndarray]:
     """Per text: the log-probs of its tokens 1..n−1 (float64), from right-padded, length-sorted batches."""
@@ -80,6 +90,7 @@ def muse_auc(model, tokenizer, forget_texts: Sequence[str], holdout_texts: Seque
     """``{"auc" (MUSE's orientation), "forget_scores", "holdout_scores"}`` of one model."""
     f = encode_texts(tokenizer, forget_texts, k, max_length, "MUSE privleak forget")
     h = encode_texts(tokenizer, holdout_texts, k, max_length, "MUSE privleak holdout")
+    check_positions(model, f + h)
     pad = pad_id(tokenizer)
     fs = [min_k_muse(v, k) for v in text_logprobs(model, f, pad, batch_size)]
     hs = [min_k_muse(v, k) for v in text_logprobs(model, h, pad, batch_size)]
