@@ -258,3 +258,19 @@ def test_ga_kl_on_retain_text_and_fixed_risk_rows():
     g_batch = _flat_grad(nll_risk(model, batch["forget"]), params)
     expect = -float((g_rows * g_batch).sum())
     assert abs(res.total - expect) <= 1e-9 * float(g_rows.norm() * g_batch.norm())
+
+
+def test_rmu_on_raw_text_steers_each_labelled_position():
+    """RMU (WMDP's objective) on raw-text windows: the mean over the windows' labelled positions
+    (each text token once, BOS and overlap excluded) of mean_d (h_k − c·u)², written out."""
+    _, model, _, batch = _setup()
+    f = batch["forget"]
+    out = get_objective("rmu", regularizer="none", rmu_layer=1, steering_coeff=4.0)(model, batch)
+    with torch.no_grad():
+        h = model(input_ids=f["input_ids"], attention_mask=f["attention_mask"],
+                  output_hidden_states=True).hidden_states[2]
+        c = 4.0 * torch.rand(h.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        per_pos = (h - c).pow(2).mean(-1)
+        mask = f["labels"] != -100
+        expect = float(per_pos[mask].sum() / mask.sum())
+    assert float(out.loss.detach()) == pytest.approx(expect, rel=1e-12)

@@ -5,13 +5,14 @@
 Every token of a document is an answer token: there is no prompt, and no EOS is appended (MUSE's
 and lm-eval's perplexity windows do not add one either).
 
-Chunking (:func:`chunk_windows`, the strided windows of Hugging Face's perplexity guide and
-lm-eval's rolling loglikelihood): window k covers tokens ``[k·stride, k·stride + max_length)``
-(the last one cut at the document's end); windows start ``stride`` apart until one reaches the
-end, so the tail window is kept, shorter. Only the tokens that the previous window did not cover
-carry labels; the overlap (``max_length − stride`` tokens) is context, labelled -100. So every
-token is labelled exactly once, and with ``stride < max_length`` each labelled token after the
-first window sees at least ``max_length − stride`` tokens of context.
+Chunking (:func:`chunk_windows`, the strided windows of Hugging Face's perplexity guide; lm-eval's
+rolling loglikelihood windows likewise score every token once): window k covers tokens
+``[k·stride, k·stride + max_length)``, the last one cut at the document's end; windows start
+``stride`` apart until one reaches the end, so the tail window is kept, shorter. Only the tokens
+that the previous window did not cover carry labels; the overlap (``max_length − stride``
+tokens) is context, labelled -100. So every token is labelled exactly once, and with
+``stride < max_length`` each labelled token after the first window sees at least
+``max_length − stride`` tokens of context.
 
 A causal LM's loss reads label t from the logits at t − 1, so the label at a window's position 0
 is never scored. :class:`TextWindowDataset` therefore puts BOS first in every window (when the
