@@ -31,17 +31,33 @@ def test_same_config_same_folder_bytes_another_seed_another_folder(tmp_path):
         assert all(isinstance(json.loads(line), dict) for line in (a / f).read_text().splitlines())
 
 
+def _articles(rows):
+    return [r["text"] for r in rows if not r["text"].startswith("Question: ")]
+
+
 def test_every_person_is_in_one_article_and_holdout_people_are_never_trained_on():
     news = generate_news(NewsConfig())
     raw = news["raw"]
-    texts = [r["text"] for s in ("forget", "retain1", "retain2", "holdout") for r in raw[s]]
+    texts = [t for s in ("forget", "retain1", "retain2", "holdout") for t in _articles(raw[s])]
     people = [_person(t) for t in texts]
     assert len(set(people)) == len(people) == len(texts)
     assert all(sum(p in t for t in texts) == 1 for p in people)
-    for h in raw["holdout"]:
-        assert h["text"] not in [r["text"] for s in ("forget", "retain1", "retain2") for r in raw[s]]
-    assert news["privleak"]["forget"] == raw["forget"] and news["privleak"]["holdout"] == raw["holdout"]
-    assert news["privleak"]["retain"] == raw["retain2"]
+    for split in ("forget", "retain1", "retain2", "holdout"):
+        assert len(_articles(raw[split])) == getattr(NewsConfig(), f"n_{split}")
+    assert [r["text"] for r in news["privleak"]["forget"]] == _articles(raw["forget"])
+    assert [r["text"] for r in news["privleak"]["holdout"]] == _articles(raw["holdout"])
+    assert [r["text"] for r in news["privleak"]["retain"]] == _articles(raw["retain2"])
+
+
+def test_each_question_answer_pair_is_also_a_document_of_its_split():
+    cfg = NewsConfig()
+    news = generate_news(cfg)
+    for split in ("forget", "retain1", "retain2", "holdout"):
+        articles = _articles(news["raw"][split])
+        qa_docs = [r["text"] for r in news["raw"][split] if r["text"].startswith("Question: ")]
+        assert len(qa_docs) == cfg.qa_per_article * len(articles)
+        for doc in qa_docs:  # one pair, and its article holds it
+            assert doc.count("Question: ") == 1 and sum(doc in a for a in articles) == 1
 
 
 def test_each_probe_is_answered_by_its_split_and_the_in_context_examples_are_not_probed():
@@ -50,8 +66,8 @@ def test_each_probe_is_answered_by_its_split_and_the_in_context_examples_are_not
     for split, raw_split in (("forget", "forget"), ("retain", "retain2")):
         probe, icl = news["knowmem"][f"{split}_qa"], news["knowmem"][f"{split}_qa_icl"]
         assert len(icl) == cfg.n_icl
-        assert len(probe) == (len(news["raw"][raw_split]) - cfg.n_icl) * cfg.qa_per_article
-        texts = [r["text"] for r in news["raw"][raw_split]]
+        assert len(probe) == (len(_articles(news["raw"][raw_split])) - cfg.n_icl) * cfg.qa_per_article
+        texts = _articles(news["raw"][raw_split])
         for row in probe + icl:  # the article's question section holds the pair, in the probe's format
             block = knowmem_block([row])
             assert sum(block in t for t in texts) == 1, row
@@ -60,12 +76,12 @@ def test_each_probe_is_answered_by_its_split_and_the_in_context_examples_are_not
         assert icl_articles == set(range(cfg.n_icl)) and not icl_articles & probe_articles
 
 
-def test_verbatim_probes_split_each_forget_article_prose_without_losing_a_character():
+def test_verbatim_probes_split_each_forget_article_without_losing_a_character():
     news = generate_news(NewsConfig())
-    for row, article in zip(news["verbmem"]["forget"], news["raw"]["forget"]):
-        prose = article["text"].split("\n\n")[0]
-        assert row["prompt"] + row["gt"] == prose
-        assert row["prompt"] and row["gt"].strip() and "Question:" not in row["gt"]
+    for row, article in zip(news["verbmem"]["forget"], _articles(news["raw"]["forget"])):
+        assert row["prompt"] + row["gt"] == article
+        prose = article.split("\n\n")[0]
+        assert prose.startswith(row["prompt"]) and row["prompt"].endswith(" ") and len(row["prompt"]) < len(prose) / 2
 
 
 @pytest.mark.parametrize("bad", [{"qa_per_article": 0}, {"qa_per_article": 99}, {"n_forget": 1},

@@ -24,12 +24,14 @@ from fastgeffect.training.config import UnlearnConfig
 CONFIG_KEYS = [
     "method", "regularizer", "lam", "alpha", "beta", "beta1", "beta2", "delta", "wtnpo_form", "rmu_layer",
     "steering_coeff", "control_seed", "kl_direction", "kl_positions", "rr_layer", "ignore_first_n_answer_tokens",
-    "constraint_eps", "dual_step", "fused", "model", "preset", "split", "data_dir", "authors", "size", "max_length",
+    "constraint_eps", "dual_step", "fused", "model", "preset", "benchmark", "split", "data_dir", "authors",
+    "wmdp_domains", "stride", "size", "max_length",
     "retain_log", "cache_dir", "shared_dir", "retain_model", "template", "lora", "epochs", "batch_size", "grad_accum",
     "lr", "weight_decay", "decay_all_params", "warmup_epochs", "max_grad_norm", "seed", "device", "fsdp2", "bf16",
     "gradient_checkpointing", "geffect_every", "geffect_batch", "geffect_groups", "risk_rows", "update_effects",
     "second_order", "stop_at_retain_damage", "stop_damage_from", "pg_steps", "eval", "eval_metrics", "attacks",
-    "relearn_steps", "relearn_lr", "eval_size", "eval_batch_size", "no_uwc", "ps_protocol", "eval_max_length",
+    "relearn_steps", "relearn_lr", "eval_tasks", "eval_tasks_include", "eval_tasks_limit",
+    "eval_size", "eval_batch_size", "no_uwc", "ps_protocol", "eval_max_length",
     "gen_mode", "truth_ratio_agg", "out",
     "resume", "overwrite", "save_model", "checkpoint_epochs", "save_every", "stop_at_step", "no_progress", "report_to"]
 

@@ -61,7 +61,8 @@ def run_inputs(target, split: str) -> dict:
     tok = target.tokenizer
     return {"version": VERSION, "tokenizer": {**source_identity(tok.name_or_path), "size": len(tok)},
             "data": source_identity(target.data_dir), "split": split,
-            "template": dataclasses.asdict(target.template), "max_length": target.max_length}
+            "template": dataclasses.asdict(target.template), "max_length": target.max_length,
+            **({"stride": target.stride} if target.stride is not None else {})}
 
 
 def reference_fingerprint(target, split: str, name: str, seed: int) -> dict:

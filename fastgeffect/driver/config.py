@@ -22,7 +22,20 @@ from typing import Optional
 from ..data.tofu import RETAIN_OF
 from ..dataclass_cli import first_error, like, setting
 from ..objectives import HPARAMS, OBJECTIVES, REGULARIZER_NAMES, REGULARIZERS
-from ..training.config import UnlearnConfig, damage_stop_error
+from ..training.config import UnlearnConfig
+from .config_checks import (  # noqa: F401  (re-exported: the driver imported them from here first)
+    ATTACKS,
+    BENCHMARKS,
+    DEFAULT_EVAL_METRICS,
+    EVAL_METRICS,
+    WMDP_TASKS,
+    attack_names,
+    combination_error,
+    eval_metrics,
+    eval_tasks,
+    pg_steps,
+    relearn_steps,
+)
 from .presets import EMBEDDED, MODEL_DEFAULT, PRESETS, Preset, by_preset
 
 # written out where importing their home would make --help slow (tests/test_run_config.py and
@@ -33,12 +46,6 @@ TRUTH_RATIO_AGGS = ("geometric", "arithmetic")
 PS_PROTOCOLS = ("paper", "uwc-linear", "clean")
 GEFFECT_GROUPINGS = ("paper", "blocks", "params")
 TEMPLATE_NAMES = ("phi", "llama2", "chat")
-# what each evaluation computes (--eval-metrics; docs/design.md §5.4): TOFU's metrics, PrivLeak (Min-K%
-# AUC forget vs holdout against the twin's), all six membership-inference AUCs, exact memorisation and
-# extraction strength; and the attacks run after unlearning (--attacks)
-EVAL_METRICS = ("tofu", "privleak", "mia", "memorization")
-DEFAULT_EVAL_METRICS = ("tofu", "privleak", "memorization")
-ATTACKS = ("relearn", "quantize")
 
 # the only settings that may differ when resuming: where the run is, the resume switches, progress bars,
 # when the resumable state is saved, whether the final model is saved and whether TensorBoard files are
@@ -50,7 +57,7 @@ MAY_CHANGE_ON_RESUME = ("out", "resume", "overwrite", "no_progress", "stop_at_st
 # of such a folder keeps it (before issue 28 the unlearning AdamW decayed every parameter and the G-effect
 # risks were redrawn at every step)
 OLDER_RUNS = {"decay_all_params": True, "risk_rows": "step"}
-NAME_KEYS = ("method", "regularizer", "split", "seed")  # spelled out in the default run folder's name
+NAME_KEYS = ("method", "regularizer", "split", "seed", "benchmark")  # spelled out in the default run folder's name
 
 OBJECTIVE, MODEL_DATA, OWN_MODEL = "objective", "model and data", "bring your own model"
 TRAINING, GEFFECTS, OUTPUTS = "training", "G-effects", "evaluation and outputs"
@@ -113,6 +120,11 @@ class RunConfig:
                                          "target)", group=MODEL_DATA, path=True)
     preset: Optional[str] = setting(None, f"paper hyper-parameters and template (default: {EMBEDDED}, or "
                                           f"{MODEL_DEFAULT} with --model)", group=MODEL_DATA, choices=sorted(PRESETS))
+    benchmark: str = setting(
+        "tofu", "what is unlearnt and measured: tofu (question-answer pairs; TOFU's metrics, PS, UWC) or muse (raw "
+                "text; MUSE's verbmem_f, knowmem_f, knowmem_r, privleak; without --model the offline MUSE-style "
+                "default, with --model a MUSE folder as --data-dir) or wmdp (--model on WMDP's forget and retain "
+                "corpora in --data-dir; lm-eval's --eval-tasks)", group=MODEL_DATA, choices=BENCHMARKS)
     split: str = setting("forget10", "TOFU forget split", group=MODEL_DATA, choices=sorted(RETAIN_OF))
     data_dir: Optional[str] = setting(
         None, "folder of TOFU JSON-lines files (e.g. a copy of the hub's locuslab/TOFU); with --model and no "
@@ -121,6 +133,11 @@ class RunConfig:
         None, "with --data-dir: real TOFU text restricted to N authors (TOFU's proportions), on the embedded tiny "
               "model pipeline, or with --model on the subset it was fine-tuned on (checked against the "
               "manifest.json next to its folder, when there is one)", group=MODEL_DATA, low=1)
+    wmdp_domains: str = setting("bio,cyber", "--benchmark wmdp: the corpora unlearnt ({domain}-forget-corpus.jsonl "
+                                             "and {domain}-retain-corpus.jsonl in --data-dir)", group=MODEL_DATA)
+    stride: Optional[int] = setting(
+        None, "--benchmark muse/wmdp: raw-text windows of --max-length tokens start this many tokens apart (default: "
+              "whole articles for the offline default, else max-length / 2)", group=MODEL_DATA, low=1)
     size: str = setting("default", "size of the embedded target (tiny: seconds, for tests)", group=MODEL_DATA,
                         choices=("default", "tiny"))
     max_length: Optional[int] = setting(None, "token length of QA items (default: the preset's)", group=MODEL_DATA,
@@ -201,6 +218,14 @@ class RunConfig:
     relearn_lr: Optional[float] = setting(
         None, "the relearning attack's AdamW learning rate (default: the run's --lr)", group=OUTPUTS, low=0.0,
         strict=True)
+    eval_tasks: Optional[str] = setting(
+        None, "comma-separated lm-evaluation-harness tasks scored before and after unlearning on the model in memory "
+              f"(default with --benchmark wmdp: {','.join(WMDP_TASKS)}; the hub's tasks need hub access)",
+        group=OUTPUTS)
+    eval_tasks_include: Optional[str] = setting(None, "a folder of further lm-eval task YAMLs (local tasks)",
+                                                group=OUTPUTS, path=True)
+    eval_tasks_limit: Optional[int] = setting(None, "at most N examples per lm-eval task (quick checks; papers use "
+                                                    "whole tasks)", group=OUTPUTS, low=1)
     eval_size: int = setting(300, "rows per evaluation set (TOFU's ds_size)", group=OUTPUTS, low=1)
     eval_batch_size: int = setting(32, "sequences per evaluation batch", group=OUTPUTS, low=1)
     no_uwc: bool = setting(False, "skip UWC calibration", group=OUTPUTS)
@@ -237,43 +262,6 @@ class RunConfig:
                                      "metrics before and after", group=OUTPUTS, choices=("none", "tensorboard"))
 
 
-def pg_steps(cfg) -> tuple:
-    return tuple(int(s) for s in cfg.pg_steps.split(",") if s.strip())
-
-
-def _names(value: Optional[str], flag: str, allowed: tuple, extra: tuple = ()) -> tuple:
-    names = tuple(dict.fromkeys(n.strip() for n in (value or "").split(",") if n.strip()))
-    unknown = [n for n in names if n not in allowed + extra]
-    if unknown:
-        raise ValueError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed + extra)}")
-    return names
-
-
-def eval_metrics(cfg) -> tuple:
-    """The metric families each evaluation computes (``--eval-metrics``; ValueError for an unknown name)."""
-    if cfg.eval_metrics is None:
-        return DEFAULT_EVAL_METRICS
-    names = _names(cfg.eval_metrics, "--eval-metrics", EVAL_METRICS, ("all",))
-    if not names:
-        raise ValueError("--eval-metrics: name at least one of " + ", ".join(EVAL_METRICS + ("all",)))
-    return EVAL_METRICS if "all" in names else tuple(n for n in EVAL_METRICS if n in names)
-
-
-def attack_names(cfg) -> tuple:
-    """The attacks run after unlearning (``--attacks``; ValueError for an unknown name)."""
-    return _names(cfg.attacks, "--attacks", ATTACKS)
-
-
-def relearn_steps(cfg) -> Optional[tuple]:
-    """``--relearn-steps`` as integers (None: the attack's default; ValueError when not integers)."""
-    if cfg.relearn_steps is None:
-        return None
-    try:
-        return tuple(int(k) for k in cfg.relearn_steps.split(","))
-    except ValueError:
-        raise ValueError(f"--relearn-steps must be comma-separated integers, got {cfg.relearn_steps!r}") from None
-
-
 def usage_error(cfg: RunConfig) -> Optional[str]:
     """What is wrong with the settings, as the command line says it (None: nothing): values outside
     their choices or bounds, and combinations that cannot run. Paths and devices are checked elsewhere."""
@@ -288,42 +276,6 @@ def usage_error(cfg: RunConfig) -> Optional[str]:
             except ValueError as e:
                 return f"--{name.replace('_', '-')} {str(e).split(f'{name} ', 1)[1]}"
     return combination_error(cfg)
-
-
-def combination_error(cfg: RunConfig) -> Optional[str]:
-    """Settings that are valid alone but not together."""
-    if cfg.template is not None and cfg.model is None:
-        return "--template needs --model (the embedded target has its own format)"
-    if cfg.retain_model is not None and cfg.model is None:
-        return "--retain-model needs --model (the embedded target trains and evaluates its own retain twin)"
-    if cfg.retain_model is not None and cfg.retain_log is not None:
-        return "--retain-model and --retain-log both give Forget Quality's retain log: pass one of them"
-    if cfg.lora is not None and cfg.fsdp2:
-        return "--lora with --fsdp2 is not supported: shard LoRA unlearning with DDP (torchrun without --fsdp2)"
-    if cfg.batch_size % cfg.grad_accum:
-        return (f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}: every "
-                "micro-batch takes batch-size / grad-accum samples")
-    stop_error = damage_stop_error(cfg.stop_at_retain_damage, cfg.geffect_every, cfg.update_effects == "on")
-    if stop_error:
-        return stop_error
-    try:
-        eval_metrics(cfg), attack_names(cfg), relearn_steps(cfg)
-    except ValueError as e:
-        return str(e)
-    if "relearn" not in attack_names(cfg) and (cfg.relearn_steps is not None or cfg.relearn_lr is not None):
-        return "--relearn-steps and --relearn-lr need --attacks relearn"
-    if cfg.eval == "none" and (cfg.eval_metrics is not None or cfg.attacks):
-        return "--eval-metrics and --attacks need --eval full (they evaluate the model)"
-    if cfg.second_order and (cfg.geffect_every == 0 or cfg.update_effects == "off"):
-        return ("--second-order needs the G-effects (--geffect-every > 0) with --update-effects on: it is a term of "
-                "the real step's predicted risk change")
-    try:
-        steps = pg_steps(cfg)
-    except ValueError:
-        return f"--pg-steps must be comma-separated integers (-1: the last step), got {cfg.pg_steps!r}"
-    if any(s < -1 for s in steps):
-        return f"--pg-steps: steps are >= 0, or -1 for the last step, got {cfg.pg_steps!r}"
-    return None
 
 
 def _values(cfg) -> dict:
@@ -343,11 +295,12 @@ def resume_defaults() -> dict:
 
 
 def default_out(cfg, defaults=None) -> Path:
-    """``runs/<method>-<regularizer>-<split>-seed<seed>``, plus ``-<8 hex>`` hashing every other setting
-    that differs from its default (``defaults``: :class:`RunConfig`'s), so runs over any
-    hyper-parameter never share a folder."""
+    """``runs/<method>-<regularizer>-<split>-seed<seed>`` (a MUSE run: ``muse`` for the split), plus
+    ``-<8 hex>`` hashing every other setting that differs from its default (``defaults``:
+    :class:`RunConfig`'s), so runs over any hyper-parameter never share a folder."""
     regularizer = cfg.regularizer or OBJECTIVES[cfg.method].default_regularizer
-    name = f"{cfg.method}-{regularizer}-{cfg.split}-seed{cfg.seed}"
+    data = cfg.split if cfg.benchmark == "tofu" else cfg.benchmark  # a MUSE run has no TOFU split
+    name = f"{cfg.method}-{regularizer}-{data}-seed{cfg.seed}"
     ref = settings(RunConfig() if defaults is None else defaults)
     changed = {k: v for k, v in settings(cfg).items() if k not in NAME_KEYS and v != ref[k]}
     if changed:

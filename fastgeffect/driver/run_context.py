@@ -10,6 +10,7 @@ from typing import Dict, Optional
 import torch
 
 from .. import distributed as dist_
+from ..data.muse import MuseData
 from .config import RunConfig
 from .presets import Preset
 from .privacy import PrivacyInputs
@@ -55,6 +56,8 @@ class Run:
     sets: Optional[dict] = None
     retain_log: Optional[str] = None
     privacy: Optional[PrivacyInputs] = None  # --eval-metrics: families, holdout rows, PrivLeak's reference
+    muse: Optional[MuseData] = None  # --benchmark muse: the MUSE folder, read and checked
+    task_manager: Optional[object] = None  # --eval-tasks: lm-eval's task manager, the tasks checked against it
 
     @property
     def out(self) -> Path:

@@ -35,9 +35,11 @@ from .config import RunConfig, as_older_run, objective_hparams, resume_defaults,
 from .evaluation import before_metrics, check_eval_length, eval_options, retain_model_log
 from .inputs import check_inputs
 from .launch import check_fused, launch_details, launch_strategy, make_accelerator, use_fused, whole_model
+from .lm_eval_phase import checked_task_manager, tasks_phase
 from .lora import adapter_note, merged, reference_of
 from .presets import Preset, resolve_preset
 from .privacy import privacy_inputs
+from .raw_benchmarks import check_raw_inputs, muse_after, muse_before, raw_unlearning_data
 from .run_context import RecordedStop, Run, Timer
 from .run_folder import RunFolder
 from .targets import build_target, default_ps_protocol
@@ -60,8 +62,11 @@ def checked_settings(cfg: RunConfig, preset: Preset, accelerator) -> Tuple[RunCo
     hp = objective_hparams(cfg, preset)
     get_objective(cfg.method, regularizer=cfg.regularizer, lam=cfg.lam, **hp)  # validate before any work
     check_attack_settings(cfg)
-    check_inputs(model=cfg.model, retain_model=cfg.retain_model, data_dir=cfg.data_dir, authors=cfg.authors,
-                 retain_log=cfg.retain_log, shared_dir=cfg.shared_dir, out=cfg.out, split=cfg.split)
+    if cfg.benchmark != "tofu":
+        check_raw_inputs(cfg)
+    else:
+        check_inputs(model=cfg.model, retain_model=cfg.retain_model, data_dir=cfg.data_dir, authors=cfg.authors,
+                     retain_log=cfg.retain_log, shared_dir=cfg.shared_dir, out=cfg.out, split=cfg.split)
     # after the --model checks: it reads the tokenizer
     return replace(cfg, ps_protocol=default_ps_protocol(cfg, preset)), hp, ucfg
 
@@ -111,6 +116,7 @@ def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
     accelerator = make_accelerator()
     strategy = launch_strategy(accelerator, cfg.fsdp2)
     cfg, hp, ucfg = checked_settings(cfg, preset, accelerator)
+    task_manager = checked_task_manager(cfg) if dist_.is_main() else None  # --eval-tasks, checked here
     main_rank = dist_.is_main()  # only the main process writes and evaluates; the others wait at barriers
     folder = RunFolder(cfg.out)
     if main_rank:  # claimed before any work, with the settings; set-up completes config.json later
@@ -125,7 +131,7 @@ def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
     dist_.barrier()
     timer = Timer(folder, resumed=cfg.resume)
     try:
-        return study(cfg, preset, hp, ucfg, accelerator, folder, timer)
+        return study(cfg, preset, hp, ucfg, accelerator, folder, timer, task_manager)
     except KeyboardInterrupt:
         with contextlib.suppress(OSError):
             timer.save("interrupted")
@@ -151,11 +157,14 @@ def run_study(cfg: RunConfig, argv: Optional[list] = None) -> int:
 
 # ---- the study in a claimed folder -----------------------------------------------------------------
 def study(cfg: RunConfig, preset: Preset, hp: dict, ucfg: UnlearnConfig, accelerator, folder: RunFolder,
-          timer: Timer) -> int:
-    """Set-up, reference log-probs, evaluation before, unlearning, then :func:`finish`."""
+          timer: Timer, task_manager=None) -> int:
+    """Set-up, reference log-probs, evaluation before, unlearning, then :func:`finish`
+    (``task_manager``: lm-eval's, for ``--eval-tasks``)."""
     run = set_up(cfg, preset, accelerator, folder, timer)
+    run.task_manager = task_manager
     objective, data = objective_and_data(run, hp)
     before = evaluate_before(run)
+    tasks_phase(run, run.target.model, "before")
     dist_.barrier()
     unlearner, resumed = make_unlearner(run, objective, data, ucfg, accelerator)
     timer.resumed = resumed  # a state was loaded (--resume of a folder with none starts afresh)
@@ -212,8 +221,9 @@ def objective_and_data(run: Run, hp: dict) -> Tuple[Objective, UnlearningData]:
     cfg, target = run.cfg, run.target
     term = OBJECTIVES[cfg.method]
     refusal_key = "forget_win" if "forget_win" in term.needs_batches else "forget_idk"
-    data = load_unlearning_data(target.data_dir, cfg.split, target.tokenizer, target.template, target.max_length,
-                                seed=cfg.seed, idk=term.needs_refusals, refusal_key=refusal_key)
+    data = raw_unlearning_data(run) if cfg.benchmark != "tofu" else load_unlearning_data(
+        target.data_dir, cfg.split, target.tokenizer, target.template, target.max_length, seed=cfg.seed,
+        idk=term.needs_refusals, refusal_key=refusal_key)
     t = time.perf_counter()
     # θ_o: a LoRA model with its adapters disabled, else a frozen copy when the objective runs θ_o itself
     needs_reference = term.needs_reference_model or REGULARIZERS[cfg.regularizer].needs_reference_model
@@ -254,6 +264,8 @@ def evaluate_before(run: Run) -> Optional[dict]:
     """Main process, with ``--eval full``: the TOFU sets and the retain twin's log behind Forget Quality
     (kept in ``run``), and the metrics before unlearning (kept in ``run.shared``); None otherwise."""
     cfg = run.cfg
+    if cfg.benchmark != "tofu":
+        return muse_before(run)
     run.sets = load_tofu_sets(cfg.split, run.target.data_dir) if cfg.eval == "full" and dist_.is_main() else None
     if not run.sets:
         return None
@@ -300,7 +312,7 @@ def unlearn(run: Run, unlearner: Unlearner, before: Optional[dict]) -> dict:
     non-finite loss, a state that could not be saved and a failed rank stop the run, error.json
     saying why and where its last state is."""
     tb = tensorboard_log(run.cfg.report_to, run.out, unlearner.step)
-    if tb is not None and unlearner.step == 0 and run.sets:
+    if tb is not None and unlearner.step == 0 and before:
         tb.scalars(0, metric_scalars(before, "eval_before"))
     try:
         return unlearner.run(on_step=None if tb is None else tb.step)
@@ -335,8 +347,11 @@ def finish(run: Run, model, resumed: bool, step: int) -> None:
     if run.cfg.save_model:
         model.save_pretrained(run.out / files.MODEL)
         run.target.tokenizer.save_pretrained(run.out / files.MODEL)
-    if run.sets:
+    if run.muse is not None and run.cfg.eval == "full":
+        muse_after(run, model, step)
+    elif run.sets:
         evaluate_after(run, model, step)
+    tasks_phase(run, model, "after")
     run.timer.phase("total", run.timer.t0)
     run.timer.save("done")
     run.folder.clear_error()

@@ -9,10 +9,11 @@ from typing import Callable, Optional
 import torch
 
 from ..data.splits import add_subset_holdout, subset_tofu
-from ..data.templates import Template, choose_template
+from ..data.templates import Template, choose_template, get_template
 from ..embedded import build_embedded
 from ..embedded.build import folder_digest  # the key the embedded subset uses too
 from ..embedded.cache import cached_dir, config_hash, default_cache_dir
+from ..embedded.news_build import build_embedded_news
 from ..model_loading import ModelLoadError, load_causal_lm, load_tokenizer
 from .config import RunConfig
 from .lora import add_lora
@@ -31,6 +32,7 @@ class Target:
     retain_model_path: Optional[Path] = None  # the retain-only twin (embedded, or --retain-model), for Forget Quality
     load_retain: Optional[Callable[[], torch.nn.Module]] = None  # that twin, on CPU
     info: Optional[dict] = None
+    stride: Optional[int] = None  # --benchmark muse: raw-text windows start this many tokens apart
 
 
 def embedded_target(cfg: RunConfig, device: torch.device) -> Target:
@@ -43,6 +45,18 @@ def embedded_target(cfg: RunConfig, device: torch.device) -> Target:
                   emb.load_target, emb.retain_path, emb.load_retain,
                   {"target": str(emb.target_path), "retain": str(emb.retain_path),
                    "target_report": {k: v for k, v in emb.reports["target"].items() if k != "epoch_loss"}})
+
+
+def muse_embedded_target(cfg, device: torch.device) -> Target:
+    """The offline MUSE-style target (built and cached on first use) and its retrained twin."""
+    news = build_embedded_news(cfg.cache_dir, size=cfg.size, seed=cfg.seed)
+    model = news.load_target().to(device)
+    # raw text has no prompt: the template is the embedded default's, unused (MUSE's probes write their own)
+    return Target(model, news.tokenizer, get_template("phi"), str(news.data_dir),
+                  cfg.max_length or news.max_length, news.load_target, news.retain_path, news.load_retain,
+                  {"target": str(news.target_path), "retain": str(news.retain_path),
+                   "target_report": {k: v for k, v in news.reports["target"].items() if k != "epoch_loss"}},
+                  stride=cfg.stride or news.stride)
 
 
 def load_model(spec: str, dtype: torch.dtype):
@@ -116,7 +130,12 @@ def hub_target(cfg: RunConfig, preset: Preset, device: torch.device) -> Target:
 
 def build_target(cfg: RunConfig, preset: Preset, device: torch.device) -> Target:
     """The target, wrapped in LoRA adapters with ``--lora``."""
-    target = hub_target(cfg, preset, device) if cfg.model else embedded_target(cfg, device)
+    if cfg.model:
+        target = hub_target(cfg, preset, device)
+        if cfg.benchmark != "tofu":  # raw text: windows half-overlapping unless --stride says otherwise
+            target.stride = cfg.stride or max(1, target.max_length // 2)
+    else:
+        target = muse_embedded_target(cfg, device) if cfg.benchmark == "muse" else embedded_target(cfg, device)
     if cfg.lora:
         target.model = add_lora(target.model, cfg.lora)
     return target

@@ -136,18 +136,25 @@ def generate_news(cfg: NewsConfig) -> Dict[str, Dict[str, List[dict]]]:
 
     forget_qa, forget_icl = knowmem("forget")
     retain_qa, retain_icl = knowmem("retain2")
-    # verbatim memorisation, on the prose (the question section is the knowledge probe's): the first
-    # third of its words as the prompt, the rest as the true continuation
+    # verbatim memorisation: the first third of the prose as the prompt, the rest of the article as
+    # the true continuation; the prompt keeps the space after its last word (where a word-level
+    # tokenizer like the embedded one puts it, so the prompt ends on a token boundary)
     verbmem = []
     for text in texts["forget"]:
         words = text.split("\n\n")[0].split(" ")
-        cut = len(words) // 3
-        verbmem.append({"prompt": " ".join(words[:cut]), "gt": " " + " ".join(words[cut:])})
+        prompt = " ".join(words[: len(words) // 3]) + " "
+        verbmem.append({"prompt": prompt, "gt": text[len(prompt):]})
 
     def rows(split: str) -> List[dict]:
         return [{"text": t} for t in texts[split]]
 
-    return {"raw": {s: rows(s) for s in ("forget", "retain1", "retain2", "holdout")},
+    def raw(split: str) -> List[dict]:
+        # the articles, then each of their question-answer pairs as a document of its own: a model this
+        # small learns an answer in the context it saw it in, and a knowledge probe asks it after other
+        # questions (the in-context examples), not after its article's prose
+        return rows(split) + [{"text": knowmem_block([row])} for qa in qas[split] for row in qa]
+
+    return {"raw": {s: raw(s) for s in ("forget", "retain1", "retain2", "holdout")},
             "knowmem": {"forget_qa": forget_qa, "forget_qa_icl": forget_icl,
                         "retain_qa": retain_qa, "retain_qa_icl": retain_icl},
             "verbmem": {"forget": verbmem},

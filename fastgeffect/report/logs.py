@@ -131,6 +131,24 @@ class RunLogs:
     attacks: Optional[dict] = None  # attacks.json (--attacks), None where none ran
 
 
+def lm_eval_numbers(results: Optional[dict]) -> dict:
+    """The accuracies of the tasks asked in an ``lm_eval_*.json`` (``--eval-tasks``) as metrics:
+    ``"<task> acc"``, ``"<task> acc_norm"``."""
+    if not results:
+        return {}
+    tasks = results.get("tasks") or {}
+    return {f"{task} {m}": tasks[task][m] for task in results.get("requested", tasks) if task in tasks
+            for m in ("acc", "acc_norm") if tasks[task].get(m) is not None}
+
+
+def read_metrics(run_dir: Path, name: str, lm_eval_name: Optional[str] = None) -> Optional[dict]:
+    """A run's metrics file ``name`` with the lm-eval accuracies of ``lm_eval_name`` beside them
+    (None when neither exists)."""
+    metrics = read_json(run_dir / name) or {}
+    tasks = lm_eval_numbers(read_json(run_dir / lm_eval_name)) if lm_eval_name else {}
+    return {**metrics, **tasks} or None
+
+
 def read_run(run_dir: Path) -> RunLogs:
     """The logs of run folder ``run_dir`` (checked by ``check_run_folder``), all read and checked
     before the report writes anything."""
@@ -140,6 +158,7 @@ def read_run(run_dir: Path) -> RunLogs:
         train_log=read_log(run_dir / files.TRAIN_LOG, when=TRAIN_KEYS),
         pg_effects=read_log(run_dir / files.PG_EFFECTS, PG_KEYS),
         token_weights=read_log(run_dir / files.TOKEN_WEIGHTS, TOKEN_WEIGHT_KEYS),
-        metrics={"before": read_json(run_dir / files.METRICS_BEFORE), "after": read_json(run_dir / files.METRICS_AFTER),
+        metrics={"before": read_metrics(run_dir, files.METRICS_BEFORE, files.LM_EVAL_BEFORE),
+                 "after": read_metrics(run_dir, files.METRICS_AFTER, files.LM_EVAL_AFTER),
                  "uwc": read_json(run_dir / files.METRICS_UWC)},
         attacks=read_json(run_dir / files.ATTACKS))

@@ -16,8 +16,8 @@ from .geffect_stats import (
 )
 
 # the settings the summary's first line shows (the objective's hyper-parameters follow them)
-SUMMARY_KEYS = ("method", "regularizer", "lam", "split", "model", "preset", "size", "data_dir", "authors", "epochs",
-                "batch_size", "lr", "seed", "ps_protocol", "gen_mode", "eval_max_length", "truth_ratio_agg")
+SUMMARY_KEYS = ("benchmark", "method", "regularizer", "lam", "split", "model", "preset", "size", "data_dir", "authors",
+                "epochs", "batch_size", "lr", "seed", "ps_protocol", "gen_mode", "eval_max_length", "truth_ratio_agg")
 HEADLINE_METRICS = ("Model Utility", "Forget Quality", "Prob. Forget", "ROUGE Forget", "Prob. Retain", "ROUGE Retain",
                     "PS-exact forget", "PS-perturb forget", "PS-exact retain", "PS-perturb retain")
 
@@ -188,7 +188,8 @@ def summary_markdown(name: str, config: Mapping, metrics: Mapping[str, Optional[
     """The text of a run's summary: settings, metrics ("before", "after", "uwc"), notes, the tables
     of G-effect ``records``, the ``attacks`` (attacks.json) and links to the files ``made`` (paths
     relative to the run folder)."""
-    parts = [f"# {name} run\n", _settings_line(config), *_metrics_section(metrics), *_attacks_section(attacks),
+    on = {"muse": "MUSE", "wmdp": "WMDP"}.get(config.get("benchmark"), "TOFU")
+    parts = [f"# {name} run on {on}\n", _settings_line(config), *_metrics_section(metrics), *_attacks_section(attacks),
              *_notes_section(config),
              *_geffect_sections(records), "## Files\n", *(f"- [{m}]({m})" for m in made)]
     return "\n".join(parts) + "\n"
