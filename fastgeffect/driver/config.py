@@ -160,6 +160,9 @@ class RunConfig:
     warmup_epochs: float = train("warmup_epochs")
     max_grad_norm: float = train("max_grad_norm")
     seed: int = train("seed", help="seed of the data order, retain pairing and embedded target")
+    target_seed: Optional[int] = setting(
+        None, "seed of the embedded target (its generated data and its training; default: --seed): fixed, several "
+              "--seed unlearn one target (python -m fastgeffect.sweep --seeds)", group=TRAINING)
     device: Optional[str] = setting(None, "cpu / cuda / cuda:N (default: cuda when available)", group=TRAINING)
     fsdp2: bool = setting(False, "under torchrun: shard with torch's FSDP2 (fully_shard per decoder block) instead "
                                  "of DDP (under accelerate launch, use configs/accelerate/fsdp.yaml instead)",
@@ -296,6 +299,8 @@ def combination_error(cfg: RunConfig) -> Optional[str]:
         return "--template needs --model (the embedded target has its own format)"
     if cfg.retain_model is not None and cfg.model is None:
         return "--retain-model needs --model (the embedded target trains and evaluates its own retain twin)"
+    if cfg.target_seed is not None and cfg.model is not None:
+        return "--target-seed needs the embedded target (--model is a target of its own)"
     if cfg.retain_model is not None and cfg.retain_log is not None:
         return "--retain-model and --retain-log both give Forget Quality's retain log: pass one of them"
     if cfg.lora is not None and cfg.fsdp2:

@@ -36,7 +36,8 @@ class Target:
 def embedded_target(cfg: RunConfig, device: torch.device) -> Target:
     """The tiny offline target (built and cached on first use), on generated or real TOFU text
     (``--data-dir`` and ``--authors`` were checked by :func:`.inputs.check_inputs`)."""
-    emb = build_embedded(cfg.cache_dir, size=cfg.size, seed=cfg.seed, forget_split=cfg.split,
+    seed = cfg.seed if cfg.target_seed is None else cfg.target_seed
+    emb = build_embedded(cfg.cache_dir, size=cfg.size, seed=seed, forget_split=cfg.split,
                          tofu_dir=cfg.data_dir, n_authors=cfg.authors)
     model = emb.load_target().to(device)
     return Target(model, emb.tokenizer, emb.template, str(emb.data_dir), cfg.max_length or emb.max_length,
