@@ -306,7 +306,8 @@ def over_seeds(rows: Sequence[Dict[str, object]]) -> List[dict]:
     for name, runs in by_setting.items():
         metrics = {}
         for k in TABLE_KEYS:
-            values = [r["metrics"][k] for r in runs if isinstance(r["metrics"].get(k), (int, float))]
+            values = [r["metrics"][k] for r in runs if isinstance(r["metrics"].get(k), (int, float))
+                      and math.isfinite(r["metrics"][k])]
             if values:
                 metrics[k] = intervals.interval(values).to_dict()
         out.append({"setting": name, "seeds": [r["seed"] for r in runs], "metrics": metrics})
@@ -330,17 +331,14 @@ def seeds_table(summary: Sequence[dict], kind: str) -> str:
 def write_tables(out: Path, rows: Sequence[dict], split: str, seeds: bool) -> None:
     """sweep.json and sweep.md; with --seeds also the tables over seeds."""
     text = f"# Sweep ({split}), UWC-calibrated\n\n" + table(rows)
-    if not seeds:
-        write_json_main(out / "sweep.json", rows)
-        write_text_atomic(out / "sweep.md", text)
-        return
-    summary = over_seeds(rows)
-    write_json_main(out / "sweep.json", {"runs": rows, "over_seeds": summary})
-    text += (f"\n## Over seeds: mean [{intervals.LEVEL:.0%} t-interval] (headline)\n\n" + seeds_table(summary, "t")
-             + f"\n## Over seeds: mean [{intervals.LEVEL:.0%} percentile bootstrap interval, {intervals.RESAMPLES} "
-             "resamples]\n\nWith 2–3 seeds the bootstrap interval cannot reach beyond the observed values (it covers "
-             "the mean at most 50 % of the time at 2 seeds, 75 % at 3): the t-interval above is the headline.\n\n"
-             + seeds_table(summary, "boot"))
+    summary = over_seeds(rows) if seeds else None
+    write_json_main(out / "sweep.json", {"runs": rows, "over_seeds": summary} if seeds else rows)
+    if seeds:
+        text += (f"\n## Over seeds: mean [{intervals.LEVEL:.0%} t-interval] (headline)\n\n" + seeds_table(summary, "t")
+                 + f"\n## Over seeds: mean [{intervals.LEVEL:.0%} percentile bootstrap interval, "
+                 f"{intervals.RESAMPLES} resamples]\n\nWith 2–3 seeds the bootstrap interval cannot reach beyond the "
+                 "observed values (it covers the mean at most 50 % of the time at 2 seeds, 75 % at 3): the t-interval "
+                 "above is the headline.\n\n" + seeds_table(summary, "boot"))
     write_text_atomic(out / "sweep.md", text)
 
 

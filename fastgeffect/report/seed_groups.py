@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from .. import run_files as files
 from ..objectives.hparams import HPARAMS
 from .tables import run_name
 
@@ -75,7 +76,7 @@ def differences_text(diff: Mapping[str, Mapping[str, object]]) -> str:
 def _seed(label: str, config: Mapping) -> int:
     seed = config.get(SEED)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"run {label}: its config.json records no integer seed ({SEED}: {seed!r})")
+        raise ValueError(f"run {label}: its {files.CONFIG} records no integer seed ({SEED}: {seed!r})")
     return seed
 
 
