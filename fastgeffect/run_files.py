@@ -41,6 +41,7 @@ MODEL = "model"  # the unlearned model with --save-model
 COMPARE = "compare"
 COMPARE_SUMMARY = "compare.md"
 COMPARE_PLOT = "compare.png"
+COMPARE_CI = "compare_ci.json"  # --ci: intervals over seeds and paired differences (report/ci_tables.py)
 
 
 def ref_logprobs(name: str) -> str:

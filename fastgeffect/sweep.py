@@ -3,6 +3,7 @@
     python -m fastgeffect.sweep --method wga --alpha 0.05,0.1,0.5,1,2,4,5,7,10 --split forget05
     python -m fastgeffect.sweep --methods ga,npo,tnpo,wtnpo --regularizer gd
     python -m fastgeffect.sweep --method tnpo --beta 1,4 -- --epochs 3      # after --: any run flag
+    python -m fastgeffect.sweep --methods ga,npo --seeds 0,1,2              # one run per method and seed
 
 Runs are sequential, one folder each under ``--out``; they share the cached target model and a
 ``shared/`` folder with the reference log-probs, the retain model's log and the evaluation before
@@ -14,6 +15,14 @@ after --) is refused, naming them: give the sweep another --out, or pass ``-- --
 The table (``sweep.md``, ``sweep.json``) gives, per setting, UWC-calibrated PS-exact and
 PS-perturb on retain (↑) and forget (↓) data as in the paper's Tables 2–10, plus the calibrated
 α, Model Utility and Forget Quality after unlearning.
+
+``--seeds 0,1,2`` runs every setting once per seed (run ``<setting>-seed<s>``): the seed changes the
+unlearning order, the retain pairing and the rows the G-effect risks are measured on, while every run
+unlearns one embedded target (``--target-seed``, 0 by default, passed to every run; a --model target is
+one anyway). sweep.md then adds per setting the mean over seeds with its 95 % t-interval (the headline)
+and percentile bootstrap interval (fastgeffect/report/intervals.py says why), and sweep.json becomes
+``{"runs": [...], "over_seeds": [...]}``; ``python -m fastgeffect.report compare --ci`` gives paired
+differences between settings too.
 """
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ from .driver.cli import parse_args as parse_run_args
 from .driver.config import with_defaults
 from .driver.presets import resolve_preset
 from .objectives import HPARAMS, OBJECTIVES, get_objective
+from .report import intervals
 from .run import main as run_main
 
 GRID_FLAGS = ("alpha", "beta", "lam", "lr", "delta", "steering_coeff")
@@ -100,10 +110,48 @@ def run_name(setting: Dict[str, object]) -> str:
     return "-".join([str(setting["method"])] + [f"{k}{v:g}" for k, v in setting.items() if k != "method"])
 
 
-def run_argv(setting: Dict[str, object], out: Path, args, extra: Sequence[str]) -> List[str]:
-    """The flags of one run (without --resume)."""
-    argv = ["--method", str(setting["method"]), "--split", args.split, "--out", str(out / run_name(setting)),
-            "--shared-dir", str(out / "shared"), "--seed", str(args.seed)]
+def parse_seeds(text: str) -> List[int]:
+    """``--seeds``: comma-separated integers, each once."""
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise SystemExit(f"--seeds: empty list {text!r}; give at least one seed, or use --seed")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise SystemExit(f"--seeds: {', '.join(map(str, twice))} given twice; give each seed once")
+    return seeds
+
+
+def runs_of(args, combos: Sequence[Dict[str, object]]) -> List[Tuple[str, Dict[str, object], int]]:
+    """(run name, setting, seed) of every run: one per setting, or with --seeds one per setting and seed."""
+    if args.seeds is None:
+        return [(run_name(s), s, args.seed) for s in combos]
+    seeds = parse_seeds(args.seeds)
+    return [(f"{run_name(s)}-seed{seed}", s, seed) for s in combos for seed in seeds]
+
+
+def target_flags(args, extra: Sequence[str]) -> List[str]:
+    """``--target-seed`` for every run: with --seeds (0 by default: the seeds vary the unlearning, not the
+    target) or when given; never for a --model target, which is one target whatever the seed."""
+    if args.target_seed is None and args.seeds is None:
+        return []
+    if build_run_parser().parse_known_args(list(extra))[0].model is not None:
+        if args.target_seed is not None:
+            raise SystemExit("--target-seed needs the embedded target (--model after -- is a target of its own)")
+        return []
+    return ["--target-seed", str(0 if args.target_seed is None else args.target_seed)]
+
+
+def run_argv(setting: Dict[str, object], out: Path, args, extra: Sequence[str], name: Optional[str] = None,
+             seed: Optional[int] = None) -> List[str]:
+    """The flags of one run (without --resume): run ``name`` (default: the setting's) with ``seed``
+    (default: --seed)."""
+    name = run_name(setting) if name is None else name
+    argv = ["--method", str(setting["method"]), "--split", args.split, "--out", str(out / name),
+            "--shared-dir", str(out / "shared"), "--seed", str(args.seed if seed is None else seed)]
+    argv += target_flags(args, extra)
     if args.regularizer:
         argv += ["--regularizer", args.regularizer]
     for k, v in setting.items():
@@ -114,7 +162,7 @@ def run_argv(setting: Dict[str, object], out: Path, args, extra: Sequence[str]) 
 
 def check_extra(extra: Sequence[str], swept: Sequence[str]) -> None:
     """Flags after -- must not set what the sweep sets itself (argparse's last value would win)."""
-    owned = ["method", "out", "shared_dir", "seed", "split", "regularizer", "resume", *swept]
+    owned = ["method", "out", "shared_dir", "seed", "target_seed", "split", "regularizer", "resume", *swept]
     parser = build_run_parser()
     parser.set_defaults(**{d: UNSET for d in owned})
     try:
@@ -169,14 +217,14 @@ def started_with(folder: Path, recorded: Dict[str, List[str]]) -> Optional[List[
         return None
 
 
-def plan(combos: Sequence[Dict[str, object]], out: Path, args, extra: Sequence[str]) -> List[tuple]:
-    """(name, argv, action) per run, action "run", "resume" or "reuse"; refuses, before any run, a grid
-    that some run would refuse and run folders holding a run with other settings."""
+def plan(runs: Sequence[Tuple[str, Dict[str, object], int]], out: Path, args, extra: Sequence[str]) -> List[tuple]:
+    """(name, argv, action) per run of :func:`runs_of`, action "run", "resume" or "reuse"; refuses, before
+    any run, a grid that some run would refuse and run folders holding a run with other settings."""
     recorded = read_recorded(out)
     overwrite = "--overwrite" in extra
     steps = []
-    for setting in combos:
-        name, argv = run_name(setting), run_argv(setting, out, args, extra)
+    for name, setting, seed in runs:
+        argv = run_argv(setting, out, args, extra, name, seed)
         check_run(name, argv)
         folder = out / name
         action = "run"
@@ -233,18 +281,65 @@ def read_metrics(folder: Path) -> Dict[str, float]:
     return row
 
 
-def table(rows: Sequence[Dict[str, object]]) -> str:
-    head = ["setting"] + [c for _, c in COLUMNS] + ["UWC α", "MU", "FQ"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+TABLE_KEYS = tuple("uwc " + k for k, _ in COLUMNS) + ("uwc alpha", "Model Utility", "Forget Quality")
+HEAD = ["setting"] + [c for _, c in COLUMNS] + ["UWC α", "MU", "FQ"]
 
-    def f(v):
-        return "–" if v is None else f"{v:.3f}"
+
+def _f(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def table(rows: Sequence[Dict[str, object]]) -> str:
+    lines = ["| " + " | ".join(HEAD) + " |", "|" + " --- |" * len(HEAD)]
     for r in rows:
-        m = r["metrics"]
-        cells = [r["name"]] + [f(m.get("uwc " + k)) for k, _ in COLUMNS]
-        cells += [f(m.get("uwc alpha")), f(m.get("Model Utility")), f(m.get("Forget Quality"))]
+        lines.append("| " + " | ".join([r["name"]] + [_f(r["metrics"].get(k)) for k in TABLE_KEYS]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def over_seeds(rows: Sequence[Dict[str, object]]) -> List[dict]:
+    """Per setting (in run order), per column of the table: the mean over the seeds that have it, with
+    its t-interval and bootstrap interval (:func:`fastgeffect.report.intervals.interval`)."""
+    by_setting: Dict[str, List[dict]] = {}
+    for r in rows:
+        by_setting.setdefault(run_name(r["setting"]), []).append(r)
+    out = []
+    for name, runs in by_setting.items():
+        metrics = {}
+        for k in TABLE_KEYS:
+            values = [r["metrics"][k] for r in runs if isinstance(r["metrics"].get(k), (int, float))
+                      and math.isfinite(r["metrics"][k])]
+            if values:
+                metrics[k] = intervals.interval(values).to_dict()
+        out.append({"setting": name, "seeds": [r["seed"] for r in runs], "metrics": metrics})
+    return out
+
+
+def seeds_table(summary: Sequence[dict], kind: str) -> str:
+    """sweep.md's table over seeds: ``mean [low, high]`` with the ``kind`` ("t", "boot") interval."""
+    lines = ["| " + " | ".join(HEAD[:1] + ["seeds"] + HEAD[1:]) + " |", "|" + " --- |" * (len(HEAD) + 1)]
+    for s in summary:
+        cells = [s["setting"], ",".join(map(str, s["seeds"]))]
+        for k in TABLE_KEYS:
+            it = s["metrics"].get(k)
+            low = None if it is None else it[f"{kind}_low"]
+            cells.append("–" if it is None else _f(it["mean"]) + ("" if low is None else
+                                                                  f" [{_f(low)}, {_f(it[f'{kind}_high'])}]"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_tables(out: Path, rows: Sequence[dict], split: str, seeds: bool) -> None:
+    """sweep.json and sweep.md; with --seeds also the tables over seeds."""
+    text = f"# Sweep ({split}), UWC-calibrated\n\n" + table(rows)
+    summary = over_seeds(rows) if seeds else None
+    write_json_main(out / "sweep.json", {"runs": rows, "over_seeds": summary} if seeds else rows)
+    if seeds:
+        text += (f"\n## Over seeds: mean [{intervals.LEVEL:.0%} t-interval] (headline)\n\n" + seeds_table(summary, "t")
+                 + f"\n## Over seeds: mean [{intervals.LEVEL:.0%} percentile bootstrap interval, "
+                 f"{intervals.RESAMPLES} resamples]\n\nWith 2–3 seeds the bootstrap interval cannot reach beyond the "
+                 "observed values (it covers the mean at most 50 % of the time at 2 seeds, 75 % at 3): the t-interval "
+                 "above is the headline.\n\n" + seeds_table(summary, "boot"))
+    write_text_atomic(out / "sweep.md", text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,7 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     for f in GRID_FLAGS:
         ap.add_argument(f"--{f.replace('_', '-')}", default=None, help=f"comma-separated values of {f}")
     ap.add_argument("--split", default="forget10", choices=sorted(RETAIN_OF), help="TOFU forget split")
-    ap.add_argument("--seed", type=int, default=0, help="seed of every run")
+    seeds = ap.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="seed of every run")
+    seeds.add_argument("--seeds", default=None, help="comma-separated seeds: every setting runs once per seed "
+                                                    "(run names end in -seed<s>), one target for all")
+    ap.add_argument("--target-seed", type=int, default=None,
+                    help="seed of the embedded target every run unlearns (default: 0 with --seeds; with --seed "
+                         "the run's own: its --seed)")
     ap.add_argument("--out", type=Path, default=None, help="sweep folder (default: runs/sweep-<methods>-<split>)")
     return ap
 
@@ -272,13 +373,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    combos = settings(args)
+    runs = runs_of(args, settings(args))
     check_extra(extra, [f for f in GRID_FLAGS if getattr(args, f) is not None])
     out = args.out or Path(f"runs/sweep-{(args.methods or args.method).replace(',', '_')}-{args.split}")
-    steps = plan(combos, out, args, extra)  # everything checked before the first run
+    steps = plan(runs, out, args, extra)  # everything checked before the first run
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, ((name, run_flags, action), s) in enumerate(zip(steps, combos), 1):
+    for i, ((name, run_flags, action), (_, s, seed)) in enumerate(zip(steps, runs), 1):
         print(f"[{i}/{len(steps)}] {name}" + (" (finished earlier: reused)" if action == "reuse" else ""),
               flush=True)
         folder, code = run_one(name, run_flags, action, out)
@@ -286,10 +387,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"run {name} exited with status {code}: the sweep stops here; the same command continues it "
                   "(finished runs are reused, this one resumes)", file=sys.stderr, flush=True)
             return code
-        rows.append({"name": name, "setting": s, "folder": str(folder), "metrics": read_metrics(folder)})
-        # written after every run, so an interrupted sweep keeps what it has
-        write_json_main(out / "sweep.json", rows)
-        write_text_atomic(out / "sweep.md", f"# Sweep ({args.split}), UWC-calibrated\n\n" + table(rows))
+        rows.append({"name": name, "setting": s, "seed": seed, "folder": str(folder), "metrics": read_metrics(folder)})
+        write_tables(out, rows, args.split, args.seeds is not None)  # after every run: an interrupted sweep keeps them
     print((out / "sweep.md").read_text())
     return 0
 

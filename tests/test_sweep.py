@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from fastgeffect.report.tables import fmt
 from fastgeffect.sweep import main
 
 
@@ -92,6 +93,11 @@ def test_whole_grid_is_checked_before_the_first_run(tmp_path, capsys):
                                   (["--methods", "ga,ga"], [], "--methods: ga given twice"),
                                   (["--methods", ""], [], "--methods: empty list"),
                                   (["--alpha", "1"], ["--seed", "3"], "--seed is set by the sweep"),
+                                  (["--seeds", "0,1,0"], [], "--seeds: 0 given twice"),
+                                  (["--seeds", "0,x"], [], "--seeds: expected comma-separated integers"),
+                                  (["--seeds", ","], [], "--seeds: empty list"),
+                                  (["--alpha", "1"], ["--target-seed", "3"], "--target-seed is set by the sweep"),
+                                  (["--target-seed", "1"], ["--model", "m"], "--target-seed needs the embedded target"),
                                   (["--alpha", "1"], ["--out", "x"], "--out is set by the sweep"),
                                   (["--alpha", "1"], ["--alpha=2"], "--alpha is set by the sweep")):
         with pytest.raises(SystemExit, match=message):
@@ -135,3 +141,55 @@ def test_a_default_given_explicitly_is_the_same_setting(tmp_path, monkeypatch):
     assert calls[1][-1] == "--resume"  # the same run, continued
     with pytest.raises(SystemExit, match=r"other settings \(--lr 0.001 → 0.002\)"):
         tiny(out, "--method", "wga", "--alpha", "1", extra=["--lr", "0.002"])
+
+
+def test_seeds_give_one_run_per_seed_on_one_target_and_compare_ci_intervals(tmp_path, capsys):
+    # issue 29: seeds vary the unlearning, not the target; compare --ci's intervals and paired differences
+    # are recomputed here from each run's metrics_after.json
+    from fastgeffect.report import main as report_main
+    from fastgeffect.report.intervals import interval
+    out = tmp_path / "seeds"
+    # batches of 2 of the 5 forget rows: the seed's order changes every step (one batch of 16 would hide it)
+    assert main(["--methods", "ga,tnpo", "--seeds", "0,1", "--out", str(out), "--", "--size", "tiny", "--epochs", "2",
+                 "--batch-size", "2", "--no-uwc", "--no-progress"]) == 0
+    names = ["ga-seed0", "ga-seed1", "tnpo-seed0", "tnpo-seed1"]
+    configs = {n: json.loads((out / n / "config.json").read_text()) for n in names}
+    assert [configs[n]["seed"] for n in names] == [0, 1, 0, 1]
+    assert {configs[n]["target_seed"] for n in names} == {0}
+    assert len({configs[n]["setup"]["target"] for n in names}) == 1  # one target for every seed
+    assert (out / "ga-seed0" / "geffect.jsonl").read_text() != (out / "ga-seed1" / "geffect.jsonl").read_text()
+    metrics = {n: json.loads((out / n / "metrics_after.json").read_text()) for n in names}
+    assert metrics["ga-seed0"] != metrics["ga-seed1"]  # the seed changes the unlearning: intervals have a width
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [r["name"] for r in sweep["runs"]] == names
+    over = {s["setting"]: s for s in sweep["over_seeds"]}
+    mu = interval([metrics["ga-seed0"]["Model Utility"], metrics["ga-seed1"]["Model Utility"]]).to_dict()
+    assert over["ga"]["seeds"] == [0, 1] and over["ga"]["metrics"]["Model Utility"] == mu
+    assert "## Over seeds: mean [95% t-interval] (headline)" in (out / "sweep.md").read_text()
+
+    capsys.readouterr()
+    assert report_main(["compare", "--ci", *(str(out / n) for n in names), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((tmp_path / "cmp" / "compare_ci.json").read_text())
+    assert [g["name"] for g in record["groups"]] == ["ga", "tnpo"] and record["resamples"] == 10_000
+    rows = {(r["setting"], r["metric"]): r for r in record["intervals"]}
+    diffs = {r["metric"]: r for r in record["differences"]}
+    for metric in ("Model Utility", "Forget Quality", "PS-exact forget"):
+        for method in ("ga", "tnpo"):
+            want = interval([metrics[f"{method}-seed{s}"][metric] for s in (0, 1)])
+            got = rows[(method, metric)]
+            assert {k: got[k] for k in want.to_dict()} == pytest.approx(want.to_dict(), abs=1e-12)
+            assert f"| {metric} | {method} | 0,1 | {fmt(want.mean)} | [{fmt(want.t_low)}, {fmt(want.t_high)}] | " \
+                   f"[{fmt(want.boot_low)}, {fmt(want.boot_high)}] |" in printed
+        per_seed = [metrics[f"tnpo-seed{s}"][metric] - metrics[f"ga-seed{s}"][metric] for s in (0, 1)]
+        want = interval(per_seed)
+        assert diffs[metric]["per_seed"] == pytest.approx({"0": per_seed[0], "1": per_seed[1]}, abs=1e-12)
+        assert diffs[metric]["mean"] == pytest.approx(want.mean, abs=1e-12)
+        assert (diffs[metric]["t_low"], diffs[metric]["boot_high"]) == pytest.approx((want.t_low, want.boot_high),
+                                                                                    abs=1e-12)
+        assert f"| {metric} | tnpo − ga | 0,1 | {fmt(want.mean)} | [{fmt(want.t_low)}, {fmt(want.t_high)}] |" in printed
+    assert "Headline: the t-interval" in printed
+    # a pair that lacks a seed of the other is refused, naming it, before anything is written
+    assert report_main(["compare", "--ci", *(str(out / n) for n in names[:3]), "--out", str(tmp_path / "c2")]) == 2
+    assert "tnpo − ga need the same seeds: tnpo lacks seed(s) 1" in capsys.readouterr().err
+    assert not (tmp_path / "c2").exists()

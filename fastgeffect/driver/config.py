@@ -177,6 +177,9 @@ class RunConfig:
     warmup_epochs: float = train("warmup_epochs")
     max_grad_norm: float = train("max_grad_norm")
     seed: int = train("seed", help="seed of the data order, retain pairing and embedded target")
+    target_seed: Optional[int] = setting(
+        None, "seed of the embedded target (its generated data and its training; default: --seed): fixed, several "
+              "--seed unlearn one target (python -m fastgeffect.sweep --seeds)", group=TRAINING)
     device: Optional[str] = setting(None, "cpu / cuda / cuda:N (default: cuda when available)", group=TRAINING)
     fsdp2: bool = setting(False, "under torchrun: shard with torch's FSDP2 (fully_shard per decoder block) instead "
                                  "of DDP (under accelerate launch, use configs/accelerate/fsdp.yaml instead)",

@@ -124,6 +124,8 @@ def combination_error(cfg) -> Optional[str]:
         return "--template needs --model (the embedded target has its own format)"
     if cfg.retain_model is not None and cfg.model is None:
         return "--retain-model needs --model (the embedded target trains and evaluates its own retain twin)"
+    if cfg.target_seed is not None and cfg.model is not None:
+        return "--target-seed needs the embedded target (--model is a target of its own)"
     if cfg.retain_model is not None and cfg.retain_log is not None:
         return "--retain-model and --retain-log both give Forget Quality's retain log: pass one of them"
     if cfg.lora is not None and cfg.fsdp2:

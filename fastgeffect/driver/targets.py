@@ -38,7 +38,8 @@ class Target:
 def embedded_target(cfg: RunConfig, device: torch.device) -> Target:
     """The tiny offline target (built and cached on first use), on generated or real TOFU text
     (``--data-dir`` and ``--authors`` were checked by :func:`.inputs.check_inputs`)."""
-    emb = build_embedded(cfg.cache_dir, size=cfg.size, seed=cfg.seed, forget_split=cfg.split,
+    seed = cfg.seed if cfg.target_seed is None else cfg.target_seed
+    emb = build_embedded(cfg.cache_dir, size=cfg.size, seed=seed, forget_split=cfg.split,
                          tofu_dir=cfg.data_dir, n_authors=cfg.authors)
     model = emb.load_target().to(device)
     return Target(model, emb.tokenizer, emb.template, str(emb.data_dir), cfg.max_length or emb.max_length,
@@ -49,7 +50,8 @@ def embedded_target(cfg: RunConfig, device: torch.device) -> Target:
 
 def muse_embedded_target(cfg, device: torch.device) -> Target:
     """The offline MUSE-style target (built and cached on first use) and its retrained twin."""
-    news = build_embedded_news(cfg.cache_dir, size=cfg.size, seed=cfg.seed)
+    seed = cfg.seed if cfg.target_seed is None else cfg.target_seed
+    news = build_embedded_news(cfg.cache_dir, size=cfg.size, seed=seed)
     model = news.load_target().to(device)
     # raw text has no prompt: the template is the embedded default's, unused (MUSE's probes write their own)
     return Target(model, news.tokenizer, get_template("phi"), str(news.data_dir),

@@ -7,7 +7,11 @@ One concern per module:
     plots.py          every figure (matplotlib is imported only when one is drawn)
     token_heatmap.py  the token-weight heat-map page
     run_summary.py    ``show``: write_report, a run folder's plots and summary
-    comparison.py     ``compare``: several runs' table and overlaid curves
+    comparison.py     ``compare``: several runs' table and overlaid curves (``--ci``: intervals over seeds)
+    seed_groups.py    ``compare --ci``: runs grouped by setting, one per seed, checked to differ in nothing else
+    intervals.py      mean over seeds, t-interval (headline) and percentile bootstrap, paired differences
+    ci_tables.py      ``compare --ci``: the interval and paired-difference tables and their JSON record
+    ks_resolution.py  the p-values Forget Quality's KS test can take at n, m; the summary's note
     cli.py            the command line (``__main__.py`` runs it)
 
 ``import fastgeffect.report`` does not import matplotlib. The names below are the package's API

@@ -2,6 +2,7 @@
 
     python -m fastgeffect.report show DIR            # (re)draw plots and summary.md of one run
     python -m fastgeffect.report compare DIR1 DIR2   # one table and overlaid curves
+    python -m fastgeffect.report compare --ci runs/sweep/*-seed*   # intervals over seeds, paired differences
 
 A run folder holds ``geffect.jsonl`` (one line per step and risk), ``train_log.jsonl``,
 ``pg_effects.jsonl`` (optional), ``token_weights.jsonl`` (optional), ``metrics_before.json`` /
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--allow-different", action="store_true",
                       help="compare runs made with another model, data, split or evaluation (refused by default), "
                            "naming the differences in the summary")
+    cmp_.add_argument("--ci", action="store_true",
+                      help="group the runs by setting, one run per seed, and add per metric the mean over seeds with "
+                           "its 95%% t-interval (the headline) and percentile bootstrap interval, and between "
+                           f"settings the paired differences over the same seeds ({files.COMPARE_CI} too)")
     return ap
 
 
@@ -45,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "show":
             path = write_report(args.run_dir)
         else:
-            path = compare(args.run_dirs, args.out, args.allow_different)
+            path = compare(args.run_dirs, args.out, args.allow_different, args.ci)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from .. import run_files as files
+from ..eval.aggregate import FILES
 from . import plots
-from .logs import RunLogs, check_run_folder, read_run
+from .ks_resolution import resolution_note
+from .logs import RunLogs, check_run_folder, read_json, read_run
 from .tables import run_name, summary_markdown
 from .token_heatmap import token_weights_html
 
@@ -42,6 +44,28 @@ def draw_plots(run_dir: Path, run: RunLogs, name: str) -> List[str]:
     return made
 
 
+FORGET_LOG = next(name for name, part in FILES.items() if part == "Forget")  # TOFU's per-sample forget log
+
+
+def forget_rows(run_dir: Path) -> Optional[int]:
+    """How many forget rows Forget Quality's KS test compared: the rows of the run's forget log (after
+    unlearning, else calibrated, else before); None where no evaluation wrote one."""
+    for folder in (files.EVAL_AFTER, files.EVAL_UWC, files.EVAL_BEFORE):
+        log = read_json(run_dir / folder / FORGET_LOG)
+        if log and isinstance(log.get("avg_paraphrased_loss"), dict):
+            return len(log["avg_paraphrased_loss"])
+    return None
+
+
+def ks_note(run_dir: Path, run: RunLogs) -> Optional[str]:
+    """:func:`.ks_resolution.resolution_note` where the run reports Forget Quality: the retain twin's
+    log has as many rows as the model's (eval.aggregate refuses others), so m = n."""
+    if not any(m and m.get("Forget Quality") is not None for m in run.metrics.values()):
+        return None
+    n = forget_rows(run_dir)
+    return None if n is None else resolution_note(n, n)
+
+
 def write_report(run_dir: Path) -> Path:
     """Plots and ``summary.md`` of one run folder; returns the summary's path. Every log is read
     and checked before anything is written."""
@@ -50,5 +74,6 @@ def write_report(run_dir: Path) -> Path:
     name = run_name(run.config, run_dir.name)
     made = draw_plots(run_dir, run, name)
     out = run_dir / files.SUMMARY
-    out.write_text(summary_markdown(name, run.config, run.metrics, run.geffects, made, run.attacks), encoding="utf-8")
+    out.write_text(summary_markdown(name, run.config, run.metrics, run.geffects, made, run.attacks,
+                                    ks_note(run_dir, run)), encoding="utf-8")
     return out

@@ -156,10 +156,13 @@ def _attacks_section(attacks: Optional[Mapping]) -> List[str]:
     return parts
 
 
-def _notes_section(config: Mapping) -> List[str]:
+def _notes_section(config: Mapping, ks_note: Optional[str] = None) -> List[str]:
     """What a reader needs to read the numbers: where Forget Quality's retain log and PrivLeak's
-    reference came from (or why there are none) and, with --lora, that the G-effects are over the adapters."""
-    notes = [config[k] for k in ("forget_quality", "privleak", "geffect_over") if config.get(k)]
+    reference came from (or why there are none), whether Forget Quality can resolve at the run's rows
+    (``ks_note``: :func:`.ks_resolution.resolution_note`) and, with --lora, that the G-effects are over
+    the adapters."""
+    notes = [config[k] for k in ("forget_quality",) if config.get(k)] + ([ks_note] if ks_note else [])
+    notes += [config[k] for k in ("privleak", "geffect_over") if config.get(k)]
     stop = config.get("unlearning_stopped")
     if stop:  # --stop-at-retain-damage ended unlearning early: the numbers after are of a shorter run
         notes.insert(0, f"Unlearning stopped after step {stop['step']} ({stop['steps_taken']} steps taken): the "
@@ -184,12 +187,12 @@ def _geffect_sections(records: Sequence[dict]) -> List[str]:
 
 
 def summary_markdown(name: str, config: Mapping, metrics: Mapping[str, Optional[dict]], records: Sequence[dict],
-                     made: Sequence[str], attacks: Optional[Mapping] = None) -> str:
-    """The text of a run's summary: settings, metrics ("before", "after", "uwc"), notes, the tables
-    of G-effect ``records``, the ``attacks`` (attacks.json) and links to the files ``made`` (paths
-    relative to the run folder)."""
+                     made: Sequence[str], attacks: Optional[Mapping] = None, ks_note: Optional[str] = None) -> str:
+    """The text of a run's summary: settings, metrics ("before", "after", "uwc"), notes (``ks_note``:
+    where Forget Quality cannot resolve), the tables of G-effect ``records``, the ``attacks``
+    (attacks.json) and links to the files ``made`` (paths relative to the run folder)."""
     on = {"muse": "MUSE", "wmdp": "WMDP"}.get(config.get("benchmark"), "TOFU")
     parts = [f"# {name} run on {on}\n", _settings_line(config), *_metrics_section(metrics), *_attacks_section(attacks),
-             *_notes_section(config),
+             *_notes_section(config, ks_note),
              *_geffect_sections(records), "## Files\n", *(f"- [{m}]({m})" for m in made)]
     return "\n".join(parts) + "\n"
