@@ -22,7 +22,7 @@ from typing import Optional
 from ..data.tofu import RETAIN_OF
 from ..dataclass_cli import first_error, like, setting
 from ..objectives import HPARAMS, OBJECTIVES, REGULARIZER_NAMES, REGULARIZERS
-from ..training.config import UnlearnConfig, damage_stop_error
+from ..training.config import UnlearnConfig, damage_stop_error, guard_error
 from .presets import EMBEDDED, MODEL_DEFAULT, PRESETS, Preset, by_preset
 
 # written out where importing their home would make --help slow (tests/test_run_config.py and
@@ -180,6 +180,9 @@ class RunConfig:
     second_order: bool = train("second_order", group=GEFFECTS)
     stop_at_retain_damage: Optional[float] = train("stop_at_retain_damage", group=GEFFECTS)
     stop_damage_from: str = train("stop_damage_from", group=GEFFECTS)
+    geffect_guard: str = train("geffect_guard", group=GEFFECTS)
+    guard_scope: str = train("guard_scope", group=GEFFECTS)
+    gru_gamma: float = train("gru_gamma", group=GEFFECTS)
     pg_steps: str = setting("0,-1", "comma-separated steps with per-sample PG-effects (-1: the last step; empty: "
                                     "none)", group=GEFFECTS)
 
@@ -303,7 +306,8 @@ def combination_error(cfg: RunConfig) -> Optional[str]:
     if cfg.batch_size % cfg.grad_accum:
         return (f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}: every "
                 "micro-batch takes batch-size / grad-accum samples")
-    stop_error = damage_stop_error(cfg.stop_at_retain_damage, cfg.geffect_every, cfg.update_effects == "on")
+    stop_error = damage_stop_error(cfg.stop_at_retain_damage, cfg.geffect_every, cfg.update_effects == "on") or \
+        guard_error(cfg.geffect_guard, cfg.regularizer or OBJECTIVES[cfg.method].default_regularizer)
     if stop_error:
         return stop_error
     try:
