@@ -255,6 +255,20 @@ def test_only_trainable_parameters(tmp_path):
         assert torch.equal(p, before[n]) == (n in frozen), n
 
 
+def test_summary_notes_the_guard(tmp_path):
+    from fastgeffect.geffect import read_geffect_log
+    from fastgeffect.report.tables import guard_note
+
+    tiny_unlearner(tmp_path, epochs=2, geffect_every=1, guard_scope="group").run()
+    rows = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    fired = sum(r["guard_projected"] > 0 for r in rows)
+    mean = sum(r["guard_projected"] for r in rows) / len(rows)
+    assert fired > 0 and guard_note(read_geffect_log(tmp_path / "geffect.jsonl")) == (
+        f"--geffect-guard projected the forget gradient away from the retain gradient at {fired} of {len(rows)} "
+        f"measured steps ({mean:.2f} layer groups per step on average).\n")
+    assert guard_note([{"step": 0, "risk": "unlearn", "total": 1.0}]) is None
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 def test_refusals(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--geffect-guard gru needs a retain set"):

@@ -28,7 +28,8 @@ CONFIG_KEYS = [
     "retain_log", "cache_dir", "shared_dir", "retain_model", "template", "lora", "epochs", "batch_size", "grad_accum",
     "lr", "weight_decay", "decay_all_params", "warmup_epochs", "max_grad_norm", "seed", "device", "fsdp2", "bf16",
     "gradient_checkpointing", "geffect_every", "geffect_batch", "geffect_groups", "risk_rows", "update_effects",
-    "second_order", "stop_at_retain_damage", "stop_damage_from", "pg_steps", "eval", "eval_metrics", "attacks",
+    "second_order", "stop_at_retain_damage", "stop_damage_from", "geffect_guard", "guard_scope", "gru_gamma",
+    "pg_steps", "eval", "eval_metrics", "attacks",
     "relearn_steps", "relearn_lr", "eval_size", "eval_batch_size", "no_uwc", "ps_protocol", "eval_max_length",
     "gen_mode", "truth_ratio_agg", "out",
     "resume", "overwrite", "save_model", "checkpoint_epochs", "save_every", "stop_at_step", "no_progress", "report_to"]

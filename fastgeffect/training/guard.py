@@ -34,6 +34,7 @@ per-group sums are all-reduced once.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -131,19 +132,25 @@ class GradientGuard:
                         p.grad = torch.zeros_like(r)
                     p.grad.add_(r, alpha=-float(c[gid]))
         self.retain_dot = None
-        removed = float((c * c * norms2).sum())
-        return {"guard_projected": int((c != 0).sum()), "guard_dot": float(dots.sum()),
-                "guard_removed_norm": math.sqrt(removed)}
+        dot, removed = float(dots.sum()), math.sqrt(float((c * c * norms2).sum()))
+        # a non-finite gradient stops the step at clipping; its log line holds null, as strict JSON wants
+        return {"guard_projected": int((c != 0).sum()), "guard_dot": dot if math.isfinite(dot) else None,
+                "guard_removed_norm": removed if math.isfinite(removed) else None}
 
     def state(self) -> Optional[List[torch.Tensor]]:
-        """r for the resumable state (CPU copies; None before the first step and under FSDP2, whose
-        shards only their rank holds: a resume there starts r again from 0)."""
+        """r for the resumable state (on the CPU: the tensors themselves there, written at once, not
+        copied; None for PCGrad, whose r is the step's own, before the first step, and under FSDP2,
+        whose shards only their rank holds: a resume there starts r again from 0)."""
         if self.direction is None or self.sharded or self.method == "pcgrad":
             return None
-        return [r.detach().to("cpu", copy=True) for r in self.direction]
+        return [r.detach().to("cpu") for r in self.direction]
 
     def load(self, state: Optional[List[torch.Tensor]]) -> None:
+        """Continue with the r of a saved state (None: r starts from 0, as at the first step)."""
         if state is None:
+            if self.sharded and self.method == "gru":
+                warnings.warn("--geffect-guard gru under FSDP2: the resumable state holds no moving average of the "
+                              "retain gradient (its shards live on their ranks); it starts again from 0", stacklevel=2)
             return
         if len(state) != len(self.params):
             raise RuntimeError(f"the saved guard state has {len(state)} tensors for {len(self.params)} trainable "
