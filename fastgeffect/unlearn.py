@@ -210,7 +210,7 @@ class Unlearner:
         # every reduction divides by the whole global batch's counts
         counts = global_counts(local_counts(micro, plan.weights), self.device)
         if self.guard is not None:  # two passes, regulariser then forget term (training.guarded_step)
-            return guarded_gradient(self.objective, self.model, self.guard, micro, plan.weights, counts,
+            return guarded_gradient(self.objective, self.model, self.guard, self.step, micro, plan.weights, counts,
                                     self.backend.backward, self.world, lambda e: stop_if_nonfinite(e, self.step))
         logs = ObjectiveLogs(len(micro))
         last = len(micro) - 1

@@ -25,7 +25,7 @@ from fastgeffect.objectives import get_objective
 from fastgeffect.training.backend import full_model_state
 from fastgeffect.training.guard import GradientGuard, guard_gradients, projection_coefficients
 from fastgeffect.training.reduce import global_counts, local_counts
-from fastgeffect.unlearn import UnlearnConfig, Unlearner
+from fastgeffect.unlearn import NonFiniteLoss, UnlearnConfig, Unlearner
 
 GAMMA = 0.8  # GRU's gamma_gru
 
@@ -95,7 +95,7 @@ def test_gradient_guard_over_steps_is_the_formula(method, scope):
         g_u, g_r = vectors(100 + step)
         for p, x in zip(params, split(g_r, SIZES)):
             p.grad = x.clone()
-        guard.after_retain(lam)
+        guard.after_retain(lam, step)
         for p, x in zip(params, split(g_u, SIZES)):
             p.grad += x
         log = guard.after_forget(lam)
@@ -267,6 +267,29 @@ def test_summary_notes_the_guard(tmp_path):
         f"--geffect-guard projected the forget gradient away from the retain gradient at {fired} of {len(rows)} "
         f"measured steps ({mean:.2f} layer groups per step on average).\n")
     assert guard_note([{"step": 0, "risk": "unlearn", "total": 1.0}]) is None
+
+
+def test_nonfinite_forget_term_stops_with_a_resumable_state(tmp_path):
+    """A NaN forget term at step 1 stops the run after the retain pass took g_r,1 into r: the saved r
+    says so, and re-doing step 1 from that state (the NaN gone) equals the uninterrupted run."""
+    whole = tiny_unlearner(tmp_path / "whole", epochs=2)
+    whole.run()
+    unl = tiny_unlearner(tmp_path / "nan", epochs=2)
+    real = unl.objective.forget_loss
+
+    def forget_loss(model, batches, num_items=None, **kw):
+        loss, details = real(model, batches, num_items, **kw)
+        return (loss * float("nan") if unl.step == 1 else loss), details
+
+    unl.objective.forget_loss = forget_loss
+    with pytest.raises(NonFiniteLoss, match="non-finite ga forget term loss"):
+        unl.run()
+    state = torch.load(tmp_path / "nan" / "state.pt", weights_only=False)
+    assert state["step"] == 1 and state["guard"]["through"] == 1
+    again = tiny_unlearner(tmp_path / "nan", epochs=2)
+    assert again.resume()
+    again.run()
+    assert_same_params(final_params(whole), final_params(again), rel=1e-12)
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -93,6 +93,9 @@ class GradientGuard:
         self.gamma = 1.0 if method == "pcgrad" else float(gamma)  # PCGrad: the step's own retain gradient
         self.direction: Optional[List[torch.Tensor]] = None  # r, like the gradients (DTensor shards under FSDP2)
         self.retain_dot: Optional[torch.Tensor] = None  # ⟨g_r, r⟩ per group, of the step under way
+        # the step whose retain gradient r last took in: a step that failed after its retain pass (a
+        # non-finite forget term or gradient norm) is saved with it, and re-done from the same θ
+        self.through: Optional[int] = None
 
     def dots(self, a: Sequence[Optional[torch.Tensor]], b: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
         """Σ⟨a_i, b_i⟩ per group over the whole (reduced) gradients: local shards, then one all-reduce."""
@@ -102,15 +105,18 @@ class GradientGuard:
         out = grouped_dots(la, lb, self.group_ids, self.n_groups)
         return dist_.all_reduce_sum(out) if self.sharded else out
 
-    def after_retain(self, lam: float) -> None:
-        """``p.grad`` holds the retain gradient g_r of the step (reduced): r takes it in, ⟨g_r, r⟩ is
-        kept, and ``p.grad`` becomes λ·g_r (the forget pass adds g_u to it)."""
+    def after_retain(self, lam: float, step: int) -> None:
+        """``p.grad`` holds the retain gradient g_r of step ``step`` (reduced): r takes it in (unless it
+        already has: the step is being re-done), ⟨g_r, r⟩ is kept, and ``p.grad`` becomes λ·g_r (the
+        forget pass adds g_u to it)."""
         grads = [p.grad for p in self.params]
         if self.direction is None:  # r_{-1} = 0
             self.direction = [torch.zeros_like(p if g is None else g) for p, g in zip(self.params, grads)]
         with torch.no_grad():
-            for r, g in zip(self.direction, grads):
-                moving_average_(r, g, self.gamma)
+            if self.through != step:
+                for r, g in zip(self.direction, grads):
+                    moving_average_(r, g, self.gamma)
+                self.through = step
             self.retain_dot = self.dots(grads, self.direction)
             for g in grads:
                 if g is not None:
@@ -137,25 +143,28 @@ class GradientGuard:
         return {"guard_projected": int((c != 0).sum()), "guard_dot": dot if math.isfinite(dot) else None,
                 "guard_removed_norm": removed if math.isfinite(removed) else None}
 
-    def state(self) -> Optional[List[torch.Tensor]]:
-        """r for the resumable state (on the CPU: the tensors themselves there, written at once, not
-        copied; None for PCGrad, whose r is the step's own, before the first step, and under FSDP2,
-        whose shards only their rank holds: a resume there starts r again from 0)."""
+    def state(self) -> Optional[dict]:
+        """r and the step it last took in, for the resumable state (on the CPU: the tensors themselves
+        there, written at once, not copied; None for PCGrad, whose r is the step's own, before the
+        first step, and under FSDP2, whose shards only their rank holds: a resume there starts r again
+        from 0)."""
         if self.direction is None or self.sharded or self.method == "pcgrad":
             return None
-        return [r.detach().to("cpu") for r in self.direction]
+        return {"direction": [r.detach().to("cpu") for r in self.direction], "through": self.through}
 
-    def load(self, state: Optional[List[torch.Tensor]]) -> None:
+    def load(self, state: Optional[dict]) -> None:
         """Continue with the r of a saved state (None: r starts from 0, as at the first step)."""
         if state is None:
             if self.sharded and self.method == "gru":
                 warnings.warn("--geffect-guard gru under FSDP2: the resumable state holds no moving average of the "
                               "retain gradient (its shards live on their ranks); it starts again from 0", stacklevel=2)
             return
-        if len(state) != len(self.params):
-            raise RuntimeError(f"the saved guard state has {len(state)} tensors for {len(self.params)} trainable "
+        saved = state["direction"]
+        if len(saved) != len(self.params):
+            raise RuntimeError(f"the saved guard state has {len(saved)} tensors for {len(self.params)} trainable "
                                "parameters: resume with the same model and --lora")
-        self.direction = [s.to(p.device, p.dtype) for s, p in zip(state, self.params)]
+        self.direction = [s.to(p.device, p.dtype) for s, p in zip(saved, self.params)]
+        self.through = state["through"]
 
 
 __all__ = ["GUARDS", "SCOPES", "projection_coefficients", "moving_average_", "guard_gradients", "GradientGuard"]

@@ -52,15 +52,15 @@ def _pass(name: str, term, micro: Sequence[dict], weights: Sequence[float], back
     return out
 
 
-def guarded_gradient(objective: Objective, model: torch.nn.Module, guard: GradientGuard, micro: Sequence[dict],
-                     weights: Sequence[float], counts: dict, backward, world: int,
+def guarded_gradient(objective: Objective, model: torch.nn.Module, guard: GradientGuard, step: int,
+                     micro: Sequence[dict], weights: Sequence[float], counts: dict, backward, world: int,
                      stop_if_nonfinite: StopIfNonfinite) -> dict:
-    """Leaves the guarded gradient ``guard(g_u) + λ·g_r`` of the step in ``p.grad`` (zeroed before);
-    returns the step's logs: the objective's, as the plain step logs them, and the guard's."""
+    """Leaves the guarded gradient ``guard(g_u) + λ·g_r`` of step ``step`` in ``p.grad`` (zeroed
+    before); returns the step's logs: the objective's, as the plain step logs them, and the guard's."""
     lam = objective.lam  # this step's λ (PDU moves it after the step)
     regs = _pass(f"{objective.regularizer} regulariser", lambda m: regulariser_loss(objective, model, m, counts),
                  micro, weights, backward, world, stop_if_nonfinite)
-    guard.after_retain(lam)
+    guard.after_retain(lam, step)
     forgets = _pass(f"{objective.name} forget term", lambda m: forget_term_loss(objective, model, m, counts),
                     micro, weights, backward, world, stop_if_nonfinite)
     logs = ObjectiveLogs(len(micro))
