@@ -12,7 +12,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers.toy_qa import toy_qa_records, toy_tokenizer_for
+from helpers.toy_qa import tiny_llama, toy_qa_records, toy_tokenizer_for
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from fastgeffect.data.pairs import ForgetRetainDataset
@@ -153,11 +153,20 @@ def by_hand(unl, micro, weights):
     return torch.autograd.grad(forget, params), torch.autograd.grad(reg, params)
 
 
-@pytest.mark.parametrize("method,scope", [("gru", "model"), ("gru", "group"), ("pcgrad", "model")])
-def test_guarded_step_hands_the_optimiser_the_formula(tmp_path, method, scope):
+@pytest.mark.parametrize("method,scope,lora", [("gru", "model", False), ("gru", "group", False),
+                                               ("pcgrad", "model", False), ("gru", "group", True)])
+def test_guarded_step_hands_the_optimiser_the_formula(tmp_path, method, scope, lora):
     """At every step, the gradient clipped and stepped on is project(g_u, r_t) + λ·g_r, each of g_u,
-    g_r recomputed by autograd at the step's parameters (r_t over the steps as GRU defines it)."""
-    unl = tiny_unlearner(tmp_path, geffect_guard=method, guard_scope=scope, epochs=2)
+    g_r recomputed by autograd at the step's parameters (r_t over the steps as GRU defines it); with
+    LoRA over the adapters alone, the base weights untouched."""
+    model = None
+    if lora:
+        pytest.importorskip("peft", reason="LoRA needs peft (the peft extra)")
+        from fastgeffect.driver.lora import add_lora
+        tok = tiny_data()[0]
+        model = add_lora(tiny_llama(len(tok), hidden_size=16, layers=3, heads=2, tokenizer=tok).double(), 2)
+        base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    unl = tiny_unlearner(tmp_path, model=model, geffect_guard=method, guard_scope=scope, epochs=2)
     seen, state = [], {"r": None}
     train_step, clip_and_step = unl.train_step, unl.backend.clip_and_step
 
@@ -195,6 +204,10 @@ def test_guarded_step_hands_the_optimiser_the_formula(tmp_path, method, scope):
     assert any(r["guard_projected"] > 0 for r in rows)
     for r in rows:  # the objective's logs as the plain step writes them
         assert r["loss"] == pytest.approx(r["forget_loss"] + 0.5 * r["reg_loss"], rel=1e-12)
+    if lora:
+        assert {id(p) for p in unl.guard.params} == {id(p) for p in model.parameters() if p.requires_grad}
+        assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+        assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if not p.requires_grad)
 
 
 def final_params(unl):
