@@ -6,7 +6,8 @@ After the backward, while the objective gradient sits in ``p.grad``, :class:`~fa
 measures the unlearning G-effect (NLL on forget rows) and the retaining G-effect (NLL on held-out
 retain rows the optimiser never sees), on one fixed, seeded draw of rows (``risk_rows="fixed"``)
 or on the step's forget samples and a fresh held-out draw (``"step"``). The raw objective gradient is measured,
-before clipping. With ``update_effects`` the same measurement also predicts the AdamW step itself
+before clipping (with ``geffect_guard``, the guarded gradient the optimiser steps on:
+:mod:`fastgeffect.training.guard`). With ``update_effects`` the same measurement also predicts the AdamW step itself
 (clipped, as it will be taken: :mod:`fastgeffect.geffect.update`), and after the step each risk is
 evaluated once more on the same batch (one forward, no backward), so the log holds the realised
 change of each risk next to both predictions, ``-lr·e`` and ``-lr·u``; ``stop_at_retain_damage``
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist_
 from .data.unlearning import UnlearningData
 from .geffect import GEffect
+from .geffect.groups import build_grouping
 from .geffect.risk import (
     RiskFn,
     fixed_forget_items,
@@ -53,9 +55,11 @@ from .objectives import Objective
 from .objectives.base import count_items, sequence_weights
 from .training.backend import STATE_FILE, make_backend
 from .training.batches import step_batches
-from .training.config import UnlearnConfig, config_dict  # noqa: F401  (re-exported)
+from .training.config import UnlearnConfig, config_dict, guard_error  # noqa: F401  (re-exported)
 from .training.damage_stop import DamageSum
 from .training.decay import decay_param_groups
+from .training.guard import GradientGuard
+from .training.guarded_step import guarded_gradient
 from .training.objective_logs import ObjectiveLogs
 from .training.plan import StepPlan, plan_step, steps_per_epoch, warmup_linear
 from .training.reduce import global_counts, local_counts
@@ -111,6 +115,7 @@ class Unlearner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, warmup_linear(self.total_steps, warmup))
         self.geffect = GEffect(self.model, groups=cfg.geffect_groups) if cfg.geffect_every > 0 else None
         self.optimizer = adamw
+        self.guard = self.make_guard()
         self.update_effects = self.geffect is not None and cfg.update_effects
         if self.update_effects and dist_.reduction_mode(self.model) == "zero3":
             warnings.warn("update effects are not measured under DeepSpeed ZeRO-3 (its Adam state lives in "
@@ -129,6 +134,24 @@ class Unlearner:
         self.stopped: Optional[dict] = None  # why and where unlearning stopped early, once it did
         self.step = 0
         self.start_epoch, self.start_batch = 0, 0
+
+    def make_guard(self) -> Optional[GradientGuard]:
+        """The ``--geffect-guard`` of the run (None: off); refused without a regulariser (the retain
+        gradient it guards against) and under ZeRO-3 (whose gradients are not in ``p.grad``)."""
+        cfg = self.cfg
+        if cfg.geffect_guard == "none":
+            return None
+        error = guard_error(cfg.geffect_guard, self.objective.regularizer)
+        if error:
+            raise ValueError(error)
+        mode = dist_.reduction_mode(self.model)
+        if mode == "zero3":
+            raise ValueError("--geffect-guard is not supported under DeepSpeed ZeRO-3: its gradients live in "
+                             "DeepSpeed's partitions, not in p.grad; guard under DDP or FSDP2")
+        g = self.geffect.grouping if self.geffect is not None else build_grouping(unwrap(self.model),
+                                                                                 cfg.geffect_groups)
+        return GradientGuard(g.params, g.group_ids, len(g.names), cfg.geffect_guard, cfg.guard_scope, cfg.gru_gamma,
+                             sharded=mode == "sharded")
 
     def stop_damage(self) -> Optional[DamageSum]:
         """The damage sum of ``stop_at_retain_damage`` (None: off); refused where the retain risk's update
@@ -158,13 +181,16 @@ class Unlearner:
         if self.damage is not None:
             self.damage.load(state.get("damage"))
         self.stopped = state.get("stopped")
+        if self.guard is not None:
+            self.guard.load(state.get("guard"))
         return True
 
     def save(self, epoch: int, batch_in_epoch: int) -> None:
         self.backend.save(self.state_path, {"scheduler": self.scheduler.state_dict(), "step": self.step,
                                             "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                                             "lam": self.objective.lam, "stopped": self.stopped,
-                                            "damage": None if self.damage is None else self.damage.state()})
+                                            "damage": None if self.damage is None else self.damage.state(),
+                                            "guard": None if self.guard is None else self.guard.state()})
 
     # ---- one step ---------------------------------------------------------------------------
     def plan(self, epoch: int, batch: int) -> StepPlan:
@@ -183,6 +209,9 @@ class Unlearner:
         self.backend.zero_grad()
         # every reduction divides by the whole global batch's counts
         counts = global_counts(local_counts(micro, plan.weights), self.device)
+        if self.guard is not None:  # two passes, regulariser then forget term (training.guarded_step)
+            return guarded_gradient(self.objective, self.model, self.guard, self.step, micro, plan.weights, counts,
+                                    self.backend.backward, self.world, lambda e: stop_if_nonfinite(e, self.step))
         logs = ObjectiveLogs(len(micro))
         last = len(micro) - 1
         for j, (m, w) in enumerate(zip(micro, plan.weights)):

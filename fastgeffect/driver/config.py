@@ -200,6 +200,9 @@ class RunConfig:
     second_order: bool = train("second_order", group=GEFFECTS)
     stop_at_retain_damage: Optional[float] = train("stop_at_retain_damage", group=GEFFECTS)
     stop_damage_from: str = train("stop_damage_from", group=GEFFECTS)
+    geffect_guard: str = train("geffect_guard", group=GEFFECTS)
+    guard_scope: str = train("guard_scope", group=GEFFECTS)
+    gru_gamma: float = train("gru_gamma", group=GEFFECTS)
     pg_steps: str = setting("0,-1", "comma-separated steps with per-sample PG-effects (-1: the last step; empty: "
                                     "none)", group=GEFFECTS)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..objectives import OBJECTIVES
-from ..training.config import damage_stop_error
+from ..training.config import damage_stop_error, guard_error
 
 # what each evaluation computes (--eval-metrics; docs/design.md §5.4): TOFU's metrics, PrivLeak (Min-K%
 # AUC forget vs holdout against the twin's), all six membership-inference AUCs, exact memorisation and
@@ -133,7 +133,8 @@ def combination_error(cfg) -> Optional[str]:
     if cfg.batch_size % cfg.grad_accum:
         return (f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}: every "
                 "micro-batch takes batch-size / grad-accum samples")
-    stop_error = damage_stop_error(cfg.stop_at_retain_damage, cfg.geffect_every, cfg.update_effects == "on")
+    stop_error = damage_stop_error(cfg.stop_at_retain_damage, cfg.geffect_every, cfg.update_effects == "on") or \
+        guard_error(cfg.geffect_guard, cfg.regularizer or OBJECTIVES[cfg.method].default_regularizer)
     if stop_error:
         return stop_error
     try:

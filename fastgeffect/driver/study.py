@@ -53,6 +53,9 @@ def checked_settings(cfg: RunConfig, preset: Preset, accelerator) -> Tuple[RunCo
     if cfg.lora and dist_.is_distributed():
         raise SystemExit("--lora under a distributed launch is not supported yet: run it in one process")
     check_fused(cfg.fused)
+    if cfg.geffect_guard != "none" and launch_strategy(accelerator, cfg.fsdp2) == "deepspeed":
+        raise SystemExit(f"--geffect-guard {cfg.geffect_guard} is not available under DeepSpeed ZeRO-3: its retain "
+                         "gradient buffer needs the reduced gradients; use DDP, FSDP2 or one process")
     if cfg.second_order and launch_strategy(accelerator, cfg.fsdp2) in ("fsdp", "fsdp2", "deepspeed"):
         raise SystemExit("--second-order is not available with sharded parameters (FSDP, FSDP2, DeepSpeed ZeRO-3): "
                          "its Hessian-vector product needs the whole parameters; use DDP or one process")

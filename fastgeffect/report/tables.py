@@ -171,8 +171,18 @@ def _notes_section(config: Mapping, ks_note: Optional[str] = None) -> List[str]:
     return ["## Notes\n\n" + "".join(f"- {n}\n" for n in notes)] if notes else []
 
 
+def guard_note(records: Sequence[dict]) -> Optional[str]:
+    """With --geffect-guard: at how many measured steps it projected the forget gradient (None: no guard)."""
+    steps = {r["step"]: r["guard_projected"] for r in records if r.get("guard_projected") is not None}
+    if not steps:
+        return None
+    fired = sum(1 for n in steps.values() if n > 0)
+    return (f"--geffect-guard projected the forget gradient away from the retain gradient at {fired} of {len(steps)} "
+            f"measured steps ({sum(steps.values()) / len(steps):.2f} layer groups per step on average).\n")
+
+
 def _geffect_sections(records: Sequence[dict]) -> List[str]:
-    parts = []
+    parts = [note for note in [guard_note(records)] if note]
     if records:
         parts += ["## Cumulative G-effects\n", geffect_totals(records),
                   "Negative unlearning G-effect: the step removes targeted knowledge; negative retaining "

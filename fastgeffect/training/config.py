@@ -13,6 +13,17 @@ from ..dataclass_cli import first_error, setting
 
 RISK_ROWS = ("fixed", "step")
 DAMAGE_FROM = ("predicted", "realised")
+GUARDS = ("none", "pcgrad", "gru")  # --geffect-guard (training.guard)
+SCOPES = ("model", "group")         # --guard-scope
+
+
+def guard_error(guard: str, regularizer: str) -> Optional[str]:
+    """Why ``--geffect-guard`` cannot run with this regulariser (None: it can): it guards against the
+    retain set's gradient, the regulariser's."""
+    if guard == "none" or regularizer != "none":
+        return None
+    return (f"--geffect-guard {guard} needs a retain set: it projects the forget term's gradient away from the "
+            "regulariser's, and the objective has none (give --regularizer gd, kl or rr)")
 
 
 def damage_stop_error(stop_at: Optional[float], geffect_every: int, update_effects: bool) -> Optional[str]:
@@ -63,6 +74,17 @@ class UnlearnConfig:
               "G-effects at every step with update effects; default: off)", low=0, strict=True, metavar="X")
     stop_damage_from: str = setting("predicted", "what --stop-at-retain-damage sums: the predicted (predicted_opt) "
                                                  "or the realised changes of the retain risk", choices=DAMAGE_FROM)
+    # conflict-free updates (training.guard)
+    geffect_guard: str = setting("none", "conflict-free updates: take out of the forget term's gradient its part "
+                                         "against the retain gradient (the regulariser's) when their inner product is "
+                                         "negative: gru (GRU, Wang et al. 2025: against a moving average of the retain "
+                                         "gradient), pcgrad (PCGrad's projection, Yu et al. 2020: against this step's) "
+                                         "or none; needs a regulariser", choices=GUARDS)
+    guard_scope: str = setting("model", "where --geffect-guard projects: the whole model's gradient at once (GRU's and "
+                                        "PCGrad's own) or each G-effect layer group (--geffect-groups) on its own",
+                               choices=SCOPES)
+    gru_gamma: float = setting(0.8, "GRU's weight of the step's retain gradient in its moving average (its gamma_gru)",
+                               low=0, strict=True, high=1)
     stop_at_step: Optional[int] = setting(None, "stop after N steps with the state saved, as if interrupted "
                                                 "(continue with --resume)", low=0)
 
