@@ -137,3 +137,38 @@ def test_a_model_folder_on_a_muse_folder_runs_with_half_overlapping_windows(tmp_
     assert set(MUSE_METRICS) <= set(_read(out / "metrics_after.json"))
     totals = [json.loads(x)["total"] for x in (out / "geffect.jsonl").read_text().splitlines()]
     assert totals and torch.isfinite(torch.tensor(totals)).all()
+
+
+def test_a_scalability_forget_set_replaces_the_forget_corpus_and_a_missing_one_is_refused(tmp_path):
+    model = _tiny_model_folder(tmp_path)
+    news = build_embedded_news(None, size="tiny")
+    folder = tmp_path / "muse"
+    shutil.copytree(news.data_dir, folder)
+    articles = [line for line in (folder / "raw" / "forget.jsonl").read_text().splitlines()][:3]
+    (folder / "scal").mkdir()
+    (folder / "scal" / "forget_1.jsonl").write_text("\n".join(articles) + "\n")
+    common = ["--model", str(model), "--data-dir", str(folder), "--method", "ga", "--batch-size", "2", "--epochs", "1",
+              "--eval", "none", "--no-bf16", "--max-length", "64"]
+    with pytest.raises(SystemExit, match="no sust/forget_2"):
+        run(tmp_path / "bad", *common, "--muse-forget", "sust/forget_2")
+    assert not (tmp_path / "bad").exists()
+    steps = {}
+    for name in ("raw/forget", "scal/forget_1"):
+        out = tmp_path / name.replace("/", "-")
+        assert run(out, *common, "--muse-forget", name) == 0
+        steps[name] = len((out / "train_log.jsonl").read_text().splitlines())
+        assert _read(out / "config.json")["muse_forget"] == name
+    data = load_muse(folder)
+    windows = load_raw_unlearning_data({**data.raw, "forget": data.scal["forget_1"]}, news.tokenizer, 64, 32).forget
+    assert steps["scal/forget_1"] == -(-len(windows) // 2) < steps["raw/forget"]
+
+
+def test_raw_text_runs_write_tensorboard_and_compare_like_tofu_runs(tmp_path):
+    from fastgeffect.report.cli import main as report_main
+    outs = [tmp_path / m for m in ("ga", "npo")]
+    for out in outs:
+        assert run(out, "--method", out.name, "--epochs", "1", "--eval-size", "3", "--report-to", "tensorboard") == 0
+        assert list((out / "tensorboard").glob("events.*"))
+    assert report_main(["compare", *map(str, outs), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| verbmem_f |" in table and "| knowmem_f |" in table

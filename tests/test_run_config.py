@@ -25,7 +25,7 @@ CONFIG_KEYS = [
     "method", "regularizer", "lam", "alpha", "beta", "beta1", "beta2", "delta", "wtnpo_form", "rmu_layer",
     "steering_coeff", "control_seed", "kl_direction", "kl_positions", "rr_layer", "ignore_first_n_answer_tokens",
     "constraint_eps", "dual_step", "fused", "model", "preset", "benchmark", "split", "data_dir", "authors",
-    "wmdp_domains", "stride", "size", "max_length",
+    "muse_forget", "wmdp_domains", "stride", "size", "max_length",
     "retain_log", "cache_dir", "shared_dir", "retain_model", "template", "lora", "epochs", "batch_size", "grad_accum",
     "lr", "weight_decay", "decay_all_params", "warmup_epochs", "max_grad_norm", "seed", "target_seed", "device",
     "fsdp2", "bf16",

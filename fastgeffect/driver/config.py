@@ -28,6 +28,7 @@ from .config_checks import (  # noqa: F401  (re-exported: the driver imported th
     BENCHMARKS,
     DEFAULT_EVAL_METRICS,
     EVAL_METRICS,
+    MUSE_FORGET,
     WMDP_TASKS,
     attack_names,
     combination_error,
@@ -133,6 +134,10 @@ class RunConfig:
         None, "with --data-dir: real TOFU text restricted to N authors (TOFU's proportions), on the embedded tiny "
               "model pipeline, or with --model on the subset it was fine-tuned on (checked against the "
               "manifest.json next to its folder, when there is one)", group=MODEL_DATA, low=1)
+    muse_forget: str = setting(
+        "raw/forget", "--benchmark muse: the forget corpus, raw/forget or one of MUSE-News' scalability and "
+                      "sustainability sets (scal/forget_1 ... scal/forget_4, sust/forget_1 ... sust/forget_4)",
+        group=MODEL_DATA, choices=MUSE_FORGET)
     wmdp_domains: str = setting("bio,cyber", "--benchmark wmdp: the corpora unlearnt ({domain}-forget-corpus.jsonl "
                                              "and {domain}-retain-corpus.jsonl in --data-dir)", group=MODEL_DATA)
     stride: Optional[int] = setting(

@@ -18,6 +18,8 @@ ATTACKS = ("relearn", "quantize")
 BENCHMARKS = ("tofu", "muse", "wmdp")
 WMDP_TASKS = ("wmdp_bio", "wmdp_cyber", "mmlu")  # --benchmark wmdp's default --eval-tasks (hub data)
 WMDP_DOMAINS = ("bio", "cyber")
+# --muse-forget: MUSE's forget corpus, or its scalability / sustainability forget sets (MUSE-News)
+MUSE_FORGET = ("raw/forget",) + tuple(f"{s}/forget_{i}" for s in ("scal", "sust") for i in range(1, 5))
 # TOFU's alone: a raw-text run has no authors, no TOFU retain log, and measures its benchmark's own metrics
 TOFU_ONLY = (("authors", "--authors"), ("retain_log", "--retain-log"), ("eval_metrics", "--eval-metrics"),
              ("attacks", "--attacks"))
@@ -89,6 +91,8 @@ def tasks_error(cfg) -> Optional[str]:
 
 def benchmark_error(cfg) -> Optional[str]:
     """A raw-text benchmark (muse, wmdp) with what only a TOFU run has, or without the data it needs."""
+    if cfg.muse_forget != "raw/forget" and cfg.benchmark != "muse":
+        return "--muse-forget needs --benchmark muse"
     if cfg.benchmark == "tofu":
         return "--stride needs --benchmark muse or wmdp (TOFU items are question-answer pairs)" if cfg.stride else None
     flag = f"--benchmark {cfg.benchmark}"

@@ -47,6 +47,10 @@ def check_raw_inputs(cfg) -> None:
             data = load_muse(cfg.data_dir)
         except (OSError, ValueError) as e:
             raise SystemExit(f"--data-dir: {e}") from None
+        subset, split = cfg.muse_forget.split("/")
+        if not getattr(data, subset).get(split):
+            raise SystemExit(f"--muse-forget {cfg.muse_forget}: {cfg.data_dir} has no {subset}/{split} split "
+                             "(the scalability and sustainability sets are MUSE-News')")
         if not data.raw.get("retain2"):
             raise SystemExit(f"--data-dir {cfg.data_dir}: raw/retain2 is missing; the retaining G-effects measure the "
                              "retain data the unlearning does not train on (MUSE's retain2)")
@@ -60,7 +64,8 @@ def raw_unlearning_data(run: Run) -> UnlearningData:
         raw = wmdp_raw(corpora.forget_texts, corpora.retain_texts, cfg.seed)
     else:
         run.muse = load_muse(target.data_dir)
-        raw = run.muse.raw
+        subset, split = cfg.muse_forget.split("/")  # raw/forget, or a scalability / sustainability set
+        raw = {**run.muse.raw, "forget": getattr(run.muse, subset)[split]}
     return load_raw_unlearning_data(raw, target.tokenizer, target.max_length, target.stride, seed=cfg.seed)
 
 

@@ -116,6 +116,10 @@ def run_name(config: Mapping, default: str) -> str:
 
 def _settings_line(config: Mapping) -> str:
     shown = {k: config.get(k) for k in SUMMARY_KEYS if config.get(k) is not None}
+    if config.get("benchmark", "tofu") != "tofu":  # a raw-text run has no TOFU split; its forget corpus instead
+        shown.pop("split", None)
+        if config.get("benchmark") == "muse":
+            shown["muse_forget"] = config.get("muse_forget")
     shown.update(config.get("objective_hparams") or {})
     return "Settings: " + ", ".join(f"{k}={v}" for k, v in shown.items()) + f" (all of them in {files.CONFIG})\n"
 
