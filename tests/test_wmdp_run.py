@@ -2,6 +2,7 @@
 multiple-choice task on the tiny MUSE-style target, the task accuracies equal to lm-eval's on the same
 model, and bad input refused before anything is written."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,18 @@ def test_a_wmdp_folder_without_its_corpora_is_refused_naming_the_files(tmp_path)
     with pytest.raises(SystemExit, match="bio-forget-corpus.jsonl"):
         main(["--benchmark", "wmdp", "--model", str(model), "--data-dir", str(tmp_path / "empty"), "--out", str(out)])
     assert not out.exists()
+
+
+def test_rmu_unlearns_the_wmdp_corpus_as_in_the_wmdp_paper(tmp_path):
+    news = build_embedded_news(None, size="tiny")
+    model, corpora = _model_folder(tmp_path, news), _write_corpora(tmp_path / "wmdp", news)
+    out = tmp_path / "rmu"
+    assert main(["--benchmark", "wmdp", "--model", str(model), "--data-dir", str(corpora), "--wmdp-domains", "bio",
+                 "--method", "rmu", "--rmu-layer", "1", "--epochs", "2", "--max-length", "64", "--no-bf16",
+                 "--eval", "none", "--out", str(out), "--no-progress"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["method"] == "rmu" and cfg["benchmark"] == "wmdp"
+    records = [json.loads(line) for line in (out / "geffect.jsonl").read_text().splitlines()]
+    assert records and all(math.isfinite(r["total"]) for r in records)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log and all(math.isfinite(r["loss"]) for r in log)
