@@ -124,3 +124,14 @@ def test_rmu_unlearns_the_wmdp_corpus_as_in_the_wmdp_paper(tmp_path):
     assert records and all(math.isfinite(r["total"]) for r in records)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log and all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_an_rmu_layer_the_model_does_not_have_is_refused_naming_the_flag(tmp_path):
+    news = build_embedded_news(None, size="tiny")
+    model, corpora = _model_folder(tmp_path, news), _write_corpora(tmp_path / "wmdp", news)
+    out = tmp_path / "rmu"
+    with pytest.raises(SystemExit, match=r"--rmu-layer 5: RMU layer 5 out of range for a model with 2 blocks"):
+        main(["--benchmark", "wmdp", "--model", str(model), "--data-dir", str(corpora), "--wmdp-domains", "bio",
+              "--method", "rmu", "--rmu-layer", "5", "--max-length", "64", "--no-bf16", "--eval", "none",
+              "--out", str(out), "--no-progress"])
+    assert not (out / "geffect.jsonl").exists() and not (out / "train_log.jsonl").exists()

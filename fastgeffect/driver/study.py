@@ -23,6 +23,7 @@ from ..data.collate import collate_qa
 from ..data.unlearning import UnlearningData, load_unlearning_data
 from ..eval import load_tofu_sets
 from ..jsonl import read_jsonl
+from ..model_structure import resolve_layer
 from ..objectives import OBJECTIVES, REGULARIZERS, Objective, get_objective
 from ..reference import ReferenceModel, RefLogprobCache
 from ..report import write_report
@@ -164,6 +165,7 @@ def study(cfg: RunConfig, preset: Preset, hp: dict, ucfg: UnlearnConfig, acceler
     """Set-up, reference log-probs, evaluation before, unlearning, then :func:`finish`
     (``task_manager``: lm-eval's, for ``--eval-tasks``)."""
     run = set_up(cfg, preset, accelerator, folder, timer)
+    check_layers(hp, run.target.model)
     run.task_manager = task_manager
     objective, data = objective_and_data(run, hp)
     before = evaluate_before(run)
@@ -193,6 +195,17 @@ def study(cfg: RunConfig, preset: Preset, hp: dict, ucfg: UnlearnConfig, acceler
     finally:
         dist_.barrier()
     return 0
+
+
+def check_layers(hp: dict, model) -> None:
+    """RMU's and RR's block index against the target, whose block count is known once it is loaded:
+    a clear refusal before any reference or evaluation work, not an error deep inside the first step."""
+    for name in ("rmu_layer", "rr_layer"):
+        if hp.get(name) is not None:
+            try:
+                resolve_layer(model, hp[name])
+            except ValueError as e:
+                raise SystemExit(f"--{name.replace('_', '-')} {hp[name]}: {e}") from None
 
 
 def set_up(cfg: RunConfig, preset: Preset, accelerator, folder: RunFolder, timer: Timer) -> Run:
