@@ -4,7 +4,10 @@ items 2 and 3; docs/design.md §5.1, §5.3).
 * TOFU metrics: ``evaluate_tofu(reference=True)`` (a full forward per (question, answer) pair,
   Hugging Face ``generate``) against the default (each prompt once into a KV cache for all its
   answers, a KV-cache generation loop whose rows leave as they end); then the same split into its
-  loss passes and its generation, each timed both ways, which says where the time goes.
+  loss passes and its generation, each timed both ways, which says where the time goes. Both
+  parts run set by set with ``evaluate_set``'s batches (the generation rows call the generator once
+  per set, as ``evaluate_set`` does), so loss + generation add up to about the whole (the rest is
+  tokenisation, ROUGE and aggregation).
 * UWC: ``uwc_calibrate(mixing="hooks", ps_method="search")`` (the mixture recomputed around every
   module's forward, PS by generation at every search step: the previous implementation) against the
   default (the mixture computed once per α, PS's teacher-forced fast path), same reference PS.
@@ -168,10 +171,11 @@ def tofu_rows(model, tokenizer, template, sets: Dict[str, Sequence[dict]], *, ma
                                   batch_size=batch_size, reference=reference))
         return [float(x) for per_set in out for loss, _ in per_set for x in loss.flatten()]
 
-    def generate(fn):
-        prompts = [template.prompt(r["question"], tokenizer) for recs in records.values() for r in recs]
-        return fn(model, tokenizer, prompts, mode=gen_mode, max_length=max_length, add_special_tokens=not template.chat,
-                  batch_size=TOFU_BATCH_SIZE if gen_mode == "tofu" else batch_size)
+    def generate(fn):  # set by set, as evaluate_set generates (a batch never spans two sets)
+        return [g for recs in records.values()
+                for g in fn(model, tokenizer, [template.prompt(r["question"], tokenizer) for r in recs],
+                            mode=gen_mode, max_length=max_length, add_special_tokens=not template.chat,
+                            batch_size=TOFU_BATCH_SIZE if gen_mode == "tofu" else batch_size)]
 
     tl_ref, l_ref, tl_new, l_new = timed_pair(lambda: losses(True), lambda: losses(False), device, repeats)
     d, s = max_difference(l_ref, l_new)
