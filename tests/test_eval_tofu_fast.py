@@ -14,10 +14,11 @@ from helpers.toy_qa import tiny_llama, toy_qa_records, toy_tokenizer_for
 
 from fastgeffect.data.templates import Template, get_template
 from fastgeffect.embedded import TokenizerConfig, train_tokenizer
-from fastgeffect.eval import answer_losses, evaluate_set, evaluate_tofu, greedy_generate
+from fastgeffect.eval import TASKS, answer_losses, evaluate_set, evaluate_tofu, greedy_generate
 from fastgeffect.eval.answer_losses import encode_pairs
 from fastgeffect.eval.batch_encode import batch_encode_pairs
 from fastgeffect.eval.cached_generate import cached_greedy_generate, plain_greedy
+from fastgeffect.eval.generate import batches
 from fastgeffect.eval.kv_cache import cache_keyword, keep_rows, returned_cache
 from fastgeffect.eval.prefix_losses import shared_prefix_losses
 
@@ -253,6 +254,77 @@ def test_evaluate_set_new_equals_reference(toy, gen_mode):
             kw = dict(max_length=40, batch_size=3, gen_mode=gen_mode)
             assert_same_logs(evaluate_set(m, tok, TPL, recs, task, reference=True, **kw),
                              evaluate_set(m, tok, TPL, recs, task, **kw), rel)
+
+
+def odd_sets(recs):
+    """Four sets of 3, 5, 2 and 4 rows (TOFU's order), some rows in two sets."""
+    return {"retain": recs[0:3], "real_authors": recs[3:8], "world_facts": recs[8:10],
+            "forget": recs[10:12] + recs[0:2]}
+
+
+def test_evaluate_tofu_independent_generates_across_sets(toy):
+    """The fast path in independent mode generates every set's prompts in one call, in
+    length-sorted batches that span sets: each set gets the reference's generations (Hugging Face
+    generate, set by set) and numbers, on odd-sized sets."""
+    model, tok, recs = toy
+    sets = odd_sets(recs)
+    prompts = [TPL.prompt(r["question"]) for rows in sets.values() for r in rows]
+    owner = [name for name, rows in sets.items() for _ in rows]
+    spans = [b for b in batches([len(tok(p)["input_ids"]) for p in prompts], "independent", 3)
+             if len({owner[i] for i in b}) > 1]
+    assert spans  # a batch holds prompts of two sets
+    for m, rel in ((copy.deepcopy(model).double(), 1e-12), (eos_early(model, tok, tok("books")["input_ids"][0]), 1e-6)):
+        kw = dict(max_length=40, batch_size=3, gen_mode="independent", ds_size=None, progress=False)
+        ref = evaluate_tofu(m, tok, TPL, sets, reference=True, **kw)
+        new = evaluate_tofu(m, tok, TPL, sets, **kw)
+        assert list(ref["logs"]) == list(new["logs"]) and len(ref["logs"]) == 4
+        for name, rows in sets.items():
+            log = TASKS[name][0]
+            assert len(new["logs"][log]["generated_text"]) == len(rows)
+            assert_same_logs(ref["logs"][log], new["logs"][log], rel)
+        for k, v in ref["metrics"].items():
+            scale = max(abs(x) for x in ref["metrics"].values() if isinstance(x, float) and math.isfinite(x))
+            assert abs(v - new["metrics"][k]) <= rel * scale, k
+
+
+@pytest.mark.parametrize("gen_mode, reference, calls", [("independent", False, 1), ("tofu", False, 4),
+                                                        ("independent", True, 4), ("tofu", True, 4)])
+def test_generation_calls_per_evaluation(toy, monkeypatch, gen_mode, reference, calls):
+    """One generation call for all sets on the fast independent path; one per set in tofu mode
+    (TOFU's batches within a set) and on the reference path, whose generator is Hugging Face's."""
+    import fastgeffect.eval.tofu as tofu
+
+    model, tok, recs = toy
+    seen = {"cached": [], "generate": []}
+
+    def counting(kind, fn):
+        def wrapped(model, tokenizer, prompts, **kw):
+            seen[kind].append((len(prompts), kw["batch_size"]))
+            return fn(model, tokenizer, prompts, **kw)
+        return wrapped
+    monkeypatch.setattr(tofu, "cached_greedy_generate", counting("cached", cached_greedy_generate))
+    monkeypatch.setattr(tofu, "greedy_generate", counting("generate", greedy_generate))
+    evaluate_tofu(model, tok, TPL, odd_sets(recs), max_length=40, batch_size=3, gen_mode=gen_mode, ds_size=None,
+                  progress=False, reference=reference)
+    used = seen["generate" if reference else "cached"]
+    assert not seen["cached" if reference else "generate"]
+    assert len(used) == calls
+    assert sorted(n for n, _ in used) == ([14] if calls == 1 else [2, 3, 4, 5])
+    assert {b for _, b in used} == {30 if gen_mode == "tofu" else 3}
+
+
+def test_evaluate_set_takes_given_generations(toy):
+    """evaluate_set(generations=...) logs and scores the texts it is given, and refuses a wrong count."""
+    model, tok, recs = toy
+    kw = dict(max_length=40, batch_size=3, gen_mode="independent")
+    want = evaluate_set(model, tok, TPL, recs[:3], "forget", **kw)
+    gens = [g for _, g, _ in want["generated_text"].values()]
+    assert evaluate_set(model, tok, TPL, recs[:3], "forget", generations=gens, **kw) == want
+    given = evaluate_set(model, tok, TPL, recs[:3], "forget", generations=[r["answer"] for r in recs[:3]], **kw)
+    assert [g for _, g, _ in given["generated_text"].values()] == [r["answer"] for r in recs[:3]]
+    assert all(v == 1.0 for v in given["rougeL_recall"].values())
+    with pytest.raises(ValueError, match="one text per record: got 2 for 3 records"):
+        evaluate_set(model, tok, TPL, recs[:3], "forget", generations=gens[:2], **kw)
 
 
 @pytest.fixture(scope="module")

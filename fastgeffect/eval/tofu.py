@@ -20,8 +20,12 @@ ROUGE is TOFU's: the answer as decoded back from its (possibly truncated) tokens
 
 Speed (docs/design.md §5.1): the answers of a question share its prompt, which runs once into a
 KV cache for all of them (:mod:`.prefix_losses`), and generation is a KV-cache loop in which a
-row leaves its batch when it ends (:mod:`.cached_generate`); ``reference=True`` runs the
-previous path (a full forward per pair, Hugging Face ``generate``) that the tests hold them to.
+row leaves its batch when it ends (:mod:`.cached_generate`); in ``independent`` mode, whose
+continuations do not depend on which prompts share a batch, :func:`evaluate_tofu` generates the
+prompts of all its sets in one call (:func:`generate_sets`), so that its length-sorted batches
+span sets and a CPU, whose decode step costs about the same at any batch height, runs half the
+steps. ``reference=True`` runs the previous path (a full forward per pair, Hugging Face
+``generate``, set by set) that the tests hold them to.
 """
 from __future__ import annotations
 
@@ -135,10 +139,46 @@ def set_losses(model, tokenizer, template: Template, questions: Sequence[str], a
             (loss[2 * n:].view(n, k), count[2 * n:].view(n, k)))
 
 
+def generate_sets(model, tokenizer, template: Template, prompts: Mapping[str, Sequence[str]], *,
+                  gen_mode: str = "tofu", max_length: int = 200, max_new_tokens: Optional[int] = None,
+                  batch_size: int = 32, reference: bool = False) -> Dict[str, List[str]]:
+    """Greedy continuations of each set's prompts (``{set name: prompts}``), as :func:`evaluate_set`
+    generates them. ``tofu`` mode generates set by set in TOFU's batches of 30 (a budget depends on
+    its batch), ``reference`` set by set by Hugging Face ``generate``; the fast ``independent``
+    path generates all sets' prompts in one call, its length-sorted batches spanning sets (a
+    continuation does not depend on its batch, :mod:`.generate`), and hands each set its own."""
+    kw = dict(mode=gen_mode, max_length=max_length, max_new_tokens=max_new_tokens,
+              add_special_tokens=not template.chat, batch_size=TOFU_BATCH_SIZE if gen_mode == "tofu" else batch_size)
+    if reference or gen_mode == "tofu":
+        fn = greedy_generate if reference else cached_greedy_generate
+        return {name: fn(model, tokenizer, list(p), **kw) for name, p in prompts.items()}
+    flat = cached_greedy_generate(model, tokenizer, [x for p in prompts.values() for x in p], **kw)
+    out, start = {}, 0
+    for name, p in prompts.items():
+        out[name], start = flat[start: start + len(p)], start + len(p)
+    return out
+
+
+def set_records(records: Sequence[dict], task: str, ds_size: Optional[int]) -> List[dict]:
+    """The first ``ds_size`` records of a set (None: all), checked for the fields ``task`` reads and
+    for the same (non-zero) number of perturbed answers in every record."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+    check_ds_size(ds_size)
+    records = list(records[:ds_size] if ds_size is not None else records)
+    check_records(records, ("question", "answer", TASKS[task][1], "perturbed_answer"), task)
+    k = len(as_list(records[0]["perturbed_answer"]))
+    ragged = [i for i, r in enumerate(records) if len(as_list(r["perturbed_answer"])) != k or k == 0]
+    if ragged:
+        raise ValueError(f"{task}: every record needs the same (non-zero) number of perturbed answers; "
+                         f"records {ragged[:5]} differ from record 0 ({k})")
+    return records
+
+
 def evaluate_set(model, tokenizer, template: Template, records: Sequence[dict], task: str, *,
                  ds_size: Optional[int] = 300, max_length: int = 200, max_new_tokens: Optional[int] = None,
                  batch_size: int = 32, gen_mode: str = "tofu", generate: bool = True, progress=None,
-                 reference: bool = False) -> dict:
+                 reference: bool = False, generations: Optional[Sequence[str]] = None) -> dict:
     """TOFU's per-sample log of one set. ``task`` is one of ``retain``, ``forget``,
     ``real_authors``, ``world_facts`` (it picks the base answer key and whether
     ``normalized_gt_loss`` is written). Only the first ``ds_size`` records are used, as TOFU's
@@ -148,19 +188,15 @@ def evaluate_set(model, tokenizer, template: Template, records: Sequence[dict], 
     A non-finite loss (a diverged model) is refused. ``reference=True`` computes the same log the
     slow way the fast path is tested against: a full forward per (question, answer) pair and
     Hugging Face ``generate`` (the default runs each prompt once for all its answers and generates
-    by :mod:`.cached_generate`; equal losses up to float rounding, identical generations)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+    by :mod:`.cached_generate`; equal losses up to float rounding, identical generations).
+    ``generations`` (one continuation per used record, e.g. from :func:`generate_sets`) are logged
+    and scored instead of generating."""
+    records = set_records(records, task, ds_size)
     base_key = TASKS[task][1]
-    check_ds_size(ds_size)
-    records = list(records[:ds_size] if ds_size is not None else records)
-    check_records(records, ("question", "answer", base_key, "perturbed_answer"), task)
     perturbed = [as_list(r["perturbed_answer"]) for r in records]
-    k = len(perturbed[0])
-    ragged = [i for i, p in enumerate(perturbed) if len(p) != k or k == 0]
-    if ragged:
-        raise ValueError(f"{task}: every record needs the same (non-zero) number of perturbed answers; "
-                         f"records {ragged[:5]} differ from record 0 ({k})")
+    if generations is not None and (not generate or len(generations) != len(records)):
+        raise ValueError(f"{task}: generations= needs generate=True and one text per record: got "
+                         f"{len(generations)} for {len(records)} records")
     qs = [r["question"] for r in records]
     step = (lambda: progress.update(1)) if progress is not None else (lambda: None)
     log: Dict[str, dict] = {}
@@ -177,9 +213,9 @@ def evaluate_set(model, tokenizer, template: Template, records: Sequence[dict], 
     step()
     if generate:
         prompts = [template.prompt(q, tokenizer) for q in qs]
-        gens = (greedy_generate if reference else cached_greedy_generate)(
-            model, tokenizer, prompts, mode=gen_mode, max_length=max_length, max_new_tokens=max_new_tokens,
-            add_special_tokens=not template.chat, batch_size=TOFU_BATCH_SIZE if gen_mode == "tofu" else batch_size)
+        gens = list(generations) if generations is not None else generate_sets(
+            model, tokenizer, template, {task: prompts}, gen_mode=gen_mode, max_length=max_length,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, reference=reference)[task]
         answers = [r["answer"] for r in records]
         truths = (rouge_references(tokenizer, template, qs, answers, max_length) if reference else
                   decoded_references(tokenizer, template, answers,
@@ -235,7 +271,8 @@ def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Seque
     Model Utility needs the three non-forget sets; with fewer, only the available sub-metrics are
     reported. ``gen_mode`` (:mod:`.generate`) and ``truth_ratio`` (:func:`.aggregate.aggregate`)
     default to TOFU's published evaluation. ``reference=True``: the slow reference path of
-    :func:`evaluate_set`.
+    :func:`evaluate_set`. The fast path in ``independent`` mode generates all sets at once
+    (:func:`generate_sets`); otherwise each set generates in turn.
     """
     check_gen_mode(gen_mode)
     check_truth_ratio(truth_ratio)
@@ -257,18 +294,24 @@ def evaluate_tofu(model, tokenizer, template: Template, sets: Mapping[str, Seque
         stored = rouge_references(tokenizer, template, [r["question"] for r in forget], answers, max_length)
         check_retain_log(retain, len(forget), answers, name=str(name), stored=stored,
                          questions=[r["question"] for r in forget])
+    records = {name: set_records(sets[name], name, ds_size) for name in TASKS if name in sets}  # TOFU's order
+    gen_kw = dict(gen_mode=gen_mode, max_length=max_length, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                  reference=reference)
     was_training = model.training
     model.eval()
     logs = {}
     try:
         with tqdm(total=3 * len(sets), desc="TOFU eval", disable=not progress) as bar:
-            for name in TASKS:  # TOFU's order
-                if name in sets:
-                    bar.set_postfix_str(name)
-                    logs[TASKS[name][0]] = evaluate_set(model, tokenizer, template, sets[name], name, ds_size=ds_size,
-                                                        max_length=max_length, max_new_tokens=max_new_tokens,
-                                                        batch_size=batch_size, gen_mode=gen_mode, progress=bar,
-                                                        reference=reference)
+            gens: Dict[str, Optional[List[str]]] = dict.fromkeys(records)
+            if gen_mode == "independent" and not reference:  # one call: its batches span the sets
+                bar.set_postfix_str("generation")
+                gens.update(generate_sets(model, tokenizer, template, {
+                    name: [template.prompt(r["question"], tokenizer) for r in recs] for name, recs in records.items()},
+                    **gen_kw))
+            for name, recs in records.items():
+                bar.set_postfix_str(name)
+                logs[TASKS[name][0]] = evaluate_set(model, tokenizer, template, recs, name, ds_size=None,
+                                                    progress=bar, generations=gens[name], **gen_kw)
     finally:
         model.train(was_training)
     if out_dir is not None:
