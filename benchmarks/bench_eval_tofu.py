@@ -9,9 +9,11 @@ items 2 and 3; docs/design.md §5.1, §5.3).
   ``generate_sets``: set by set (one call per set) on the reference path and in ``tofu`` mode, all
   sets in one call on the new path in ``independent`` mode (its batches span sets); so loss +
   generation add up to about the whole (the rest is tokenisation, ROUGE and aggregation).
-* UWC: ``uwc_calibrate(mixing="hooks", ps_method="search")`` (the mixture recomputed around every
-  module's forward, PS by generation at every search step: the previous implementation) against the
-  default (the mixture computed once per α, PS's teacher-forced fast path), same reference PS.
+* UWC: ``uwc_calibrate(mixing="hooks", ps_method="search")`` with the four PS of the report computed
+  afresh at α (the mixture recomputed around every module's forward, PS by generation at every
+  search step: the previous implementation) against the default (the mixture computed once per α,
+  PS's teacher-forced fast path, the report reusing the search's retain PS-exact at α), same
+  reference PS.
 
 Times are wall seconds on a GPU and the process's CPU seconds on a CPU (one thread: a shared
 machine's other work does not count), the best of ``--repeats`` alternating runs.
@@ -43,7 +45,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastgeffect.eval import evaluate_tofu, ps_scores, uwc_calibrate  # noqa: E402
+from fastgeffect.eval import evaluate_tofu, ps_report, ps_scores, uwc_calibrate  # noqa: E402
 from fastgeffect.eval._common import as_list  # noqa: E402
 from fastgeffect.eval.generate import GEN_MODES  # noqa: E402
 from fastgeffect.eval.tofu import TASKS, generate_sets, set_losses  # noqa: E402
@@ -193,8 +195,9 @@ def tofu_rows(model, tokenizer, template, sets: Dict[str, Sequence[dict]], *, ma
 def uwc_rows(original, unlearned, tokenizer, template, retain: Sequence[dict], forget: Sequence[dict], *,
              preset: str = "phi", ps_protocol: str = "clean", batch_size: int = 32, alpha_tol: Optional[float] = None,
              quick: bool = False, repeats: Optional[int] = None, label: str = "", device="cpu") -> List[str]:
-    """Row: ``uwc_calibrate`` as it was (per-module hooks, PS by the reference search) vs the new
-    (the materialised mixture, PS's teacher-forced fast path): the search and the default PS report
+    """Row: ``uwc_calibrate`` as it was (per-module hooks, PS by the reference search, the four PS
+    of the report computed at α) vs the new (the materialised mixture, PS's teacher-forced fast
+    path, the default report reusing the search's retain PS-exact): the search and the PS report
     at α; the reference PS computed once beforehand and given to both. ``alpha_tol`` defaults to
     the driver's 1/64 (1/16 quick)."""
     repeats = repeats or 1
@@ -204,11 +207,15 @@ def uwc_rows(original, unlearned, tokenizer, template, retain: Sequence[dict], f
                              batch_size=batch_size)["ps"]
     before = {n: p.detach().clone() for n, p in unlearned.named_parameters()}
 
-    def run(mixing, ps_method):
+    def run(mixing, ps_method, report_fn=None):
         return uwc_calibrate(original, unlearned, tokenizer, template, retain, forget, reference_ps=reference_ps,
-                             mixing=mixing, ps_method=ps_method, **kw)
-    t_ref, ref, t_new, new = timed_pair(lambda: run("hooks", "search"), lambda: run("materialise", "teacher-forced"),
-                                        device, repeats)
+                             mixing=mixing, ps_method=ps_method, report_fn=report_fn, **kw)
+
+    def fresh_report(m):  # the previous default report: all four PS computed again at α
+        return ps_report(m, tokenizer, template, {"retain": retain, "forget": forget}, protocol=ps_protocol,
+                         family=preset, batch_size=batch_size, method="search")
+    t_ref, ref, t_new, new = timed_pair(lambda: run("hooks", "search", fresh_report),
+                                        lambda: run("materialise", "teacher-forced"), device, repeats)
     restored = all(torch.equal(p, before[n]) for n, p in unlearned.named_parameters())
     d, s = max_difference([ref["metrics"][k] for k in sorted(ref["metrics"])],
                           [new["metrics"][k] for k in sorted(ref["metrics"])])

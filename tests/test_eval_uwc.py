@@ -239,3 +239,47 @@ def test_calibration_is_the_same_with_either_mixing_and_scores_only_retain_ps(mo
     assert res["hooks"]["alpha"] == res["materialise"]["alpha"] and reports == [1, 1]
     with pytest.raises(ValueError, match="unknown mixing mode"):
         uwc_calibrate(orig, unl, tok, TPL, retain, forget, mixing="copy")
+
+
+def test_default_report_reuses_the_searched_retain_ps(monkeypatch):
+    """The default report takes the retain PS-exact the search computed at the chosen α: the same
+    α, history and metrics (keys, order and values) as computing ps_report afresh at that α, with
+    one PS call fewer; at α = 0 (never scored by the search) and α = 1 (scored first) too."""
+    import fastgeffect.eval.ps as ps
+    import fastgeffect.eval.uwc as uwc
+    from fastgeffect.eval import ps_report
+
+    recs = toy_qa_records(4)
+    tok = toy_tokenizer_for(recs, TPL)
+    orig = tiny_llama(len(tok), hidden_size=32, layers=2, heads=4, seed=1, tokenizer=tok)
+    memorise(orig, tok, TPL, recs, steps=150)
+    retain, forget = recs[:4], recs[4:]
+    calls = []
+    real = ps.ps_scores
+
+    def spy(*args, **kw):
+        calls.append(kw.get("question_key", "question"))
+        return real(*args, **kw)
+    monkeypatch.setattr(uwc, "ps_scores", spy)
+    monkeypatch.setattr(ps, "ps_scores", spy)
+    ps_kw = dict(protocol="clean", family="phi", batch_size=32, method="teacher-forced")
+    alphas = set()
+    for noise in (0.0, 0.5, 30.0):
+        unl = copy.deepcopy(orig)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in unl.parameters():
+                p.add_(noise * torch.randn_like(p))
+        runs = {}
+        for old in (True, False):
+            calls.clear()
+            fresh = (lambda m: ps_report(m, tok, TPL, {"retain": retain, "forget": forget}, **ps_kw)) if old else None
+            runs[old] = uwc_calibrate(orig, unl, tok, TPL, retain, forget, alpha_tol=1 / 16, reference_ps=1.0,
+                                      report_fn=fresh)
+            runs[old]["calls"] = len(calls)
+        new, old = runs[False], runs[True]
+        assert new["alpha"] == old["alpha"] and new["history"] == old["history"]
+        assert list(new["metrics"].items()) == list(old["metrics"].items()) and len(new["metrics"]) == 4
+        assert new["calls"] == old["calls"] - (new["alpha"] > 0) == len(old["history"]) + 3 + (new["alpha"] == 0)
+        alphas.add(new["alpha"] if new["alpha"] in (0.0, 1.0) else "between")
+    assert alphas == {0.0, 1.0, "between"}

@@ -164,6 +164,20 @@ def calibrate_alpha(score: Callable[[float], float], reference: float, tolerance
     return {"alpha": lo, "threshold": bar, "history": history}
 
 
+def default_report(model, tokenizer, template: Template, retain_records: Sequence[dict],
+                   forget_records: Sequence[dict], retain_exact: Optional[float], ps_kw: dict) -> Dict[str, float]:
+    """:func:`.ps.ps_report` on retain and forget (the same keys in the same order), taking
+    ``retain_exact`` as the retain PS-exact when it is known (None: computed)."""
+    sets = {"retain": retain_records, "forget": forget_records}
+    if retain_exact is None:
+        return ps_report(model, tokenizer, template, sets, **ps_kw)
+    out = {"PS-exact retain": retain_exact}
+    if retain_records and all("paraphrased_question" in r for r in retain_records):  # ps_report's rule for PS-perturb
+        out["PS-perturb retain"] = ps_scores(model, tokenizer, template, retain_records,
+                                             question_key="paraphrased_question", **ps_kw)["ps"]
+    return {**out, **ps_report(model, tokenizer, template, {"forget": forget_records}, **ps_kw)}
+
+
 def uwc_calibrate(original_model, unlearned_model, tokenizer, template: Template, retain_records: Sequence[dict],
                   forget_records: Sequence[dict], *, tolerance: Optional[float] = None, preset: str = "phi",
                   alpha_tol: float = 1 / 64, batch_size: int = 32, reference_ps: Optional[float] = None,
@@ -174,7 +188,9 @@ def uwc_calibrate(original_model, unlearned_model, tokenizer, template: Template
     Retain PS-exact of θ_o is computed once (or passed as ``reference_ps``, e.g. cached from an
     earlier run); the search evaluates only the retain PS of θ_mix, at ~log2(1/alpha_tol) values
     of α. At the chosen α, once, ``report_fn(model)`` (default: PS-exact/PS-perturb on retain and
-    forget) gives the metrics. PS is computed under ``ps_protocol`` (eval/ps_protocols.py;
+    forget, :func:`.ps.ps_report`) gives the metrics; the default takes the retain PS-exact the
+    search already computed at that α (the same mixture, bit for bit: the same number) and computes
+    it only at α = 0, which the search never scores. PS is computed under ``ps_protocol`` (eval/ps_protocols.py;
     ``preset`` names uwc-linear's family). ``mixing`` is :func:`mixed_weights`' mode; ``ps_method``
     is :func:`.ps.ps_scores`' (its reference search: ``"search"``): both change no number.
     """
@@ -195,8 +211,8 @@ def uwc_calibrate(original_model, unlearned_model, tokenizer, template: Template
     res = calibrate_alpha(score, reference_ps, tolerance, alpha_tol=alpha_tol)
     if report_fn is None:
         def report_fn(m):
-            return ps_report(m, tokenizer, template, {"retain": retain_records, "forget": forget_records},
-                             **ps_kw)
+            return default_report(m, tokenizer, template, retain_records, forget_records,
+                                  dict(res["history"]).get(res["alpha"]), ps_kw)
     with mixed_weights(unlearned_model, original_model, res["alpha"], mode=mixing) as m:
         report = report_fn(m)
     return {"alpha": res["alpha"], "tolerance": tolerance, "reference_ps": reference_ps,
