@@ -23,8 +23,8 @@ KV cache for all of them (:mod:`.prefix_losses`), and generation is a KV-cache l
 row leaves its batch when it ends (:mod:`.cached_generate`); in ``independent`` mode, whose
 continuations do not depend on which prompts share a batch, :func:`evaluate_tofu` generates the
 prompts of all its sets in one call (:func:`generate_sets`), so that its length-sorted batches
-span sets and a CPU, whose decode step costs about the same at any batch height, runs half the
-steps. ``reference=True`` runs the previous path (a full forward per pair, Hugging Face
+span sets: fewer, fuller batches, hence fewer decode steps, which on a CPU cost about the same at
+any batch height. ``reference=True`` runs the previous path (a full forward per pair, Hugging Face
 ``generate``, set by set) that the tests hold them to.
 """
 from __future__ import annotations
