@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -198,8 +199,28 @@ def cost_table(runs: Dict[str, dict]) -> str:
     return table(head, rows)
 
 
+def guard_table(runs: Dict[str, dict]) -> str:
+    """What the GRU guard did at each step (train_log.jsonl) beside the unguarded GD run: the steps it
+    projected, the norm it removed against the clipped gradient's, and the two step losses."""
+    head = ["run", "steps", "steps projected", "removed norm: median (max)", "gradient norm: median",
+            "forget NLL of the last step's batch", "retain NLL of the step's batch: mean over steps"]
+    rows = []
+    for name, label in SPECS:
+        run = runs.get(name)
+        if not run or not name.endswith(("-gd", "-gru")) or not run["train"]:
+            continue
+        t = run["train"]
+        removed = [r["guard_removed_norm"] for r in t if isinstance(r.get("guard_removed_norm"), (int, float))]
+        projected = sum(1 for r in t if r.get("guard_projected"))
+        rows.append([label, str(len(t)), str(projected) if "guard_projected" in t[0] else "–",
+                     f"{fmt(statistics.median(removed))} ({fmt(max(removed))})" if removed else "–",
+                     fmt(statistics.median(r["grad_norm"] for r in t)), fmt(t[-1]["forget_nll"]),
+                     fmt(statistics.fmean(r["reg_loss"] for r in t))])
+    return table(head, rows)
+
+
 TABLES: Dict[str, Callable[[Dict[str, dict]], str]] = {
-    "metrics": metrics_table, "risks": risk_table, "quality": quality_table,
+    "metrics": metrics_table, "risks": risk_table, "quality": quality_table, "guard": guard_table,
     "second-order": second_order_table, "second-order-quality": second_order_quality_table, "cost": cost_table}
 
 
