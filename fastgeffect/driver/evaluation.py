@@ -82,7 +82,8 @@ def ps_metrics(model, target: Target, sets, cfg: RunConfig, out_dir: Optional[Pa
     samples = ps_samples(target, sets, cfg)
     rows = ps_report_rows(model, target.tokenizer, target.template, samples["exact"], perturb_sets=samples["perturb"],
                           protocol=cfg.ps_protocol, family=PRESETS[cfg.preset].uwc, batch_size=cfg.eval_batch_size)
-    if out_dir is not None:
+    if out_dir is not None:  # the TOFU logs' folder, absent when --eval-metrics leaves tofu out
+        out_dir.mkdir(parents=True, exist_ok=True)
         write_json_main(out_dir / files.PS_ROWS, rows)
     return {k: r["ps"] for k, r in rows.items()}
 
