@@ -351,3 +351,24 @@ def test_uwc_heldout_without_rows_left_is_refused(tmp_path):
         with pytest.raises(SystemExit):
             run(tmp_path / "bad", "--uwc-rows", "heldout", *extra)
         assert not (tmp_path / "bad").exists()
+
+
+def test_shared_ps_rows_and_uwc_reference_are_reused_only_for_their_rows(tmp_path, capsys):
+    """A shared metrics_before.json without its ps_rows.json (an older version's) is recomputed; the
+    original's PS on the heldout rows is reused for the same rows and recomputed for others."""
+    shared = tmp_path / "shared"
+    base = ("--method", "ga", "--epochs", "1", "--eval-metrics", "tofu", "--uwc-rows", "heldout",
+            "--shared-dir", str(shared))
+    assert run(tmp_path / "a", *base, "--eval-size", "2") == 0
+    reference = json.loads((shared / "uwc_reference.json").read_text())
+    (shared / "eval_before" / "ps_rows.json").unlink()
+    capsys.readouterr()
+    assert run(tmp_path / "b", *base, "--eval-size", "2") == 0
+    err = capsys.readouterr().err
+    assert "metrics_before.json: it cannot be read" in err and "uwc_reference.json" not in err
+    assert (shared / "eval_before" / "ps_rows.json").exists()
+    assert json.loads((tmp_path / "b" / "metrics_uwc.json").read_text())["reference_ps"] == reference["PS-exact retain"]
+    assert run(tmp_path / "c", *base, "--eval-size", "1") == 0
+    assert "uwc_reference.json: it was computed with other first_row, rows_sha256" in capsys.readouterr().err
+    recomputed = json.loads((shared / "uwc_reference.json").read_text())
+    assert (recomputed["first_row"], recomputed["count"]) == (1, 1)

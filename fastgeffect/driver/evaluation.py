@@ -164,19 +164,17 @@ def retain_model_log(target: Target, sets, cfg: RunConfig, shared: Path, preset:
     return None, note
 
 
-def calibration_rows(sets, cfg: RunConfig) -> Tuple[list, int]:
-    """The retain rows UWC calibrates α on and the index of the first (``--uwc-rows``): the reported
-    ones, or the next ``--eval-size`` rows of the retain set after them (fewer where it ends)."""
-    if cfg.uwc_rows == "heldout":
-        return list(sets["retain"][cfg.eval_size:2 * cfg.eval_size]), cfg.eval_size
-    return list(sets["retain"][:cfg.eval_size]), 0
+def heldout_rows(sets, cfg: RunConfig) -> list:
+    """``--uwc-rows heldout``'s calibration rows: the ``--eval-size`` retain rows after the reported
+    ones (``clean``'s first ``--eval-size``), fewer where the set ends."""
+    return list(sets["retain"][cfg.eval_size:2 * cfg.eval_size])
 
 
 def check_uwc_rows(sets, cfg: RunConfig) -> None:
     """``--uwc-rows heldout`` under the resolved PS protocol, with rows left after the reported ones:
     refused before the evaluation before unlearning, not after unlearning."""
     error = uwc_rows_error(cfg, cfg.ps_protocol)
-    if error is None and cfg.uwc_rows == "heldout" and not calibration_rows(sets, cfg)[0]:
+    if error is None and cfg.uwc_rows == "heldout" and not heldout_rows(sets, cfg):
         error = (f"--uwc-rows heldout: the retain set has {len(sets['retain'])} rows, all of them reported with "
                  f"--eval-size {cfg.eval_size}: none is left to calibrate on; lower --eval-size or use --uwc-rows "
                  "reported")
@@ -213,9 +211,10 @@ def uwc_metrics(model, target: Target, sets, out_dir: Path, cfg: RunConfig, pres
     :func:`evaluate` does (TOFU's metrics with Model Utility and Forget Quality, logs in ``out_dir``, and PS)."""
     original = target.load_original().to(device)
     samples = ps_samples(target, sets, cfg)
-    retain, first = samples["exact"]["retain"], 0
+    # the first row's index where the rows are consecutive (clean's), None for a protocol's own draws
+    retain, first = samples["exact"]["retain"], 0 if cfg.ps_protocol == "clean" else None
     if cfg.uwc_rows == "heldout":
-        retain, first = calibration_rows(sets, cfg)
+        retain, first = heldout_rows(sets, cfg), cfg.eval_size
         reference_ps = heldout_reference(original, target, retain, first, cfg, preset, shared)
     res = uwc_calibrate(original, model, target.tokenizer, target.template, retain, samples["exact"]["forget"],
                         preset=preset.uwc, batch_size=cfg.eval_batch_size, reference_ps=reference_ps,
