@@ -22,6 +22,8 @@ LM_EVAL_AFTER = "lm_eval_after.json"
 EVAL_BEFORE = "eval_before"  # TOFU's per-sample logs, one folder per evaluation
 EVAL_AFTER = "eval_after"
 EVAL_UWC = "eval_uwc"
+PS_ROWS = "ps_rows.json"  # in each evaluation's folder: PS per row, per metric (driver/evaluation.py)
+UWC_REFERENCE = "uwc_reference.json"  # --uwc-rows heldout: the original's retain PS on the calibration rows
 ATTACKS = "attacks.json"  # --attacks (fastgeffect/attacks/report.py)
 ATTACKS_PLOT = "attacks_relearn.png"
 

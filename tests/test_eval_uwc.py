@@ -1,6 +1,7 @@
 """UWC calibration: weight mixing without a third model copy, and the α search."""
 import argparse
 import copy
+import json
 import math
 
 import pytest
@@ -122,7 +123,7 @@ def test_driver_evaluates_the_calibrated_model_fully(tmp_path):
     target = Target(orig, tok, TPL, None, 64, lambda: copy.deepcopy(orig))
     args = argparse.Namespace(preset="embedded", eval_size=300, eval_batch_size=4, no_progress=True,
                               eval_max_length=None, gen_mode=None, truth_ratio_agg="geometric",
-                              ps_protocol="clean", split="forget10")
+                              ps_protocol="clean", split="forget10", uwc_rows="reported")
     res = uwc_metrics(unl, target, sets, tmp_path / "eval_uwc", args, PRESETS["embedded"], torch.device("cpu"),
                       None, tmp_path / "retain" / "eval_log_forget.json")
     assert 0.0 <= res["alpha"] < 1.0
@@ -133,6 +134,11 @@ def test_driver_evaluates_the_calibrated_model_fully(tmp_path):
         assert res[k] == pytest.approx(direct[k], rel=1e-9, abs=1e-12), k
     assert {"PS-exact retain", "PS-exact forget"} <= set(res)
     assert (tmp_path / "eval_uwc" / "eval_log_forget.json").exists()
+    rows = json.loads((tmp_path / "eval_uwc" / "ps_rows.json").read_text())
+    for k in ("PS-exact retain", "PS-exact forget"):  # the rows the calibrated PS averages
+        assert len(rows[k]["scores"]) == len(sets[k.split()[1]]) and rows[k]["ps"] == res[k]
+        assert abs(math.fsum(rows[k]["scores"]) / len(rows[k]["scores"]) - res[k]) <= 1e-12
+    assert res["calibration_rows"] == "reported" and res["calibration"]["count"] == len(sets["retain"])
     table = metrics_table({"UWC-calibrated": res})
     assert "| Model Utility |" in table and "| Forget Quality |" in table
 

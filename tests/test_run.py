@@ -277,3 +277,98 @@ def test_a_folder_of_an_older_version_resumes_with_its_defaults_or_names_the_fla
                                          "--seed 0,"):
         run(out, *common, "--seed", "1", "--resume")
     assert run(out, *common, "--resume") == 0  # at the default, it continues
+
+
+def _ps_rows_agree(folder: Path, metrics: dict) -> None:
+    """ps_rows.json of an evaluation: per-row scores in row order whose mean is each reported PS."""
+    rows = json.loads((folder / "ps_rows.json").read_text())
+    assert set(rows) == {k for k in metrics if k.startswith("PS-")} and rows
+    for name, r in rows.items():
+        assert len(r["scores"]) == len(r["prefix_words"]) == len(r["num_words"]) > 0
+        assert [1 - m / n for m, n in zip(r["prefix_words"], r["num_words"])] == r["scores"]
+        mean = math.fsum(r["scores"]) / len(r["scores"])
+        assert abs(mean - metrics[name]) <= 1e-12 * max(1.0, *map(abs, r["scores"]))
+
+
+def _calibrated_again(out: Path, rows, forget, reference):
+    """UWC calibrated anew on the saved unlearned model against its original, on ``rows``."""
+    from fastgeffect.embedded import build_embedded
+    from fastgeffect.eval import uwc_calibrate
+    from fastgeffect.model_loading import load_causal_lm
+    emb = build_embedded(None, size="tiny", seed=0, forget_split="forget10")
+    unlearned, _ = load_causal_lm(str(out / "model"))
+    return uwc_calibrate(emb.load_target(), unlearned, emb.tokenizer, emb.template, rows, forget, preset="phi",
+                         reference_ps=reference, ps_protocol="clean")
+
+
+@pytest.mark.parametrize("mode", ["reported", "heldout"])
+def test_uwc_calibration_rows_and_ps_rows(tmp_path, monkeypatch, mode):
+    """--uwc-rows: reported calibrates α on the reported rows against the original's PS before (today's
+    numbers); heldout on the next --eval-size retain rows, disjoint from them, against the original's PS
+    on those; every evaluation writes its PS rows."""
+    from fastgeffect.driver import evaluation
+    from fastgeffect.embedded import build_embedded
+    from fastgeffect.eval import load_tofu_sets, ps_scores
+    out, n, seen = tmp_path / mode, 2, []
+
+    def spy(original, unlearned, tokenizer, template, retain, forget, **kw):
+        seen.append(list(retain))
+        return calibrate(original, unlearned, tokenizer, template, retain, forget, **kw)
+    calibrate = evaluation.uwc_calibrate
+    monkeypatch.setattr(evaluation, "uwc_calibrate", spy)
+    assert run(out, "--method", "ga", "--epochs", "2", "--eval-size", str(n), "--uwc-rows", mode, "--save-model",
+               "--eval-metrics", "tofu") == 0
+    before, after, uwc = (json.loads((out / f"metrics_{w}.json").read_text()) for w in ("before", "after", "uwc"))
+    for folder, metrics in (("eval_before", before), ("eval_after", after), ("eval_uwc", uwc)):
+        _ps_rows_agree(out / folder, metrics)
+    emb = build_embedded(None, size="tiny", seed=0, forget_split="forget10")
+    sets = load_tofu_sets("forget10", str(emb.data_dir))
+    reported = json.loads((out / "eval_uwc" / "ps_rows.json").read_text())["PS-exact retain"]["scores"]
+    assert len(reported) == n  # UWC reports the same rows in both modes
+    assert uwc["calibration_rows"] == mode
+    assert len(seen) == 1 and seen[0] == (sets["retain"][:n] if mode == "reported" else sets["retain"][n:2 * n])
+    if mode == "reported":
+        rows, reference = sets["retain"][:n], before["PS-exact retain"]
+        assert uwc["calibration"] == {"first_row": 0, "count": n, "reference_ps": reference}
+        assert not (out / "uwc_reference.json").exists()
+    else:
+        rows = sets["retain"][n:2 * n]
+        assert rows and not {r["question"] for r in rows} & {r["question"] for r in sets["retain"][:n]}
+        reference = ps_scores(emb.load_target(), emb.tokenizer, emb.template, rows, protocol="clean")["ps"]
+        assert uwc["calibration"] == {"first_row": n, "count": len(rows), "reference_ps": reference}
+        assert uwc["reference_ps"] == reference
+        assert json.loads((out / "uwc_reference.json").read_text())["PS-exact retain"] == reference
+    again = _calibrated_again(out, rows, sets["forget"][:n], reference)
+    assert again["alpha"] == uwc["alpha"] and again["reference_ps"] == uwc["reference_ps"]
+
+
+def test_uwc_heldout_without_rows_left_is_refused(tmp_path):
+    out = tmp_path / "none-left"
+    with pytest.raises(SystemExit, match=r"--uwc-rows heldout: the retain set has \d+ rows, all of them reported"):
+        run(out, "--method", "ga", "--epochs", "1", "--eval-size", "100000", "--uwc-rows", "heldout")
+    assert not (out / "metrics_before.json").exists() and not (out / "eval_before").exists()
+    for extra in (("--ps-protocol", "paper"), ("--no-uwc",)):
+        with pytest.raises(SystemExit):
+            run(tmp_path / "bad", "--uwc-rows", "heldout", *extra)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_shared_ps_rows_and_uwc_reference_are_reused_only_for_their_rows(tmp_path, capsys):
+    """A shared metrics_before.json without its ps_rows.json (an older version's) is recomputed; the
+    original's PS on the heldout rows is reused for the same rows and recomputed for others."""
+    shared = tmp_path / "shared"
+    base = ("--method", "ga", "--epochs", "1", "--eval-metrics", "tofu", "--uwc-rows", "heldout",
+            "--shared-dir", str(shared))
+    assert run(tmp_path / "a", *base, "--eval-size", "2") == 0
+    reference = json.loads((shared / "uwc_reference.json").read_text())
+    (shared / "eval_before" / "ps_rows.json").unlink()
+    capsys.readouterr()
+    assert run(tmp_path / "b", *base, "--eval-size", "2") == 0
+    err = capsys.readouterr().err
+    assert "metrics_before.json: it cannot be read" in err and "uwc_reference.json" not in err
+    assert (shared / "eval_before" / "ps_rows.json").exists()
+    assert json.loads((tmp_path / "b" / "metrics_uwc.json").read_text())["reference_ps"] == reference["PS-exact retain"]
+    assert run(tmp_path / "c", *base, "--eval-size", "1") == 0
+    assert "uwc_reference.json: it was computed with other first_row, rows_sha256" in capsys.readouterr().err
+    recomputed = json.loads((shared / "uwc_reference.json").read_text())
+    assert (recomputed["first_row"], recomputed["count"]) == (1, 1)

@@ -33,7 +33,7 @@ CONFIG_KEYS = [
     "second_order", "stop_at_retain_damage", "stop_damage_from", "geffect_guard", "guard_scope", "gru_gamma",
     "pg_steps", "eval", "eval_metrics", "attacks",
     "relearn_steps", "relearn_lr", "eval_tasks", "eval_tasks_include", "eval_tasks_limit",
-    "eval_size", "eval_batch_size", "no_uwc", "ps_protocol", "eval_max_length",
+    "eval_size", "eval_batch_size", "no_uwc", "uwc_rows", "ps_protocol", "eval_max_length",
     "gen_mode", "truth_ratio_agg", "out",
     "resume", "overwrite", "save_model", "checkpoint_epochs", "save_every", "stop_at_step", "no_progress", "report_to"]
 

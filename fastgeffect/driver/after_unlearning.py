@@ -42,7 +42,7 @@ def evaluate_after(run: Run, model, step: int) -> None:
         t = time.perf_counter()
         before = read_json(out / files.METRICS_BEFORE)
         uwc = uwc_metrics(model, run.target, run.sets, out / files.EVAL_UWC, cfg, run.preset, run.device,
-                          before.get("PS-exact retain"), run.retain_log, run.privacy)
+                          before.get("PS-exact retain"), run.retain_log, run.privacy, shared=run.shared)
         dist_.write_json_main(out / files.METRICS_UWC, uwc)
         if tb is not None:
             tb.scalars(step, metric_scalars(uwc, "eval_uwc"))

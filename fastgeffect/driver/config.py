@@ -240,6 +240,10 @@ class RunConfig:
     eval_size: int = setting(300, "rows per evaluation set (TOFU's ds_size)", group=OUTPUTS, low=1)
     eval_batch_size: int = setting(32, "sequences per evaluation batch", group=OUTPUTS, low=1)
     no_uwc: bool = setting(False, "skip UWC calibration", group=OUTPUTS)
+    uwc_rows: str = setting(
+        "reported", "retain rows UWC calibrates α on: reported (the rows it reports) or heldout (the next --eval-size "
+                    "retain rows after them, against the original's PS on those; --ps-protocol clean)",
+        group=OUTPUTS, choices=("reported", "heldout"))
     ps_protocol: Optional[str] = setting(
         None, "how PS is computed: 'paper' as the public code behind the paper's Table 1, 'uwc-linear' as UWC's "
               "per-model scripts (both with their own prompt, rows and batching), 'clean' fastgeffect's own "

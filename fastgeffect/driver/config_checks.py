@@ -119,9 +119,22 @@ def benchmark_error(cfg) -> Optional[str]:
     return None
 
 
+def uwc_rows_error(cfg, ps_protocol: Optional[str]) -> Optional[str]:
+    """``--uwc-rows heldout`` without UWC, or under a PS protocol whose rows are not the first
+    ``--eval-size`` of the evaluation sets (``ps_protocol``: as given, or resolved)."""
+    if cfg.uwc_rows != "heldout":
+        return None
+    if cfg.no_uwc or cfg.eval == "none" or cfg.benchmark != "tofu":
+        return "--uwc-rows heldout needs UWC calibration: --benchmark tofu with --eval full and without --no-uwc"
+    if ps_protocol not in (None, "clean"):
+        return (f"--uwc-rows heldout needs --ps-protocol clean: {ps_protocol} draws its own retain rows, so the rows "
+                "after the reported ones are not defined apart from them")
+    return None
+
+
 def combination_error(cfg) -> Optional[str]:
     """Settings that are valid alone but not together."""
-    error = benchmark_error(cfg) or tasks_error(cfg)
+    error = benchmark_error(cfg) or tasks_error(cfg) or uwc_rows_error(cfg, cfg.ps_protocol)
     if error:
         return error
     if cfg.template is not None and cfg.model is None:

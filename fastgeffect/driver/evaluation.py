@@ -3,6 +3,8 @@ the retain model's log behind Forget Quality, and UWC calibration (docs/design.m
 settings of :func:`eval_options`)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Optional, Tuple
@@ -10,10 +12,12 @@ from typing import Optional, Tuple
 from .. import run_files as files
 from ..data.tofu import RETAIN_OF, load_tofu_split
 from ..distributed import write_json_main
-from ..eval import evaluate_tofu, ps_report, uwc_calibrate, write_open_unlearning
+from ..eval import evaluate_tofu, ps_scores, uwc_calibrate, write_open_unlearning
+from ..eval.ps import ps_report_rows
 from ..eval.ps_samples import protocol_samples
-from .artefacts import before_fingerprint, cached, load_json_dict, retain_log_fingerprint
+from .artefacts import before_fingerprint, cached, load_json_dict, model_identity, retain_log_fingerprint, run_inputs
 from .config import RunConfig
+from .config_checks import uwc_rows_error
 from .presets import PRESETS, Preset, is_published_checkpoint
 from .privacy import PrivacyInputs, privacy_metrics
 from .targets import Target
@@ -57,7 +61,7 @@ def evaluate(model, target: Target, sets, out_dir: Path, cfg: RunConfig, retain_
                             ds_size=cfg.eval_size, batch_size=cfg.eval_batch_size, progress=not cfg.no_progress,
                             **eval_options(cfg, target))
         metrics.update(res["metrics"])
-    metrics.update(ps_metrics(model, target, sets, cfg))
+    metrics.update(ps_metrics(model, target, sets, cfg, out_dir))
     if privacy is not None:
         extra = privacy_metrics(model, target, sets, cfg, privacy, out_dir, eval_options(cfg, target)["max_length"])
         metrics.update(extra)
@@ -72,11 +76,27 @@ def ps_samples(target: Target, sets, cfg: RunConfig) -> dict:
                             sets, cfg.eval_size)
 
 
-def ps_metrics(model, target: Target, sets, cfg: RunConfig) -> dict:
-    """PS-exact/PS-perturb on retain and forget under ``--ps-protocol``."""
+def ps_metrics(model, target: Target, sets, cfg: RunConfig, out_dir: Optional[Path] = None) -> dict:
+    """PS-exact/PS-perturb on retain and forget under ``--ps-protocol``; each metric's rows (scores,
+    m and n in row order: :func:`~fastgeffect.eval.ps.ps_report_rows`) in ``out_dir/ps_rows.json``."""
     samples = ps_samples(target, sets, cfg)
-    return ps_report(model, target.tokenizer, target.template, samples["exact"], perturb_sets=samples["perturb"],
-                     protocol=cfg.ps_protocol, family=PRESETS[cfg.preset].uwc, batch_size=cfg.eval_batch_size)
+    rows = ps_report_rows(model, target.tokenizer, target.template, samples["exact"], perturb_sets=samples["perturb"],
+                          protocol=cfg.ps_protocol, family=PRESETS[cfg.preset].uwc, batch_size=cfg.eval_batch_size)
+    if out_dir is not None:  # the TOFU logs' folder, absent when --eval-metrics leaves tofu out
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_main(out_dir / files.PS_ROWS, rows)
+    return {k: r["ps"] for k, r in rows.items()}
+
+
+def load_before(path: Path) -> dict:
+    """A cached metrics_before.json, refused (ValueError: recomputed) without the ps_rows.json of the
+    same evaluation beside it: written by a version without it, or by another evaluation."""
+    metrics = load_json_dict(path)
+    rows = load_json_dict(path.parent / files.EVAL_BEFORE / files.PS_ROWS)
+    ps = {k: v for k, v in metrics.items() if k.startswith("PS-")}
+    if {k: r.get("ps") for k, r in rows.items()} != ps:
+        raise ValueError(f"{files.EVAL_BEFORE}/{files.PS_ROWS} holds other PS than {path.name}")
+    return metrics
 
 
 def before_metrics(model, target: Target, sets, cfg: RunConfig, shared: Path, retain_log,
@@ -89,7 +109,7 @@ def before_metrics(model, target: Target, sets, cfg: RunConfig, shared: Path, re
         return metrics
     fingerprint = {**before_fingerprint(target, cfg.split, cfg.eval_size, retain_log, cfg.ps_protocol),
                    "eval": eval_options(cfg, target), **({} if privacy is None else {"privacy": privacy.fingerprint()})}
-    return cached(shared / files.METRICS_BEFORE, fingerprint, compute, load_json_dict, recompute=cfg.overwrite,
+    return cached(shared / files.METRICS_BEFORE, fingerprint, compute, load_before, recompute=cfg.overwrite,
                   lock_dir=shared)
 
 
@@ -144,17 +164,62 @@ def retain_model_log(target: Target, sets, cfg: RunConfig, shared: Path, preset:
     return None, note
 
 
+def heldout_rows(sets, cfg: RunConfig) -> list:
+    """``--uwc-rows heldout``'s calibration rows: the ``--eval-size`` retain rows after the reported
+    ones (``clean``'s first ``--eval-size``), fewer where the set ends."""
+    return list(sets["retain"][cfg.eval_size:2 * cfg.eval_size])
+
+
+def check_uwc_rows(sets, cfg: RunConfig) -> None:
+    """``--uwc-rows heldout`` under the resolved PS protocol, with rows left after the reported ones:
+    refused before the evaluation before unlearning, not after unlearning."""
+    error = uwc_rows_error(cfg, cfg.ps_protocol)
+    if error is None and cfg.uwc_rows == "heldout" and not heldout_rows(sets, cfg):
+        error = (f"--uwc-rows heldout: the retain set has {len(sets['retain'])} rows, all of them reported with "
+                 f"--eval-size {cfg.eval_size}: none is left to calibrate on; lower --eval-size or use --uwc-rows "
+                 "reported")
+    if error is not None:
+        raise SystemExit(error)
+
+
+def heldout_reference(original, target: Target, rows: list, first: int, cfg: RunConfig, preset: Preset,
+                      shared: Optional[Path]) -> float:
+    """The original's retain PS-exact on the calibration rows, kept in ``shared`` with its
+    fingerprint (which holds the rows' digest: never a number of other rows)."""
+    kw = dict(protocol=cfg.ps_protocol, family=preset.uwc, batch_size=cfg.eval_batch_size)
+
+    def compute(path: Optional[Path]) -> dict:
+        value = {"PS-exact retain": ps_scores(original, target.tokenizer, target.template, rows, **kw)["ps"],
+                 "first_row": first, "count": len(rows)}
+        if path is not None:
+            write_json_main(path, value)
+        return value
+    if shared is None:
+        return compute(None)["PS-exact retain"]
+    fingerprint = {"artefact": "uwc_reference", "model": model_identity(original), **run_inputs(target, cfg.split),
+                   "ps_protocol": cfg.ps_protocol, "family": preset.uwc, "first_row": first,
+                   "rows_sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()}
+    return cached(shared / files.UWC_REFERENCE, fingerprint, compute, load_json_dict, recompute=cfg.overwrite,
+                  lock_dir=shared)["PS-exact retain"]
+
+
 def uwc_metrics(model, target: Target, sets, out_dir: Path, cfg: RunConfig, preset: Preset, device, reference_ps,
-                retain_log, privacy: Optional[PrivacyInputs] = None) -> dict:
-    """UWC: mix the unlearned weights with the original's until retain PS matches ``reference_ps``
-    (the original's), and evaluate the calibrated model fully, as :func:`evaluate` does (TOFU's
-    metrics with Model Utility and Forget Quality, logs in ``out_dir``, and PS)."""
+                retain_log, privacy: Optional[PrivacyInputs] = None, shared: Optional[Path] = None) -> dict:
+    """UWC: mix the unlearned weights with the original's until retain PS matches the original's
+    (``reference_ps``, on the reported rows; with ``--uwc-rows heldout`` on the rows after them,
+    computed once and kept in ``shared``), and evaluate the calibrated model fully, as
+    :func:`evaluate` does (TOFU's metrics with Model Utility and Forget Quality, logs in ``out_dir``, and PS)."""
     original = target.load_original().to(device)
     samples = ps_samples(target, sets, cfg)
-    res = uwc_calibrate(original, model, target.tokenizer, target.template,
-                        samples["exact"]["retain"], samples["exact"]["forget"],
+    # the first row's index where the rows are consecutive (clean's), None for a protocol's own draws
+    retain, first = samples["exact"]["retain"], 0 if cfg.ps_protocol == "clean" else None
+    if cfg.uwc_rows == "heldout":
+        retain, first = heldout_rows(sets, cfg), cfg.eval_size
+        reference_ps = heldout_reference(original, target, retain, first, cfg, preset, shared)
+    res = uwc_calibrate(original, model, target.tokenizer, target.template, retain, samples["exact"]["forget"],
                         preset=preset.uwc, batch_size=cfg.eval_batch_size, reference_ps=reference_ps,
                         ps_protocol=cfg.ps_protocol,
                         report_fn=lambda mixed: evaluate(mixed, target, sets, out_dir, cfg, retain_log, privacy))
+    calibration = {"first_row": first, "count": len(retain), "reference_ps": res["reference_ps"]}
     return {"alpha": res["alpha"], "tolerance": res["tolerance"], "reference_ps": res["reference_ps"],
-            **res["metrics"]}
+            "calibration_rows": cfg.uwc_rows, "calibration": calibration, **res["metrics"]}

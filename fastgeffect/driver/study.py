@@ -33,7 +33,7 @@ from ..unlearn import NonFiniteLoss, UnlearnConfig, Unlearner, config_dict
 from .after_unlearning import check_attack_inputs, check_attack_settings, evaluate_after, tensorboard_log
 from .artefacts import cached, reference_fingerprint, source_identity
 from .config import RunConfig, as_older_run, objective_hparams, resume_defaults, settings, train_config, with_defaults
-from .evaluation import before_metrics, check_eval_length, eval_options, retain_model_log
+from .evaluation import before_metrics, check_eval_length, check_uwc_rows, eval_options, retain_model_log
 from .inputs import check_inputs
 from .launch import check_fused, launch_details, launch_strategy, make_accelerator, use_fused, whole_model
 from .lm_eval_phase import checked_task_manager, tasks_phase
@@ -286,6 +286,7 @@ def evaluate_before(run: Run) -> Optional[dict]:
     if not run.sets:
         return None
     check_eval_length(run.target, run.sets, cfg)
+    check_uwc_rows(run.sets, cfg)
     check_attack_inputs(run)
     run.retain_log, note = retain_model_log(run.target, run.sets, cfg, run.shared, run.preset)
     run.privacy = privacy_inputs(run.target, run.sets, cfg, run.shared, run.retain_log,

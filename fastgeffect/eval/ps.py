@@ -96,13 +96,32 @@ def ps_report(model, tokenizer, template: Template, sets: Dict[str, Sequence[dic
     """PS-exact of each named set and PS-perturb (when its records have ``paraphrased_question``)
     of the same set or of ``perturb_sets[name]`` (protocols that sample them apart, ps_samples.py),
     e.g. ``{"retain": [...], "forget": [...]}`` → ``{"PS-exact retain": ..., ...}``."""
+    return {k: row["ps"] for k, row in ps_report_rows(model, tokenizer, template, sets, perturb_sets=perturb_sets,
+                                                       protocol=protocol, family=family, batch_size=batch_size,
+                                                       search=search, method=method).items()}
+
+
+def ps_report_rows(model, tokenizer, template: Template, sets: Dict[str, Sequence[dict]], *,
+                   perturb_sets: Optional[Dict[str, Sequence[dict]]] = None, protocol: str = "clean",
+                   family: str = "phi", batch_size: int = 32, search: str = "binary",
+                   method: str = "teacher-forced") -> Dict[str, Dict[str, object]]:
+    """:func:`ps_report` with each metric's rows: ``{"PS-exact retain": {"ps": mean, "scores": per row,
+    "prefix_words": m, "num_words": n}, ...}`` in row order (m and n where the protocol gives them:
+    ``clean``'s ``prefix_words``, uwc-linear's ``given_words``), so that a study can resample the rows."""
     perturb_sets = sets if perturb_sets is None else perturb_sets
     kw = dict(protocol=protocol, family=family, batch_size=batch_size, search=search, method=method)
     out = {}
     for name, recs in sets.items():
-        out[f"PS-exact {name}"] = ps_scores(model, tokenizer, template, recs, **kw)["ps"]
+        out[f"PS-exact {name}"] = _rows(ps_scores(model, tokenizer, template, recs, **kw))
         perturb = perturb_sets.get(name)
         if perturb and all("paraphrased_question" in r for r in perturb):
-            out[f"PS-perturb {name}"] = ps_scores(model, tokenizer, template, perturb,
-                                                  question_key="paraphrased_question", **kw)["ps"]
+            out[f"PS-perturb {name}"] = _rows(ps_scores(model, tokenizer, template, perturb,
+                                                        question_key="paraphrased_question", **kw))
     return out
+
+
+ROW_KEYS = ("prefix_words", "given_words", "num_words")  # the per-row m and n a protocol's result may hold
+
+
+def _rows(res: Dict[str, object]) -> Dict[str, object]:
+    return {"ps": res["ps"], "scores": list(res["scores"]), **{k: list(res[k]) for k in ROW_KEYS if k in res}}
