@@ -43,7 +43,7 @@ done
 # to it: LOGS=docs/studies/smollm2-steer bash docs/studies/smollm2-steer.sh
 if [ -n "${LOGS:-}" ]; then
   for run in "$OUT"/runs/*/; do
-    dest="$LOGS/runs/$(basename "$run")"
+    dest="$LOGS/logs/$(basename "$run")"
     mkdir -p "$dest"
     for f in config.json timing.json geffect.jsonl train_log.jsonl metrics_before.json metrics_after.json \
              metrics_uwc.json; do

@@ -1,5 +1,5 @@
 """Rebuilds every table of docs/studies/smollm2-steer.md from the runs' logs committed under
-docs/studies/smollm2-steer/runs/ (one folder per run: config.json, timing.json, geffect.jsonl,
+docs/studies/smollm2-steer/logs/ (one folder per run: config.json, timing.json, geffect.jsonl,
 train_log.jsonl, metrics_*.json, as the driver wrote them).
 
     python docs/studies/smollm2_steer_tables.py            # print the tables
@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # the checkout's package, without an i
 
 from fastgeffect.report.geffect_stats import prediction_quality, with_outcome  # noqa: E402
 
-RUNS = HERE / "smollm2-steer" / "runs"
+RUNS = HERE / "smollm2-steer" / "logs"  # not "runs/": .gitignore keeps run folders out
 DOC = HERE / "smollm2-steer.md"
 BLOCK = re.compile(r"(<!-- table: (?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
 # runs in the order the tables show them, with what each one is
