@@ -73,6 +73,14 @@ def phase_seconds(timing: List[dict], phase: str) -> Optional[float]:
     return sum(vals) if vals else None
 
 
+def runs_with(runs: Dict[str, dict], key: str, names=None):
+    """(name, label, run) of the study's runs, in the tables' order, that hold a non-empty ``key``."""
+    for name, label in SPECS:
+        run = runs.get(name)
+        if run and run[key] and (names is None or name.endswith(names)):
+            yield name, label, run
+
+
 def steps_run(run: dict) -> int:
     return len({r["step"] for r in run["train"]})
 
@@ -87,10 +95,7 @@ def metrics_table(runs: Dict[str, dict]) -> str:
         rows.append(["target (before)", "0"] + [fmt(before.get(k)) for k in
                      ("PS-exact forget", "PS-exact retain", "PS-perturb forget", "PS-perturb retain",
                       "Model Utility")] + ["–"] * 4)
-    for name, label in SPECS:
-        run = runs.get(name)
-        if not run or not run["after"]:
-            continue
+    for _, label, run in runs_with(runs, "after"):
         a, u = run["after"], run["uwc"] or {}
         rows.append([label, str(steps_run(run))] +
                     [fmt(a.get(k)) for k in ("PS-exact forget", "PS-exact retain", "PS-perturb forget",
@@ -122,10 +127,8 @@ QUALITY_HEAD = ["run", "risk", "prediction", "sign right", "IQR of log(real/pred
 def quality_table(runs: Dict[str, dict]) -> str:
     """The update effect's prediction of each risk's change over the steps of every run."""
     rows = []
-    for name, label in SPECS:
-        run = runs.get(name)
-        if run:
-            rows += quality_rows(label, run["geffect"], [("predicted_opt", "update effect")])
+    for _, label, run in runs_with(runs, "geffect"):
+        rows += quality_rows(label, run["geffect"], [("predicted_opt", "update effect")])
     return table(QUALITY_HEAD, rows)
 
 
@@ -166,10 +169,7 @@ def risk_table(runs: Dict[str, dict]) -> str:
     head = ["run", "steps", "forget risk R₀", "Δ forget risk (realised)", "retain risk R₀",
             "Δ retain risk / R₀ (realised)", "Δ retain risk / R₀ (predicted)", "Σ retain G-effect"]
     rows = []
-    for name, label in SPECS:
-        run = runs.get(name)
-        if not run or not run["geffect"]:
-            continue
+    for _, label, run in runs_with(runs, "geffect"):
         g = run["geffect"]
         r0 = {risk: next(r["risk_value"] for r in g if r["risk"] == risk) for risk in ("unlearn", "retain")}
         real_f = cumulative_change(g, "unlearn", "realised")
@@ -186,10 +186,7 @@ def cost_table(runs: Dict[str, dict]) -> str:
     head = ["run", "steps", "unlearning s", "s per step", "evaluation after s", "UWC s",
             "after + UWC ≤ unlearning?"]
     rows = []
-    for name, label in SPECS:
-        run = runs.get(name)
-        if not run or not run["timing"]:
-            continue
+    for _, label, run in runs_with(runs, "timing"):
         t = run["timing"]
         unl, after, uwc = (phase_seconds(t, p) for p in ("unlearn", "eval_after", "uwc"))
         n = steps_run(run)
@@ -205,10 +202,7 @@ def guard_table(runs: Dict[str, dict]) -> str:
     head = ["run", "steps", "steps projected", "removed norm: median (max)", "gradient norm: median",
             "forget NLL of the last step's batch", "retain NLL of the step's batch: mean over steps"]
     rows = []
-    for name, label in SPECS:
-        run = runs.get(name)
-        if not run or not name.endswith(("-gd", "-gru")) or not run["train"]:
-            continue
+    for _, label, run in runs_with(runs, "train", names=("-gd", "-gru")):
         t = run["train"]
         removed = [r["guard_removed_norm"] for r in t if isinstance(r.get("guard_removed_norm"), (int, float))]
         projected = sum(1 for r in t if r.get("guard_projected"))
