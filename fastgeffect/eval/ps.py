@@ -92,31 +92,37 @@ def ps_scores(model, tokenizer, template: Template, records: Sequence[dict], *, 
 def ps_report(model, tokenizer, template: Template, sets: Dict[str, Sequence[dict]], *,
               perturb_sets: Optional[Dict[str, Sequence[dict]]] = None, protocol: str = "clean",
               family: str = "phi", batch_size: int = 32, search: str = "binary",
-              method: str = "teacher-forced") -> Dict[str, float]:
+              method: str = "teacher-forced", known: Optional[Dict[str, float]] = None) -> Dict[str, float]:
     """PS-exact of each named set and PS-perturb (when its records have ``paraphrased_question``)
     of the same set or of ``perturb_sets[name]`` (protocols that sample them apart, ps_samples.py),
-    e.g. ``{"retain": [...], "forget": [...]}`` → ``{"PS-exact retain": ..., ...}``."""
+    e.g. ``{"retain": [...], "forget": [...]}`` → ``{"PS-exact retain": ..., ...}``. ``known``: metrics
+    already computed on these rows (e.g. UWC's search at the chosen α), taken as they are."""
     return {k: row["ps"] for k, row in ps_report_rows(model, tokenizer, template, sets, perturb_sets=perturb_sets,
                                                        protocol=protocol, family=family, batch_size=batch_size,
-                                                       search=search, method=method).items()}
+                                                       search=search, method=method, known=known).items()}
 
 
 def ps_report_rows(model, tokenizer, template: Template, sets: Dict[str, Sequence[dict]], *,
                    perturb_sets: Optional[Dict[str, Sequence[dict]]] = None, protocol: str = "clean",
                    family: str = "phi", batch_size: int = 32, search: str = "binary",
-                   method: str = "teacher-forced") -> Dict[str, Dict[str, object]]:
+                   method: str = "teacher-forced", known: Optional[Dict[str, float]] = None
+                   ) -> Dict[str, Dict[str, object]]:
     """:func:`ps_report` with each metric's rows: ``{"PS-exact retain": {"ps": mean, "scores": per row,
     "prefix_words": m, "num_words": n}, ...}`` in row order (m and n where the protocol gives them:
-    ``clean``'s ``prefix_words``, uwc-linear's ``given_words``), so that a study can resample the rows."""
+    ``clean``'s ``prefix_words``, uwc-linear's ``given_words``), so that a study can resample the rows.
+    A metric in ``known`` is not computed: its entry holds only ``{"ps": known value}``."""
     perturb_sets = sets if perturb_sets is None else perturb_sets
+    known = known or {}
     kw = dict(protocol=protocol, family=family, batch_size=batch_size, search=search, method=method)
+
+    def score(key, recs, **extra):
+        return {"ps": known[key]} if key in known else _rows(ps_scores(model, tokenizer, template, recs, **extra, **kw))
     out = {}
     for name, recs in sets.items():
-        out[f"PS-exact {name}"] = _rows(ps_scores(model, tokenizer, template, recs, **kw))
+        out[f"PS-exact {name}"] = score(f"PS-exact {name}", recs)
         perturb = perturb_sets.get(name)
         if perturb and all("paraphrased_question" in r for r in perturb):
-            out[f"PS-perturb {name}"] = _rows(ps_scores(model, tokenizer, template, perturb,
-                                                        question_key="paraphrased_question", **kw))
+            out[f"PS-perturb {name}"] = score(f"PS-perturb {name}", perturb, question_key="paraphrased_question")
     return out
 
 

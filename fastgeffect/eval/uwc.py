@@ -166,16 +166,11 @@ def calibrate_alpha(score: Callable[[float], float], reference: float, tolerance
 
 def default_report(model, tokenizer, template: Template, retain_records: Sequence[dict],
                    forget_records: Sequence[dict], retain_exact: Optional[float], ps_kw: dict) -> Dict[str, float]:
-    """:func:`.ps.ps_report` on retain and forget (the same keys in the same order), taking
-    ``retain_exact`` as the retain PS-exact when it is known (None: computed)."""
-    sets = {"retain": retain_records, "forget": forget_records}
-    if retain_exact is None:
-        return ps_report(model, tokenizer, template, sets, **ps_kw)
-    out = {"PS-exact retain": retain_exact}
-    if retain_records and all("paraphrased_question" in r for r in retain_records):  # ps_report's rule for PS-perturb
-        out["PS-perturb retain"] = ps_scores(model, tokenizer, template, retain_records,
-                                             question_key="paraphrased_question", **ps_kw)["ps"]
-    return {**out, **ps_report(model, tokenizer, template, {"forget": forget_records}, **ps_kw)}
+    """:func:`.ps.ps_report` on retain and forget, taking ``retain_exact`` as the retain PS-exact
+    when it is known (None: computed)."""
+    known = None if retain_exact is None else {"PS-exact retain": retain_exact}
+    return ps_report(model, tokenizer, template, {"retain": retain_records, "forget": forget_records},
+                     known=known, **ps_kw)
 
 
 def uwc_calibrate(original_model, unlearned_model, tokenizer, template: Template, retain_records: Sequence[dict],
