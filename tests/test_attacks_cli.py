@@ -70,3 +70,55 @@ def test_cli_bad_input(saved, capsys, extra, msg):
     assert main([str(a) for a in args]) == 2
     assert msg in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_attacks_the_uwc_mixture(saved, capsys):
+    """--uwc-original/--uwc-alpha attack (1 − α)·θ_o + α·θ_u: the quantisation rows equal those of the
+    mixture built by hand and saved; α = 1 is --model itself; attacks.json names the mixture."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastgeffect.attacks import run_attacks
+
+    base, recs = saved
+    common = ["--data-dir", base / "tofu", "--split", "forget05", "--template", "phi", "--attacks", "quantize",
+              "--bits", "4", "--max-length", "64"]
+    alpha = 0.3
+    out = base / "uwc"
+    assert main([str(a) for a in ["--model", base / "model", "--uwc-original", base / "twin", "--uwc-alpha", alpha,
+                                  "--out", out, *common]]) == 0
+    res = json.loads((out / "attacks.json").read_text())
+    assert res["model"] == {"uwc": {"original": str(base / "twin"), "alpha": alpha}}
+
+    unlearned = AutoModelForCausalLM.from_pretrained(base / "model")
+    original = AutoModelForCausalLM.from_pretrained(base / "twin")
+    with torch.no_grad():
+        for (name, p), o in zip(unlearned.named_parameters(), original.parameters()):
+            p.copy_(((1 - alpha) * o.double() + alpha * p.double()).float())
+    tok = AutoTokenizer.from_pretrained(base / "model")
+    ref = run_attacks(unlearned, tok, TPL, recs, out_dir=base / "uwc_ref", attacks="quantize", bits=4, max_length=64)
+    for got, want in zip(res["quantize"]["rows"], ref["quantize"]["rows"]):
+        for m in res["metrics"]:
+            assert got[m] == pytest.approx(want[m], abs=1e-4 * max(1.0, abs(want[m])))
+
+    plain, at_one = base / "plain", base / "alpha1"
+    assert main([str(a) for a in ["--model", base / "model", "--out", plain, *common]]) == 0
+    assert main([str(a) for a in ["--model", base / "model", "--uwc-original", base / "twin", "--uwc-alpha", 1.0,
+                                  "--out", at_one, *common]]) == 0
+    rows = lambda d: json.loads((d / "attacks.json").read_text())["quantize"]["rows"]  # noqa: E731
+    assert rows(plain) == rows(at_one)
+    # the mixture is not the unlearned model: at α = 0.3 some number moved
+    assert rows(plain) != res["quantize"]["rows"]
+
+
+@pytest.mark.parametrize("extra, msg", [(["--uwc-alpha", "0.5"], "go together"),
+                                        (["--uwc-original", "X"], "go together"),
+                                        (["--uwc-original", "X", "--uwc-alpha", "1.5"], "must be in [0, 1]"),
+                                        (["--uwc-original", "X", "--uwc-alpha", "nan"], "must be in [0, 1]")])
+def test_cli_bad_mixture(saved, capsys, extra, msg):
+    base, _ = saved
+    out = base / "bad_mix"
+    args = ["--model", base / "model", "--data-dir", base / "tofu", "--template", "phi", "--out", out, *extra]
+    assert main([str(a) for a in args]) == 2
+    assert msg in capsys.readouterr().err
+    assert not out.exists()

@@ -3,6 +3,8 @@ over the forget rows of a TOFU split, written to ``--out/attacks.json`` and ``at
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
 from pathlib import Path
 
@@ -30,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(does the forgotten data come back?).")
     p.add_argument("--model", required=True, help="a causal LM: local folder, hub name, .gguf file or an alias")
     p.add_argument("--retain-model", help="the retain twin (never saw the forget rows): the relearning control")
+    p.add_argument("--uwc-original", help="attack the UWC-calibrated model (1 - a)*theta_o + a*theta_u instead of "
+                                          "--model (theta_u, the unlearned model): the original model theta_o")
+    p.add_argument("--uwc-alpha", type=float, help="the UWC mixing weight a in [0, 1] (a run's metrics_uwc.json: "
+                                                   "alpha); needs --uwc-original")
     p.add_argument("--split", default="forget05", choices=sorted(RETAIN_OF), help="TOFU forget split")
     p.add_argument("--data-dir", help="folder of TOFU JSON-lines files (default: the hub, locuslab/TOFU)")
     p.add_argument("--template", default=None, choices=["phi", "llama2", "chat"],
@@ -52,11 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_mixture(original, alpha):
+    """``--uwc-original`` and ``--uwc-alpha`` together, α a number in [0, 1]: what attacks.json records
+    as the attacked model (None without them)."""
+    if (original is None) != (alpha is None):
+        raise ValueError("--uwc-original and --uwc-alpha go together: the UWC model is the mixture of --model "
+                         "and the original at alpha")
+    if original is None:
+        return None
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"--uwc-alpha must be in [0, 1], got {alpha}")
+    return {"uwc": {"original": str(original), "alpha": float(alpha)}}
+
+
 def run(args) -> int:
     import torch  # here: --help stays instant
 
     from ..data.templates import choose_template
     from ..data.tofu import load_tofu_split
+    from ..eval.uwc import mixed_weights
     from ..model_loading import load_causal_lm
     from .report import check_attack_args, run_attacks
 
@@ -67,13 +87,18 @@ def run(args) -> int:
     kw = dict(attacks=args.attacks, steps=args.steps, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
               bits=args.bits, group_sizes=(None, args.group_size))
     check_attack_args(forget, **kw)  # before the (slow) models load
+    mixture = check_mixture(args.uwc_original, args.uwc_alpha)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_causal_lm(args.model, dtype=dtype, device=device)
     twin = load_causal_lm(args.retain_model, dtype=dtype, device=device)[0] if args.retain_model else None
     template = choose_template(tokenizer, args.template)
-    res = run_attacks(model, tokenizer, template, forget, out_dir=out, twin=twin, include_lm_head=not args.no_lm_head,
-                      rouge=args.rouge, max_length=args.max_length, **kw)
+    original = load_causal_lm(args.uwc_original, dtype=dtype, device=device)[0] if mixture else None
+    # the UWC model exists only as this mixture (a run saves the unlearned model, never the mixture)
+    with mixed_weights(model, original, args.uwc_alpha) if mixture else contextlib.nullcontext():
+        res = run_attacks(model, tokenizer, template, forget, out_dir=out, twin=twin,
+                          include_lm_head=not args.no_lm_head, rouge=args.rouge, max_length=args.max_length,
+                          model_info=mixture, **kw)
     print(summary(res))
     print(f"written to {out / FILE}")
     return 0

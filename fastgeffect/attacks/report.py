@@ -14,7 +14,8 @@ attacks.json::
                            {"bits": 8, "group_size": null, "granularity": "per_channel", ...},
                            {"bits": 8, "group_size": 128, "granularity": "group128", ...}, ...]}}
 
-(a section only for an attack that ran). Relearning measures the evaluated half of the forget
+(a section only for an attack that ran; ``"model": {"uwc": {"original", "alpha"}}`` when the
+attacked model is a UWC mixture, ``python -m fastgeffect.attacks --uwc-original``). Relearning measures the evaluated half of the forget
 rows; quantisation measures all of them, the unquantised model first.
 """
 from __future__ import annotations
@@ -90,10 +91,11 @@ def run_attacks(model, tokenizer, template: Template, forget_records: Sequence[d
                 out_dir: Union[str, Path], attacks=ATTACKS, twin=None, steps=STEPS, seed: int = SEED,
                 lr: float = LR, batch_size: int = BATCH_SIZE, bits=BITS, group_sizes=GROUP_SIZES,
                 include_lm_head: bool = True, rouge: bool = False, max_length: int = MAX_LENGTH,
-                eval_batch_size: int = 32) -> dict:
+                eval_batch_size: int = 32, model_info: Optional[dict] = None) -> dict:
     """Run ``attacks`` (``relearn``, ``quantize``) on ``model`` over ``forget_records`` (TOFU rows),
     the relearning one also on ``twin`` (the retain model: the control) when given; write
     ``out_dir/attacks.json`` (module docstring) and, after relearning, ``out_dir/attacks_relearn.png``.
+    ``model_info`` (what the attacked model is, e.g. a UWC mixture) is recorded as ``"model"``.
     Returns what attacks.json holds. Every argument is checked before any model runs or any file is
     written; ``model`` and ``twin`` are never changed (the attacks work on copies)."""
     names = check_attack_args(forget_records, attacks=attacks, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
@@ -106,6 +108,8 @@ def run_attacks(model, tokenizer, template: Template, forget_records: Sequence[d
                               batch_size=eval_batch_size)
 
     out = {"forget_rows": len(forget_records), "metrics": list(METRICS) + ([ROUGE] if rouge else [])}
+    if model_info is not None:
+        out["model"] = dict(model_info)
     if "relearn" in names:
         split = split_forget(len(forget_records), seed)
         out["relearn"] = _relearn(model, twin, tokenizer, template, forget_records, split, measure,
