@@ -27,7 +27,9 @@ from .groups import GroupSpec, build_grouping
 from .per_sample import per_sample_geffects
 from .risk import RiskFn, evaluate_risk
 from .sharded import zero3_geffects
-from .stream import DEFAULT_CHUNK_NUMEL, DEFAULT_MAX_PENDING_BYTES, GradientDotStream, grouped_dots
+from .stream import (DEFAULT_CHUNK_NUMEL, DEFAULT_MAX_PENDING_BYTES, GradientDotStream, default_accumulate_dtype,
+                     grouped_dots)
+from .tied_split import TiedInputSplit
 from .update import UpdateDirections
 
 
@@ -38,7 +40,10 @@ class GEffectResult:
     = Σ ``update_groups``, the update effect, when measured with an optimiser (else None), and
     ``update_change`` = Σ ``update_change_groups`` = ⟨∇R, Δθ⟩ = -Σ_p lr_p ⟨∇_p R, d_p⟩, the
     first-order change of R under that step, each param group at its own learning rate (= -lr·u
-    when every group has the same lr)."""
+    when every group has the same lr). With a tied weight (outside FSDP2 / ZeRO-3), ``tied_input``
+    is the part of its G-effect that flows through the input-embedding use (the rest of the tied
+    weight's share flows through the LM head; :mod:`.tied_split`), ``update_tied_input`` the same
+    part of the update effect."""
     total: float
     groups: Dict[str, float]
     risk: float
@@ -48,9 +53,15 @@ class GEffectResult:
     update_groups: Optional[Dict[str, float]] = None
     update_change: Optional[float] = None
     update_change_groups: Optional[Dict[str, float]] = None
+    tied_input: Optional[float] = None
+    update_tied_input: Optional[float] = None
 
     def to_dict(self) -> dict:
         out = {"total": self.total, "groups": dict(self.groups), "risk": self.risk, "tied": self.tied}
+        if self.tied_input is not None:
+            out["tied_input"] = self.tied_input
+        if self.update_tied_input is not None:
+            out["update_tied_input"] = self.update_tied_input
         if self.update_groups is not None:
             out.update(update_total=self.update_total, update_groups=dict(self.update_groups),
                        update_change=self.update_change, update_change_groups=dict(self.update_change_groups))
@@ -148,14 +159,34 @@ class GEffect:
         # DDP: the local share's gradient, not all-reduced (Σ_r <∇R_r, g> = <∇R, g>, g replicated)
         no_sync = self.model.no_sync() if isinstance(self.model, nn.parallel.DistributedDataParallel) \
             else contextlib.nullcontext()
-        with stream, no_sync:
+        split = self._tied_split(mode, n, updates)
+        with stream, no_sync, split if split is not None else contextlib.nullcontext():
             for row, (name, fn) in enumerate(risks.items()):
+                if split is not None:
+                    split.row = row
                 value, v = evaluate_risk(name, fn)
                 stream.backward(value * scale if scale != 1 else value, row=row)
                 values.append(v)
                 del value
             table = stream.result()
-        return self._results(risks, table, values, self._objective_norm2, None if updates is None else updates.lrs)
+        return self._results(risks, table, values, self._objective_norm2, None if updates is None else updates.lrs,
+                             None if split is None else split.acc.to("cpu", torch.float64))
+
+    def _tied_split(self, mode: str, n: int, updates: Optional[UpdateDirections]) -> Optional[TiedInputSplit]:
+        """The tied weight's input-embedding part (:mod:`.tied_split`), where the objective
+        gradient is whole in ``p.grad`` (not under FSDP2 / ZeRO-3 shards); None where there is none."""
+        if not self.tied or mode not in ("none", "replicated"):
+            return None
+        embedding = unwrap(self.model).get_input_embeddings()
+        weight = getattr(embedding, "weight", None)
+        index = next((i for i, p in enumerate(self.grouping.params) if p is weight), None)
+        if index is None or weight.grad is None:
+            return None
+        objective = weight.grad  # the stream sets it aside by reference on entry and puts it back
+        direction = None if updates is None else (lambda lo, hi: updates.direction(index, objective, lo, hi))
+        return TiedInputSplit(embedding, objective, n if updates is None else 2 * n, direction=direction, offset=n,
+                              chunk_numel=self.chunk_numel,
+                              accumulate_dtype=default_accumulate_dtype(weight.device, self.accumulate_dtype))
 
     def _objective_norm2(self) -> torch.Tensor:
         """Per-group squared norms of this rank's objective gradient (the error path only)."""
@@ -163,12 +194,15 @@ class GEffect:
         return grouped_dots(grads, grads, self.grouping.group_ids, len(self.grouping.names), self.accumulate_dtype)
 
     def _results(self, risks: Mapping[str, RiskFn], table: torch.Tensor, values: List[float],
-                 objective_norm2: Callable[[], Optional[torch.Tensor]], lrs: Optional[List[float]] = None
-                 ) -> Dict[str, GEffectResult]:
+                 objective_norm2: Callable[[], Optional[torch.Tensor]], lrs: Optional[List[float]] = None,
+                 tied_input: Optional[torch.Tensor] = None) -> Dict[str, GEffectResult]:
         if _dist.is_distributed():  # the one all-reduce: per-group partial sums and the risk shares together
             shares = torch.zeros(table.shape[0], 1, dtype=torch.float64)  # update-effect rows have no value
             shares[:len(values), 0] = torch.tensor(values, dtype=torch.float64)
-            packed = _dist.all_reduce_sum(torch.cat([table, shares], 1))
+            extra = [] if tied_input is None else [tied_input.reshape(-1, 1)]
+            packed = _dist.all_reduce_sum(torch.cat([table, shares, *extra], 1))
+            if tied_input is not None:
+                tied_input, packed = packed[:, -1], packed[:, :-1]
             table, values = packed[:, :-1], packed[:len(values), -1].tolist()
         n = len(risks)
         change = None
@@ -189,6 +223,10 @@ class GEffect:
                 out[name].update_total, out[name].update_groups = math.fsum(update.values()), update
                 moved = {g: float(x) for g, x in zip(self.grouping.names, change[row].tolist())}
                 out[name].update_change, out[name].update_change_groups = math.fsum(moved.values()), moved
+            if tied_input is not None:
+                out[name].tied_input = float(tied_input[row])
+                if table.shape[0] > n:
+                    out[name].update_tied_input = float(tied_input[n + row])
         return out
 
     def per_sample(self, risk_fn: RiskFn, per_sample_losses_fn: Callable[[], torch.Tensor], *,

@@ -32,7 +32,7 @@ def read_geffect_log(path: Union[str, os.PathLike], dedupe: bool = True) -> List
 
 # the fields a record's measurement fills
 MEASURED = ("total", "groups", "risk_value", "weights", "update_total", "update_groups", "update_change",
-            "update_change_groups")
+            "update_change_groups", "tied_input", "update_tied_input")
 
 
 def _check_measured(record: dict) -> None:
@@ -52,7 +52,8 @@ class GEffectLogger:
          "tied": false, "weights": {"mean": ..., ...}, ...extra}
 
     plus ``update_total`` / ``update_groups`` and ``update_change`` / ``update_change_groups`` when the
-    result holds update effects, and the
+    result holds update effects, ``tied_input`` / ``update_tied_input`` (the tied weight's share
+    through the input embedding) when the model ties its embedding and LM head, and the
     ``per_risk`` fields of that risk (e.g. its value after the step).
 
     ``resume_step``: drop records with step >= it right away (otherwise this happens at the first
@@ -112,6 +113,9 @@ class GEffectLogger:
             if res.update_groups is not None:
                 rec.update(update_total=res.update_total, update_groups=dict(res.update_groups),
                            update_change=res.update_change, update_change_groups=dict(res.update_change_groups))
+            for k in ("tied_input", "update_tied_input"):
+                if getattr(res, k) is not None:
+                    rec[k] = getattr(res, k)
             if stats is not None:
                 rec["weights"] = dict(stats)
             for k, v in {**extra, **(per_risk or {}).get(name, {})}.items():
