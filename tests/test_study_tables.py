@@ -53,3 +53,48 @@ def test_steer_tables_read_every_run(steer):
 
 def test_steer_refuses_a_missing_runs_folder(steer, tmp_path):
     assert steer.main(["--check", "--runs", str(tmp_path / "nowhere")]) == 2
+
+
+@pytest.fixture(scope="module")
+def privacy():
+    return load_script("smollm2_privacy_tables")
+
+
+def test_privacy_document_holds_the_tables_its_logs_give(privacy):
+    assert privacy.main(["--check"]) == 0
+
+
+def test_privacy_check_sees_a_changed_log(privacy, tmp_path):
+    logs = tmp_path / "logs"
+    shutil.copytree(privacy.LOGS, logs)
+    doc = tmp_path / "doc.md"
+    shutil.copy(privacy.DOC, doc)
+    assert privacy.main(["--check", "--logs", str(logs), "--doc", str(doc)]) == 0
+    attacks = logs / "npo-uwc" / "attacks.json"
+    res = json.loads(attacks.read_text())
+    res["quantize"]["rows"][-1]["nll"] += 0.5
+    attacks.write_text(json.dumps(res))
+    assert privacy.main(["--check", "--logs", str(logs), "--doc", str(doc)]) == 1
+    assert privacy.main(["--write", "--logs", str(logs), "--doc", str(doc)]) == 0
+    assert privacy.main(["--check", "--logs", str(logs), "--doc", str(doc)]) == 0
+    assert doc.read_text() != privacy.DOC.read_text()
+
+
+def test_privacy_tables_refuse_scores_that_do_not_give_the_reported_auc(privacy, tmp_path):
+    logs = tmp_path / "logs"
+    shutil.copytree(privacy.LOGS, logs)
+    scores = logs / "ga-none" / "mia_scores_after.json"
+    res = json.loads(scores.read_text())
+    res["per_sample"]["mia_loss"]["forget_scores"].reverse()
+    res["per_sample"]["mia_loss"]["forget_scores"][0] = 1e9  # a member now scores as the least likely row
+    scores.write_text(json.dumps(res))
+    with pytest.raises(SystemExit, match="do not give the reported AUC"):
+        privacy.build(logs)
+
+
+def test_privacy_tables_read_every_model(privacy):
+    tables = privacy.build()
+    for label in ("Target (before unlearning)", "GA", "NPO", "Retain twin"):
+        assert f"| {label}" in tables["mia"], label
+    for label in ("GA + UWC", "NPO + UWC"):
+        assert f"| {label}" in tables["relearn"] and f"| {label}" in tables["quantize"], label

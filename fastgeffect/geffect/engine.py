@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -33,6 +33,10 @@ from .tied_split import TiedInputSplit
 from .update import UpdateDirections
 
 
+# a tied weight's G-effect and update effect by use (GEffectResult's optional fields)
+TIED_SPLIT_FIELDS = ("tied_input", "tied_lm_head", "update_tied_input", "update_tied_lm_head")
+
+
 @dataclass
 class GEffectResult:
     """One measurement: ``total`` = Σ ``groups``; ``risk`` the risk value; ``tied`` when the input
@@ -40,10 +44,10 @@ class GEffectResult:
     = Σ ``update_groups``, the update effect, when measured with an optimiser (else None), and
     ``update_change`` = Σ ``update_change_groups`` = ⟨∇R, Δθ⟩ = -Σ_p lr_p ⟨∇_p R, d_p⟩, the
     first-order change of R under that step, each param group at its own learning rate (= -lr·u
-    when every group has the same lr). With a tied weight (outside FSDP2 / ZeRO-3), ``tied_input``
-    is the part of its G-effect that flows through the input-embedding use (the rest of the tied
-    weight's share flows through the LM head; :mod:`.tied_split`), ``update_tied_input`` the same
-    part of the update effect."""
+    when every group has the same lr). With a tied weight (outside FSDP2 / ZeRO-3), its G-effect
+    (counted in its group) splits into ``tied_input`` + ``tied_lm_head``, the parts through the
+    input-embedding and the LM-head uses (:mod:`.tied_split`); ``update_tied_input`` /
+    ``update_tied_lm_head`` split its update effect alike."""
     total: float
     groups: Dict[str, float]
     risk: float
@@ -54,14 +58,15 @@ class GEffectResult:
     update_change: Optional[float] = None
     update_change_groups: Optional[Dict[str, float]] = None
     tied_input: Optional[float] = None
+    tied_lm_head: Optional[float] = None
     update_tied_input: Optional[float] = None
+    update_tied_lm_head: Optional[float] = None
 
     def to_dict(self) -> dict:
         out = {"total": self.total, "groups": dict(self.groups), "risk": self.risk, "tied": self.tied}
-        if self.tied_input is not None:
-            out["tied_input"] = self.tied_input
-        if self.update_tied_input is not None:
-            out["update_tied_input"] = self.update_tied_input
+        for k in TIED_SPLIT_FIELDS:
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
         if self.update_groups is not None:
             out.update(update_total=self.update_total, update_groups=dict(self.update_groups),
                        update_change=self.update_change, update_change_groups=dict(self.update_change_groups))
@@ -152,14 +157,19 @@ class GEffect:
         if updates is not None:  # one column per (layer group, param group): each param group's own lr
             k = len(updates.lrs)
             group_ids, n_cols = [g * k + j for g, j in zip(group_ids, updates.group_index)], n_cols * k
-        stream = GradientDotStream(params, group_ids, n_cols,
+        # a tied weight's own dots go to extra columns (one per param group), folded back below
+        split, index = self._tied_split(mode, n, updates)
+        if split is not None:
+            tied_col, group_ids = group_ids[index], list(group_ids)
+            group_ids[index] = n_cols + (updates.group_index[index] if updates is not None else 0)
+        n_extra = 0 if split is None else (1 if updates is None else len(updates.lrs))
+        stream = GradientDotStream(params, group_ids, n_cols + n_extra,
                                    n if updates is None else 2 * n, accumulate_dtype=self.accumulate_dtype,
                                    chunk_numel=self.chunk_numel, max_pending_bytes=self.max_pending_bytes,
                                    directions=None if updates is None else updates.direction, direction_offset=n)
         # DDP: the local share's gradient, not all-reduced (Σ_r <∇R_r, g> = <∇R, g>, g replicated)
         no_sync = self.model.no_sync() if isinstance(self.model, nn.parallel.DistributedDataParallel) \
             else contextlib.nullcontext()
-        split = self._tied_split(mode, n, updates)
         with stream, no_sync, split if split is not None else contextlib.nullcontext():
             for row, (name, fn) in enumerate(risks.items()):
                 if split is not None:
@@ -169,24 +179,33 @@ class GEffect:
                 values.append(v)
                 del value
             table = stream.result()
+        tied = None
+        if split is not None:  # the tied weight's whole dot, and its input-embedding part
+            whole = table[:, group_ids[index]].clone()
+            table = table[:, :n_cols].clone()
+            table[:, tied_col] += whole
+            tied = torch.stack([split.acc.to("cpu", torch.float64), whole], 1)
         return self._results(risks, table, values, self._objective_norm2, None if updates is None else updates.lrs,
-                             None if split is None else split.acc.to("cpu", torch.float64))
+                             tied)
 
-    def _tied_split(self, mode: str, n: int, updates: Optional[UpdateDirections]) -> Optional[TiedInputSplit]:
-        """The tied weight's input-embedding part (:mod:`.tied_split`), where the objective
-        gradient is whole in ``p.grad`` (not under FSDP2 / ZeRO-3 shards); None where there is none."""
+    def _tied_split(self, mode: str, n: int, updates: Optional[UpdateDirections]
+                    ) -> Tuple[Optional[TiedInputSplit], Optional[int]]:
+        """The tied weight's input-embedding part (:mod:`.tied_split`) and the weight's index, where
+        the objective gradient is whole in ``p.grad`` (not under FSDP2 / ZeRO-3 shards); (None, None)
+        where there is none."""
         if not self.tied or mode not in ("none", "replicated"):
-            return None
+            return None, None
         embedding = unwrap(self.model).get_input_embeddings()
         weight = getattr(embedding, "weight", None)
         index = next((i for i, p in enumerate(self.grouping.params) if p is weight), None)
         if index is None or weight.grad is None:
-            return None
+            return None, None
         objective = weight.grad  # the stream sets it aside by reference on entry and puts it back
         direction = None if updates is None else (lambda lo, hi: updates.direction(index, objective, lo, hi))
-        return TiedInputSplit(embedding, objective, n if updates is None else 2 * n, direction=direction, offset=n,
-                              chunk_numel=self.chunk_numel,
-                              accumulate_dtype=default_accumulate_dtype(weight.device, self.accumulate_dtype))
+        split = TiedInputSplit(embedding, objective, n if updates is None else 2 * n, direction=direction, offset=n,
+                               chunk_numel=self.chunk_numel,
+                               accumulate_dtype=default_accumulate_dtype(weight.device, self.accumulate_dtype))
+        return split, index
 
     def _objective_norm2(self) -> torch.Tensor:
         """Per-group squared norms of this rank's objective gradient (the error path only)."""
@@ -195,14 +214,14 @@ class GEffect:
 
     def _results(self, risks: Mapping[str, RiskFn], table: torch.Tensor, values: List[float],
                  objective_norm2: Callable[[], Optional[torch.Tensor]], lrs: Optional[List[float]] = None,
-                 tied_input: Optional[torch.Tensor] = None) -> Dict[str, GEffectResult]:
+                 tied: Optional[torch.Tensor] = None) -> Dict[str, GEffectResult]:
         if _dist.is_distributed():  # the one all-reduce: per-group partial sums and the risk shares together
             shares = torch.zeros(table.shape[0], 1, dtype=torch.float64)  # update-effect rows have no value
             shares[:len(values), 0] = torch.tensor(values, dtype=torch.float64)
-            extra = [] if tied_input is None else [tied_input.reshape(-1, 1)]
+            extra = [] if tied is None else [tied]
             packed = _dist.all_reduce_sum(torch.cat([table, shares, *extra], 1))
-            if tied_input is not None:
-                tied_input, packed = packed[:, -1], packed[:, :-1]
+            if tied is not None:
+                tied, packed = packed[:, -2:], packed[:, :-2]
             table, values = packed[:, :-1], packed[:len(values), -1].tolist()
         n = len(risks)
         change = None
@@ -223,10 +242,11 @@ class GEffect:
                 out[name].update_total, out[name].update_groups = math.fsum(update.values()), update
                 moved = {g: float(x) for g, x in zip(self.grouping.names, change[row].tolist())}
                 out[name].update_change, out[name].update_change_groups = math.fsum(moved.values()), moved
-            if tied_input is not None:
-                out[name].tied_input = float(tied_input[row])
+            if tied is not None:
+                out[name].tied_input, out[name].tied_lm_head = float(tied[row, 0]), float(tied[row, 1] - tied[row, 0])
                 if table.shape[0] > n:
-                    out[name].update_tied_input = float(tied_input[n + row])
+                    out[name].update_tied_input = float(tied[n + row, 0])
+                    out[name].update_tied_lm_head = float(tied[n + row, 1] - tied[n + row, 0])
         return out
 
     def per_sample(self, risk_fn: RiskFn, per_sample_losses_fn: Callable[[], torch.Tensor], *,

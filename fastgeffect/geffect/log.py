@@ -15,7 +15,7 @@ import torch
 
 from ..jsonl import JsonlAppender, read_jsonl, truncate_jsonl
 from ..weight_stats import weight_stats
-from .engine import GEffectResult
+from .engine import TIED_SPLIT_FIELDS, GEffectResult
 
 
 def read_geffect_log(path: Union[str, os.PathLike], dedupe: bool = True) -> List[dict]:
@@ -32,7 +32,7 @@ def read_geffect_log(path: Union[str, os.PathLike], dedupe: bool = True) -> List
 
 # the fields a record's measurement fills
 MEASURED = ("total", "groups", "risk_value", "weights", "update_total", "update_groups", "update_change",
-            "update_change_groups", "tied_input", "update_tied_input")
+            "update_change_groups") + TIED_SPLIT_FIELDS
 
 
 def _check_measured(record: dict) -> None:
@@ -52,8 +52,8 @@ class GEffectLogger:
          "tied": false, "weights": {"mean": ..., ...}, ...extra}
 
     plus ``update_total`` / ``update_groups`` and ``update_change`` / ``update_change_groups`` when the
-    result holds update effects, ``tied_input`` / ``update_tied_input`` (the tied weight's share
-    through the input embedding) when the model ties its embedding and LM head, and the
+    result holds update effects, the tied weight's split (``tied_input``, ``tied_lm_head`` and
+    their update-effect twins) when the model ties its embedding and LM head, and the
     ``per_risk`` fields of that risk (e.g. its value after the step).
 
     ``resume_step``: drop records with step >= it right away (otherwise this happens at the first
@@ -113,7 +113,7 @@ class GEffectLogger:
             if res.update_groups is not None:
                 rec.update(update_total=res.update_total, update_groups=dict(res.update_groups),
                            update_change=res.update_change, update_change_groups=dict(res.update_change_groups))
-            for k in ("tied_input", "update_tied_input"):
+            for k in TIED_SPLIT_FIELDS:
                 if getattr(res, k) is not None:
                     rec[k] = getattr(res, k)
             if stats is not None:

@@ -15,6 +15,8 @@ PREDICTORS = (("predicted_gd", "raw G-effect, −lr·e"), ("predicted_opt", "upd
 SECOND_ORDER = ("predicted_opt2", "update effect + ½ΔθᵀHΔθ")
 # the per-group effects a record holds ("update_groups" only with update effects), with their labels
 GROUP_EFFECTS = (("groups", "raw G-effect"), ("update_groups", "update effect"))
+# a tied weight's G-effect by use (GEffectResult's split), the fields of each per-group effect
+TIED_USES = {"groups": ("tied_input", "tied_lm_head"), "update_groups": ("update_tied_input", "update_tied_lm_head")}
 RISKS = ("unlearn", "retain")  # the two risks of every G-effect log, in the order they are shown
 
 
@@ -118,3 +120,16 @@ def group_shares(records: Sequence[dict], risk: str, key: str) -> Dict[str, floa
     sums = {g: sum(r[key].get(g, 0.0) for r in rows) for g in groups_of(records)}
     norm = sum(abs(v) for v in sums.values()) or 1.0
     return {g: v / norm for g, v in sums.items()}
+
+
+def tied_shares(records: Sequence[dict], risk: str, key: str) -> Optional[Dict[str, float]]:
+    """A tied embedding/LM-head weight's part of :func:`group_shares` split by use, on the same
+    scale: ``{"input": ..., "lm_head": ...}`` (they sum to the weight's share of its group); None
+    unless every record of ``risk`` holding ``key`` holds the split."""
+    rows = [r for r in records if r["risk"] == risk and key in r]
+    fields = TIED_USES[key]
+    if not rows or any(f not in r for r in rows for f in fields):
+        return None
+    sums = {g: sum(r[key].get(g, 0.0) for r in rows) for g in groups_of(records)}
+    norm = sum(abs(v) for v in sums.values()) or 1.0
+    return {use: sum(r[f] for r in rows) / norm for use, f in zip(("input", "lm_head"), fields)}

@@ -9,6 +9,7 @@ from .geffect_stats import (
     GROUP_EFFECTS,
     RISKS,
     group_shares,
+    tied_shares,
     groups_of,
     prediction_quality,
     predictors_of,
@@ -86,6 +87,12 @@ def update_tables(records: Sequence[dict]) -> str:
         for key, label in GROUP_EFFECTS:
             shares = group_shares(records, risk, key)
             lines.append(f"| {risk} | {label} | " + " | ".join(fmt(shares[g]) for g in groups) + " |")
+    tied = [(risk, label, t) for risk in RISKS for key, label in GROUP_EFFECTS
+            if (t := tied_shares(records, risk, key)) is not None]
+    if tied:  # the embedding and LM head share one weight, counted in embed: its share by use
+        lines += ["", "| risk | tied embedding's share of the cumulative | input embedding | LM head |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {risk} | {label} | {fmt(t['input'])} | {fmt(t['lm_head'])} |" for risk, label, t in tied]
     return "\n".join(lines) + "\n"
 
 
