@@ -93,7 +93,7 @@ def test_cli_attacks_the_uwc_mixture(saved, capsys):
     unlearned = AutoModelForCausalLM.from_pretrained(base / "model")
     original = AutoModelForCausalLM.from_pretrained(base / "twin")
     with torch.no_grad():
-        for (name, p), o in zip(unlearned.named_parameters(), original.parameters()):
+        for p, o in zip(unlearned.parameters(), original.parameters()):
             p.copy_(((1 - alpha) * o.double() + alpha * p.double()).float())
     tok = AutoTokenizer.from_pretrained(base / "model")
     ref = run_attacks(unlearned, tok, TPL, recs, out_dir=base / "uwc_ref", attacks="quantize", bits=4, max_length=64)

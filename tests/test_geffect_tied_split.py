@@ -131,7 +131,8 @@ def test_gpt2_splits_the_tied_weight_alone():
     (input + LM head = its dot, not the group's), and the group total is unchanged by the split."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=37, n_embd=16, n_layer=3, n_head=2, n_positions=32)).double().eval()  # no dropout
+    cfg = GPT2Config(vocab_size=37, n_embd=16, n_layer=3, n_head=2, n_positions=32)
+    model = GPT2LMHeadModel(cfg).double().eval()  # eval: no dropout
     b = batch(5)
     loss = lambda m: L.nll(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,  # noqa: E731
                            b["labels"])

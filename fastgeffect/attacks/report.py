@@ -15,8 +15,9 @@ attacks.json::
                            {"bits": 8, "group_size": 128, "granularity": "group128", ...}, ...]}}
 
 (a section only for an attack that ran; ``"model": {"uwc": {"original", "alpha"}}`` when the
-attacked model is a UWC mixture, ``python -m fastgeffect.attacks --uwc-original``). Relearning measures the evaluated half of the forget
-rows; quantisation measures all of them, the unquantised model first.
+attacked model is a UWC mixture, ``python -m fastgeffect.attacks --uwc-original``). Relearning
+measures the evaluated half of the forget rows; quantisation measures all of them, the unquantised
+model first.
 """
 from __future__ import annotations
 

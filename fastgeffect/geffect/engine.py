@@ -27,11 +27,15 @@ from .groups import GroupSpec, build_grouping
 from .per_sample import per_sample_geffects
 from .risk import RiskFn, evaluate_risk
 from .sharded import zero3_geffects
-from .stream import (DEFAULT_CHUNK_NUMEL, DEFAULT_MAX_PENDING_BYTES, GradientDotStream, default_accumulate_dtype,
-                     grouped_dots)
+from .stream import (
+    DEFAULT_CHUNK_NUMEL,
+    DEFAULT_MAX_PENDING_BYTES,
+    GradientDotStream,
+    default_accumulate_dtype,
+    grouped_dots,
+)
 from .tied_split import TiedInputSplit
 from .update import UpdateDirections
-
 
 # a tied weight's G-effect and update effect by use (GEffectResult's optional fields)
 TIED_SPLIT_FIELDS = ("tied_input", "tied_lm_head", "update_tied_input", "update_tied_lm_head")

@@ -24,7 +24,6 @@ from .geffect_stats import (
     PREDICTORS,
     cumulative,
     group_shares,
-    tied_shares,
     groups_of,
     iqr_log_ratio,
     prediction_quality,
@@ -32,6 +31,7 @@ from .geffect_stats import (
     sign_agreement,
     spearman,
     sum_ratio,
+    tied_shares,
     with_outcome,
 )
 from .logs import (
@@ -69,7 +69,8 @@ from .token_heatmap import token_weights_html
 
 __all__ = [
     "build_parser", "main", "compare", "write_report", "draw_plots",
-    "GROUP_ORDER", "PREDICTORS", "cumulative", "group_shares", "tied_shares", "groups_of", "prediction_quality", "series",
+    "GROUP_ORDER", "PREDICTORS", "cumulative", "group_shares", "tied_shares", "groups_of", "prediction_quality",
+    "series",
     "with_outcome", "sign_agreement", "iqr_log_ratio", "sum_ratio", "spearman",
     "Check", "NUMBER", "TEXT", "LIST", "GEFFECT_KEYS", "UPDATE_KEYS", "PG_KEYS", "TOKEN_WEIGHT_KEYS", "TRAIN_KEYS",
     "RunLogs", "check_records", "check_run_folder", "read_geffects", "read_json", "read_log", "read_run",

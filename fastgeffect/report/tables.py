@@ -9,10 +9,10 @@ from .geffect_stats import (
     GROUP_EFFECTS,
     RISKS,
     group_shares,
-    tied_shares,
     groups_of,
     prediction_quality,
     predictors_of,
+    tied_shares,
     with_outcome,
 )
 
